@@ -1,0 +1,98 @@
+"""The ``lit_align`` command: LightningCLI's fit/validate/test/predict plus lit_align's own subcommands.
+
+    lit_align fit --config configs/quickstart/sft.yaml --model.init_args.lora.r 8 --trainer.max_steps 50
+    lit_align evaluate --benchmark humaneval --samples samples.jsonl --k 1 10
+
+Modules and DataModules are given as ``class_path``/``init_args`` (short class names work: ``class_path: SFT``).
+Every run writes its logs, its resolved ``config.yaml`` and its checkpoints under a fresh versioned directory
+(``runs/<name>/version_<n>``), so nothing already written is overwritten; an explicit checkpoint directory that
+already holds checkpoints is refused unless the run resumes with ``--ckpt_path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import lit_align.data_modules.sft  # noqa: F401  (registers short class names)
+import lit_align.modules.sft  # noqa: F401
+from lit_align.modules.base import AlignmentModule
+
+# Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
+}
+
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "runs", "name": "lit_align"},
+}
+
+
+class OutputDirectoryError(RuntimeError):
+    """The run would write into a directory that already holds another run's checkpoints."""
+
+
+class LitAlignCLI(LightningCLI):
+    """LightningCLI with lit_align's defaults: always-on checkpointing, LR monitor and progress bar, versioned runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        kwargs.setdefault("parser_kwargs", {"description": _description()})
+        super().__init__(AlignmentModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.monitor": None})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+
+    def before_fit(self) -> None:
+        refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+
+
+def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:
+    """A fresh run never writes into a checkpoint directory that already holds checkpoints."""
+    if ckpt_path:
+        return
+    for cb in trainer.checkpoint_callbacks:
+        # ModelCheckpoint's own default: <logger.log_dir>/checkpoints (a fresh version unless one was pinned)
+        root = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+        dirpath = Path(cb.dirpath or Path(root) / "checkpoints")
+        if dirpath.is_dir() and any(dirpath.glob("*.ckpt")):
+            raise OutputDirectoryError(
+                f"checkpoint directory {dirpath} already holds checkpoints of another run; resume it with "
+                f"--ckpt_path {Path(dirpath) / 'last.ckpt'}, or choose another --checkpoint.dirpath / logger version")
+
+
+def _description() -> str:
+    extra = "; ".join(f"'lit_align {name}' to {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
+    return ("Align code-generation language models with SFT, reward models, DPO, ORPO, PPO, GRPO and RAFT. "
+            f"Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
+
+
+def run_extra_command(name: str, argv: list[str]) -> int:
+    target, _ = EXTRA_COMMANDS[name]
+    module_name, func_name = target.split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        return run_extra_command(args[0], args[1:])
+    LitAlignCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""What every lit_align DataModule shares: tokenizer resolution, length filtering, resumable length-grouped loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as L
+from torch.utils.data import DataLoader
+
+from lit_align.data_modules.sampler import LengthGroupedBatchSampler
+from lit_align.data_modules.sources import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ListDataset:
+    """A map-style dataset over a Python list."""
+
+    def __init__(self, items: Sequence) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Base DataModule: subclasses build ``self.train_items``/``self.val_items`` and define ``collate`` and ``length``.
+
+    Args:
+        tokenizer: tokenizer id/path; null uses the model's (``model_name_or_path`` of the LightningModule).
+        max_length: examples longer than this many tokens are dropped, with a logged count.
+        batch_size: examples per micro-batch (per process).
+        eval_batch_size: examples per validation batch (defaults to batch_size).
+        group_by_length: batch examples of similar length together so padding stays small.
+        num_workers: DataLoader worker processes.
+        seed: seed for shuffling, splitting and mixing.
+    """
+
+    def __init__(self, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
+                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = None
+        self.train_items: list = []
+        self.val_items: list = []
+        self.dropped: dict[str, int] = {}
+
+    # -- tokenizer ------------------------------------------------------------------------------------------------
+    def resolve_tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        from lit_align.models import load_tokenizer
+
+        name = self.tokenizer_name
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if name is None and module is not None:
+            name = getattr(module, "tokenizer_source", None)
+        if name is None:
+            raise DataError("no tokenizer: set data.init_args.tokenizer, or attach the DataModule to a Trainer with a lit_align module")
+        self.tokenizer = load_tokenizer(name)
+        return self.tokenizer
+
+    # -- filtering ------------------------------------------------------------------------------------------------
+    def filter_by_length(self, items: list, split: str) -> list:
+        kept = [x for x in items if self.length(x) <= self.max_length]
+        dropped = len(items) - len(kept)
+        self.dropped[split] = dropped
+        if dropped:
+            log.warning("lit_align: dropped %d of %d %s examples longer than max_length=%d tokens",
+                        dropped, len(items), split, self.max_length)
+        if items and not kept:
+            raise DataError(f"the {split} set is empty after length filtering: all {len(items)} examples are longer "
+                            f"than max_length={self.max_length} tokens; raise data.init_args.max_length")
+        return kept
+
+    def length(self, item) -> int:
+        raise NotImplementedError
+
+    def collate(self, items: list):
+        raise NotImplementedError
+
+    # -- loaders --------------------------------------------------------------------------------------------------
+    def _batch_sampler(self, items: list, batch_size: int, shuffle: bool) -> LengthGroupedBatchSampler:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return LengthGroupedBatchSampler([self.length(x) for x in items], batch_size, shuffle=shuffle, seed=self.seed,
+                                         group_by_length=self.group_by_length, num_replicas=replicas, rank=rank)
+
+    def _loader(self, items: list, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
+        return DataLoader(ListDataset(items), batch_sampler=self._batch_sampler(items, batch_size, shuffle),
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_items:
+            raise DataError("the training set is empty")
+        loader = self._loader(self.train_items, self.batch_size, True, self.collate)
+        self._skip_consumed_batches(loader.batch_sampler)
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_items:
+            return []
+        return self._loader(self.val_items, self.eval_batch_size, False, self.collate)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def _skip_consumed_batches(self, sampler: LengthGroupedBatchSampler) -> None:
+        """On a mid-epoch resume, start after the batches the restored run already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if 0 < done < len(sampler):
+            sampler.skip_batches(done)

@@ -1,0 +1,81 @@
+"""Prompt/completion data for supervised fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from lit_align.data_modules.base import TokenizedDataModule
+from lit_align.data_modules.collate import encode_example, pack_examples, pad_batch, pad_packed_batch
+from lit_align.data_modules.sources import DataError, DataSource, load_prompt_completions, mix
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataModule(TokenizedDataModule):
+    """Prompt/completion pairs from one or more sources, mixed in given ratios, tokenized with the prompt masked.
+
+    Args:
+        train_sources: where training pairs come from; several are mixed by their ``weight``.
+        val_sources: where validation pairs come from; empty takes ``val_fraction`` of the training pairs.
+        val_fraction: share of the training pairs held out for validation when no val_sources are given.
+        prompt_template: Python format string applied to each prompt; must contain "{prompt}".
+        packing: concatenate several short examples into one sequence of up to max_length tokens (no attention across them).
+    """
+
+    def __init__(self, train_sources: list[DataSource] | None = None, val_sources: list[DataSource] | None = None,
+                 val_fraction: float = 0.05, prompt_template: str = "{prompt}", packing: bool = False,
+                 tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
+                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, group_by_length=group_by_length,
+                         num_workers=num_workers, seed=seed)
+        if "{prompt}" not in prompt_template:
+            raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_sources = train_sources if train_sources is not None else [DataSource(split="train")]
+        self.val_sources = val_sources if val_sources is not None else (
+            [DataSource(split="heldout")] if train_sources is None else [])
+        if not self.train_sources:
+            raise DataError("train_sources is empty: give at least one data source")
+        self.val_fraction = val_fraction
+        self.prompt_template = prompt_template
+        self.packing = packing
+
+    def _pairs(self, sources: list[DataSource]) -> list[dict[str, str]]:
+        parts = [load_prompt_completions(s) for s in sources]
+        for s, p in zip(sources, parts):
+            if not p:
+                raise DataError(f"data source {s.path!r} (split {s.split!r}) has no rows")
+        return mix(parts, [s.weight for s in sources], seed=self.seed)
+
+    def _encode(self, pairs: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+        tok = self.resolve_tokenizer()
+        return [encode_example(tok, self.prompt_template.format(prompt=p["prompt"]), p["completion"]) for p in pairs]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items or self.val_items:
+            return
+        train_pairs = self._pairs(self.train_sources)
+        if self.val_sources:
+            val_pairs = self._pairs(self.val_sources)
+        else:
+            random.Random(self.seed).shuffle(train_pairs)
+            n_val = int(round(len(train_pairs) * self.val_fraction))
+            val_pairs, train_pairs = train_pairs[:n_val], train_pairs[n_val:]
+        train = self.filter_by_length(self._encode(train_pairs), "train")
+        val = self.filter_by_length(self._encode(val_pairs), "validation") if val_pairs else []
+        if self.packing:
+            train = pack_examples(train, self.max_length)
+            val = pack_examples(val, self.max_length) if val else []
+        self.train_items, self.val_items = train, val
+        log.info("lit_align: %d training and %d validation %s", len(train), len(val), "packed sequences" if self.packing else "examples")
+
+    def length(self, item: dict[str, list[int]]) -> int:
+        return len(item["input_ids"])
+
+    def collate(self, items: list[dict[str, list[int]]]):
+        pad = self.tokenizer.pad_token_id
+        return pad_packed_batch(items, pad) if self.packing else pad_batch(items, pad)

@@ -1,0 +1,108 @@
+"""Where prompt/completion examples come from: `datasets.load_dataset` (hub id or local files) or the task suite."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TASK_SUITE = "task_suite"
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the source, file or column at fault."""
+
+
+@dataclass
+class DataSource:
+    """One source of prompt/completion examples."""
+
+    path: str = TASK_SUITE
+    """A Hugging Face dataset id, a local json/jsonl/parquet/csv file or directory, or "task_suite" (built-in)."""
+    split: str = "train"
+    """Split to read; for the task suite "train" or "heldout"."""
+    name: str | None = None
+    """Dataset configuration name (hub datasets with several configs)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (problem statement)."""
+    completion_column: str = "completion"
+    """Column holding the completion (solution); for the task suite the canonical solution."""
+    weight: float = 1.0
+    """Relative share of this source in a mixture (the paper mixes CodeContests and a dump about 1:1)."""
+    limit: int | None = None
+    """Read at most this many rows (after a seeded shuffle)."""
+    seed: int = 0
+    """Seed of the task suite's problems (task_suite only)."""
+
+
+def _looks_like_path(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS
+
+
+def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
+    """Rows of ``source`` as dicts holding at least ``columns``; clear errors for missing files and columns."""
+    import datasets
+
+    path = Path(source.path).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise DataError(f"data file {source.path}: unsupported extension {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path), name=source.name, split=source.split)
+        elif _looks_like_path(source.path):
+            raise DataError(f"data file {source.path!r} does not exist")
+        else:
+            ds = datasets.load_dataset(source.path, name=source.name, split=source.split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types for unreachable hubs and bad files
+        raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {type(err).__name__}: {err}") from err
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"dataset {source.path!r} has no column {missing[0]!r} (needed: {list(columns)}; it has: {ds.column_names})")
+    rows = ds.select_columns(list(columns)).to_list()
+    if source.limit is not None and len(rows) > source.limit:
+        random.Random(source.seed).shuffle(rows)
+        rows = rows[: source.limit]
+    return rows
+
+
+def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
+    """``[{"prompt", "completion"}]`` from one source."""
+    if source.path == TASK_SUITE:
+        from lit_align.data_modules.task_suite import load_task_suite
+
+        tasks = load_task_suite(split=source.split, seed=source.seed)
+        rows = [{"prompt": t.prompt, "completion": t.canonical_solution} for t in tasks]
+        return rows[: source.limit] if source.limit is not None else rows
+    rows = load_rows(source, (source.prompt_column, source.completion_column))
+    return [{"prompt": str(r[source.prompt_column]), "completion": str(r[source.completion_column])} for r in rows]
+
+
+def mix(parts: list[list[dict]], weights: list[float], seed: int = 0) -> list[dict]:
+    """Mix sources in the ratio of ``weights`` without repeating a row: the largest mixture the sources allow.
+
+    With sizes n_i and normalized weights w_i the mixture holds N = min_i n_i / w_i rows, round(w_i * N) from source i,
+    each a seeded random subset; the result is shuffled.
+    """
+    if any(w <= 0 for w in weights):
+        raise DataError(f"source weights must be > 0, got {weights}")
+    if len(parts) == 1:
+        return list(parts[0])
+    total_w = sum(weights)
+    shares = [w / total_w for w in weights]
+    n = min(len(p) / s for p, s in zip(parts, shares))
+    rng = random.Random(seed)
+    mixed = []
+    for part, share in zip(parts, shares):
+        take = min(len(part), round(share * n))
+        mixed += rng.sample(part, take)
+    rng.shuffle(mixed)
+    return mixed

@@ -1,0 +1,295 @@
+"""Policy, tokenizer and LoRA/QLoRA factory.
+
+Everything that needs weights goes through :func:`load_causal_lm` and :func:`load_tokenizer`, which take
+a Hugging Face hub id, a local directory, or a built-in offline preset written as ``preset:<name>`` or
+``preset:<name>:<seed>`` (for example ``preset:tiny``). A preset is a small Llama-shaped model and a
+byte-level tokenizer built deterministically from the seed, written once to a cache directory
+(``$LIT_ALIGN_CACHE``, default ``~/.cache/lit_align``) and then loaded like any local checkpoint, so
+QLoRA, ``save_pretrained`` and an inference server all treat it as a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+PRESET_PREFIX = "preset:"
+PRESET_FORMAT_VERSION = 1
+
+PRESETS: dict[str, dict] = {
+    # About 0.9M parameters: seconds per step on a laptop CPU; the quickstart and the tests use it.
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    # About 5M parameters: for CPU experiments that need more capacity.
+    "tiny-base": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
+}
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters through peft; the paper uses r=32 on every linear layer of the transformer blocks."""
+
+    r: int = 32
+    """Adapter rank."""
+    alpha: int = 64
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module name suffixes to adapt, or "all-linear" for every linear layer except the LM/score head."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully and saved beside the adapter (for example a reward model's "score" head)."""
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names what and why."""
+
+
+def parse_preset(name_or_path: str) -> tuple[str, int] | None:
+    """``preset:tiny`` -> ("tiny", 0); ``preset:tiny:3`` -> ("tiny", 3); anything else -> None."""
+    if not name_or_path.startswith(PRESET_PREFIX):
+        return None
+    parts = name_or_path[len(PRESET_PREFIX):].split(":")
+    name = parts[0]
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown preset {name!r} in {name_or_path!r}; available presets: {sorted(PRESETS)}")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ModelLoadError(f"preset spec {name_or_path!r} must look like 'preset:{name}' or 'preset:{name}:<seed>'")
+    return name, int(parts[1]) if len(parts) == 2 else 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit_align"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable character map of byte-level BPE (GPT-2's scheme)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer: 4 special tokens then one token per byte (vocabulary 260), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for byte, char in sorted(_bytes_to_unicode().items()):
+        vocab[char] = len(SPECIAL_TOKENS) + byte
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        model_max_length=2048,
+    )
+
+
+def build_preset_model(name: str, seed: int = 0):
+    """The preset's Llama-shaped causal LM with weights drawn from ``seed`` (the global RNG is left untouched)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **PRESETS[name],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def materialize_preset(name_or_path: str) -> str:
+    """Return a local directory for a model spec: presets are built and cached on first use, others pass through."""
+    parsed = parse_preset(name_or_path)
+    if parsed is None:
+        return name_or_path
+    name, seed = parsed
+    target = cache_dir() / "presets" / f"{name}-seed{seed}-v{PRESET_FORMAT_VERSION}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_preset_model(name, seed)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lit_align_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def _load_error(name_or_path: str, err: Exception) -> ModelLoadError:
+    if Path(name_or_path).expanduser().exists():
+        what = f"{name_or_path!r} exists but is not a loadable model directory"
+    else:
+        what = (f"{name_or_path!r} is not a local directory and could not be loaded from the Hugging Face hub "
+                "(no such id, or the hub is unreachable/offline)")
+    return ModelLoadError(f"cannot load model: {what}. Use a local path, a reachable hub id or a built-in preset "
+                          f"({', '.join(PRESET_PREFIX + p for p in PRESETS)}). Cause: {type(err).__name__}: {err}")
+
+
+def load_tokenizer(name_or_path: str, padding_side: Literal["left", "right"] = "right"):
+    """The tokenizer of a hub id, local directory or preset, with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    path = materialize_preset(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _torch_dtype(dtype: DType):
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: DType = "float32",
+    attn_implementation: str | None = None,
+    quantize_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+    head: Literal["lm", "score"] = "lm",
+):
+    """A causal LM (``head="lm"``) or a scalar-headed sequence scorer on the same backbone (``head="score"``).
+
+    ``quantize_4bit`` loads the linear layers as bitsandbytes 4-bit NF4 with double quantization and computes
+    in ``dtype`` (float32 when "auto"); it is meant to be combined with LoRA (QLoRA).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = materialize_preset(name_or_path)
+    kwargs: dict = {"dtype": _torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+        )
+    cls = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    if head == "score":
+        kwargs["num_labels"] = 1
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _load_error(name_or_path, err) from err
+    if head == "score" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = not gradient_checkpointing
+    return model
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:  # pragma: no cover - bitsandbytes is a dependency, but keep LoRA usable without it
+        pass
+    return tuple(types)
+
+
+HEAD_NAMES = ("lm_head", "score", "v_head", "value_head", "embed_out", "output")
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer of the transformer blocks: everything linear except embeddings and heads."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, _linear_types()) and name.split(".")[-1] not in HEAD_NAMES:
+            names.append(name)
+    return names
+
+
+def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with a LoRA adapter; a target list that matches no module is an error naming the choices."""
+    from peft import LoraConfig, get_peft_model
+
+    candidates = block_linear_names(model)
+    if lora.target_modules == "all-linear":
+        targets = sorted({n.split(".")[-1] for n in candidates})
+    else:
+        wanted = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        suffixes = {n.split(".")[-1] for n in candidates}
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in candidates)]
+        if missing:
+            raise ModelLoadError(f"lora.target_modules {missing} match no linear layer of the model; "
+                                 f"the transformer blocks have: {sorted(suffixes)}")
+        targets = wanted
+    if lora.r <= 0:
+        raise ModelLoadError(f"lora.r must be a positive rank, got {lora.r}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        modules_to_save=lora.modules_to_save, task_type=task_type, bias="none")
+    return get_peft_model(model, config)
+
+
+def lora_to_dict(lora: LoRAConfig | None) -> dict | None:
+    return None if lora is None else asdict(lora)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+__all__ = [
+    "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "block_linear_names", "build_byte_tokenizer",
+    "build_preset_model", "count_parameters", "load_causal_lm", "load_tokenizer", "materialize_preset",
+    "parse_preset",
+]

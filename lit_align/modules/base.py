@@ -1,0 +1,207 @@
+"""The LightningModule every objective extends: model construction, completion log-probabilities, optimizer wiring.
+
+An objective subclass adds only what differs: its extra hyperparameters, ``training_step``/``validation_step``
+(usually through :meth:`AlignmentModule.shared_step`) and one overridable loss method. Models are built in
+:meth:`configure_model` from the plain hyperparameters saved by ``save_hyperparameters``, so ``--ckpt_path`` resumes
+and ``load_from_checkpoint`` rebuild them. With frozen weights (LoRA, QLoRA) checkpoints hold only the trainable
+parameters; the frozen base is rebuilt from ``model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor
+
+from lit_align import losses
+from lit_align.models import DType, LoRAConfig, apply_lora, count_parameters, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then a decay, stepped once per optimizer step (not per micro-batch)."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW); not applied to biases and norms."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment coefficients."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps (the paper: 5000)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, down to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+
+def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then cosine/linear decay or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+class AlignmentModule(L.LightningModule):
+    """Base of every lit_align objective: builds the policy, computes completion log-probs, wires the optimizer.
+
+    Args:
+        model_name_or_path: Hugging Face hub id, local model directory, or built-in preset ("preset:tiny").
+        tokenizer_name_or_path: tokenizer to use when it differs from the model's.
+        lora: LoRA adapter settings; null trains every weight (full fine-tuning).
+        quantize_4bit: load the base weights in bitsandbytes 4-bit NF4 (QLoRA; needs lora).
+        dtype: dtype the weights are loaded in.
+        attn_implementation: attention kernel ("sdpa", "eager", "flash_attention_2"); null lets transformers choose.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        optimizer: AdamW and learning-rate schedule settings.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "preset:tiny",
+        tokenizer_name_or_path: str | None = None,
+        lora: LoRAConfig | None = None,
+        quantize_4bit: bool = False,
+        dtype: DType = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if quantize_4bit and lora is None:
+            raise ValueError("quantize_4bit=True needs a LoRA adapter (`lora`): 4-bit base weights cannot be trained directly")
+        self.save_hyperparameters()
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self._rng_state_to_restore: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ construction
+    @property
+    def tokenizer_source(self) -> str:
+        return self.hparams.tokenizer_name_or_path or self.hparams.model_name_or_path
+
+    def build_policy(self) -> torch.nn.Module:
+        """The trainable policy: the causal LM with its LoRA adapter if one is configured."""
+        hp = self.hparams
+        model = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+                               quantize_4bit=hp.quantize_4bit, gradient_checkpointing=hp.gradient_checkpointing)
+        if hp.lora is not None:
+            model = apply_lora(model, hp.lora)
+        return model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
+
+    def configure_model(self) -> None:
+        """Build tokenizer and policy once (Lightning calls this on fit/validate and in ``load_from_checkpoint``)."""
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        self.model = self.build_policy()
+        self.configure_extra_models()
+
+    def configure_extra_models(self) -> None:
+        """Hook for objectives that need more networks (a frozen reference copy, a value head)."""
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        self.print(f"lit_align: {type(self).__name__} on {self.hparams.model_name_or_path}: "
+                   f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+
+    # ------------------------------------------------------------------ forward and log-probs
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                model: torch.nn.Module | None = None) -> Tensor:
+        """Logits of ``model`` (the policy by default) over ``input_ids``."""
+        net = model if model is not None else self.model
+        return net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    def completion_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                         position_ids: Tensor | None = None, model: torch.nn.Module | None = None) -> dict[str, Tensor]:
+        """Per-token and per-sequence log-probs of the completion tokens (labels != -100) of each row.
+
+        Returns ``token_logps``/``mask`` (batch, seq-1), ``sum`` and ``mean`` (batch,), and ``logits``.
+        """
+        logits = self(input_ids, attention_mask, position_ids, model=model)
+        token_logps, mask = losses.token_logps(logits, labels)
+        return {
+            "logits": logits,
+            "token_logps": token_logps,
+            "mask": mask,
+            "sum": losses.sequence_logps(token_logps, mask),
+            "mean": losses.sequence_logps(token_logps, mask, average=True),
+        }
+
+    # ------------------------------------------------------------------ optimization
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        total = self.total_optimizer_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_decay(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run, for the decay schedule (max_steps, or epochs x batches / accumulation)."""
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or trainer.max_epochs")
+        return int(steps)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights when part of the network is frozen; keep the RNG so a resume continues exactly.
+
+        Frozen weights and buffers (the base under LoRA, 4-bit quantization state) are rebuilt from
+        ``model_name_or_path`` by :meth:`configure_model`, so the checkpoint of a LoRA run is the adapter's size.
+        """
+        trainable = self._trainable_names()
+        if len(trainable) < sum(1 for _ in self.parameters()):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["lit_align_trainable_only"] = True
+        checkpoint["lit_align_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("lit_align_trainable_only"):
+            self.strict_loading = False
+            missing = sorted(self._trainable_names() - set(checkpoint["state_dict"]))
+            if self.model is not None and missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} trainable weights of this module (first: {missing[0]}); "
+                                 "it was saved with a different LoRA/model configuration")
+        self._rng_state_to_restore = checkpoint.get("lit_align_rng")
+
+    def on_train_start(self) -> None:
+        if self._rng_state_to_restore is not None:
+            torch.set_rng_state(self._rng_state_to_restore["torch"])
+            random.setstate(self._rng_state_to_restore["python"])
+            self._rng_state_to_restore = None
+
+    # ------------------------------------------------------------------ logging helpers
+    def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:
+        """Log ``{stage}/{name}`` for every metric; per step in training, per epoch in validation/test."""
+        on_step = stage == "train"
+        for name, value in metrics.items():
+            if isinstance(value, Tensor):
+                value = value.detach().float().mean()
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                     prog_bar=name in prog_bar, sync_dist=not on_step)

@@ -1,0 +1,59 @@
+"""Supervised fine-tuning: the completion's negative log-likelihood (IotaCode Eq. 7), token-weighted."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+from torch.nn import ModuleDict
+from torchmetrics import MeanMetric
+
+from lit_align import losses
+from lit_align.modules.base import AlignmentModule
+
+
+class SFT(AlignmentModule):
+    """Supervised fine-tuning on prompt/completion pairs; the prompt is context only, never a target.
+
+    Logs ``loss`` and ``tokens`` per step, and ``loss``/``perplexity`` per validation epoch (perplexity over all
+    validation completion tokens, the exponential of the token-weighted validation loss).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_nll = ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    def compute_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The objective; override this one method to try another token-level loss."""
+        return losses.sft_loss(logits, labels)
+
+    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        loss = self.compute_loss(logits, batch["labels"])
+        n_tokens = (batch["labels"][:, 1:] != losses.IGNORE_INDEX).sum()
+        if stage == "train":
+            self.log_metrics(stage, {"loss": loss, "tokens": n_tokens.float()}, batch_size=batch["input_ids"].size(0))
+        else:
+            metric = self.eval_nll[stage]  # token-weighted mean over the whole epoch, synced across processes
+            metric.update(loss.detach(), n_tokens)
+            self.log(f"{stage}/loss", metric, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "test")
+
+    def _log_perplexity(self, stage: str) -> None:
+        if self.eval_nll[stage].update_count:
+            self.log(f"{stage}/perplexity", math.exp(min(float(self.eval_nll[stage].compute()), 50.0)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
