@@ -55,6 +55,14 @@ class LitAlignCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def instantiate_trainer(self, **kwargs):
+        """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar."""
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if trainer_config.get("enable_progress_bar") is False:
+            extra = [cb for cb in extra if not isinstance(cb, RichProgressBar)]
+        return self._instantiate_trainer(trainer_config, extra)
+
     def before_fit(self) -> None:
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 

@@ -214,7 +214,7 @@ def load_causal_lm(
         kwargs["num_labels"] = 1
     try:
         model = cls.from_pretrained(path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     if head == "score" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id

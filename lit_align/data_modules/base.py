@@ -124,6 +124,7 @@ class TokenizedDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # the checkpoint is written in on_train_batch_end, before `completed` moves: `processed` counts that batch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if 0 < done < len(sampler):
             sampler.skip_batches(done)

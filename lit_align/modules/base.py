@@ -54,6 +54,23 @@ def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, 
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+# Checkpoints store these plain dataclasses in their hyperparameters; let torch.load(weights_only=True) read them.
+torch.serialization.add_safe_globals([OptimizerConfig, LoRAConfig])
+
+
+def packed_causal_mask(position_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive (batch, 1, seq, seq) mask: token i sees token j iff j <= i and both belong to the same packed example.
+
+    Examples are delimited by ``position_ids`` restarting at 0. Allowed entries are 0, blocked ones the dtype's minimum.
+    """
+    segment = (position_ids == 0).cumsum(-1)
+    same = segment.unsqueeze(-1) == segment.unsqueeze(-2)
+    seq = position_ids.size(-1)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (same & causal).unsqueeze(1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class AlignmentModule(L.LightningModule):
     """Base of every lit_align objective: builds the policy, computes completion log-probs, wires the optimizer.
 
@@ -80,9 +97,14 @@ class AlignmentModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
     ) -> None:
         super().__init__()
+        # plain dicts (from Python, or hyperparameters read back from a checkpoint) become the typed configs
+        lora = LoRAConfig(**lora) if isinstance(lora, dict) else lora
+        optimizer = OptimizerConfig(**optimizer) if isinstance(optimizer, dict) else optimizer
         if quantize_4bit and lora is None:
             raise ValueError("quantize_4bit=True needs a LoRA adapter (`lora`): 4-bit base weights cannot be trained directly")
         self.save_hyperparameters()
+        # typed configs live on the module: LightningCLI stores hparams as the raw config (dicts), so read these instead
+        self.lora_config = lora
         self.optimizer_config = optimizer or OptimizerConfig()
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
@@ -98,8 +120,8 @@ class AlignmentModule(L.LightningModule):
         hp = self.hparams
         model = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
                                quantize_4bit=hp.quantize_4bit, gradient_checkpointing=hp.gradient_checkpointing)
-        if hp.lora is not None:
-            model = apply_lora(model, hp.lora)
+        if self.lora_config is not None:
+            model = apply_lora(model, self.lora_config)
         return model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
 
     def configure_model(self) -> None:
@@ -121,9 +143,20 @@ class AlignmentModule(L.LightningModule):
     # ------------------------------------------------------------------ forward and log-probs
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 model: torch.nn.Module | None = None) -> Tensor:
-        """Logits of ``model`` (the policy by default) over ``input_ids``."""
+        """Logits of ``model`` (the policy by default) over ``input_ids``.
+
+        Packed batches come with ``position_ids`` (restarting at 0 for each example) and no attention mask; they get
+        a block-diagonal causal mask so packed examples never attend to each other (flash-attention derives the
+        same from the position ids itself).
+        """
         net = model if model is not None else self.model
+        if position_ids is not None and attention_mask is None and self.hparams.attn_implementation != "flash_attention_2":
+            attention_mask = packed_causal_mask(position_ids, self._compute_dtype(net))
         return net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    @staticmethod
+    def _compute_dtype(net: torch.nn.Module) -> torch.dtype:
+        return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
     def completion_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                          position_ids: Tensor | None = None, model: torch.nn.Module | None = None) -> dict[str, Tensor]:

@@ -1,0 +1,176 @@
+"""The default backend: batched, KV-cached decoding with the live policy (a Hugging Face causal LM or a peft model).
+
+It samples with its own decoding loop rather than ``model.generate`` so that the returned token ids are
+exactly the tokens drawn, their log-probabilities come from the same forward passes, and stop strings cut
+text and tokens in one place (:func:`lit_align.generation.base.cut_at_stop`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lit_align.generation.base import (
+    Completion,
+    GenerationBackend,
+    SamplingParams,
+    check_prompts,
+    cut_at_stop,
+    find_stop,
+)
+from lit_align.generation.sampling import sample_next_tokens, token_logprobs
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def model_eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-sequence ids declared by the tokenizer, the model config and its generation config."""
+    ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        ids += _as_id_list(getattr(config, "eos_token_id", None))
+    return sorted(set(ids))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must live: the device of the input embeddings (works with device maps and peft)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+@contextmanager
+def inference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; every submodule's previous train/eval flag is restored after.
+
+    ``torch.no_grad`` rather than ``torch.inference_mode``: lazily built buffers (rotary caches) must stay
+    usable by the training step that follows.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class HFBackend(GenerationBackend):
+    """Generate with the policy being trained, LoRA adapters active, in its current weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int = 16,
+        eos_token_ids: list[int] | None = None,
+        add_special_tokens: bool = True,
+    ) -> None:
+        """
+        Args:
+            model: a Hugging Face causal LM or a peft model wrapping one.
+            tokenizer: its tokenizer; it is never modified (padding is done here, on the left).
+            batch_size: sequences decoded together (a prompt with n completions counts n times).
+            eos_token_ids: token ids that end a completion; default: the tokenizer's and the model config's eos.
+            add_special_tokens: let the tokenizer add its special tokens (BOS) to each prompt, as training does.
+        """
+        if batch_size < 1:
+            raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else model_eos_ids(model, tokenizer))
+        self.add_special_tokens = add_special_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Completion text of ``token_ids``: special tokens dropped, no whitespace clean-up (code must stay intact)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids exactly as the backend feeds them (useful to re-score prompt + completion)."""
+        return list(self.tokenizer(prompt, add_special_tokens=self.add_special_tokens)["input_ids"])
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+        prompts = check_prompts(prompts)
+        rows = [p for p in prompts for _ in range(params.n)]
+        encoded = [self.encode_prompt(p) for p in rows]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompts[{i // params.n}] is empty after tokenization; give at least one token")
+        device = input_device(self.model)
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=device).manual_seed(seed)
+        flat: list[Completion] = []
+        with inference_mode(self.model):
+            for start in range(0, len(encoded), self.batch_size):
+                flat += self._generate_batch(encoded[start:start + self.batch_size], params, generator, device)
+        return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def _forward(self, **kwargs):
+        return self.model(use_cache=True, return_dict=True, **kwargs)
+
+    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device) -> list[Completion]:
+        batch, width = len(encoded), max(len(ids) for ids in encoded)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, ids in enumerate(encoded):  # left padding: every prompt ends at the last column
+            input_ids[b, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[b, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
+        past, logits = out.past_key_values, out.logits[:, -1, :]
+        del out
+        next_position = positions[:, -1:] + 1
+
+        tokens_out: list[list[int]] = [[] for _ in range(batch)]
+        logprobs_out: list[list[float]] = [[] for _ in range(batch)]
+        reasons: list[str | None] = [None] * batch
+        for _ in range(params.max_new_tokens):
+            tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator)
+            logprobs = token_logprobs(logits, tokens)
+            for b, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+                if reasons[b] is not None:
+                    continue
+                if tok in self.eos_token_ids:
+                    reasons[b] = "stop"
+                    continue
+                tokens_out[b].append(tok)
+                logprobs_out[b].append(lp)
+                if params.stop and find_stop(self.decode(tokens_out[b]), params.stop) is not None:
+                    reasons[b] = "stop"
+                elif len(tokens_out[b]) >= params.max_new_tokens:
+                    reasons[b] = "length"
+            if all(r is not None for r in reasons):
+                break
+            done = torch.tensor([r is not None for r in reasons], device=device)
+            feed = tokens.masked_fill(done, self.pad_token_id).unsqueeze(-1)
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
+            out = self._forward(input_ids=feed, attention_mask=mask, position_ids=next_position, past_key_values=past)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+            del out
+            next_position = next_position + 1
+
+        completions = []
+        for ids, lps, reason in zip(tokens_out, logprobs_out, reasons):
+            text, kept, _ = cut_at_stop(ids, self.decode, params.stop)
+            completions.append(Completion(text=text, token_ids=ids[:kept], logprobs=lps[:kept], finish_reason=reason or "length"))
+        return completions

@@ -1,0 +1,78 @@
+"""The lit_align command: config files, dotted overrides, --print_config, versioned runs, resume, bad options."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lit_align.cli import OutputDirectoryError, main
+
+CONFIG = "configs/quickstart/sft.yaml"
+
+
+def _fit_args(tmp_path, pairs_file, *extra):
+    return ["fit", "--config", CONFIG, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--data.init_args.train_sources", f"[{{path: {pairs_file}}}]", "--data.init_args.val_sources", "[]",
+            "--data.init_args.val_fraction", "0.25", "--data.init_args.batch_size", "4", *extra]
+
+
+def test_print_config_shows_dotted_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, "--trainer.max_steps", "50", "--model.init_args.lora.r", "8", "--print_config"])
+    assert exit_.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["max_steps"] == 50
+    assert config["model"]["class_path"] == "lit_align.modules.sft.SFT"
+    assert config["model"]["init_args"]["lora"]["r"] == 8
+    assert config["model"]["init_args"]["lora"]["target_modules"] == "all-linear"
+    assert config["data"]["init_args"]["max_length"] == 512
+
+
+def test_unknown_option_is_rejected_before_training(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, "--model.init_args.lora.rank", "8"])
+    assert exit_.value.code != 0
+    assert "lora.rank" in capsys.readouterr().err
+
+
+def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file):
+    main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4"))
+    run0 = tmp_path / "runs" / "quickstart-sft" / "version_0"
+    saved = yaml.safe_load((run0 / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["lora"]["r"] == 4 and saved["trainer"]["max_steps"] == 3
+    last = run0 / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3 and all("lora_" in k for k in ckpt["state_dict"])
+
+    # a second run never overwrites the first: it gets the next version
+    main(_fit_args(tmp_path, pairs_file))
+    assert (tmp_path / "runs" / "quickstart-sft" / "version_1" / "checkpoints" / "last.ckpt").exists()
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    # resume the first run to 5 steps: it continues in a new version directory, the old one stays as it was
+    main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4", "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    resumed = tmp_path / "runs" / "quickstart-sft" / "version_2" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    main(["validate", "--config", CONFIG, "--ckpt_path", str(resumed), "--model.init_args.lora.r", "4",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+          "--data.init_args.train_sources", f"[{{path: {pairs_file}}}]", "--data.init_args.val_sources", "[]",
+          "--data.init_args.val_fraction", "0.25"])
+
+
+def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pairs_file):
+    main(_fit_args(tmp_path, pairs_file, "--checkpoint.dirpath", str(tmp_path / "ck")))
+    before = (tmp_path / "ck" / "last.ckpt").read_bytes()
+    with pytest.raises(OutputDirectoryError, match="already holds checkpoints"):
+        main(_fit_args(tmp_path, pairs_file, "--checkpoint.dirpath", str(tmp_path / "ck")))
+    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == before
+
+
+def test_console_script_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "lit_align.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "fit" in out.stdout and "lit_align evaluate" in out.stdout

@@ -1,0 +1,115 @@
+"""Model factory: offline preset, LoRA / QLoRA / full fine-tuning each train exactly the weights they should."""
+
+import pytest
+import torch
+
+from lit_align.models import (LoRAConfig, ModelLoadError, apply_lora, build_preset_model, load_causal_lm,
+                              load_tokenizer, materialize_preset, parse_preset)
+
+
+def _one_step(model, steps: int = 1):
+    tok = load_tokenizer("preset:tiny")
+    batch = tok(["def f(x):\n    return x + 1\n", "def g(s):\n    return s[::-1]\n"], return_tensors="pt", padding=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.input_ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_preset_is_deterministic_per_seed_and_loads_offline():
+    a, _ = build_preset_model("tiny", seed=0)
+    b, _ = build_preset_model("tiny", seed=0)
+    c, _ = build_preset_model("tiny", seed=1)
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    loaded = load_causal_lm("preset:tiny")
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, wa)
+    assert parse_preset("preset:tiny:3") == ("tiny", 3)
+
+
+def test_byte_tokenizer_round_trips_code():
+    tok = load_tokenizer("preset:tiny")
+    text = 'def f(x):\n    """Ünïcode ✓."""\n    return x\t+ 1\n'
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text
+    assert len(tok) == 260 and tok.pad_token_id == 0 and tok.eos_token_id == 2
+
+
+def test_full_finetuning_changes_every_weight():
+    model = load_causal_lm("preset:tiny")
+    before = _snapshot(model)
+    _one_step(model)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+
+
+def test_lora_trains_only_adapter_weights_on_every_block_linear():
+    model = apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(r=4, dropout=0.0))
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = _snapshot(model)
+    _one_step(model, steps=2)  # lora_B starts at zero, so lora_A only moves from the second step on
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n  # base, embeddings and LM head untouched
+
+
+def test_lora_target_list_and_unknown_target():
+    model = apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
+    with pytest.raises(ModelLoadError, match=r"\['query'\] match no linear layer.*q_proj"):
+        apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(target_modules=["query"]))
+
+
+def test_qlora_4bit_base_is_frozen_and_adapter_trains():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = load_causal_lm("preset:tiny", quantize_4bit=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    model = apply_lora(model, LoRAConfig(r=4, dropout=0.0))
+    probe = torch.tensor([[5, 70, 80, 90, 100]])
+
+    def base_logits():  # bitsandbytes' CPU backend repacks 4-bit storage on first use: compare what the base computes
+        with torch.no_grad(), model.disable_adapter():
+            return model(input_ids=probe).logits
+
+    base_before = base_logits()
+    before = _snapshot(model)
+    _one_step(model, steps=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
+    assert torch.equal(base_logits(), base_before)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=probe).logits, base_before)  # the adapter now changes the output
+
+
+def test_unknown_model_id_offline_and_missing_directory_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="could not be loaded from the Hugging Face hub"):
+        load_causal_lm("no-such-org/no-such-model-xyz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="exists but is not a loadable model directory"):
+        load_causal_lm(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="unknown preset 'huge'"):
+        load_causal_lm("preset:huge")
+
+
+def test_materialized_preset_is_a_standard_hf_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path))
+    path = materialize_preset("preset:tiny:5")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ref, _ = build_preset_model("tiny", seed=5)
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+    assert materialize_preset("preset:tiny:5") == path  # cached, not rebuilt

@@ -1,0 +1,108 @@
+"""SFT data: sources, mixing, masking, length filtering, grouping and the errors users see."""
+
+import pytest
+
+from conftest import add_const_rows, write_jsonl
+from lit_align.data_modules.sampler import LengthGroupedBatchSampler
+from lit_align.data_modules.sft import SFTDataModule
+from lit_align.data_modules.sources import DataError, DataSource, load_prompt_completions, mix
+from lit_align.losses import IGNORE_INDEX
+
+
+def _dm(*sources, **kw):
+    kw.setdefault("tokenizer", "preset:tiny")
+    return SFTDataModule(train_sources=list(sources), **kw)
+
+
+def test_prompt_tokens_are_masked_and_eos_is_learned(pairs_file):
+    dm = _dm(DataSource(path=pairs_file), val_fraction=0.0)
+    dm.setup("fit")
+    tok = dm.tokenizer
+    item = dm.train_items[0]
+    n_prompt = sum(1 for x in item["labels"] if x == IGNORE_INDEX)
+    prompt = tok.decode(item["input_ids"][:n_prompt])
+    assert prompt.startswith("def add_") and prompt.endswith('"""\n')
+    assert tok.decode(item["labels"][n_prompt:-1]).startswith("    return x + ")
+    assert item["labels"][-1] == tok.eos_token_id
+
+
+def test_column_names_and_template(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", add_const_rows(10, "question", "answer"))
+    dm = _dm(DataSource(path=str(path), prompt_column="question", completion_column="answer"),
+             prompt_template="# Solve:\n{prompt}", val_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.train_items) == 8 and len(dm.val_items) == 2
+    assert dm.tokenizer.decode(dm.train_items[0]["input_ids"]).startswith("# Solve:\ndef add_")
+
+
+def test_missing_column_names_column_file_and_available_columns(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", add_const_rows(4, "question", "answer"))
+    with pytest.raises(DataError, match=r"has no column 'prompt'.*it has: \['question', 'answer'\]"):
+        _dm(DataSource(path=str(path))).setup("fit")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data file '.*nope.jsonl' does not exist"):
+        _dm(DataSource(path=str(tmp_path / "nope.jsonl"))).setup("fit")
+
+
+def test_empty_after_length_filtering_is_an_error_and_drops_are_counted(pairs_file):
+    with pytest.raises(DataError, match="empty after length filtering.*max_length=10"):
+        _dm(DataSource(path=pairs_file), max_length=10).setup("fit")
+    dm = _dm(DataSource(path=pairs_file), max_length=60, val_fraction=0.0)
+    dm.setup("fit")
+    # k < 10 gives 59-token examples (one byte per token, plus eos); k >= 10 writes k twice, one byte longer each: 62
+    assert dm.dropped["train"] == 38 and len(dm.train_items) == 10
+
+
+def test_bad_template_and_fraction_are_refused():
+    with pytest.raises(DataError, match="prompt_template must contain"):
+        SFTDataModule(prompt_template="no placeholder")
+    with pytest.raises(DataError, match="val_fraction"):
+        SFTDataModule(val_fraction=1.5)
+
+
+def test_mixing_keeps_the_ratio_without_repeating_rows():
+    a = [{"src": "a", "i": i} for i in range(100)]
+    b = [{"src": "b", "i": i} for i in range(30)]
+    mixed = mix([a, b], [1.0, 1.0], seed=0)
+    assert sum(r["src"] == "a" for r in mixed) == 30 and sum(r["src"] == "b" for r in mixed) == 30
+    mixed = mix([a, b], [3.0, 1.0], seed=0)
+    assert sum(r["src"] == "a" for r in mixed) == 90 and sum(r["src"] == "b" for r in mixed) == 30
+    assert len({(r["src"], r["i"]) for r in mixed}) == len(mixed)
+    assert mix([a, b], [3.0, 1.0], seed=0) == mixed and mix([a, b], [3.0, 1.0], seed=1) != mixed
+
+
+def test_two_sources_mix_in_the_data_module(tmp_path):
+    p1 = write_jsonl(tmp_path / "a.jsonl", add_const_rows(40))
+    p2 = write_jsonl(tmp_path / "b.parquet.jsonl", [{"prompt": "p%d" % i, "completion": "c"} for i in range(10)])
+    dm = _dm(DataSource(path=str(p1)), DataSource(path=str(p2)), val_fraction=0.0)
+    dm.setup("fit")
+    assert len(dm.train_items) == 20  # 10 of each, 1:1
+
+
+def test_task_suite_is_the_default_source():
+    rows = load_prompt_completions(DataSource(split="heldout"))
+    assert len(rows) == 75 and all(r["completion"].startswith("    ") for r in rows)
+    dm = SFTDataModule(tokenizer="preset:tiny")
+    dm.setup("fit")
+    assert len(dm.train_items) == 225 and len(dm.val_items) == 75
+
+
+def test_length_grouped_sampler_is_seeded_complete_and_sharded():
+    lengths = [(i * 37) % 101 for i in range(103)]
+    s = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, group_window=4)
+    first = list(s)
+    assert sorted(i for b in first for i in b) == list(range(103)) and len(first) == len(s) == 13
+    assert list(s) == first
+    s.set_epoch(1)
+    assert list(s) != first
+    # within a batch lengths are close: padding stays small compared with random batching
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first) / len(first)
+    assert spread < 40
+    ranks = [list(LengthGroupedBatchSampler(lengths, 8, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+    s.set_epoch(0)
+    s.skip_batches(5)
+    assert list(s) == first[5:] and list(s) == first  # the skip applies to one iteration only
