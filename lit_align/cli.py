@@ -12,6 +12,7 @@ already holds checkpoints is refused unless the run resumes with ``--ckpt_path``
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-import lit_align.data_modules.sft  # noqa: F401  (registers short class names)
-import lit_align.modules.sft  # noqa: F401
+import lit_align.callbacks
+import lit_align.data_modules
+import lit_align.modules
 from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
@@ -32,6 +34,16 @@ DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lit_align"},
 }
+
+
+def import_submodules(package) -> None:
+    """Import every module of a package so that config files can name its classes by their short names."""
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+for _package in (lit_align.modules, lit_align.data_modules, lit_align.callbacks):
+    import_submodules(_package)
 
 
 class OutputDirectoryError(RuntimeError):

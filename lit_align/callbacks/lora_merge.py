@@ -1,0 +1,101 @@
+"""Export the trained policy as a standard Hugging Face model directory, with any LoRA adapter merged in.
+
+The directory (safetensors weights, config, tokenizer) loads with ``from_pretrained``, serves from ``vllm serve`` or
+``python -m lit_align.generation.serve``, and is what the next stage's ``model_name_or_path`` points at. A LoRA
+adapter is also saved on its own in peft's format under ``adapter/``. Merging never touches the training model: the
+base is reloaded in full precision (so a QLoRA run merges into real weights, not 4-bit ones), the adapter is loaded onto
+it and merged there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+
+
+class ExportError(RuntimeError):
+    """The export target is unusable (it already holds a model, or there is nothing to export)."""
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Refuse a directory that already holds something: exports never overwrite."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ExportError(f"export directory {path} already exists and is not empty; choose another output_dir or remove it")
+    return path
+
+
+def export_merged_model(model, tokenizer, output_dir: str | Path, base_model: str, dtype: str = "float32",
+                        head: str = "lm") -> Path:
+    """Write ``model`` (an HF model, or a peft model over ``base_model``) to ``output_dir`` as a merged HF directory.
+
+    Returns the directory. Written to a temporary sibling first and renamed, so a failure never leaves half a model.
+    """
+    from lit_align.models import load_causal_lm
+
+    target = check_output_dir(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        if _is_peft(model):
+            from peft import PeftModel
+
+            model.save_pretrained(tmp / "adapter")
+            base = load_causal_lm(base_model, dtype=dtype, head=head)
+            merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
+        else:
+            merged = model
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            target.rmdir()  # empty (checked above)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+class LoRAMerge(L.Callback):
+    """At the end of fit, save the policy as a merged HF model directory (and the adapter alone, if any).
+
+    Args:
+        output_dir: where to write; null writes ``<log_dir>/model`` beside the run's logs and checkpoints.
+        dtype: dtype of the saved weights ("float32", "bfloat16", "float16").
+    """
+
+    def __init__(self, output_dir: str | None = None, dtype: str = "float32") -> None:
+        self.output_dir = output_dir
+        self.dtype = dtype
+        self.exported_to: Path | None = None
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        root = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+        return Path(root) / "model"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            check_output_dir(self._target(trainer))  # fail before training, not after hours of it
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise ExportError(f"{type(pl_module).__name__} has no `model` to export")
+        head = "score" if type(model).__name__.endswith("ForSequenceClassification") or (
+            _is_peft(model) and type(model.get_base_model()).__name__.endswith("ForSequenceClassification")) else "lm"
+        with torch.no_grad():
+            self.exported_to = export_merged_model(model, pl_module.tokenizer, self._target(trainer),
+                                                   base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
+        pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
