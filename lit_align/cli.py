@@ -28,6 +28,8 @@ from lit_align.modules.base import AlignmentModule
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
+    "plan-memory": ("lit_align.memory:main", "estimate per-device memory of a config before allocating anything"),
+    "merge-lora": ("lit_align.callbacks.lora_merge:main", "merge a checkpoint's LoRA adapter into a standard HF model directory"),
 }
 
 DEFAULT_LOGGER = {
