@@ -63,3 +63,43 @@ def test_full_finetuned_model_exports_as_is_and_existing_directory_is_refused(tm
         export_merged_model(model, load_tokenizer("preset:tiny"), out, base_model="preset:tiny")
     assert (out / "model.safetensors").read_bytes() == before
     assert not list(tmp_path.glob(".m-*"))  # no temporary directory left behind
+
+
+def _train_briefly(tmp_path, pairs_file, lora):
+    import lightning.pytorch as L
+
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataSource
+    from lit_align.modules.base import OptimizerConfig
+    from lit_align.modules.sft import SFT
+
+    module = SFT(lora=lora, optimizer=OptimizerConfig(lr=1e-2))
+    data = SFTDataModule(train_sources=[DataSource(path=pairs_file)], val_fraction=0.0, tokenizer="preset:tiny", batch_size=8)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    return module, trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+
+
+def test_merge_lora_subcommand_from_checkpoint(tmp_path, pairs_file, capsys):
+    from lit_align.cli import main
+
+    module, ckpt = _train_briefly(tmp_path, pairs_file, LoRAConfig(r=4, dropout=0.0))
+    out = tmp_path / "merged"
+    assert main(["merge-lora", "--ckpt_path", ckpt, "--output_dir", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=PROBE).logits, module.model(input_ids=PROBE).logits, atol=1e-5)
+    # a second merge into the same directory is refused and leaves it as it was
+    assert main(["merge-lora", "--ckpt_path", ckpt, "--output_dir", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_merge_lora_of_a_checkpoint_without_adapter_is_a_clear_error(tmp_path, pairs_file, capsys):
+    from lit_align.cli import main
+
+    _, ckpt = _train_briefly(tmp_path, pairs_file, None)
+    assert main(["merge-lora", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "m")]) == 2
+    assert "holds no LoRA adapter" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

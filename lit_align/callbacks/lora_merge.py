@@ -10,6 +10,7 @@ it and merged there.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def export_merged_model(model, tokenizer, output_dir: str | Path, base_model: st
             merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
         else:
             merged = model
+        if dtype != "float32":
+            merged = merged.to(getattr(torch, dtype))
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if target.exists():
@@ -99,3 +102,50 @@ class LoRAMerge(L.Callback):
             self.exported_to = export_merged_model(model, pl_module.tokenizer, self._target(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
         pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
+
+
+def merge_checkpoint(ckpt_path: str | Path, output_dir: str | Path, dtype: str = "float32") -> Path:
+    """Merge the LoRA adapter of a lit_align Lightning checkpoint into its base model and export the result."""
+    from lit_align.models import LoRAConfig, apply_lora, load_causal_lm, load_tokenizer
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise ExportError(f"checkpoint {ckpt_path} does not exist")
+    check_output_dir(output_dir)  # before any loading
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    lora = hparams.get("lora")
+    if lora is None or "model_name_or_path" not in hparams:
+        raise ExportError(f"checkpoint {ckpt_path} holds no LoRA adapter (trained with lora: null, or not a lit_align "
+                          "module); a full fine-tuning run is exported with the LoRAMerge callback instead")
+    lora = LoRAConfig(**lora) if isinstance(lora, dict) else lora
+    state = checkpoint["state_dict"]
+    head = "score" if any(".score." in k for k in state) else "lm"
+    policy = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    base = load_causal_lm(hparams["model_name_or_path"], dtype="float32", head=head)
+    model = apply_lora(base, lora, task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    missing = [k for k in policy if k not in dict(model.named_parameters())]
+    if missing:
+        raise ExportError(f"checkpoint weights do not fit the rebuilt model (first: {missing[0]})")
+    model.load_state_dict(policy, strict=False)
+    tokenizer = load_tokenizer(hparams.get("tokenizer_name_or_path") or hparams["model_name_or_path"])
+    return export_merged_model(model, tokenizer, output_dir, base_model=hparams["model_name_or_path"], dtype=dtype, head=head)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lit_align merge-lora --ckpt_path CKPT --output_dir DIR``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lit_align merge-lora", description="Merge a checkpoint's LoRA adapter into "
+                                     "its base model and save a standard Hugging Face model directory (+ the adapter).")
+    parser.add_argument("--ckpt_path", required=True, help="a lit_align Lightning checkpoint trained with LoRA")
+    parser.add_argument("--output_dir", required=True, help="new directory to write (must not exist or be empty)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved weight dtype")
+    args = parser.parse_args(argv)
+    try:
+        out = merge_checkpoint(args.ckpt_path, args.output_dir, args.dtype)
+    except ExportError as err:
+        print(f"lit_align merge-lora: error: {err}", file=sys.stderr)
+        return 2
+    print(f"lit_align merge-lora: wrote {out}")
+    return 0
