@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart", help="where stage models, runs and the summary go")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--max-steps", type=int, default=None, help="override each stage's training steps (smoke runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model is fastest on one)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     summary_path = output / "summary.json"
