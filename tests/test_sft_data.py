@@ -106,3 +106,17 @@ def test_length_grouped_sampler_is_seeded_complete_and_sharded():
     s.set_epoch(0)
     s.skip_batches(5)
     assert list(s) == first[5:] and list(s) == first  # the skip applies to one iteration only
+
+
+def test_task_suite_mixed_quality_replaces_the_given_share_with_incorrect_solutions():
+    from lit_align.data_modules.task_suite import load_task_suite
+
+    tasks = load_task_suite(split="train")
+    rows = load_prompt_completions(DataSource(split="train", incorrect_fraction=0.2))
+    wrong = [r for r, t in zip(rows, tasks) if r["completion"] != t.canonical_solution]
+    assert len(wrong) == round(0.2 * len(tasks)) == 45
+    incorrect = {c for t in tasks for _, c in t.incorrect_solutions}
+    assert all(r["completion"] in incorrect for r in wrong)
+    assert load_prompt_completions(DataSource(split="train", incorrect_fraction=0.2)) == rows
+    with pytest.raises(DataError, match="incorrect_fraction"):
+        load_prompt_completions(DataSource(incorrect_fraction=1.5))

@@ -36,7 +36,10 @@ class DataSource:
     limit: int | None = None
     """Read at most this many rows (after a seeded shuffle)."""
     seed: int = 0
-    """Seed of the task suite's problems (task_suite only)."""
+    """Seed of the task suite's problems, and of which completions are replaced (task_suite only)."""
+    incorrect_fraction: float = 0.0
+    """Task suite only: this share of completions is one of the task's incorrect solutions instead of the reference,
+    mixed-quality data as scraped code is (0 = reference solutions only)."""
 
 
 def _looks_like_path(path: str) -> bool:
@@ -79,8 +82,14 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
     if source.path == TASK_SUITE:
         from lit_align.data_modules.task_suite import load_task_suite
 
+        if not 0.0 <= source.incorrect_fraction <= 1.0:
+            raise DataError(f"incorrect_fraction must be in [0, 1], got {source.incorrect_fraction}")
         tasks = load_task_suite(split=source.split, seed=source.seed)
-        rows = [{"prompt": t.prompt, "completion": t.canonical_solution} for t in tasks]
+        rng = random.Random(source.seed)
+        noisy = set(rng.sample(range(len(tasks)), round(source.incorrect_fraction * len(tasks))))
+        rows = [{"prompt": t.prompt,
+                 "completion": rng.choice(t.incorrect_solutions)[1] if i in noisy else t.canonical_solution}
+                for i, t in enumerate(tasks)]
         return rows[: source.limit] if source.limit is not None else rows
     rows = load_rows(source, (source.prompt_column, source.completion_column))
     return [{"prompt": str(r[source.prompt_column]), "completion": str(r[source.completion_column])} for r in rows]
