@@ -1,0 +1,199 @@
+"""PassAtK: measure functional correctness while training.
+
+At the end of each validation epoch and/or every N optimizer steps, sample ``n_samples`` completions per
+held-out problem through a generation backend (by default :class:`lit_align.generation.HFBackend` on the
+live policy), run them against the problems' tests in the sandbox, and log ``pass@{k}`` for each
+configured k (unbiased estimator), ``compile_rate`` and ``status/<name>`` (fraction of samples per status).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as L
+import torch
+
+from lit_align.execution.metrics import compile_rate, mean_pass_at_k, status_fractions
+from lit_align.execution.pool import ExecutionPool
+from lit_align.execution.problems import FunctionJob, FunctionProblem
+from lit_align.execution.sandbox import Limits
+from lit_align.execution.status import ExecutionResult
+
+__all__ = ["PassAtK", "BackendFactory"]
+
+BackendFactory = Callable[[L.LightningModule], Any]
+"""Builds a :class:`lit_align.generation.GenerationBackend` for the module being trained."""
+
+
+def _default_backend(pl_module: L.LightningModule):
+    from lit_align.generation.hf import HFBackend
+
+    model = getattr(pl_module, "model", None)
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    if model is None or tokenizer is None:
+        raise AttributeError(
+            f"PassAtK's default backend needs pl_module.model and pl_module.tokenizer; {type(pl_module).__name__} "
+            "has none (pass backend_factory=...)"
+        )
+    return HFBackend(model, tokenizer)
+
+
+def _load_problems(problems: str | Sequence[FunctionProblem], seed: int) -> list[FunctionProblem]:
+    if not isinstance(problems, str):
+        loaded = list(problems)
+    elif problems in ("task_suite", "humaneval"):
+        from lit_align.execution.benchmarks import load_benchmark
+
+        loaded = list(load_benchmark(problems, seed=seed))
+    else:
+        from lit_align.execution.benchmarks import load_problems_file
+
+        loaded = list(load_problems_file(problems))
+    bad = [type(p).__name__ for p in loaded if not isinstance(p, FunctionProblem)]
+    if bad:
+        raise ValueError(f"PassAtK needs function problems (HumanEval protocol); got {bad[0]} from {problems!r}")
+    if not loaded:
+        raise ValueError(f"PassAtK: no problems in {problems!r}")
+    return loaded
+
+
+class PassAtK(L.Callback):
+    """Sample, execute and log pass@k on held-out problems during training.
+
+    Args:
+        problems: ``"task_suite"`` (its held-out split), ``"humaneval"``, a HumanEval-format problems file, or a
+            list of :class:`FunctionProblem`.
+        num_problems: evaluate on the first N problems only (null: all).
+        n_samples: completions sampled per problem (the n of the pass@k estimator).
+        k: the k values to log (each at most ``n_samples``).
+        every_n_train_steps: also evaluate every N optimizer steps (null: only at validation end).
+        on_validation: evaluate at the end of every validation epoch (not during the sanity check).
+        max_new_tokens: most tokens per completion.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus sampling threshold.
+        seed: sampling seed (the same seed and weights give the same completions).
+        timeout_s: wall-clock seconds per program run.
+        batch_deadline_s: wall-clock seconds for executing one evaluation's samples.
+        max_workers: parallel runs (null: two per CPU).
+        prefix: prepended to every logged name (e.g. ``"val/"``).
+        backend_factory: builds the generation backend from the module (null: HFBackend on ``model``/``tokenizer``).
+    """
+
+    def __init__(
+        self,
+        problems: str | Sequence[FunctionProblem] = "task_suite",
+        num_problems: int | None = 16,
+        n_samples: int = 10,
+        k: Sequence[int] = (1, 5, 10),
+        every_n_train_steps: int | None = None,
+        on_validation: bool = True,
+        max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        seed: int = 0,
+        timeout_s: float = 3.0,
+        batch_deadline_s: float | None = 300.0,
+        max_workers: int | None = None,
+        prefix: str = "",
+        backend_factory: BackendFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if n_samples < 1:
+            raise ValueError(f"PassAtK n_samples must be >= 1, got {n_samples}")
+        k = [int(v) for v in k]
+        if not k or any(v < 1 or v > n_samples for v in k):
+            raise ValueError(f"PassAtK k values must be between 1 and n_samples={n_samples}, got {k}")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"PassAtK every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        if num_problems is not None and num_problems < 1:
+            raise ValueError(f"PassAtK num_problems must be >= 1 or null, got {num_problems}")
+        self.problems_source = problems
+        self.num_problems = num_problems
+        self.n_samples = n_samples
+        self.k = k
+        self.every_n_train_steps = every_n_train_steps
+        self.on_validation = on_validation
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.prefix = prefix
+        self.backend_factory = backend_factory or _default_backend
+        self.batch_deadline_s = batch_deadline_s
+        self.pool = ExecutionPool(limits=Limits(timeout_s=timeout_s), max_workers=max_workers)
+        self._problems: list[FunctionProblem] | None = None
+        self._last_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        """Metrics of the most recent evaluation."""
+        self.last_results: list[list[ExecutionResult]] = []
+        """Per problem, its samples' results in the most recent evaluation."""
+
+    @property
+    def problems(self) -> list[FunctionProblem]:
+        """The held-out problems (loaded on first use)."""
+        if self._problems is None:
+            loaded = _load_problems(self.problems_source, self.seed)
+            self._problems = loaded[: self.num_problems] if self.num_problems else loaded
+        return self._problems
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _ = self.problems  # fail at setup, not after an hour of training, when the problems cannot be read
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.every_n_train_steps or step == 0 or step % self.every_n_train_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self._evaluate_and_log(trainer, pl_module, on_step=True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.on_validation or trainer.sanity_checking:
+            return
+        self._evaluate_and_log(trainer, pl_module, on_step=False)
+
+    # ------------------------------------------------------------------ work
+    def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Sample, execute and compute the metrics (without logging them)."""
+        from lit_align.generation.base import SamplingParams
+
+        problems = self.problems
+        backend = self.backend_factory(pl_module)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                n=self.n_samples, seed=self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                completions = backend.generate([p.prompt for p in problems], params)
+        finally:
+            pl_module.train(was_training)
+        if len(completions) != len(problems):
+            raise RuntimeError(f"the generation backend returned {len(completions)} lists for {len(problems)} prompts")
+        jobs, owners = [], []
+        for index, (problem, samples) in enumerate(zip(problems, completions)):
+            for sample in samples:
+                jobs.append(FunctionJob(problem, sample.text))
+                owners.append(index)
+        results = self.pool.run(jobs, deadline_s=self.batch_deadline_s)
+        by_problem: dict[str, list[ExecutionResult]] = defaultdict(list)
+        grouped: list[list[ExecutionResult]] = [[] for _ in problems]
+        for owner, result in zip(owners, results):
+            by_problem[problems[owner].task_id].append(result)
+            grouped[owner].append(result)
+        metrics = dict(mean_pass_at_k(by_problem, self.k))
+        metrics["compile_rate"] = compile_rate(results)
+        for name, fraction in status_fractions(results).items():
+            metrics[f"status/{name}"] = fraction
+        self.last_results = grouped
+        return metrics
+
+    def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
+        if not trainer.is_global_zero:  # only rank 0 samples and executes
+            return
+        metrics = self.evaluate(pl_module)
+        self.last_metrics = {self.prefix + name: float(value) for name, value in metrics.items()}
+        for name, value in self.last_metrics.items():
+            pl_module.log(name, value, rank_zero_only=True, on_step=on_step, on_epoch=not on_step)
