@@ -8,13 +8,11 @@ configured k (unbiased estimator), ``compile_rate`` and ``status/<name>`` (fract
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as L
 import torch
 
-from lit_align.execution.metrics import compile_rate, mean_pass_at_k, status_fractions
 from lit_align.execution.pool import ExecutionPool
 from lit_align.execution.problems import FunctionJob, FunctionProblem
 from lit_align.execution.sandbox import Limits
@@ -172,22 +170,15 @@ class PassAtK(L.Callback):
             pl_module.train(was_training)
         if len(completions) != len(problems):
             raise RuntimeError(f"the generation backend returned {len(completions)} lists for {len(problems)} prompts")
-        jobs, owners = [], []
-        for index, (problem, samples) in enumerate(zip(problems, completions)):
-            for sample in samples:
-                jobs.append(FunctionJob(problem, sample.text))
-                owners.append(index)
-        results = self.pool.run(jobs, deadline_s=self.batch_deadline_s)
-        by_problem: dict[str, list[ExecutionResult]] = defaultdict(list)
-        grouped: list[list[ExecutionResult]] = [[] for _ in problems]
-        for owner, result in zip(owners, results):
-            by_problem[problems[owner].task_id].append(result)
-            grouped[owner].append(result)
-        metrics = dict(mean_pass_at_k(by_problem, self.k))
-        metrics["compile_rate"] = compile_rate(results)
-        for name, fraction in status_fractions(results).items():
-            metrics[f"status/{name}"] = fraction
-        self.last_results = grouped
+        from lit_align.execution.evaluate import evaluate_samples
+
+        jobs = [FunctionJob(problem, sample.text) for problem, samples in zip(problems, completions) for sample in samples]
+        results, summary = evaluate_samples(jobs, self.k, pool=self.pool, deadline_s=self.batch_deadline_s)
+        self.last_results = [results[i * self.n_samples:(i + 1) * self.n_samples] for i in range(len(problems))]
+        metrics = {f"pass@{k}": summary[f"pass@{k}"] for k in self.k if f"pass@{k}" in summary}
+        metrics["compile_rate"] = summary["compile_rate"]
+        for name, count in summary["status_counts"].items():
+            metrics[f"status/{name}"] = count / max(1, len(results))
         return metrics
 
     def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:

