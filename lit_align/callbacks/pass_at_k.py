@@ -56,6 +56,31 @@ def _load_problems(problems: str | Sequence[FunctionProblem], seed: int) -> list
     return loaded
 
 
+def sample_and_score(backend, problems: Sequence[FunctionProblem], params, k: Sequence[int],
+                     pool: ExecutionPool | None = None, deadline_s: float | None = None,
+                     ) -> tuple[dict[str, float], list[list[ExecutionResult]]]:
+    """Sample ``params.n`` completions per problem with ``backend``, run them, and compute the metrics.
+
+    Returns ``(metrics, results)``: ``pass@{k}`` (unbiased estimator), ``compile_rate``, ``status/<name>`` fractions
+    and ``solved`` (problems with at least one passing sample); ``results[i]`` are problem i's execution results.
+    """
+    from lit_align.execution.evaluate import evaluate_samples
+
+    with torch.no_grad():
+        completions = backend.generate([p.prompt for p in problems], params)
+    if len(completions) != len(problems):
+        raise RuntimeError(f"the generation backend returned {len(completions)} lists for {len(problems)} prompts")
+    jobs = [FunctionJob(problem, sample.text) for problem, samples in zip(problems, completions) for sample in samples]
+    results, summary = evaluate_samples(jobs, k, pool=pool, deadline_s=deadline_s)
+    grouped = [results[i * params.n:(i + 1) * params.n] for i in range(len(problems))]
+    metrics = {f"pass@{v}": summary[f"pass@{v}"] for v in k if f"pass@{v}" in summary}
+    metrics["compile_rate"] = summary["compile_rate"]
+    metrics["solved"] = float(sum(any(r.passed for r in group) for group in grouped))
+    for name, count in summary["status_counts"].items():
+        metrics[f"status/{name}"] = count / max(1, len(results))
+    return metrics, grouped
+
+
 class PassAtK(L.Callback):
     """Sample, execute and log pass@k on held-out problems during training.
 
@@ -157,28 +182,15 @@ class PassAtK(L.Callback):
         """Sample, execute and compute the metrics (without logging them)."""
         from lit_align.generation.base import SamplingParams
 
-        problems = self.problems
-        backend = self.backend_factory(pl_module)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                 n=self.n_samples, seed=self.seed)
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
-                completions = backend.generate([p.prompt for p in problems], params)
+            metrics, self.last_results = sample_and_score(self.backend_factory(pl_module), self.problems, params, self.k,
+                                                          pool=self.pool, deadline_s=self.batch_deadline_s)
         finally:
             pl_module.train(was_training)
-        if len(completions) != len(problems):
-            raise RuntimeError(f"the generation backend returned {len(completions)} lists for {len(problems)} prompts")
-        from lit_align.execution.evaluate import evaluate_samples
-
-        jobs = [FunctionJob(problem, sample.text) for problem, samples in zip(problems, completions) for sample in samples]
-        results, summary = evaluate_samples(jobs, self.k, pool=self.pool, deadline_s=self.batch_deadline_s)
-        self.last_results = [results[i * self.n_samples:(i + 1) * self.n_samples] for i in range(len(problems))]
-        metrics = {f"pass@{k}": summary[f"pass@{k}"] for k in self.k if f"pass@{k}" in summary}
-        metrics["compile_rate"] = summary["compile_rate"]
-        for name, count in summary["status_counts"].items():
-            metrics[f"status/{name}"] = count / max(1, len(results))
         return metrics
 
     def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
