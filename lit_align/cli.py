@@ -58,7 +58,8 @@ class LitAlignCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        # our batch samplers shard across ranks themselves; Lightning's replacement sampler would break them
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER, "use_distributed_sampler": False})
         kwargs.setdefault("parser_kwargs", {"description": _description()})
         super().__init__(AlignmentModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 

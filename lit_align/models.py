@@ -271,7 +271,13 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
         raise ModelLoadError(f"lora.r must be a positive rank, got {lora.r}")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=lora.modules_to_save, task_type=task_type, bias="none")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # Trainable weights stay in float32 over a bf16/fp16 base (so do their optimizer states): small updates to an
+    # adapter are lost to half-precision rounding otherwise. Mixed-precision autocast handles the matmuls.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return model
 
 
 def lora_to_dict(lora: LoRAConfig | None) -> dict | None:

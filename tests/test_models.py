@@ -113,3 +113,15 @@ def test_materialized_preset_is_a_standard_hf_directory(tmp_path, monkeypatch):
     ref, _ = build_preset_model("tiny", seed=5)
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
     assert materialize_preset("preset:tiny:5") == path  # cached, not rebuilt
+
+
+def test_lora_weights_stay_float32_over_a_bfloat16_base():
+    model = apply_lora(load_causal_lm("preset:tiny", dtype="bfloat16"), LoRAConfig(r=4, modules_to_save=["lm_head"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)

@@ -13,8 +13,16 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     Indices are shuffled, cut into windows of ``batch_size * group_window`` examples, sorted by length inside each window,
     cut into batches, and the batches shuffled. With ``group_by_length=False`` batches are plain shuffled slices.
-    ``num_replicas``/``rank`` shard the batches between data-parallel processes (each rank gets every
-    ``num_replicas``-th batch; the batch count is rounded down so all ranks step together).
+
+    Data-parallel sharding (``num_replicas``/``rank``): the order is cut into *global* batches of
+    ``batch_size * num_replicas`` examples (grouped by length at that size) and rank ``r`` takes the ``r``-th slice of
+    ``batch_size`` examples of every global batch. So N processes with ``batch_size=B`` see, step for step, exactly the
+    examples one process with ``batch_size=N*B`` sees, and DDP's averaged gradient is that of the doubled batch up to
+    the loss reduction (a mean of per-rank means, see docs/scaling.md). A last, incomplete global batch is dropped
+    when shuffling (training), so every step's global batch is full and all ranks step together; without shuffling
+    (evaluation) it is split as evenly as possible between the ranks, so no example is lost (dropped only when it has
+    fewer examples than ranks). Lightning must not re-wrap this sampler with its own distributed sampler:
+    train with ``trainer.use_distributed_sampler=false`` (passing a sampler as ``lengths`` is refused with that advice).
 
     Resuming mid-epoch: ``skip_batches(n)`` makes the next iteration start after the first ``n`` batches of the
     epoch's order; Lightning restores the epoch through ``set_epoch``, so a resumed run sees the same batches as an
@@ -24,8 +32,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  group_by_length: bool = True, group_window: int = 50, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0) -> None:
+        if isinstance(lengths, Sampler):
+            raise TypeError(
+                "LengthGroupedBatchSampler got a sampler instead of example lengths: Lightning tried to inject its "
+                "distributed sampler. This batch sampler already shards batches across processes; run data-parallel "
+                "training with `--trainer.use_distributed_sampler false` (Trainer(use_distributed_sampler=False))")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -49,17 +64,29 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
+        size = self.batch_size * self.num_replicas  # one global batch: what all ranks together train on per step
         if self.group_by_length:
-            window = self.batch_size * self.group_window
+            window = size * self.group_window
             order = [i for s in range(0, len(order), window)
                      for i in sorted(order[s:s + window], key=lambda j: self.lengths[j], reverse=True)]
-        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        batches = [order[s:s + size] for s in range(0, len(order), size)]
+        if batches and len(batches[-1]) < size and (self.drop_last or self._drops_remainder(len(batches[-1]))):
             batches.pop()
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
-        usable = len(batches) // self.num_replicas * self.num_replicas if self.num_replicas > 1 else len(batches)
-        return batches[self.rank:usable:self.num_replicas]
+        return [self._rank_slice(b) for b in batches]
+
+    def _drops_remainder(self, remainder: int) -> bool:
+        return self.num_replicas > 1 and (self.shuffle or remainder < self.num_replicas)
+
+    def _rank_slice(self, batch: list[int]) -> list[int]:
+        """This rank's share of one global batch: ``batch_size`` examples, or an even share of a short last batch."""
+        if len(batch) == self.batch_size * self.num_replicas:
+            lo = self.rank * self.batch_size
+            return batch[lo:lo + self.batch_size]
+        base, extra = divmod(len(batch), self.num_replicas)
+        lo = self.rank * base + min(self.rank, extra)
+        return batch[lo:lo + base + (self.rank < extra)]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all_batches()
@@ -67,6 +94,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[skip:]
 
     def __len__(self) -> int:
-        n = len(self.lengths)
-        full = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        return full // self.num_replicas if self.num_replicas > 1 else full
+        full, remainder = divmod(len(self.lengths), self.batch_size * self.num_replicas)
+        keeps_remainder = remainder > 0 and not self.drop_last and not self._drops_remainder(remainder)
+        return full + keeps_remainder

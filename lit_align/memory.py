@@ -1,0 +1,939 @@
+"""Per-device memory planner: estimate what a training config needs before anything is allocated.
+
+    lit_align plan-memory --config configs/iotacode/multi_gpu/sft_fsdp.yaml --trainer.devices 8
+    lit_align plan-memory --config configs/quickstart/sft.yaml --model.init_args.lora.r 8 --json
+
+The config is parsed by the same LightningCLI parser as ``lit_align fit`` (so overrides and validation are the
+same), but nothing is instantiated: the model's shapes come from its ``config.json`` (a preset's from its definition),
+and every figure below is arithmetic on those shapes.
+
+What is counted, per device, for one optimizer step of Lightning's automatic optimization (which zeroes gradients
+after the forward pass, so the previous step's gradients are still alive while activations accumulate):
+
+- weights: parameters in their storage dtype; QLoRA's NF4 linear weights with double quantization cost
+  0.5 byte + 1/64 byte (8-bit absmax per 64 values) + 4/16384 byte (fp32 second-level absmax per 256 blocks) each,
+  and peft's ``prepare_model_for_kbit_training`` keeps every other weight in fp32. LoRA adapters are fp32 (peft
+  up-casts them) unless the whole module is cast by a ``*-true`` precision.
+- gradients and AdamW state: trainable parameters only; torch's AdamW keeps two moments in the parameter's dtype;
+  DeepSpeed with bf16/fp16 keeps fp32 master weights and fp32 moments (12 bytes per trainable parameter).
+- autocast weight copies: under ``*-mixed`` precision with fp32 weights, every matmul weight is cast to bf16/fp16 once
+  per use and the copy is saved for the backward pass (one half-precision copy of the matmul weights).
+- activations: the tensors autograd saves in a Hugging Face Llama block with SDPA attention, counted tensor by tensor
+  (see :func:`layer_activation_bytes`); with gradient checkpointing only each block's input, plus one block
+  recomputed in the backward pass.
+- logits and loss: the loss's fp32 cross-entropy keeps up to three (batch x seq x vocab) fp32-sized buffers alive.
+- reference model (DPO/PPO/GRPO): nothing when it is the LoRA policy with its adapter disabled, a frozen copy
+  otherwise; PPO's value head; the KV cache of online objectives' generation phase.
+- sharding: ``ddp`` replicates everything (and adds DDP's gradient buckets, one more gradient copy);
+  ``fsdp``/``deepspeed_stage_3`` divide weights, gradients and optimizer state by the device count (plus the gathered
+  blocks being computed); ``deepspeed_stage_2`` divides gradients and optimizer state; ``deepspeed_stage_1`` the
+  optimizer state only; ``*_offload`` moves optimizer state to host memory.
+
+What it cannot know: allocator caching and fragmentation (the CUDA caching allocator typically reserves 5-15% above
+what is live), the CUDA context (about 0.3-0.5 GiB per process), NCCL buffers, and kernels' workspaces. The
+activation rules were checked tensor by tensor on CPU; GPU kernels (flash/memory-efficient attention) save the same
+tensors, but that has not been measured here. bench/MEMORY_RESULTS.md compares estimates with measured CPU peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GiB = 1024**3
+MiB = 1024**2
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# NF4 4-bit weights with double quantization: packed values + 8-bit absmax per 64 + fp32 absmax per 256 blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Model types whose decoder block is Llama's (RMSNorm, rotary attention with GQA, gated SiLU MLP).
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "codellama", "deepseek", "internlm2", "yi"}
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo", "grpo", "raft")
+PAIRWISE = {"reward", "dpo", "orpo"}  # chosen and rejected go through the model together
+ONLINE = {"ppo", "grpo", "raft"}
+
+
+class PlanError(ValueError):
+    """The config cannot be planned; the message names the option or file at fault."""
+
+
+# ---------------------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-shaped causal LM, read from its config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qkv_bias_only: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelShape:
+        """From a transformers ``PretrainedConfig`` (or anything with the same attribute names)."""
+        def get(name: str, default: Any = None) -> Any:
+            value = getattr(config, name, default)
+            return default if value is None else value
+
+        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+                   if get(n) is None]
+        if missing:
+            raise PlanError(f"model config (model_type {get('model_type', '?')!r}) lacks {missing}; the planner needs a "
+                            "Llama-shaped decoder config")
+        heads = int(get("num_attention_heads"))
+        model_type = str(get("model_type", "llama"))
+        return cls(
+            vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")),
+            intermediate_size=int(get("intermediate_size")), num_layers=int(get("num_hidden_layers")),
+            num_heads=heads, num_kv_heads=int(get("num_key_value_heads", heads)),
+            head_dim=int(get("head_dim", int(get("hidden_size")) // heads)),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
+            qkv_bias_only=model_type == "qwen2", mlp_bias=bool(get("mlp_bias", False)), model_type=model_type,
+        )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def block_linear_params(self) -> int:
+        """Weights and biases of one block's linear layers."""
+        total = sum(a * b for a, b in self.linear_shapes().values())
+        if self.attention_bias:
+            total += self.q_dim + 2 * self.kv_dim + (0 if self.qkv_bias_only else self.hidden_size)
+        if self.mlp_bias:
+            total += 2 * self.intermediate_size + self.hidden_size
+        return total
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        return self.embedding_params + self.head_params + self.norm_params + self.num_layers * self.block_linear_params()
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters used in matrix multiplications per token: every block linear plus the LM head (not the lookup)."""
+        return self.num_layers * self.block_linear_params() + self.vocab_size * self.hidden_size
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        shapes = self.linear_shapes()
+        return self.num_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def preset_config(name: str):
+    """The transformers config of a built-in preset, built from its definition (no weights are created)."""
+    from transformers import LlamaConfig
+
+    from lit_align.models import PRESETS, build_byte_tokenizer
+
+    return LlamaConfig(vocab_size=len(build_byte_tokenizer()), tie_word_embeddings=False, **PRESETS[name])
+
+
+# config.json of the papers' models, used when the hub cannot be reached (values as published on the hub).
+KNOWN_CONFIGS: dict[str, dict] = {
+    "deepseek-ai/deepseek-coder-1.3b-base": dict(model_type="llama", vocab_size=32256, hidden_size=2048,
+                                                 intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
+                                                 num_key_value_heads=16, tie_word_embeddings=False),
+}
+
+
+def load_model_config(name_or_path: str, notes: list[str] | None = None):
+    """The config of a preset, a local model directory or a hub id (config.json only; never the weights)."""
+    from pathlib import Path
+
+    from lit_align.models import ModelLoadError, parse_preset
+
+    try:
+        parsed = parse_preset(name_or_path)
+    except ModelLoadError as err:
+        raise PlanError(f"model.init_args.model_name_or_path: {err}") from err
+    if parsed is not None:
+        return preset_config(parsed[0])
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise PlanError(f"model.init_args.model_name_or_path: local model directory {name_or_path!r} does not exist "
+                        "(train and export the previous stage first, or point at a model directory)")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        if name_or_path in KNOWN_CONFIGS and not path.exists():
+            if notes is not None:
+                notes.append(f"{name_or_path}: hub unreachable, used lit_align's built-in copy of its config.json")
+            return _known_config(name_or_path)
+        if path.exists():
+            raise PlanError(f"model.init_args.model_name_or_path: {name_or_path!r} exists but has no readable "
+                            f"config.json ({type(err).__name__}: {err})") from err
+        raise PlanError(
+            f"model.init_args.model_name_or_path: cannot read the config.json of {name_or_path!r}: it is not a local "
+            "model directory and the Hugging Face hub could not provide it (offline, or no such id). Download it "
+            f"once (`huggingface-cli download {name_or_path} config.json`) or point at a local directory. "
+            f"Cause: {type(err).__name__}: {err}") from err
+
+
+def _known_config(name: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**KNOWN_CONFIGS[name])
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+@dataclass
+class PlanInputs:
+    """Everything the estimate depends on, resolved from a config (or given directly from Python)."""
+
+    shape: ModelShape
+    """The policy's sizes."""
+    objective: str = "sft"
+    """One of OBJECTIVES; decides sequences per example, reference model, value head and generation."""
+    batch_size: int = 8
+    """Examples (prompts for online objectives) per micro-batch per device."""
+    seq_len: int = 1024
+    """Tokens per sequence (the padded length: data max_length, plus max_new_tokens for online objectives)."""
+    samples_per_prompt: int = 1
+    """Online objectives: completions generated per prompt (GRPO's group size)."""
+    max_new_tokens: int = 0
+    """Online objectives: generated tokens per completion."""
+    generation_batch: int | None = None
+    """Online objectives: sequences decoded together (the KV cache holds these); None: batch_size x samples_per_prompt."""
+    lora_r: int | None = None
+    """LoRA rank; None for full fine-tuning."""
+    lora_targets: tuple[str, ...] = BLOCK_LINEARS
+    """Block linear layers carrying adapters."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (a dropout mask and a dropped copy of the input are saved per adapted layer when > 0)."""
+    quantize_4bit: bool = False
+    """QLoRA: block linear weights in NF4 with double quantization."""
+    dtype: str = "float32"
+    """dtype the weights are loaded in (module ``dtype``)."""
+    precision: str = "32-true"
+    """Lightning precision."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass."""
+    attn_implementation: str = "sdpa"
+    """sdpa, eager or flash_attention_2."""
+    padded: bool = True
+    """Batches carry an attention mask (padding or packing), which SDPA turns into a float bias saved per layer."""
+    strategy: str = "ddp"
+    """Normalized strategy: ddp, fsdp, deepspeed_stage_1/2/3 (optionally _offload)."""
+    ddp_bucket_copy: bool = True
+    """DDP keeps a flat copy of the gradients for all-reduce (False with gradient_as_bucket_view=True)."""
+    deepspeed_buckets: tuple[int, int] | None = (200_000_000, 200_000_000)
+    """DeepSpeed stage 1/2 (allgather, reduce) bucket elements with overlap_comm; None without overlap_comm."""
+    devices: int = 1
+    """Data-parallel processes (world size)."""
+    accelerator: str = "gpu"
+    """cpu or gpu: CPU dropout keeps a float mask, CUDA a bool one; the optimizer's foreach temporaries differ."""
+    reference: str = "none"
+    """none, adapter (the LoRA policy with the adapter disabled) or copy (a frozen copy of the weights)."""
+    value_head: bool = False
+    """PPO: a trainable scalar head on the policy."""
+    reward_model: ModelShape | None = None
+    """A frozen reward model held in memory (PPO with a learned reward)."""
+    notes: list[str] = field(default_factory=list)
+    """Assumptions made while resolving the config."""
+
+
+# ---------------------------------------------------------------------------------------------------------- dtypes
+def normalize_precision(precision: Any) -> str:
+    value = "32-true" if precision is None else str(precision)
+    aliases = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "half": "16-mixed", "64": "64-true"}
+    value = aliases.get(value, value)
+    known = {"32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "transformer-engine", "64-true"}
+    if value not in known:
+        raise PlanError(f"trainer.precision {precision!r} is not one the planner knows: {sorted(known)}")
+    if value in ("64-true", "transformer-engine"):
+        raise PlanError(f"trainer.precision {value!r} is not supported by the planner")
+    return value
+
+
+def _half_precision(precision: str) -> bool:
+    return precision in ("bf16-true", "16-true")
+
+
+def _mixed(precision: str) -> bool:
+    return precision.endswith("-mixed")
+
+
+def base_weight_bytes(inputs: PlanInputs) -> float:
+    """Bytes per (non-quantized) base weight."""
+    if _half_precision(inputs.precision):
+        return 2
+    if inputs.quantize_4bit:
+        return 4  # prepare_model_for_kbit_training up-casts every non-quantized weight to fp32
+    return DTYPE_BYTES[inputs.dtype]
+
+
+def adapter_bytes(inputs: PlanInputs) -> int:
+    """Bytes per LoRA weight (fp32: peft up-casts adapters of half-precision bases) and per value-head weight."""
+    return 2 if _half_precision(inputs.precision) else 4
+
+
+def activation_mode(inputs: PlanInputs) -> str:
+    """fp32 (all fp32), autocast (fp32 weights under *-mixed) or half (half-precision weights or compute)."""
+    if _half_precision(inputs.precision) or (inputs.strategy.startswith("deepspeed") and _mixed(inputs.precision)):
+        return "half"  # DeepSpeed runs a half-precision module instead of autocast
+    if inputs.quantize_4bit:
+        return "fp32" if inputs.dtype == "float32" and not _mixed(inputs.precision) else "half"
+    if inputs.dtype != "float32":
+        return "half"
+    return "autocast" if _mixed(inputs.precision) else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------- activations
+def layer_activation_bytes(inputs: PlanInputs, full_finetune: bool) -> float:
+    """Bytes autograd keeps per token for one decoder block (HF Llama, SDPA), by the tensors each op saves.
+
+    fp32 full fine-tuning, for example, gives 32h + 8kv + 4n + 8 + 16i bytes per token (h hidden, kv key/value
+    width, n heads, i intermediate): the residual stream into both RMSNorms and their rsqrt, the normalized values
+    (norm weights are trained), the inputs of q/k/v and gate/up (shared), rotated q and k, v, SDPA's output and
+    log-sum-exp, and the MLP's gate, SiLU, up and product. Frozen linears save nothing for their own weight; LoRA
+    adds, per adapted layer, the dropout mask and the dropped input (or the input itself with dropout 0) and the rank-r
+    intermediate. Autocast casts a linear's input once per consumer (q, k and v each save their own half copy).
+    """
+    s, m = inputs.shape, activation_mode(inputs)
+    h, i, kv, n = s.hidden_size, s.intermediate_size, s.kv_dim, s.num_heads
+    act = 4 if m == "fp32" else 2  # matmul outputs, attention tensors
+    norm_out = 2 if m == "half" else 4  # the RMSNorm computes in fp32 and casts back to the input dtype
+    lora_w = adapter_bytes(inputs)
+    lora_compute = 2 if m == "autocast" else lora_w  # what lora_A/lora_B see
+    mask_bytes = 1 if inputs.accelerator == "gpu" else lora_w  # CUDA dropout saves a bool mask, CPU a float one
+    targets = set(inputs.lora_targets) if inputs.lora_r else set()
+    r = inputs.lora_r or 0
+
+    total = 2 * (4 * h + 4)  # residual stream (fp32, or the norm's fp32 up-cast) + rsqrt, for both norms
+    if full_finetune:
+        total += 2 * norm_out * h  # normalized values, saved for the norm weights' gradient
+
+    def linear_inputs(width: int, consumers: tuple[str, ...], dtype_bytes: int, cast_per_consumer: bool,
+                      already_saved: bool) -> float:
+        """Saved inputs of a group of linears reading one tensor of ``width`` per token."""
+        out = 0.0
+        base_saves = full_finetune and not already_saved
+        if base_saves:
+            out += width * dtype_bytes * (len(consumers) if cast_per_consumer else 1)
+        adapted = [c for c in consumers if c in targets]
+        if adapted and inputs.lora_dropout > 0:
+            per = width * mask_bytes + width * lora_compute
+            out += len(adapted) * per
+        elif adapted:
+            if m == "fp32" and lora_compute == act:
+                out += 0 if (base_saves or already_saved) else width * dtype_bytes  # lora_A reads the same tensor
+            else:  # peft/autocast cast the input to the adapter's dtype, once per adapted layer
+                out += len(adapted) * width * lora_compute
+        out += len(adapted) * r * lora_compute
+        return out
+
+    cast = m == "autocast"
+    x_bytes = {"fp32": 4, "autocast": 2, "half": 2}[m]
+    total += linear_inputs(h, ("q_proj", "k_proj", "v_proj"), 4 if m == "fp32" else x_bytes, cast, False)
+    total += linear_inputs(h, ("gate_proj", "up_proj"), 4 if m == "fp32" else x_bytes, cast, False)
+
+    # attention: rotated q and k, v (repeated to all heads when SDPA gets a mask with GQA), output, log-sum-exp
+    impl = inputs.attn_implementation
+    kv_eff = s.q_dim if (inputs.padded and impl == "sdpa" and s.num_kv_heads != n) else kv
+    total += act * (s.q_dim + 2 * kv_eff) + 4 * n
+    if impl == "eager":  # softmax probabilities in fp32 (+ their half copy) instead of SDPA's output and lse
+        total += n * inputs.seq_len * (4 + (2 if act == 2 else 0)) - 4 * n
+        total += linear_inputs(s.q_dim, ("o_proj",), act, False, False)
+    else:
+        total += act * s.q_dim
+        total += linear_inputs(s.q_dim, ("o_proj",), act, False, True)
+        if inputs.padded and impl == "sdpa":
+            total += inputs.seq_len * act  # SDPA's float copy of the (batch, 1, seq, seq) mask, kept per layer
+    # MLP: gate (SiLU input), SiLU output, up; the product is down_proj's input
+    total += 3 * act * i
+    total += linear_inputs(i, ("down_proj",), act, False, False)
+    return total
+
+
+def backward_transient_bytes(inputs: PlanInputs) -> float:
+    """Per token: gradients alive at once in a block's MLP backward, beyond its saved activations.
+
+    The product's gradient and the two it splits into (SiLU and up) are i wide; the saved product is released at the
+    same time, so about two i-wide gradients are extra. They are fp32 when the block computes in fp32 or when a fp32
+    LoRA adapter on down_proj produces the product's gradient.
+    """
+    fp32_grads = activation_mode(inputs) == "fp32" or (inputs.lora_r and "down_proj" in inputs.lora_targets
+                                                        and adapter_bytes(inputs) == 4)
+    return 2 * inputs.shape.intermediate_size * (4 if fp32_grads else 2)
+
+
+def checkpointed_layer_bytes(inputs: PlanInputs) -> float:
+    """Bytes per token per block kept under gradient checkpointing: the block's input (the residual stream)."""
+    return (2 if activation_mode(inputs) == "half" else 4) * inputs.shape.hidden_size
+
+
+def final_norm_bytes(inputs: PlanInputs, full_finetune: bool) -> float:
+    """Per token: the final RMSNorm's input and rsqrt, its normalized values and the LM head's input when trained."""
+    h, m = inputs.shape.hidden_size, activation_mode(inputs)
+    total = 4 * h + 4
+    if full_finetune:
+        total += (2 if m == "half" else 4) * h + (4 if m == "fp32" else 2) * h
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Row:
+    component: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-device estimate: one row per component, the peak of each phase, and the assumptions made."""
+
+    rows: list[Row]
+    phases: dict[str, float]
+    assumptions: list[str]
+    params: dict[str, int]
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def row(self, component: str) -> float:
+        return next((r.bytes for r in self.rows if r.component == component), 0.0)
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows], "phases": self.phases, "peak_bytes": self.peak_bytes,
+                "peak_phase": self.peak_phase, "params": self.params, "assumptions": self.assumptions}
+
+
+@dataclass
+class StrategyInfo:
+    """What the planner needs from ``trainer.strategy``."""
+
+    name: str
+    """ddp, fsdp or deepspeed_stage_N[_offload]."""
+    ddp_bucket_copy: bool = True
+    """DDP copies gradients into all-reduce buckets (gradient_as_bucket_view=False, the default)."""
+    deepspeed_buckets: tuple[int, int] = (200_000_000, 200_000_000)
+    """DeepSpeed (allgather, reduce) bucket sizes in elements (Lightning's defaults)."""
+    overlap_comm: bool = True
+    """DeepSpeed overlap_comm (Lightning's default), which multiplies the bucket memory."""
+    notes: list[str] = field(default_factory=list)
+
+
+def normalize_strategy(strategy: Any) -> StrategyInfo:
+    """Lightning's strategy (a registered name, or a class_path dict) -> what the plan needs."""
+    if isinstance(strategy, dict) or hasattr(strategy, "class_path"):
+        get = strategy.get if isinstance(strategy, dict) else (lambda k, d=None: getattr(strategy, k, d))
+        class_path = str(get("class_path", ""))
+        init = dict(_namespace_to_dict(get("init_args", {}) or {}))
+        init.update(dict(_namespace_to_dict(get("dict_kwargs", {}) or {})))
+        if "FSDP" in class_path:
+            sharding = init.get("sharding_strategy", "FULL_SHARD")
+            sharding = getattr(sharding, "name", str(sharding))
+            notes = [] if sharding in ("FULL_SHARD", "HYBRID_SHARD") else [f"FSDP sharding_strategy {sharding} is planned as FULL_SHARD"]
+            if not init.get("auto_wrap_policy"):
+                notes.append("FSDP without auto_wrap_policy gathers the whole model at once; the plan assumes one unit "
+                             "per decoder block (set auto_wrap_policy: [...LlamaDecoderLayer])")
+            return StrategyInfo("fsdp", notes=notes)
+        if "DeepSpeed" in class_path:
+            stage = int(init.get("stage", 2))
+            offload = bool(init.get("offload_optimizer", False))
+            return StrategyInfo(f"deepspeed_stage_{stage}" + ("_offload" if offload else ""),
+                                deepspeed_buckets=(int(init.get("allgather_bucket_size", 200_000_000)),
+                                                   int(init.get("reduce_bucket_size", 200_000_000))),
+                                overlap_comm=bool(init.get("overlap_comm", True)))
+        if "DDP" in class_path or "SingleDevice" in class_path:
+            return StrategyInfo("ddp", ddp_bucket_copy=not init.get("gradient_as_bucket_view", False))
+        raise PlanError(f"trainer.strategy {class_path!r} is not one the planner knows (DDP, FSDP or DeepSpeed)")
+    name = "auto" if strategy is None else str(strategy)
+    if name in ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device", "dp") or name.startswith("ddp_"):
+        return StrategyInfo("ddp")
+    if name.startswith("fsdp"):
+        return StrategyInfo("fsdp", notes=["FSDP by name has no auto_wrap_policy and gathers the whole model at once; "
+                                           "the plan assumes one unit per decoder block (see configs/iotacode/multi_gpu)"])
+    if name == "deepspeed":
+        return StrategyInfo("deepspeed_stage_2")
+    if name.startswith("deepspeed_stage_") and name.split("_")[2] in ("1", "2", "3"):
+        return StrategyInfo(name)
+    raise PlanError(f"trainer.strategy {name!r} is not one the planner knows: ddp, fsdp, deepspeed, "
+                    "deepspeed_stage_1/2/3[_offload]")
+
+
+def estimate(inputs: PlanInputs) -> MemoryPlan:
+    """The per-device estimate for ``inputs``."""
+    s = inputs.shape
+    rows: list[Row] = []
+    notes = list(inputs.notes)
+    mode = activation_mode(inputs)
+    objective = inputs.objective
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective {objective!r} is not one of {OBJECTIVES}")
+    lora = inputs.lora_r is not None
+    if inputs.quantize_4bit and not lora:
+        raise PlanError("model.init_args.quantize_4bit needs model.init_args.lora (QLoRA trains adapters only)")
+    full_ft = not lora
+    strategy = inputs.strategy
+    n_dev = max(1, inputs.devices)
+    deepspeed = strategy.startswith("deepspeed")
+    offload = strategy.endswith("_offload")
+    stage = int(strategy.split("_")[2]) if deepspeed else 0
+    shard_weights = strategy == "fsdp" or stage == 3
+    shard_grads = shard_weights or stage == 2
+    shard_opt = shard_grads or stage == 1
+    half_compute = mode != "fp32"
+
+    # ---- parameter counts
+    block = s.num_layers * s.block_linear_params()
+    other = s.embedding_params + s.head_params + s.norm_params
+    lora_params = s.lora_params(inputs.lora_r, inputs.lora_targets) if lora else 0
+    value_head = s.hidden_size + 1 if inputs.value_head else 0
+    trainable_extra = lora_params + value_head
+    trainable_base = s.total_params if full_ft else 0
+    base_w = base_weight_bytes(inputs)
+    adapter_w = adapter_bytes(inputs)
+    if deepspeed and _mixed(inputs.precision):
+        base_w = 2  # DeepSpeed keeps the module in half precision and the fp32 copy in its optimizer
+    block_w = NF4_BYTES_PER_PARAM if inputs.quantize_4bit else base_w
+    weights = block * block_w + other * base_w + trainable_extra * adapter_w
+    trainable_bytes = trainable_base * base_w + trainable_extra * adapter_w
+    trainable = trainable_base + trainable_extra
+    desc = f"{s.total_params / 1e6:,.1f}M params"
+    if inputs.quantize_4bit:
+        desc += f": {block / 1e6:,.1f}M block weights in NF4 (double quantization), the rest fp32"
+    else:
+        desc += f" in {_dtype_name(base_w)}"
+    if lora:
+        desc += f"; LoRA r={inputs.lora_r} on {len(inputs.lora_targets)} linears: {lora_params / 1e6:,.2f}M in {_dtype_name(adapter_w)}"
+    w_div = n_dev if shard_weights else 1
+    rows.append(Row("weights", weights / w_div, desc + (f", sharded over {n_dev}" if w_div > 1 else "")))
+
+    # ---- gradients, optimizer, master weights
+    g_div = n_dev if shard_grads else 1
+    grads = trainable_bytes / g_div
+    rows.append(Row("gradients", grads, f"{trainable / 1e6:,.2f}M trainable params" + (f", sharded over {n_dev}" if g_div > 1 else "")))
+    o_div = n_dev if shard_opt else 1
+    if deepspeed:
+        moment_bytes = 8 * trainable
+        master = 4 * trainable if base_w == 2 else 0
+    else:
+        moment_bytes = 2 * trainable_bytes
+        master = 0
+    opt_note = "AdamW: 2 moments per trainable param" + (" (fp32)" if deepspeed else " in the param's dtype")
+    if offload:
+        notes.append(f"optimizer state and master weights ({_fmt((moment_bytes + master) / o_div)}) live in host memory (offload)")
+        moment_bytes = master = 0
+    rows.append(Row("optimizer state", moment_bytes / o_div, opt_note + (f", sharded over {n_dev}" if o_div > 1 else "")))
+    if master:
+        rows.append(Row("fp32 master weights", master / o_div, "DeepSpeed mixed precision"))
+
+    # ---- autocast copies (fp32 weights computed in half precision)
+    casts = 0.0
+    if mode == "autocast" and not deepspeed:
+        if strategy != "fsdp":  # FSDP's mixed precision gathers half-precision blocks instead (the gather row)
+            casts = 2 * (s.matmul_params + lora_params)
+            rows.append(Row("autocast weight copies", casts, "half copy of each matmul weight, saved for backward"))
+
+    # ---- reference, value head, reward model
+    ref = 0.0
+    if inputs.reference == "copy":
+        ref = block * block_w + other * base_w
+        rows.append(Row("reference model", ref / w_div, "frozen copy of the weights"))
+    elif inputs.reference == "adapter":
+        rows.append(Row("reference model", 0.0, "the policy with its LoRA adapter disabled"))
+    if inputs.reward_model is not None:
+        rm = inputs.reward_model
+        rm_bytes = rm.total_params * base_w
+        ref += rm_bytes
+        rows.append(Row("reward model", rm_bytes / w_div, f"{rm.total_params / 1e6:,.1f}M params, frozen"))
+    if value_head:
+        rows.append(Row("value head", value_head * adapter_w * 4,
+                        "weights, gradients and AdamW state (also counted in the rows above)"))
+
+    # ---- activations of one micro-batch
+    seqs = inputs.batch_size * inputs.samples_per_prompt * (2 if objective in PAIRWISE else 1)
+    tokens = seqs * inputs.seq_len
+    per_layer = layer_activation_bytes(inputs, full_ft)
+    logits_elems = tokens * (1 if objective == "reward" else s.vocab_size)
+    logits_fwd = logits_elems * (10 if half_compute else 12)
+    logits_bwd = logits_elems * 12
+    mask = seqs * inputs.seq_len**2 if inputs.padded and inputs.attn_implementation != "flash_attention_2" else 0
+    # the final norm and LM head input, plus rotary cos/sin (shared by all blocks)
+    final = tokens * (final_norm_bytes(inputs, full_ft) + 2 * s.head_dim * (2 if mode == "half" else 4))
+    if inputs.gradient_checkpointing:
+        kept = tokens * s.num_layers * checkpointed_layer_bytes(inputs)
+        recompute = tokens * per_layer
+        acts = kept + final
+        act_note = (f"{seqs} seqs x {inputs.seq_len} tokens; checkpointed: {checkpointed_layer_bytes(inputs):,.0f} B/token x "
+                    f"{s.num_layers} blocks, + one block recomputed ({per_layer:,.0f} B/token) in backward")
+    else:
+        recompute = 0.0
+        acts = tokens * s.num_layers * per_layer + final
+        act_note = f"{seqs} seqs x {inputs.seq_len} tokens x {s.num_layers} blocks x {per_layer:,.0f} B/token ({mode})"
+    rows.append(Row("activations", acts, act_note))
+    rows.append(Row("logits + loss", max(logits_fwd, logits_bwd),
+                    f"{logits_elems / tokens:,.0f} logits per token; fp32 cross-entropy buffers"))
+    if mask:
+        rows.append(Row("attention mask", mask, "(batch, 1, seq, seq) bool mask"))
+
+    # ---- sharding / data-parallel extras
+    extra_dp = 0.0
+    if strategy == "ddp" and n_dev > 1 and trainable and inputs.ddp_bucket_copy:
+        extra_dp = grads
+        rows.append(Row("DDP gradient buckets", extra_dp, "flat gradient copy for all-reduce (gradient_as_bucket_view=False)"))
+    if deepspeed and stage in (1, 2) and n_dev > 1 and inputs.deepspeed_buckets and trainable:
+        allgather, reduce = (min(b, trainable) for b in inputs.deepspeed_buckets)
+        buckets = 4.5 * (allgather + reduce) * 2
+        extra_dp += buckets
+        rows.append(Row("DeepSpeed buckets", buckets, "overlap_comm: 4.5 x (allgather + reduce bucket) half-precision "
+                        "elements, DeepSpeed's documented footprint; smaller buckets or overlap_comm=false cut it"))
+    if shard_weights and n_dev > 1:
+        gathered_bytes = 2 if half_compute else base_w
+        per_block = s.block_linear_params() * (block_w if inputs.quantize_4bit else gathered_bytes)
+        extra_dp = 2 * per_block + (s.embedding_params + s.head_params) * gathered_bytes
+        note = "two unsharded blocks (current + prefetched) and the embedding/head unit"
+        if full_ft:  # a block's full gradient exists until it is reduce-scattered
+            extra_dp += s.block_linear_params() * base_w
+            note += ", one block's unsharded gradient"
+        rows.append(Row("gathered weights", extra_dp, note))
+        if deepspeed:
+            notes.append("DeepSpeed stage 3 may keep up to stage3_max_live_parameters (default 1e9) gathered and has "
+                         "its own reduce/prefetch buckets; the plan assumes block-by-block gathering")
+
+    # ---- phases
+    static = weights / w_div + ref / w_div + moment_bytes / o_div + master / o_div + extra_dp
+    opt_tmp = trainable_bytes / g_div if inputs.accelerator == "gpu" else 2 * _largest_param(s, full_ft, adapter_w, base_w, inputs)
+    transient = tokens * backward_transient_bytes(inputs)
+    # three candidate moments: the end of the forward pass (the previous gradients still alive), the loss's backward,
+    # and the first block's backward (the final norm's tensors released, a block's gradients in flight)
+    if inputs.gradient_checkpointing:  # the block backward holds one recomputed block and (nearly) all gradients
+        blocks = acts - final
+        train_peak = static + casts + mask + max(acts + grads + logits_fwd, acts + logits_bwd,
+                                                 blocks + grads + recompute + transient)
+    else:
+        head_grad = s.head_params * base_w / g_div if full_ft else 0
+        train_peak = static + casts + mask + acts + max(grads + logits_fwd, logits_bwd, head_grad + transient - final)
+    phases = {"training step": train_peak, "optimizer step": static + grads + opt_tmp}
+    if objective in ("ppo", "grpo") or (objective == "raft" and inputs.max_new_tokens):
+        kv_bytes = 2 if half_compute else 4
+        gen_seqs = inputs.generation_batch or inputs.batch_size * inputs.samples_per_prompt
+        kv = 2 * s.num_layers * s.kv_dim * kv_bytes * gen_seqs * inputs.seq_len
+        rows.append(Row("generation KV cache", kv, f"{gen_seqs} sequences x {inputs.seq_len} tokens (generation phase)"))
+        phases["generation"] = static + grads + kv + gen_seqs * s.vocab_size * 4 * 2
+    notes.append(f"activations: {mode} ({'Llama block, ' + inputs.attn_implementation}); padded batches: {inputs.padded}; "
+                 "Lightning zeroes gradients after the forward pass, so the previous gradients are alive during it")
+    if objective in PAIRWISE:
+        notes.append("chosen and rejected sequences go through the model in one batch (2 x batch_size sequences)")
+    if inputs.reference in ("adapter", "copy"):
+        notes.append("reference log-probs are computed under no_grad before the policy's forward: only their weights count")
+    params = {"total": s.total_params, "trainable": trainable, "lora": lora_params, "matmul": s.matmul_params}
+    return MemoryPlan(rows=rows, phases=phases, assumptions=notes, params=params)
+
+
+def _largest_param(s: ModelShape, full_ft: bool, adapter_w: int, base_w: float, inputs: PlanInputs) -> float:
+    """Bytes of the largest trainable tensor (CPU AdamW steps one tensor at a time)."""
+    if full_ft:
+        return max(s.embedding_params, *(a * b for a, b in s.linear_shapes().values())) * base_w
+    if inputs.lora_r:
+        shapes = s.linear_shapes()
+        return max(inputs.lora_r * max(shapes[t]) for t in inputs.lora_targets) * adapter_w
+    return 0.0
+
+
+def _dtype_name(nbytes: float) -> str:
+    return {4: "fp32", 2: "half precision"}.get(nbytes, f"{nbytes} B")
+
+
+def _fmt(nbytes: float) -> str:
+    if abs(nbytes) >= GiB:
+        return f"{nbytes / GiB:,.2f} GiB"
+    return f"{nbytes / MiB:,.1f} MiB"
+
+
+def format_plan(plan: MemoryPlan, title: str = "") -> str:
+    """The plan as a fixed-width table: one row per component, the phases, the peak and the assumptions."""
+    width = max(len(r.component) for r in plan.rows + [Row("peak per device", 0)]) + 2
+    lines = [title] if title else []
+    lines.append(f"{'component':<{width}}{'per device':>12}  note")
+    lines.append("-" * (width + 14 + 40))
+    for r in plan.rows:
+        lines.append(f"{r.component:<{width}}{_fmt(r.bytes):>12}  {r.note}")
+    lines.append("-" * (width + 14 + 40))
+    for name, value in plan.phases.items():
+        lines.append(f"{name:<{width}}{_fmt(value):>12}  {'<- peak' if name == plan.peak_phase else ''}".rstrip())
+    lines.append(f"{'peak per device':<{width}}{_fmt(plan.peak_bytes):>12}")
+    lines.append("")
+    lines.append("assumptions:")
+    lines.extend(f"  - {a}" for a in plan.assumptions)
+    lines.append("  - not counted: allocator caching/fragmentation, the CUDA context (~0.3-0.5 GiB), NCCL and kernel workspaces")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+def _namespace_to_dict(value: Any) -> Any:
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
+
+
+def _find_key(init_args: dict, names: tuple[str, ...]) -> Any:
+    """The first of ``names`` in ``init_args`` or in one nested dict of it (for example a sampling config)."""
+    for name in names:
+        if init_args.get(name) is not None:
+            return init_args[name]
+    for value in init_args.values():
+        if isinstance(value, dict):
+            found = _find_key(value, names)
+            if found is not None:
+                return found
+    return None
+
+
+def detect_objective(class_path: str) -> str:
+    name = class_path.rsplit(".", 1)[-1].lower()
+    for objective in ("grpo", "orpo", "dpo", "ppo", "raft", "reward", "sft"):
+        if objective in name:
+            return objective
+    raise PlanError(f"model.class_path {class_path!r}: cannot tell its objective; pass --objective {{{','.join(OBJECTIVES)}}}")
+
+
+def parse_training_config(cli_args: list[str]) -> dict:
+    """Parse a fit config and overrides with lit_align's LightningCLI parser, instantiating nothing; returns a dict."""
+    from lit_align.cli import LitAlignCLI
+
+    class _ParseOnly(LitAlignCLI):
+        def _set_seed(self) -> None:  # parsing must not touch the global RNG
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    with warnings.catch_warnings():  # LightningCLI warns when args are given while sys.argv holds `plan-memory ...`
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = _ParseOnly(args=cli_args, run=False)
+    return _namespace_to_dict(cli.config)
+
+
+def inputs_from_config(config: dict, objective: str = "auto", reference: str = "auto", seq_len: int | None = None,
+                       samples_per_prompt: int | None = None, max_new_tokens: int | None = None,
+                       update_batch: int | None = None) -> PlanInputs:
+    """Resolve the planner's inputs from a parsed fit config (``model``/``data``/``trainer`` sections)."""
+    model = config.get("model") or {}
+    data = config.get("data") or {}
+    trainer = config.get("trainer") or {}
+    m_args = dict(model.get("init_args") or {})
+    d_args = dict(data.get("init_args") or {})
+    notes: list[str] = []
+    if objective == "auto":
+        objective = detect_objective(str(model.get("class_path", "")))
+    shape = ModelShape.from_hf_config(load_model_config(str(m_args.get("model_name_or_path", "preset:tiny")), notes))
+    if shape.model_type not in LLAMA_LIKE:
+        notes.append(f"model_type {shape.model_type!r} is not Llama-shaped: sizes are read from its config, but the "
+                     "block is assumed to be a Llama block (gated MLP, RMSNorm)")
+
+    lora_cfg = m_args.get("lora")
+    lora_r = targets = None
+    dropout = 0.0
+    if lora_cfg:
+        lora_r = int(lora_cfg.get("r", 32))
+        raw = lora_cfg.get("target_modules", "all-linear")
+        targets = BLOCK_LINEARS if raw == "all-linear" else tuple([raw] if isinstance(raw, str) else raw)
+        unknown = [t for t in targets if t not in BLOCK_LINEARS]
+        if unknown:
+            raise PlanError(f"model.init_args.lora.target_modules {unknown} are not linear layers of a Llama block; "
+                            f"choose from {list(BLOCK_LINEARS)} or 'all-linear'")
+        dropout = float(lora_cfg.get("dropout", 0.0))
+    dtype = str(m_args.get("dtype") or "float32")
+    if dtype == "auto":
+        cfg_dtype = str(getattr(load_model_config(str(m_args.get("model_name_or_path"))), "torch_dtype", "float32") or "float32")
+        dtype = cfg_dtype.replace("torch.", "")
+        notes.append(f"dtype 'auto' resolved to the checkpoint's {dtype}")
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"model.init_args.dtype {dtype!r}: expected one of {sorted(DTYPE_BYTES)} or 'auto'")
+
+    batch = int(d_args.get("batch_size", 8))
+    max_length = int(d_args.get("max_length", 1024))
+    k = samples_per_prompt or _find_key(m_args, ("samples_per_prompt", "num_generations", "group_size")) or 1
+    new = max_new_tokens if max_new_tokens is not None else _find_key(m_args, ("max_new_tokens",))
+    generation_batch = None
+    if objective in ONLINE:
+        if new is None:
+            raise PlanError(f"{objective}: cannot find max_new_tokens in model.init_args; pass --max-new-tokens")
+        if not samples_per_prompt and k == 1 and objective == "grpo":
+            notes.append("grpo: samples per prompt not found in the config; assumed 1 (pass --samples-per-prompt)")
+        micro = update_batch or _find_key(m_args, ("micro_batch_size",))
+        rollouts = batch * int(k)
+        generation_batch = min(rollouts, int(_find_key(m_args, ("generation_batch_size",)) or rollouts))
+        if micro and int(micro) < rollouts:
+            notes.append(f"update pass: {micro} of the {rollouts} rollouts per forward/backward (micro_batch_size)")
+            rollouts = int(micro)
+        batch, k = rollouts, 1  # the update's forward/backward sees `rollouts` sequences
+        backend = str(m_args.get("generation_backend") or "hf")
+        if backend != "hf":
+            notes.append(f"generation_backend {backend!r}: its memory (vLLM: gpu_memory_utilization of the device) is "
+                         "not in this plan; the KV cache row is the hf backend's")
+    else:
+        k, new = 1, 0
+    length = seq_len or (max_length + int(new or 0))
+    if objective in ONLINE and not seq_len:
+        notes.append(f"rollouts planned at the worst case of {max_length} prompt + {new} new tokens; pass --seq-len "
+                     "for the typical padded rollout length")
+
+    if reference == "auto":
+        ref_value = next((str(v) for key, v in m_args.items() if "reference" in key and isinstance(v, str)), None)
+        if objective not in ("dpo", "ppo", "grpo") or (objective == "grpo" and m_args.get("beta") == 0):
+            reference = "none"
+        elif ref_value and "precomputed" in ref_value.lower():
+            reference = "none"
+            notes.append("reference log-probs are precomputed once before training: no reference model in memory")
+        elif ref_value and any(w in ref_value.lower() for w in ("copy", "frozen", "separate")):
+            reference = "copy"
+        elif ref_value and "adapter" in ref_value.lower() and lora_r is None:
+            raise PlanError(f"model.init_args reference {ref_value!r} needs a LoRA adapter (model.init_args.lora)")
+        else:
+            reference = "adapter" if lora_r is not None else "copy"
+    reward_model = None
+    rm_path = m_args.get("reward_model") if isinstance(m_args.get("reward_model"), str) else None
+    if objective in ONLINE and rm_path:
+        if rm_path.endswith(".ckpt"):  # reading its hyperparameters would load the checkpoint: assume the policy's base
+            reward_model = shape
+            notes.append(f"reward model {rm_path}: a checkpoint, assumed to have the policy's size (not read)")
+        else:
+            reward_model = ModelShape.from_hf_config(load_model_config(rm_path))
+
+    strategy_info = normalize_strategy(trainer.get("strategy"))
+    notes += strategy_info.notes
+    devices = trainer.get("devices", 1)
+    try:
+        devices = int(devices)
+    except (TypeError, ValueError):
+        devices = len(devices) if isinstance(devices, (list, tuple)) else 1
+        if devices == 1 and str(trainer.get("devices")) in ("auto", "-1"):
+            notes.append(f"trainer.devices {trainer.get('devices')!r}: planned for 1 device (pass --trainer.devices N)")
+    devices *= int(trainer.get("num_nodes", 1) or 1)
+    accelerator = str(trainer.get("accelerator") or "auto")
+    accelerator = "cpu" if accelerator == "cpu" else "gpu"
+    grad_accum = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    if grad_accum > 1:
+        notes.append(f"accumulate_grad_batches={grad_accum}: memory is that of one micro-batch of {batch}")
+    packing = bool(d_args.get("packing", False))
+    return PlanInputs(
+        shape=shape, objective=objective, batch_size=batch, seq_len=length, samples_per_prompt=int(k),
+        generation_batch=generation_batch,
+        max_new_tokens=int(new or 0), lora_r=lora_r, lora_targets=targets or BLOCK_LINEARS, lora_dropout=dropout,
+        quantize_4bit=bool(m_args.get("quantize_4bit", False)), dtype=dtype,
+        precision=normalize_precision(trainer.get("precision")),
+        gradient_checkpointing=bool(m_args.get("gradient_checkpointing", False)),
+        attn_implementation=str(m_args.get("attn_implementation") or "sdpa"),
+        padded=packing or batch * int(k) * (2 if objective in PAIRWISE else 1) > 1,
+        strategy=strategy_info.name, ddp_bucket_copy=strategy_info.ddp_bucket_copy,
+        deepspeed_buckets=strategy_info.deepspeed_buckets if strategy_info.overlap_comm else None,
+        devices=devices, accelerator=accelerator, reference=reference,
+        value_head=objective == "ppo", reward_model=reward_model,
+        notes=notes + ([f"packed sequences of {max_length} tokens"] if packing else []),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit_align plan-memory",
+        description="Estimate per-device memory of a training config without allocating the model. Takes the same "
+                    "--config and dotted overrides as `lit_align fit` (e.g. --model.init_args.lora.r 8 "
+                    "--data.init_args.batch_size 4 --trainer.strategy fsdp --trainer.devices 8).")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="the training config (as for `lit_align fit`); dotted overrides may follow")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument("--objective", default="auto", choices=("auto",) + OBJECTIVES,
+                        help="objective to plan for (auto: from model.class_path)")
+    parser.add_argument("--reference", default="auto", choices=("auto", "none", "adapter", "copy"),
+                        help="reference model: the adapter-disabled policy, a frozen copy, or none (auto: from the config)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data max_length + max_new_tokens)")
+    parser.add_argument("--samples-per-prompt", type=int, default=None, help="online objectives: completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="online objectives: generated tokens per completion")
+    parser.add_argument("--update-batch", type=int, default=None,
+                        help="online objectives: rollouts per forward/backward of the update (default: micro_batch_size)")
+    parser.add_argument("--device-memory", type=float, default=None, help="GiB per device: report whether the peak fits")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lit_align plan-memory``: print the estimate for a config; exit 1 when it does not fit --device-memory."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not args.config:
+        parser.error("--config FILE.yaml is required (the same file `lit_align fit` takes)")
+    rest = [a for c in args.config for a in ("--config", c)] + rest  # configs first, then the overrides
+    for flag in ("--seq-len", "--samples-per-prompt", "--max-new-tokens", "--update-batch"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    try:
+        config = parse_training_config(rest)
+        inputs = inputs_from_config(config, objective=args.objective, reference=args.reference, seq_len=args.seq_len,
+                                    samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                    update_batch=args.update_batch)
+        plan = estimate(inputs)
+    except PlanError as err:
+        print(f"lit_align plan-memory: error: {err}", file=sys.stderr)
+        return 2
+    fits = None if args.device_memory is None else plan.peak_bytes <= args.device_memory * GiB
+    if args.json:
+        out = plan.to_dict()
+        out["inputs"] = {k: v for k, v in asdict(inputs).items() if k not in ("notes",)}
+        if fits is not None:
+            out["fits"] = fits
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        s = inputs.shape
+        title = (f"{inputs.objective} on {s.model_type} ({s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size}); "
+                 f"precision {inputs.precision}, dtype {inputs.dtype}, strategy {inputs.strategy} x {inputs.devices}")
+        print(format_plan(plan, title))
+        if fits is not None:
+            verdict = "fits" if fits else "does NOT fit"
+            print(f"\n{verdict} in {args.device_memory:g} GiB per device "
+                  f"(headroom {_fmt(args.device_memory * GiB - plan.peak_bytes)}; keep ~10% for the allocator)")
+    return 0 if fits in (None, True) else 1
+
+
+__all__ = ["MemoryPlan", "ModelShape", "PlanError", "PlanInputs", "estimate", "format_plan", "inputs_from_config",
+           "layer_activation_bytes", "load_model_config", "main", "parse_training_config"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""SFT under DDP: 2 CPU processes (gloo) with batch B follow the loss curve of 1 process with batch 2B.
+
+How the comparison is made equal by construction (docs/scaling.md, "Data parallel"):
+
+- the batch sampler cuts each epoch into *global* batches of ``B * world_size`` examples and gives rank r the r-th
+  slice of each, so step k of the 2-process run sees exactly the examples of step k of the 1-process run;
+- DDP averages gradients over ranks, so its objective is the *mean of the ranks' losses*, while the 1-process SFT loss
+  is token-weighted over the doubled batch. The two coincide when both halves hold the same number of completion
+  tokens; the data here has completions of one length (prompts of different lengths, so padding still differs).
+
+Tolerance: losses agree to 1e-5 (absolute, losses ~5.6). Step 0 differs only by float summation order; later steps
+also carry the tiny parameter differences that order produces, amplified by lr=1e-3.
+
+This file is also the DDP worker script: Lightning's `strategy="ddp"` launcher re-executes ``sys.argv`` for rank 1,
+which works for ``python tests/test_ddp_sft.py --ddp OUT`` but not from inside pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+B = 4  # micro-batch per process
+STEPS = 4
+TOLERANCE = 1e-5
+
+
+def write_rows(path: Path, n: int = 40) -> Path:
+    """Prompts of varied length, completions of one length (so each half of a batch has the same completion tokens)."""
+    with open(path, "w") as f:
+        for k in range(n):
+            prompt = f'def add_{k}(x):\n    """Return x plus {k}.{" Really." * (k % 7)}"""\n'
+            f.write(json.dumps({"prompt": prompt, "completion": f"    return x + {k:03d}\n"}) + "\n")
+    return path
+
+
+class Recorder(L.Callback):
+    """Per-step loss and row fingerprints (sum of token ids) of this process, written to ``out/rank{r}.json``."""
+
+    def __init__(self, out: Path):
+        self.out, self.losses, self.rows = out, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.rows.append([int(r.sum()) for r in batch["input_ids"]])
+
+    def on_train_end(self, trainer, pl_module):
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"losses": self.losses, "rows": self.rows, "world_size": trainer.world_size,
+             "param_sum": float(sum(p.detach().double().sum() for p in pl_module.parameters()))}))
+
+
+def run_sft(data_file: Path, out: Path, batch_size: int, devices: int) -> None:
+    """Train the tiny preset with SFT for STEPS steps on ``devices`` CPU processes."""
+    import torch
+
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataSource
+    from lit_align.modules.base import OptimizerConfig
+    from lit_align.modules.sft import SFT
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = SFT(model_name_or_path="preset:tiny", optimizer=OptimizerConfig(lr=1e-3, schedule="constant"))
+    data = SFTDataModule(train_sources=[DataSource(path=str(data_file))], val_fraction=0.0, max_length=256,
+                         batch_size=batch_size, tokenizer="preset:tiny")
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        use_distributed_sampler=False, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Recorder(out)])
+    trainer.fit(module, datamodule=data)
+
+
+# ------------------------------------------------------------------------------------------------ the sampler
+def test_ranks_take_halves_of_the_global_batch():
+    from lit_align.data_modules.sampler import LengthGroupedBatchSampler
+
+    lengths = [(i * 37) % 101 for i in range(103)]
+    for group in (True, False):
+        one = list(LengthGroupedBatchSampler(lengths, 2 * B, seed=5, group_by_length=group, drop_last=True))
+        ranks = [list(LengthGroupedBatchSampler(lengths, B, seed=5, group_by_length=group, num_replicas=2, rank=r))
+                 for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == len(one) == 103 // (2 * B)
+        for k, batch in enumerate(one):
+            assert ranks[0][k] + ranks[1][k] == batch
+    # evaluation (no shuffling) loses no example: the short last global batch is split between the ranks
+    evals = [list(LengthGroupedBatchSampler(lengths, B, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(i for e in evals for b in e for i in b) == list(range(103))
+    assert [len(b) for b in evals[0]][-1] == 4 and [len(b) for b in evals[1]][-1] == 3
+
+
+def test_sampler_refuses_lightnings_distributed_sampler_with_advice():
+    from torch.utils.data import SequentialSampler
+
+    from lit_align.data_modules.sampler import LengthGroupedBatchSampler
+
+    with pytest.raises(TypeError, match="use_distributed_sampler false"):
+        LengthGroupedBatchSampler(SequentialSampler(range(10)), batch_size=2)
+    with pytest.raises(ValueError, match="rank must be in"):
+        LengthGroupedBatchSampler([1, 2, 3], 2, num_replicas=2, rank=2)
+
+
+# ------------------------------------------------------------------------------------------------ DDP vs doubled batch
+def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
+    data_file = write_rows(tmp_path / "rows.jsonl")
+    ddp_out = tmp_path / "ddp"
+    ddp_out.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run([sys.executable, __file__, "--ddp", str(ddp_out), str(data_file)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single_out = tmp_path / "single"
+    single_out.mkdir()
+    run_sft(data_file, single_out, batch_size=2 * B, devices=1)
+
+    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((single_out / "rank0.json").read_text())
+    assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
+    for k in range(STEPS):  # the same examples each step, rank 0's half first
+        assert ranks[0]["rows"][k] + ranks[1]["rows"][k] == single["rows"][k]
+    ddp_curve = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert max(abs(a - b) for a, b in zip(ddp_curve, single["losses"])) < TOLERANCE, (ddp_curve, single["losses"])
+    assert single["losses"][-1] < single["losses"][0] - 0.05  # it trains: the comparison is not of constants
+    # both ranks end with the same weights (DDP keeps them in sync), and with the single process's
+    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
+    assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--ddp":
+        run_sft(Path(sys.argv[3]), Path(sys.argv[2]), batch_size=B, devices=2)
+    else:
+        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE (the DDP worker of this test)")

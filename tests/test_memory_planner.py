@@ -1,0 +1,273 @@
+"""The memory planner: parameter counts, the activation rules tensor by tensor, sharding, the command, and the
+estimate against peaks measured on CPU (the acceptance criterion: within 15% for at least three configurations)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_align import memory
+from lit_align.memory import (
+    NF4_BYTES_PER_PARAM,
+    ModelShape,
+    PlanError,
+    PlanInputs,
+    estimate,
+    inputs_from_config,
+    layer_activation_bytes,
+    preset_config,
+)
+from lit_align.models import LoRAConfig, apply_lora, build_preset_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = ModelShape.from_hf_config(preset_config("tiny-base"))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------- counts
+def test_parameter_counts_from_the_config_match_the_built_model():
+    model, _ = build_preset_model("tiny-base")
+    assert TINY_BASE.total_params == sum(p.numel() for p in model.parameters()) == 4_855_040
+    assert TINY_BASE.matmul_params == 4_855_040 - 260 * 256 - 13 * 256  # everything but the embedding and the norms
+    peft_model = apply_lora(model, LoRAConfig(r=16))
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert TINY_BASE.lora_params(16, memory.BLOCK_LINEARS) == lora == 466_944
+    only_q = apply_lora(build_preset_model("tiny-base")[0], LoRAConfig(r=4, target_modules=["q_proj"]))
+    assert TINY_BASE.lora_params(4, ("q_proj",)) == sum(p.numel() for n, p in only_q.named_parameters() if "lora_" in n)
+
+
+def test_qwen2_biases_and_tied_heads_are_counted():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    shape = ModelShape.from_hf_config(cfg)
+    assert shape.total_params == sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
+
+
+def test_weights_of_qlora_are_nf4_with_double_quantization_overhead():
+    base = PlanInputs(shape=TINY_BASE, lora_r=8, quantize_4bit=True, dtype="bfloat16", accelerator="cpu")
+    plan = estimate(base)
+    block = TINY_BASE.num_layers * TINY_BASE.block_linear_params()
+    other = TINY_BASE.total_params - block
+    lora = TINY_BASE.lora_params(8, memory.BLOCK_LINEARS)
+    # 0.5 byte per 4-bit value + 1/64 (8-bit absmax per 64) + 4/16384 (fp32 absmax per 256 blocks); the rest in fp32
+    assert NF4_BYTES_PER_PARAM == pytest.approx(0.515869, abs=1e-6)
+    assert plan.row("weights") == pytest.approx(block * NF4_BYTES_PER_PARAM + other * 4 + lora * 4)
+    assert plan.row("gradients") == lora * 4 and plan.row("optimizer state") == 2 * lora * 4
+    with pytest.raises(PlanError, match="quantize_4bit needs model.init_args.lora"):
+        estimate(PlanInputs(shape=TINY_BASE, quantize_4bit=True))
+
+
+# ---------------------------------------------------------------------------------------------------------- activations
+def _saved_bytes_per_token(dtype, autocast, lora_dropout, padded, batch=3, seq=40):
+    """Bytes autograd saves per token inside decoder layer 1 of a 2-layer Llama, measured with saved-tensor hooks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).train()
+    if lora_dropout is not None:
+        model = apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=lora_dropout)).base_model.model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer = model.model.layers[1]
+    inside, seen = [False], {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        per_token = t.dim() > 0 and t.shape[0] in (batch, batch * seq)  # autocast's weight copies are not per token
+        if inside[0] and per_token and ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    ids = torch.randint(4, 260, (batch, seq))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, -4:] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(seen.values()) / (batch * seq)
+
+
+RULE_CASES = {
+    # name: (weights dtype, autocast, LoRA dropout or None for full fine-tuning, padded, planner dtype/precision)
+    "fp32-full": (torch.float32, False, None, False, "float32", "32-true"),
+    "fp32-full-padded-gqa": (torch.float32, False, None, True, "float32", "32-true"),
+    "autocast-full": (torch.float32, True, None, False, "float32", "bf16-mixed"),
+    "bf16-full": (torch.bfloat16, False, None, False, "bfloat16", "32-true"),
+    "fp32-lora-dropout": (torch.float32, False, 0.05, False, "float32", "32-true"),
+    "fp32-lora-no-dropout": (torch.float32, False, 0.0, False, "float32", "32-true"),
+    "autocast-lora-dropout": (torch.float32, True, 0.05, True, "float32", "bf16-mixed"),
+    "bf16-lora-dropout": (torch.bfloat16, False, 0.05, False, "bfloat16", "32-true"),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_CASES))
+def test_activation_rules_equal_the_tensors_autograd_saves(name):
+    dtype, autocast, dropout, padded, plan_dtype, precision = RULE_CASES[name]
+    shape = ModelShape(vocab_size=260, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=32)
+    inputs = PlanInputs(shape=shape, seq_len=40, lora_r=8 if dropout is not None else None, lora_dropout=dropout or 0.0,
+                        dtype=plan_dtype, precision=precision, padded=padded, accelerator="cpu")
+    measured = _saved_bytes_per_token(dtype, autocast, dropout, padded)
+    assert layer_activation_bytes(inputs, full_finetune=dropout is None) == measured
+
+
+# ---------------------------------------------------------------------------------------------------------- sharding
+def _static(plan):
+    return {k: plan.row(k) for k in ("weights", "gradients", "optimizer state", "fp32 master weights")}
+
+
+def test_strategies_divide_what_they_shard():
+    base = dict(shape=TINY_BASE, devices=8, precision="bf16-mixed")
+    ddp = _static(estimate(PlanInputs(strategy="ddp", **base)))
+    fsdp = estimate(PlanInputs(strategy="fsdp", **base))
+    z2 = _static(estimate(PlanInputs(strategy="deepspeed_stage_2", **base)))
+    z3 = _static(estimate(PlanInputs(strategy="deepspeed_stage_3", **base)))
+    p = TINY_BASE.total_params
+    assert ddp == {"weights": 4 * p, "gradients": 4 * p, "optimizer state": 8 * p, "fp32 master weights": 0}
+    assert estimate(PlanInputs(strategy="ddp", **base)).row("DDP gradient buckets") == 4 * p
+    assert _static(fsdp) == {"weights": 4 * p / 8, "gradients": 4 * p / 8, "optimizer state": 8 * p / 8,
+                             "fp32 master weights": 0}
+    assert fsdp.row("gathered weights") > 0 and fsdp.row("autocast weight copies") == 0
+    # DeepSpeed bf16: half-precision module, fp32 master weights and moments in the (sharded) optimizer
+    assert z2 == {"weights": 2 * p, "gradients": 2 * p / 8, "optimizer state": 8 * p / 8, "fp32 master weights": 4 * p / 8}
+    assert z3 == {"weights": 2 * p / 8, "gradients": 2 * p / 8, "optimizer state": 8 * p / 8,
+                  "fp32 master weights": 4 * p / 8}
+    offload = estimate(PlanInputs(strategy="deepspeed_stage_2_offload", **base))
+    assert offload.row("optimizer state") == 0 and any("host memory" in a for a in offload.assumptions)
+
+
+def test_deepseek_coder_full_finetune_matches_the_reports_rule_of_four():
+    """The report's table: fp32 training needs weights + gradients + 2 Adam moments = 4x the weights at the step."""
+    shape = ModelShape(vocab_size=32256, hidden_size=2048, intermediate_size=5504, num_layers=24, num_heads=16,
+                       num_kv_heads=16, head_dim=128)
+    plan = estimate(PlanInputs(shape=shape, batch_size=1, seq_len=512))
+    assert shape.total_params == pytest.approx(1.346e9, rel=1e-3)
+    assert plan.phases["optimizer step"] >= 4 * plan.row("weights")
+    assert plan.row("weights") / 1e9 == pytest.approx(5.385, rel=1e-3)
+    lora = estimate(PlanInputs(shape=shape, batch_size=1, seq_len=512, lora_r=32, dtype="bfloat16",
+                               precision="bf16-mixed", lora_dropout=0.05))
+    assert lora.params["trainable"] / shape.total_params == pytest.approx(0.0223, abs=1e-3)  # r=32 on all linears
+    assert lora.row("autocast weight copies") == 0  # bf16 base weights need no cast copies
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+def test_objectives_resolve_reference_and_pairs():
+    cfg = {"model": {"class_path": "lit_align.modules.dpo.DPO",
+                     "init_args": {"model_name_or_path": "preset:tiny", "lora": {"r": 8}}},
+           "data": {"init_args": {"batch_size": 2, "max_length": 64}}, "trainer": {}}
+    dpo = inputs_from_config(cfg)
+    assert (dpo.objective, dpo.reference) == ("dpo", "adapter")
+    plan = estimate(dpo)
+    assert plan.row("reference model") == 0 and "4 seqs x 64 tokens" in next(r.note for r in plan.rows if r.component == "activations")
+    cfg["model"]["init_args"]["lora"] = None
+    full = estimate(inputs_from_config(cfg))
+    assert full.row("reference model") == full.row("weights")  # a frozen copy
+    cfg["model"]["class_path"] = "GRPO"
+    with pytest.raises(PlanError, match="max_new_tokens"):
+        inputs_from_config(cfg)
+    grpo = inputs_from_config(cfg, samples_per_prompt=4, max_new_tokens=32)
+    # 2 prompts x 4 samples = 8 rollouts of 64 + 32 tokens, all decoded together and updated in one pass
+    assert (grpo.seq_len, grpo.batch_size, grpo.generation_batch, grpo.reference) == (96, 8, 8, "copy")
+    kv = next(r for r in estimate(grpo).rows if r.component == "generation KV cache")
+    assert kv.bytes == 2 * 4 * 128 * 4 * 8 * 96  # K and V, 4 layers, kv width 128, fp32, 8 sequences, 96 tokens
+    cfg["model"]["init_args"].update(samples_per_prompt=8, max_new_tokens=16, micro_batch_size=4, beta=0.0)
+    grpo = inputs_from_config(cfg)  # the module's own keys: micro-batches of 4 rollouts, no KL so no reference
+    assert (grpo.batch_size, grpo.generation_batch, grpo.seq_len, grpo.reference) == (4, 16, 80, "none")
+    assert any("4 of the 16 rollouts" in n for n in grpo.notes) and "generation" in estimate(grpo).phases
+    cfg["model"]["class_path"] = "MyObjective"
+    with pytest.raises(PlanError, match="cannot tell its objective; pass --objective"):
+        inputs_from_config(cfg)
+
+
+def test_command_parses_the_fit_config_with_overrides(capsys):
+    args = ["--config", "configs/quickstart/sft.yaml", "--model.init_args.lora.r", "8", "--data.init_args.batch_size", "4",
+            "--trainer.strategy", "fsdp", "--trainer.devices", "8", "--json"]
+    assert memory.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"]["lora_r"] == 8 and out["inputs"]["batch_size"] == 4 and out["inputs"]["devices"] == 8
+    assert out["inputs"]["strategy"] == "fsdp" and out["inputs"]["seq_len"] == 512
+    rows = {r["component"]: r["bytes"] for r in out["rows"]}
+    tiny = ModelShape.from_hf_config(preset_config("tiny"))
+    assert rows["weights"] == pytest.approx((tiny.total_params + tiny.lora_params(8, memory.BLOCK_LINEARS)) * 4 / 8)
+    assert out["peak_bytes"] == max(out["phases"].values())
+    assert memory.main(["--config", "configs/quickstart/sft.yaml", "--device-memory", "0.01"]) == 1
+    table = capsys.readouterr().out
+    assert "does NOT fit in 0.01 GiB" in table and "activations" in table and "peak per device" in table
+
+
+def test_command_errors_name_the_field(capsys, tmp_path):
+    assert memory.main(["--config", "configs/quickstart/sft.yaml", "--model.init_args.model_name_or_path",
+                        "nobody/no-such-model-xyz"]) == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.model_name_or_path" in err and "nobody/no-such-model-xyz" in err and "config.json" in err
+    assert memory.main(["--config", "configs/quickstart/sft.yaml", "--model.init_args.lora.r", "8",
+                        "--model.init_args.lora.target_modules", "[wq]"]) == 2
+    assert "lora.target_modules ['wq']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        memory.main(["--json"])
+    assert "--config FILE.yaml is required" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------- measured
+MEASURED = ["tiny-base-full-b2-s128", "tiny-lora-r8-b4-s256", "tiny-bf16mixed-b4-s256", "tiny-full-gc-b4-s256"]
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_estimate_is_within_15_percent_of_the_measured_cpu_peak(name):
+    """Peak bytes of live tensors over 3 real SFT training steps (bench/bench_memory.py's protocol) vs the estimate."""
+    bench = _bench()
+    cases = {c.name: c for c in [
+        bench.MemoryCase("tiny-base-full-b2-s128", batch_size=2, seq_len=128),
+        bench.MemoryCase("tiny-lora-r8-b4-s256", model="preset:tiny", lora_r=8),
+        bench.MemoryCase("tiny-bf16mixed-b4-s256", model="preset:tiny", precision="bf16-mixed"),
+        bench.MemoryCase("tiny-full-gc-b4-s256", model="preset:tiny", gradient_checkpointing=True),
+    ]}
+    case = cases[name]
+    measured = bench.measure(case)["tensor_peak"]
+    planned = bench.planned(case).peak_bytes
+    assert measured > 20 * 2**20  # a real training footprint, not noise
+    assert abs(planned - measured) / measured < 0.15, (planned / 2**20, measured / 2**20)
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+MULTI_GPU = sorted((REPO / "configs" / "iotacode" / "multi_gpu").glob("*.yaml"))
+
+
+def test_multi_gpu_configs_parse_and_plan():
+    """Each multi-GPU config parses with `lit_align fit`'s parser and plans with the strategy it names."""
+    assert {p.name for p in MULTI_GPU} >= {"sft_ddp.yaml", "sft_fsdp.yaml", "sft_deepspeed_zero2.yaml",
+                                           "sft_deepspeed_zero3.yaml", "sft_lora_ddp.yaml"}
+    plans = {}
+    for path in MULTI_GPU:
+        cfg = memory.parse_training_config(["--config", str(path)])
+        assert cfg["trainer"]["use_distributed_sampler"] is False and cfg["trainer"]["devices"] == 8
+        inputs = inputs_from_config(cfg)
+        assert inputs.shape.num_layers == 24 and inputs.devices == 8  # DeepSeek-Coder 1.3B (built-in config offline)
+        plans[path.stem] = (inputs, estimate(inputs))
+    ddp_in, ddp = plans["sft_ddp"]
+    assert ddp_in.strategy == "ddp" and not ddp_in.ddp_bucket_copy and ddp.row("DDP gradient buckets") == 0
+    fsdp_in, fsdp = plans["sft_fsdp"]
+    assert fsdp_in.strategy == "fsdp" and fsdp.row("weights") == ddp.row("weights") / 8
+    assert not any("auto_wrap_policy" in n for n in fsdp.assumptions)  # the config wraps each decoder layer
+    assert plans["sft_deepspeed_zero2"][0].strategy == "deepspeed_stage_2"
+    assert plans["sft_deepspeed_zero2"][1].row("DeepSpeed buckets") == 4.5 * 4e8 * 2
+    assert plans["sft_deepspeed_zero3"][1].row("gathered weights") > 0
+    lora_in, lora = plans["sft_lora_ddp"]
+    assert lora_in.lora_r == 32 and lora.params["trainable"] == 24 * 32 * (4 * 4096 + 3 * (2048 + 5504))
+    assert fsdp.peak_bytes < ddp.peak_bytes / 3 and lora.peak_bytes < ddp.peak_bytes / 3

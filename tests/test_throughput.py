@@ -1,0 +1,149 @@
+"""TokenThroughput: FLOP formulas, batch counting, and logged rates checked against a fake clock."""
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_align.callbacks.throughput import (
+    TokenThroughput,
+    batch_counts,
+    generation_flops_per_token,
+    training_flops_per_token,
+)
+from lit_align.memory import ModelShape, preset_config
+from lit_align.modules.sft import SFT
+
+TINY = ModelShape.from_hf_config(preset_config("tiny"))  # h=128, i=384, 4 layers, vocab 260, untied head
+
+
+def test_flops_per_token_follow_the_6n_convention():
+    n = TINY.matmul_params
+    assert n == 4 * (4 * 128 * 128 + 3 * 128 * 384) + 260 * 128 == 885_248
+    attention = 12 * 4 * 128 * 64
+    # full fine-tuning: 6N + 12 L h s
+    assert training_flops_per_token(TINY, 64, trainable_matmul_params=n) == 6 * n + attention
+    # LoRA: no weight-gradient matmuls for the frozen base, 6 FLOPs per adapter weight
+    assert training_flops_per_token(TINY, 64, trainable_matmul_params=0, lora_params=1000) == 4 * n + 6000 + attention
+    # a reference forward on the same tokens adds 2N plus the forward attention term
+    assert (training_flops_per_token(TINY, 64, n, extra_forward_passes=1)
+            == 6 * n + attention + 2 * n + 4 * 4 * 128 * 64)
+    assert generation_flops_per_token(TINY) == 2 * n
+
+
+def test_batch_counts_reads_masks_pairs_and_packing():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert batch_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}) == (2, 5, 4)
+    assert batch_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask},
+                        count_padding=True) == (2, 8, 4)
+    pairs = {"chosen_input_ids": torch.zeros(3, 5, dtype=torch.long), "chosen_attention_mask": torch.ones(3, 5),
+             "rejected_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_attention_mask": torch.ones(3, 7)}
+    assert batch_counts(pairs) == (3, 36, 7)
+    packed = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": torch.zeros(2, 6, dtype=torch.long)}
+    assert batch_counts(packed) == (2, 12, 6)
+    with pytest.raises(KeyError, match="no 2-D '\\*input_ids'"):
+        batch_counts({"prompt": ["x"]})
+
+
+class FakeClock:
+    """Advances 0.5 s per reading."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        self.now += 0.5
+        return self.now
+
+
+class Recorder(L.Callback):
+    def __init__(self, monitor):
+        self.monitor, self.metrics, self.batches = monitor, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append(dict(self.monitor.last_metrics))
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+
+
+class GeneratingSFT(SFT):
+    """An SFT module that pretends to generate 100 tokens per step, as an online objective would."""
+
+    generated_tokens = 0
+
+    def training_step(self, batch, batch_idx):
+        self.generated_tokens += 100
+        return super().training_step(batch, batch_idx)
+
+
+def _batches(n=6):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(n):
+        ids = torch.randint(4, 260, (2, 16 + 4 * k), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -(k + 1):] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def _fit(module, monitor, batches):
+    recorder = Recorder(monitor)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(batches, batch_size=None)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, recorder])
+    trainer.fit(module, datamodule=Data())
+    return trainer, recorder
+
+
+def test_logged_rates_equal_counted_tokens_over_clock_time():
+    monitor = TokenThroughput(window_size=3, peak_flops=1e9, clock=FakeClock())
+    module = GeneratingSFT(model_name_or_path="preset:tiny")
+    trainer, rec = _fit(module, monitor, _batches())
+    n = TINY.matmul_params
+    # one clock reading at train start and one per batch: batch k ends at 0.5 * (k + 1) s after the start
+    assert [m.get("throughput/time") for m in rec.metrics] == [0.5 * (k + 1) for k in range(6)]
+    assert "throughput/tokens_per_sec" not in rec.metrics[1]  # the window of 3 batches is not full yet
+    for k in range(2, 6):
+        window = rec.batches[k - 1:k + 1]  # rates use the difference between the window's first and last update
+        tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        flops = sum(int(b["attention_mask"].sum()) * (6 * n + 12 * 4 * 128 * b["input_ids"].size(1)) for b in window)
+        m = rec.metrics[k]
+        assert m["throughput/tokens_per_sec"] == pytest.approx(tokens / 1.0)
+        assert m["throughput/samples_per_sec"] == pytest.approx(4 / 1.0)
+        assert m["throughput/batches_per_sec"] == pytest.approx(2 / 1.0)
+        assert m["throughput/flops_per_sec"] == pytest.approx(flops / 1.0, rel=1e-9)
+        assert m["throughput/mfu"] == pytest.approx(flops / 1.0 / 1e9, rel=1e-9)
+        assert m["throughput/generated_tokens_per_sec"] == pytest.approx(200 / 1.0)
+        assert m["throughput/generation_flops_per_sec"] == pytest.approx(200 * 2 * n)
+    assert rec.metrics[-1]["throughput/tokens"] == sum(int(b["attention_mask"].sum()) for b in rec.batches)
+    assert rec.metrics[-1]["throughput/generated_tokens"] == 600
+    # what was logged is what the callback computed
+    assert float(trainer.callback_metrics["throughput/tokens_per_sec"]) == pytest.approx(
+        rec.metrics[-1]["throughput/tokens_per_sec"])
+
+
+def test_lora_flops_and_no_mfu_without_peak_on_cpu():
+    monitor = TokenThroughput(window_size=2, clock=FakeClock())
+    module = SFT(model_name_or_path="preset:tiny", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    with pytest.warns(UserWarning, match="no peak FLOP/s for this device"):
+        _, rec = _fit(module, monitor, _batches(3))
+    lora = sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
+    assert lora == 4 * 4 * (4 * (128 + 128) + 3 * (128 + 384))  # r * (in + out) for 7 linears in 4 blocks
+    b = rec.batches[2]
+    tokens = int(b["attention_mask"].sum())
+    n = TINY.matmul_params
+    expected = tokens * (4 * n + 6 * lora + 12 * 4 * 128 * b["input_ids"].size(1)) / 0.5
+    assert rec.metrics[2]["throughput/flops_per_sec"] == pytest.approx(expected, rel=1e-9)
+    assert "throughput/mfu" not in rec.metrics[2]
+    assert "throughput/generated_tokens_per_sec" not in rec.metrics[2]
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="window_size must be >= 2"):
+        TokenThroughput(window_size=1)
+    with pytest.raises(ValueError, match="peak_flops must be > 0"):
+        TokenThroughput(peak_flops=0)
