@@ -1,10 +1,14 @@
-"""`make quickstart`: the offline CPU quickstart, run stage by stage through the same CLI and configs a user runs.
+"""`make quickstart`: IotaCode's Table 1 in miniature, offline on CPU, through the same CLI and configs a user runs.
 
-    python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--max-steps N]
+    python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--max-steps N]
 
-Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``; its trained model is published to
-``<output>/<stage>-model`` (a standard Hugging Face directory), which later stages start from. A stage whose model is
-already there is skipped, so a rerun continues where the last one stopped and never overwrites a finished stage.
+Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
+model the reward model, DPO, ORPO, PPO with the reward model's reward, PPO and GRPO with the unit-test reward, and RAFT.
+Each trained model is published to ``<output>/<stage>-model`` (a standard Hugging Face directory), which later stages
+start from. Then every policy (and the untrained model) is sampled n times per held-out problem and its samples are
+run against the hidden tests: ``table.md`` (Table 1's layout), ``pass_at_k.png`` and ``results.json`` are written
+under ``<output>``. A stage whose model is already there, and a model already evaluated, are skipped, so a rerun
+continues where the last one stopped and never overwrites a finished stage.
 """
 
 from __future__ import annotations
@@ -29,7 +33,20 @@ class Stage:
         return output / f"{self.name}-model"
 
 
-STAGES = [Stage("sft", "sft.yaml")]
+STAGES = [
+    Stage("sft", "sft.yaml"),
+    Stage("reward", "reward.yaml"),
+    Stage("dpo", "dpo.yaml"),
+    Stage("orpo", "orpo.yaml"),
+    Stage("ppo_rm", "ppo_rm.yaml"),
+    Stage("ppo", "ppo.yaml"),
+    Stage("grpo", "grpo.yaml"),
+    Stage("raft", "raft.yaml"),
+]
+NOT_POLICIES = {"reward"}  # stages whose model is not a policy to evaluate
+METHOD_NAMES = {"untrained": "untrained (preset:tiny)", "sft": "SFT", "dpo": "SFT + DPO", "orpo": "SFT + ORPO",
+                "ppo_rm": "SFT + PPO (reward model)", "ppo": "SFT + PPO (unit tests)", "grpo": "SFT + GRPO (unit tests)",
+                "raft": "SFT + RAFT (unit tests)"}
 
 
 def _config_path(name: str) -> Path:
@@ -46,6 +63,10 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None) -> d
 
     args = ["--config", str(_config_path(stage.config)), "--seed_everything", str(seed),
             "--trainer.logger.init_args.save_dir", str(output / "runs")]
+    if stage.name != "sft":  # every later stage starts from this run's SFT model (and PPO-RM from its reward model)
+        args += ["--model.init_args.model_name_or_path", str(output / "sft-model")]
+    if stage.name == "ppo_rm":
+        args += ["--model.init_args.reward_model", str(output / "reward-model")]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max(1, max_steps // 2))]
     cli = LitAlignCLI(args=args, run=False)
@@ -61,9 +82,8 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None) -> d
     shutil.copytree(export, published)
     return {
         "stage": stage.name,
-        "heldout_loss_untrained": before.get("val/loss"),
-        "heldout_loss_trained": after.get("val/loss"),
-        "heldout_perplexity_trained": after.get("val/perplexity"),
+        "validation_before": {k: float(v) for k, v in before.items()},
+        "validation_after": {k: float(v) for k, v in after.items()},
         "run_dir": trainer.log_dir,
         "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
         "model": str(published),
@@ -77,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--max-steps", type=int, default=None, help="override each stage's training steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model is fastest on one)")
+    parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
+                        help="stages to run (sft is needed by all others)")
+    parser.add_argument("--samples", type=int, default=10, help="samples per held-out problem in the evaluation")
     args = parser.parse_args(argv)
     import torch
 
@@ -85,21 +108,42 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     summary_path = output / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"seed": args.seed, "stages": {}}
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s.name in args.stages]:
         if stage.model_dir(output).exists():
             print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping")
             continue
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})")
         summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps)
         summary_path.write_text(json.dumps(summary, indent=2))
-    print("\nlit_align quickstart: done. Results:")
+    paths = evaluate_policies(summary, output, args)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    print("\nlit_align quickstart: done.")
     for name, s in summary["stages"].items():
-        print(f"  {name}: held-out loss {s['heldout_loss_untrained']:.3f} (untrained) -> {s['heldout_loss_trained']:.3f} "
-              f"in {s['wall_seconds']:.0f} s")
-        print(f"      model      {s['model']}\n      logs       {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})"
-              f"\n      checkpoint {s['checkpoint']}")
-    print(f"  summary    {summary_path}")
+        print(f"  {name:<7} model {s['model']}  logs {s['run_dir']}  ({s['wall_seconds']:.0f} s)")
+    print("\n" + paths["table"].read_text())
+    for what, path in paths.items():
+        print(f"  {what:<6} {path}")
+    print(f"  stages {summary_path}")
     return 0
+
+
+def evaluate_policies(summary: dict, output: Path, args) -> dict[str, Path]:
+    """Sample and execute every available policy on the held-out problems; write the table, the plot and the JSON."""
+    from lit_align.execution.benchmarks import load_task_suite_problems
+    from lit_align.report import evaluate_model, write_report
+
+    problems = load_task_suite_problems("heldout")
+    evals = summary.setdefault("evaluations", {})
+    policies = {"untrained": "preset:tiny"} | {
+        s.name: str(s.model_dir(output)) for s in STAGES if s.name not in NOT_POLICIES and s.model_dir(output).exists()}
+    for name, path in policies.items():
+        if name in evals and evals[name]["n_samples"] == args.samples:
+            continue
+        print(f"lit_align quickstart: evaluating {name} ({args.samples} samples x {len(problems)} held-out problems)")
+        evals[name] = evaluate_model(path, problems, n_samples=args.samples, seed=args.seed)
+        evals[name]["train_seconds"] = summary["stages"].get(name, {}).get("wall_seconds", 0.0)
+    rows = {METHOD_NAMES[name]: evals[name] for name in policies}
+    return write_report(rows, output, args.seed)
 
 
 if __name__ == "__main__":
