@@ -32,7 +32,7 @@ after the forward pass, so the previous step's gradients are still alive while a
 What it cannot know: allocator caching and fragmentation (the CUDA caching allocator typically reserves 5-15% above
 what is live), the CUDA context (about 0.3-0.5 GiB per process), NCCL buffers, and kernels' workspaces. The
 activation rules were checked tensor by tensor on CPU; GPU kernels (flash/memory-efficient attention) save the same
-tensors, but that has not been measured here. bench/MEMORY_RESULTS.md compares estimates with measured CPU peaks.
+tensors, but that has not been measured here. BENCHMARKS.md (memory planner section) compares estimates with measured CPU peaks.
 """
 
 from __future__ import annotations
