@@ -118,3 +118,16 @@ def test_sft_on_task_suite_lowers_heldout_loss_clearly(tmp_path):
     after = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     assert before > 4.5  # a random byte-level model: about log(260) = 5.56 nats per token
     assert after < 0.5 * before, (before, after)
+
+
+def test_load_from_checkpoint_rebuilds_a_lora_module_from_an_adapter_only_checkpoint(tmp_path, pairs_file):
+    module = _module()
+    _trainer(tmp_path, 3).fit(module, datamodule=_data(pairs_file))
+    path = module.trainer.checkpoint_callback.last_model_path or module.trainer.checkpoint_callback.best_model_path
+    restored = SFT.load_from_checkpoint(path)
+    probe = torch.tensor([[5, 70, 80, 90]])
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.equal(restored(probe), module(probe))
+    trained = dict(module.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in restored.named_parameters() if "lora_" in n)

@@ -108,6 +108,8 @@ class AlignmentModule(L.LightningModule):
         self.optimizer_config = optimizer or OptimizerConfig()
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
+        # Adapter-only checkpoints lack the frozen base by design; on_load_checkpoint checks every trainable weight is there.
+        self.strict_loading = False
         self._rng_state_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -216,7 +218,6 @@ class AlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("lit_align_trainable_only"):
-            self.strict_loading = False
             missing = sorted(self._trainable_names() - set(checkpoint["state_dict"]))
             if self.model is not None and missing:
                 raise ValueError(f"checkpoint lacks {len(missing)} trainable weights of this module (first: {missing[0]}); "

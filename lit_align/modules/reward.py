@@ -1,0 +1,262 @@
+"""Bradley-Terry reward model (IotaCode Eq. 2): a scalar head on a causal-LM backbone, trained on preference pairs.
+
+The backbone comes from any causal LM checkpoint (the paper starts from a model domain-adapted on contest code: an
+SFT/LM run's exported directory or a merged model) through ``load_causal_lm(path, head="score")``; the score head is
+new unless the directory was saved from a reward model. With LoRA the score head is trained fully (it is added to
+``modules_to_save`` automatically). :meth:`RewardModel.score` and :func:`load_reward_model` are what online
+objectives (PPO) use to score (prompt, completion) pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import ModuleDict
+from torchmetrics import MeanMetric
+
+from lit_align import losses
+from lit_align.data_modules.collate import encode_completion, encode_prompt
+from lit_align.models import apply_lora, load_causal_lm
+from lit_align.modules.base import AlignmentModule
+from lit_align.modules.dpo import disable_dropout, shared_prompt_forward
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+class RewardModel(AlignmentModule):
+    """A sequence scorer r(x, y) trained with the Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin).
+
+    The reward of a sequence is the head's output at its last non-padding token (the end-of-sequence token that
+    follows every completion). Logs ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (mean
+    chosen-minus-rejected reward) and ``rewards/accuracies`` (share of pairs ranked correctly), the last two through
+    torchmetrics: per step and (``train/rewards/*_epoch``) per epoch in training, over the epoch in validation.
+    The loss is :meth:`compute_loss`.
+
+    Args:
+        margin: optional margin the chosen reward must exceed the rejected one by (null: Eq. 2 exactly).
+        share_prompt: run each prompt once for both completions of a pair (its keys/values are reused); ignored with
+            gradient checkpointing, which drops caches.
+        disable_dropout: turn dropout off, so the two sides of a pair are scored by the same network.
+    """
+
+    def __init__(self, *args, margin: float | None = None, share_prompt: bool = True, disable_dropout: bool = True,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._prompt_sharing_ok = True
+        if self.lora_config is not None:  # the new head must be trained fully, not through an adapter
+            keep = list(dict.fromkeys([*(self.lora_config.modules_to_save or []), "score"]))
+            self.lora_config = replace(self.lora_config, modules_to_save=keep)
+        # keyed "train_accuracies" etc.: a ModuleDict key may not shadow a Module method such as train
+        self.reward_metrics = ModuleDict({f"{stage}_{name}": MeanMetric() for stage in STAGES
+                                          for name in ("accuracies", "margins")})
+
+    # ------------------------------------------------------------------ construction
+    def build_policy(self) -> nn.Module:
+        """The backbone with a one-output score head (and a LoRA adapter whose modules_to_save include the head)."""
+        hp = self.hparams
+        model = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+                               quantize_4bit=hp.quantize_4bit, gradient_checkpointing=hp.gradient_checkpointing,
+                               head="score")
+        if self.lora_config is not None:  # a copy: peft extends modules_to_save in place
+            lora = replace(self.lora_config, modules_to_save=list(self.lora_config.modules_to_save or []))
+            model = apply_lora(model, lora, task_type="SEQ_CLS")
+        return model.train()
+
+    def configure_extra_models(self) -> None:
+        if self.hparams.disable_dropout:
+            disable_dropout(self.model)
+
+    def _scorer(self) -> nn.Module:
+        """The sequence-classification model under the (optional) peft wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    # ------------------------------------------------------------------ rewards
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                model: nn.Module | None = None) -> Tensor:
+        """Rewards (N,) in float32: the score head at the last token whose attention mask is 1 (left or right padding)."""
+        scorer = self._scorer() if model is None else model
+        backbone = getattr(scorer, scorer.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+        pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
+        return scorer.score(pooled).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> Tensor:
+        """Rewards of (prompt, completion) pairs, (N,) float32 on the module's device, without gradient.
+
+        Each pair is encoded as in training (prompt tokens, completion tokens, end-of-sequence); apply any prompt
+        template yourself. Pairs are scored in batches of ``batch_size`` sorted by length; the training/eval mode
+        is restored afterwards.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"score() needs one completion per prompt, got {len(prompts)} prompts and "
+                             f"{len(completions)} completions")
+        if batch_size < 1:
+            raise ValueError(f"score() batch_size must be >= 1, got {batch_size}")
+        if self.model is None:
+            self.configure_model()
+        if not prompts:
+            return torch.zeros(0, device=self.device)
+        tok = self.tokenizer
+        prompt_ids = {p: encode_prompt(tok, p) for p in dict.fromkeys(prompts)}  # repeated prompts: tokenized once
+        seqs = [prompt_ids[p] + encode_completion(tok, c) for p, c in zip(prompts, completions)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        rewards = torch.empty(len(seqs), device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            for s in range(0, len(order), batch_size):
+                chunk = order[s:s + batch_size]
+                longest = max(len(seqs[i]) for i in chunk)
+                input_ids = torch.full((len(chunk), longest), tok.pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    input_ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                    attention_mask[row, :len(seqs[i])] = 1
+                rewards[torch.tensor(chunk, device=self.device)] = self(input_ids.to(self.device),
+                                                                        attention_mask.to(self.device))
+        finally:
+            self.train(was_training)
+        return rewards
+
+    # ------------------------------------------------------------------ loss and steps
+    def compute_loss(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+        """The objective: per-example losses from the pair's rewards; override this one method for a variant."""
+        return losses.bradley_terry_loss(chosen_rewards, rejected_rewards, margin=self.hparams.margin)
+
+    def pair_rewards(self, batch: dict[str, Any]) -> Tensor:
+        """Rewards (2B,) of a preference batch: chosen rows, then rejected rows."""
+        if (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
+                and not self.hparams.gradient_checkpointing):
+            scorer = self._scorer()
+            try:
+                _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch)
+            except (TypeError, AttributeError, NotImplementedError) as err:
+                log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
+                self._prompt_sharing_ok = False
+            else:
+                mask = batch["completion_attention_mask"]
+                positions = torch.arange(mask.size(1), device=mask.device)
+                last = (positions * mask.to(positions.dtype)).argmax(-1)
+                pooled = out.last_hidden_state[torch.arange(mask.size(0), device=mask.device), last]
+                return scorer.score(pooled).squeeze(-1).float()
+        return self(batch["input_ids"], batch["attention_mask"])
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        rewards = self.pair_rewards(batch)
+        b = rewards.size(0) // 2
+        chosen, rejected = rewards[:b], rewards[b:]
+        loss = self.compute_loss(chosen, rejected).mean()
+        metrics = {"loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected}
+        for name, values in (("accuracies", (chosen > rejected).float()), ("margins", chosen - rejected)):
+            metric = self.reward_metrics[f"{stage}_{name}"]
+            if stage == "train":
+                metrics[f"rewards/{name}"] = metric(values.detach())  # this batch's value; accumulated for the epoch
+                self.log(f"train/rewards/{name}_epoch", metric, on_step=False, on_epoch=True, batch_size=b)
+            else:
+                metric.update(values.detach())
+                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=b)
+        self.log_metrics(stage, metrics, batch_size=b)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "test")
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a standard Hugging Face directory (sequence-classification model, adapter merged, and tokenizer)."""
+        if self.model is None:
+            self.configure_model()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            if self.hparams.quantize_4bit:
+                raise ValueError("save_pretrained cannot merge a LoRA adapter into 4-bit weights; export the merged "
+                                 "model with lit_align's LoRA merge callback instead")
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+
+def _is_reward_directory(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") or []
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    return any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1
+
+
+def _from_checkpoint(path: Path, map_location: str | torch.device) -> RewardModel:
+    """Rebuild from the checkpoint's hyperparameters, then load its (possibly trainable-only) weights.
+
+    Lightning's ``load_from_checkpoint`` decides strictness before ``on_load_checkpoint`` runs, so it refuses
+    LoRA checkpoints that hold only the adapter and head; this loader checks instead that every trainable weight
+    is present (``AlignmentModule.on_load_checkpoint``) and that the head is there.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not any(".score." in k or k.startswith("score.") for k in state):
+        raise ValueError(f"{path} is not a RewardModel checkpoint: its weights have no score head "
+                         f"(hyperparameters: {sorted(checkpoint.get('hyper_parameters') or {})})")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    accepted = set(inspect.signature(AlignmentModule.__init__).parameters) | set(
+        inspect.signature(RewardModel.__init__).parameters)
+    module = RewardModel(**{k: v for k, v in hparams.items() if k in accepted and k not in ("self", "args", "kwargs")})
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    result = module.load_state_dict(state, strict=not checkpoint.get("lit_align_trainable_only", False))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights that this RewardModel does not have (first: {result.unexpected_keys[0]}); "
+                         "it was saved with a different model or LoRA configuration")
+    return module.to(map_location)
+
+
+def load_reward_model(path_or_ckpt: str | Path, map_location: str | torch.device = "cpu") -> RewardModel:
+    """A trained :class:`RewardModel` in eval mode, from a Lightning checkpoint of one or an HF directory saved from one.
+
+    Args:
+        path_or_ckpt: a ``.ckpt`` file written while training a RewardModel (its base model must still be reachable
+            at the ``model_name_or_path`` it was trained from when the checkpoint holds only LoRA weights), or a
+            directory written by :meth:`RewardModel.save_pretrained` (a one-label sequence-classification model).
+        map_location: device the weights are loaded to.
+    """
+    path = Path(path_or_ckpt).expanduser()
+    if path.is_file():
+        module = _from_checkpoint(path, map_location)
+    elif path.is_dir():
+        if not _is_reward_directory(path):
+            raise ValueError(f"{path} is not a reward model directory: its config.json does not describe a one-label "
+                             "*ForSequenceClassification model; to train a reward model from a causal LM directory use "
+                             "RewardModel(model_name_or_path=...)")
+        module = RewardModel(model_name_or_path=str(path))
+        module.configure_model()
+        module.to(map_location)
+    else:
+        raise FileNotFoundError(f"reward model {str(path_or_ckpt)!r} does not exist (expected a .ckpt file or a "
+                                "directory saved with RewardModel.save_pretrained)")
+    return module.eval()
+
+
+__all__ = ["RewardModel", "load_reward_model"]

@@ -1,0 +1,287 @@
+"""DPO module: reference modes agree, step-0 rewards are exactly 0, one paired forward, the precomputed cache, metrics."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_align import losses
+from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
+from lit_align.models import LoRAConfig
+from lit_align.modules.base import OptimizerConfig
+from lit_align.modules.dpo import DPO
+
+
+def _trainer(root, max_steps, callbacks=(), **kw):
+    kw.setdefault("limit_val_batches", 0)
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
+                     num_sanity_val_steps=0, **kw)
+
+
+def _small(**kw):
+    """20 training tasks, 2 pairs each, no validation: for runs that score the whole dataset."""
+    return _data(train_sources=[PreferenceSource(limit=20)], val_sources=[], val_fraction=0.0, **kw)
+
+
+def _data(**kw):
+    kw.setdefault("batch_size", 4)
+    return PreferenceDataModule(tokenizer="preset:tiny", max_pairs_per_problem=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    data = _data()
+    data.setup()
+    return data
+
+
+@pytest.fixture
+def batch(dm):
+    return dm.collate(dm.train_items[::97][:5])  # 5 pairs from different tasks
+
+
+def _lora():
+    return LoRAConfig(r=4, dropout=0.1)
+
+
+def _built(**kw):
+    module = DPO(**kw)
+    module.configure_model()
+    return module
+
+
+# ---------------------------------------------------------------- construction
+@pytest.mark.parametrize("beta", [0.0, -1.0])
+def test_non_positive_beta_is_refused_at_construction(beta):
+    with pytest.raises(ValueError, match=r"DPO beta must be > 0.*beta=" + str(beta)):
+        DPO(beta=beta, model_name_or_path="/no/such/model")  # refused before anything is loaded
+
+
+def test_bad_reference_settings_are_refused():
+    with pytest.raises(ValueError, match="adapter_disabled' needs a LoRA adapter"):
+        DPO(reference="adapter_disabled")
+    with pytest.raises(ValueError, match="reference must be auto"):
+        DPO(reference="ema")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPO(label_smoothing=0.7)
+
+
+def test_auto_reference_is_adapter_disabled_with_lora_and_a_frozen_copy_without():
+    with_lora = _built(lora=_lora())
+    assert with_lora.reference_mode == "adapter_disabled" and with_lora.reference_model is None
+    full = _built()
+    assert full.reference_mode == "frozen_copy"
+    assert all(not p.requires_grad for p in full.reference_model.parameters())
+    assert not full.reference_model.training
+
+
+# ---------------------------------------------------------------- step 0 and reference equivalence
+@pytest.mark.parametrize("kw", [dict(lora=_lora()), dict(reference="frozen_copy")], ids=["adapter_disabled", "frozen_copy"])
+def test_every_implicit_reward_is_exactly_zero_at_step_0(kw, batch):
+    module = _built(beta=0.5, **kw).train()
+    policy = module.concatenated_logps(batch)
+    ref_chosen, ref_rejected = module.reference_logps(batch)
+    per_example, chosen_r, rejected_r = module.compute_loss(policy["chosen_logps"], policy["rejected_logps"],
+                                                            ref_chosen, ref_rejected)
+    assert torch.equal(chosen_r, torch.zeros(5)) and torch.equal(rejected_r, torch.zeros(5))
+    assert per_example.tolist() == pytest.approx([math.log(2.0)] * 5, abs=1e-7)
+    assert torch.equal(module.example_margins(batch), torch.zeros(5))
+
+
+def test_adapter_disabled_reference_equals_a_frozen_copy_of_the_initial_policy(tmp_path, batch):
+    L.seed_everything(0)
+    trained = DPO(beta=0.5, lora=_lora(), optimizer=OptimizerConfig(lr=2e-2))
+    _trainer(tmp_path, 4, enable_checkpointing=False).fit(trained, datamodule=_data())
+
+    L.seed_everything(1)  # a different adapter initialisation: it does not matter, its B matrices start at 0
+    copy_ref = _built(beta=0.5, lora=_lora(), reference="frozen_copy")
+    copy_ref.model.load_state_dict(trained.model.state_dict())
+    a, b = trained.eval(), copy_ref.eval()
+    with torch.no_grad():
+        ref_a, ref_b = a.reference_logps(batch), b.reference_logps(batch)
+        pol_a, pol_b = a.concatenated_logps(batch), b.concatenated_logps(batch)
+    assert torch.allclose(ref_a[0], ref_b[0], atol=1e-5) and torch.allclose(ref_a[1], ref_b[1], atol=1e-5)
+    loss_a = a.compute_loss(pol_a["chosen_logps"], pol_a["rejected_logps"], *ref_a)[0]
+    loss_b = b.compute_loss(pol_b["chosen_logps"], pol_b["rejected_logps"], *ref_b)[0]
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert a.example_margins(batch).abs().min() > 1e-3  # training moved the policy away from the reference
+
+
+def test_loss_wiring_matches_dpo_loss_of_separate_forward_passes(batch):
+    module = _built(beta=0.3, label_smoothing=0.1, lora=_lora())
+    with torch.no_grad():
+        lora_b = [p for n, p in module.model.named_parameters() if "lora_B" in n]
+        for p in lora_b:
+            p.normal_(0, 0.05)  # make the policy differ from its reference
+        b = batch["input_ids"].size(0) // 2
+        full = module.completion_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with module.model.disable_adapter():
+            ref = module.completion_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        expected = losses.dpo_loss(full["sum"][:b], full["sum"][b:], ref["sum"][:b], ref["sum"][b:], beta=0.3,
+                                   label_smoothing=0.1)[0].mean()
+        policy = module.concatenated_logps(batch)
+        per_example = module.compute_loss(policy["chosen_logps"], policy["rejected_logps"],
+                                          *module.reference_logps(batch))[0]
+    # the paired pass computes logits only from the last prompt position on: same numbers as the full pass
+    assert torch.allclose(policy["chosen_logps"], full["sum"][:b], atol=1e-4)
+    assert torch.allclose(per_example.mean(), expected, atol=1e-5)
+    assert abs(expected.item() - math.log(2.0)) > 1e-3
+
+
+# ---------------------------------------------------------------- speed contracts
+class ForwardCounter:
+    def __init__(self, net):
+        self.rows = []
+        net.register_forward_hook(lambda mod, args, kwargs, out: self.rows.append(kwargs["input_ids"].size(0)),
+                                  with_kwargs=True)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared_prompt", "full_sequences"])
+@pytest.mark.parametrize("reference,passes", [("adapter_disabled", 2), ("precomputed", 1)])
+def test_one_pass_scores_chosen_and_rejected_together(tmp_path, reference, passes, share_prompt):
+    module = DPO(lora=_lora(), reference=reference, share_prompt=share_prompt)
+    data = _small(batch_size=3)
+    trainer = _trainer(tmp_path, 2, enable_checkpointing=False)
+    counters = {}
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "c" not in counters:
+                counters["c"] = ForwardCounter(pl_module.model)
+            counters["c"].rows.clear()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counters.setdefault("per_step", []).append(list(counters["c"].rows))
+
+    trainer.callbacks.append(Count())
+    trainer.fit(module, datamodule=data)
+    # a pass: the 3 prompts once, then the 6 completions on their cached keys/values; or the 6 full sequences.
+    # (step 0 of the precomputed run also scores the whole dataset once, before the first update)
+    one_pass = [3, 6] if share_prompt else [6]
+    assert counters["per_step"][-1] == one_pass * passes
+
+
+def test_frozen_copy_runs_policy_and_reference_once_each(batch):
+    module = _built().train()
+    policy_rows, ref_rows = ForwardCounter(module.model), ForwardCounter(module.reference_model)
+    module.log_metrics = lambda *a, **k: None
+    module.training_step(batch, 0).backward()
+    assert policy_rows.rows == [5, 10] and ref_rows.rows == [5, 10]
+    assert all(p.grad is None for p in module.reference_model.parameters())
+
+
+def test_gradient_checkpointing_falls_back_to_full_sequences(batch):
+    module = _built(lora=_lora(), gradient_checkpointing=True).train()  # checkpointed layers drop KV caches
+    rows = ForwardCounter(module.model).rows
+    module.log_metrics = lambda *a, **k: None
+    module.training_step(batch, 0).backward()
+    assert rows == [10, 10]  # policy and adapter-disabled reference, each over the 10 full sequences
+
+
+def test_shared_prompt_pass_gives_the_full_sequence_numbers_and_gradients(batch):
+    module = _built(lora=_lora())
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    grads, sums = {}, {}
+    for share in (True, False):
+        module.hparams.share_prompt = share
+        module.zero_grad()
+        out = module.concatenated_logps(batch)
+        (out["chosen_logps"].sum() - 2 * out["rejected_logps"].sum()).backward()
+        grads[share] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+        sums[share] = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+        assert out["mask"].sum() == (batch["labels"] != losses.IGNORE_INDEX).sum()  # every completion token, once
+    assert torch.allclose(sums[True], sums[False], atol=1e-4)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- precomputed reference
+def test_precomputed_cache_matches_live_reference_under_shuffling(tmp_path, dm):
+    L.seed_everything(0)
+    module = DPO(lora=_lora(), reference="precomputed", optimizer=OptimizerConfig(lr=1e-2))
+    data = _small()
+    _trainer(tmp_path, 3, enable_checkpointing=False).fit(module, datamodule=data)
+    cache = module._ref_cache
+    assert cache["key"].numel() == len(data.train_items) == 40  # 2 pairs x 20 tasks
+    shuffled = [data.train_items[i] for i in torch.randperm(len(data.train_items), generator=torch.Generator().manual_seed(3))[:6]]
+    batch = data.collate(shuffled)
+    module.eval()
+    cached = module.reference_logps(batch)
+    module.reference_mode = "adapter_disabled"
+    live = module.reference_logps(batch)
+    assert torch.allclose(cached[0], live[0], atol=1e-4) and torch.allclose(cached[1], live[1], atol=1e-4)
+
+
+def test_precomputed_cache_is_restored_from_the_checkpoint_on_resume(tmp_path):
+    L.seed_everything(0)
+    data = _small()
+    first = DPO(reference="precomputed", optimizer=OptimizerConfig(lr=1e-2))  # full fine-tuning: no live reference
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _trainer(tmp_path / "a", 2, [ckpt]).fit(first, datamodule=data)
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    assert torch.equal(saved["lit_align_reference_cache"]["key"], first._ref_cache["key"])
+
+    resumed = DPO(reference="precomputed", optimizer=OptimizerConfig(lr=1e-2))
+    resumed.precompute_reference = lambda: pytest.fail("a resumed run must not recompute the reference")
+    _trainer(tmp_path / "b", 4, enable_checkpointing=False).fit(resumed, datamodule=_small(),
+                                                                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert resumed.trainer.global_step == 4
+    assert torch.equal(resumed._ref_cache["chosen"], first._ref_cache["chosen"])
+
+
+def test_precomputed_full_finetuning_refuses_pairs_it_cannot_score_after_training_started(dm, batch):
+    module = _built(reference="precomputed")
+    module._ref_cache_built = True  # as after a run whose DataModule did not hold these pairs
+    module._loaded_from_checkpoint = True
+    with pytest.raises(ValueError, match="not in the reference cache"):
+        module.reference_logps(batch)
+
+
+# ---------------------------------------------------------------- margins and metrics
+def test_example_margins_are_per_pair_without_gradient_and_restore_the_mode(batch):
+    module = _built(beta=2.0, lora=_lora()).train()
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    margins = module.example_margins(batch)
+    assert margins.shape == (5,) and not margins.requires_grad and module.training
+    with torch.no_grad():
+        module.eval()
+        policy = module.concatenated_logps(batch)
+        rc, rr = module.reference_logps(batch)
+    expected = 2.0 * ((policy["chosen_logps"] - rc) - (policy["rejected_logps"] - rr))
+    assert torch.allclose(margins, expected, atol=1e-5)
+
+
+def test_training_logs_the_preference_metrics(tmp_path):
+    module = DPO(lora=_lora())
+    trainer = _trainer(tmp_path, 2, enable_checkpointing=False, limit_val_batches=2, val_check_interval=2)
+    trainer.fit(module, datamodule=_data())
+    names = set(trainer.callback_metrics)
+    for stage in ("train", "val"):
+        for metric in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                       "logps/chosen", "logps/rejected"):
+            assert f"{stage}/{metric}" in names, f"{stage}/{metric}"
+    m = trainer.callback_metrics
+    assert m["val/rewards/margins"].item() == pytest.approx(
+        (m["val/rewards/chosen"] - m["val/rewards/rejected"]).item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_raises_heldout_accuracy_well_above_chance(tmp_path):
+    L.seed_everything(0)
+    module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=5e-3, warmup_steps=5))
+    data = PreferenceDataModule(tokenizer="preset:tiny", batch_size=8, eval_batch_size=64)
+    _trainer(tmp_path, 60, enable_checkpointing=False).fit(module, datamodule=data)
+    result = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       ).validate(module, datamodule=data, verbose=False)[0]
+    assert len(data.val_items) == 324  # every pair of the held-out tasks
+    assert result["val/rewards/accuracies"] > 0.65
+    assert result["val/rewards/margins"] > 0
