@@ -1,4 +1,4 @@
-"""Direct Preference Optimization (IotaCode Eq. 3), and the policy-side base shared by preference objectives.
+"""Direct Preference Optimization (IotaCode Eq. 3).
 
 A batch from :class:`~lit_align.data_modules.preference.PreferenceDataModule` holds ``B`` pairs as ``(2B, T)`` rows,
 chosen first; the policy scores both halves in one forward pass. The reference policy of DPO is, by default, the
@@ -13,162 +13,14 @@ import logging
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_align import losses
-from lit_align.modules.base import AlignmentModule
+from lit_align.modules.preference import PreferenceModule, preference_metrics
 
 log = logging.getLogger(__name__)
 
 ReferenceMode = Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"]
-
-
-def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
-    """rewards/chosen, rewards/rejected, rewards/margins (chosen minus rejected) and rewards/accuracies (chosen > rejected)."""
-    chosen_rewards, rejected_rewards = chosen_rewards.detach().float(), rejected_rewards.detach().float()
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-    }
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (nn.Dropout modules and the attention-dropout rates of HF attention layers)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:
-    """Run each prompt once, then the 2B completions on its keys/values: ``(prompt_out, completion_out, rows)``.
-
-    ``batch`` holds the split layout of :func:`~lit_align.data_modules.preference.collate_pairs`: left-padded
-    prompts (B, P) and right-padded completions (2B, C), chosen rows first. The prompt cache is repeated for both
-    completions of each prompt (``rows`` maps completion row -> prompt row) and every position continues from its own
-    prompt's length, so the result equals a pass over the full sequences. ``net`` is any HF decoder (causal LM or
-    bare backbone) that accepts ``past_key_values``; ``prompt_kwargs`` go to the prompt pass (``logits_to_keep=1``).
-    Raises NotImplementedError when the model returns no cache.
-    """
-    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    ids, mask = batch["completion_input_ids"], batch["completion_attention_mask"]
-    rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat(2)
-    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt_out = net(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
-                     **prompt_kwargs)
-    cache = prompt_out.past_key_values
-    if cache is None:
-        raise NotImplementedError("the model returned no KV cache")
-    cache.batch_select_indices(rows)
-    positions = prompt_mask.sum(-1)[rows].unsqueeze(-1) + torch.arange(ids.size(1), device=ids.device)
-    out = net(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], dim=-1), position_ids=positions,
-              past_key_values=cache, use_cache=True)
-    return prompt_out, out, rows
-
-
-class PreferenceModule(AlignmentModule):
-    """Base of policy-side preference objectives (DPO, ORPO): the paired forward pass, the steps and the metrics.
-
-    Args:
-        share_prompt: run each prompt once for both of its completions: the prompt's keys and values are computed a
-            single time and reused by the chosen and the rejected row (needs a model with a KV cache; ignored with
-            gradient checkpointing, which drops caches). Off: one forward pass over the 2B full sequences.
-        disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
-            of the same weights agree exactly and the implicit rewards are not noise.
-    """
-
-    def __init__(self, *args, share_prompt: bool = True, disable_dropout: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._logits_to_keep_ok = True
-        self._prompt_sharing_ok = True
-
-    def configure_extra_models(self) -> None:
-        if self.hparams.disable_dropout:
-            disable_dropout(self.model)
-
-    # ------------------------------------------------------------------ the paired forward pass
-    def concatenated_logps(self, batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
-        """Completion log-probs of the chosen and rejected rows of ``batch``, both halves in one pass of the network.
-
-        Returns ``chosen_logps``/``rejected_logps`` (sums over completion tokens, (B,)), ``chosen_mean_logps``/
-        ``rejected_mean_logps`` (per-token means), and ``token_logps``/``mask`` of all 2B completions. With
-        ``share_prompt`` (and a batch split at the prompt, as :class:`PreferenceDataModule` gives) each prompt runs
-        once and both completions attend to its cached keys/values; otherwise the 2B full sequences run together,
-        with logits computed only from the last prompt position on (``logits_to_keep``).
-        """
-        if self._use_prompt_sharing(batch):
-            try:
-                token_logps, mask = self._shared_prompt_token_logps(batch, model)
-            except (TypeError, AttributeError, NotImplementedError) as err:  # no usable KV cache in this architecture
-                log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
-                self._prompt_sharing_ok = False
-                token_logps, mask = self._full_token_logps(batch, model)
-        else:
-            token_logps, mask = self._full_token_logps(batch, model)
-        sums = losses.sequence_logps(token_logps, mask)
-        means = sums / mask.sum(-1).clamp(min=1)
-        b = sums.size(0) // 2
-        return {"chosen_logps": sums[:b], "rejected_logps": sums[b:], "chosen_mean_logps": means[:b],
-                "rejected_mean_logps": means[b:], "token_logps": token_logps, "mask": mask}
-
-    def _use_prompt_sharing(self, batch: dict[str, Any]) -> bool:
-        return (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and not self.hparams.gradient_checkpointing)
-
-    def _full_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
-        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        seq = input_ids.size(1)
-        start = batch.get("completion_start")
-        if start is None:  # a batch built elsewhere: the first position holding a completion label in any row
-            start = int((labels != losses.IGNORE_INDEX).int().argmax(-1).min())
-        keep = min(seq, seq - int(start) + 1)
-        logits = self._logits(input_ids, attention_mask, keep, model)
-        return losses.token_logps(logits, labels[:, seq - logits.size(1):])
-
-    def _shared_prompt_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
-        """Prompts (B rows, left-padded) once with a KV cache, then the 2B completions on top of the repeated cache.
-
-        The last prompt position's logits predict each completion's first token; the completion pass predicts the
-        rest. Positions continue from each prompt's own length, so the numbers match the full-sequence pass.
-        """
-        net = model if model is not None else self.model
-        labels = batch["completion_labels"]
-        prompt_out, out, both = shared_prompt_forward(net, batch, logits_to_keep=1)
-        first = -F.cross_entropy(prompt_out.logits[both, -1].float(), labels[:, 0].clamp(min=0), reduction="none")
-        first_mask = labels[:, 0] != losses.IGNORE_INDEX
-        rest, rest_mask = losses.token_logps(out.logits, labels)
-        token_logps = torch.cat([(first * first_mask).unsqueeze(-1), rest], dim=-1)
-        return token_logps, torch.cat([first_mask.unsqueeze(-1), rest_mask], dim=-1)
-
-    def _logits(self, input_ids: Tensor, attention_mask: Tensor, keep: int, model: nn.Module | None) -> Tensor:
-        net = model if model is not None else self.model
-        if self._logits_to_keep_ok:
-            try:
-                return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           logits_to_keep=keep).logits
-            except TypeError:  # an architecture without logits_to_keep: compute every position
-                self._logits_to_keep_ok = False
-        return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    # ------------------------------------------------------------------ steps
-    def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        raise NotImplementedError
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "test")
-
-    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 class DPO(PreferenceModule):
@@ -362,4 +214,4 @@ class DPO(PreferenceModule):
         return (chosen_rewards - rejected_rewards).float()
 
 
-__all__ = ["DPO", "PreferenceModule", "disable_dropout", "preference_metrics", "shared_prompt_forward"]
+__all__ = ["DPO"]

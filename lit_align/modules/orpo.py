@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from lit_align import losses
-from lit_align.modules.dpo import PreferenceModule, preference_metrics
+from lit_align.modules.preference import PreferenceModule, preference_metrics
 
 
 class ORPO(PreferenceModule):
