@@ -1,6 +1,5 @@
 """Shared test setup: everything offline, small thread counts, tiny data files."""
 
-import json
 import os
 
 import pytest
@@ -15,17 +14,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(1)
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def add_const_rows(n: int, prompt_key: str = "prompt", completion_key: str = "completion"):
-    """Short add-a-constant problems: prompt/completion rows a tiny model can learn."""
-    return [{prompt_key: f'def add_{k}(x):\n    """Return x plus {k}."""\n', completion_key: f"    return x + {k}\n"}
-            for k in range(n)]
+from data_helpers import add_const_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture

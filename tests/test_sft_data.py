@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import add_const_rows, write_jsonl
+from data_helpers import add_const_rows, write_jsonl
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.sft import SFTDataModule
 from lit_align.data_modules.sources import DataError, DataSource, load_prompt_completions, mix
