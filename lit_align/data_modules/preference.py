@@ -18,9 +18,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lit_align.data_modules.base import ListDataset, TokenizedDataModule
+from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.code_contests import load_code_contests, parse_language
 from lit_align.data_modules.pairing import (
     Triplet,
@@ -342,12 +343,52 @@ class PreferenceDataModule(TokenizedDataModule):
     def collate(self, items: list[EncodedTriplet]) -> dict:
         return collate_pairs(items, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
+    # -- resampling hook (lit_align.callbacks.margin_resampling) ---------------------------------------------------
+    def set_train_schedule(self, batches: list[list[int]] | None) -> None:
+        """Train on these global batches (indices into ``train_items``) instead of the sampler's own order.
+
+        Position ``i`` of the schedule replaces the ``i``-th batch of the epoch, from the next batch fetched on (each
+        process takes its share of every global batch); None returns to the sampler's order.
+        """
+        self.train_schedule = [list(b) for b in batches] if batches is not None else None
+
+    train_schedule: list[list[int]] | None = None
+
+    def _batch_sampler(self, items: list, batch_size: int, shuffle: bool):
+        sampler = super()._batch_sampler(items, batch_size, shuffle)
+        return ScheduledBatchSampler(sampler, self) if shuffle else sampler
+
     def reference_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every training and validation pair once, longest first, unshuffled: for precomputing reference log-probs."""
         items = sorted(self.train_items + self.val_items, key=len, reverse=True)
         size = batch_size or self.eval_batch_size
         batches = [list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)]
         return DataLoader(ListDataset(items), batch_sampler=batches, collate_fn=self.collate, num_workers=0)
+
+
+class ScheduledBatchSampler(Sampler[list[int]]):
+    """The training batch sampler, except where the DataModule holds a schedule (``set_train_schedule``)."""
+
+    def __init__(self, base: LengthGroupedBatchSampler, datamodule: PreferenceDataModule) -> None:
+        self.base = base
+        self.datamodule = datamodule
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def skip_batches(self, n: int) -> None:
+        self._skip = n
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        own = list(self.base)
+        skip, self._skip = self._skip, 0
+        for i in range(skip, len(own)):
+            schedule = self.datamodule.train_schedule  # read per batch: a new schedule applies at once
+            yield self.base._rank_slice(schedule[i]) if schedule is not None and i < len(schedule) else own[i]
 
 
 def _as_source(source: PreferenceSource | dict) -> PreferenceSource:
