@@ -280,6 +280,19 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
     return model
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (nn.Dropout modules and HF attention layers' attention_dropout).
+
+    Objectives that compare two forward passes of one network (DPO's policy vs reference, PPO's ratio) need it: with
+    dropout on, a policy and its own adapter-disabled copy disagree before any update.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def lora_to_dict(lora: LoRAConfig | None) -> dict | None:
     return None if lora is None else asdict(lora)
 
@@ -296,6 +309,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "block_linear_names", "build_byte_tokenizer",
-    "build_preset_model", "count_parameters", "load_causal_lm", "load_tokenizer", "materialize_preset",
+    "build_preset_model", "count_parameters", "disable_dropout", "load_causal_lm", "load_tokenizer", "materialize_preset",
     "parse_preset",
 ]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_align import losses
+from lit_align.models import disable_dropout
 from lit_align.modules.base import AlignmentModule
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,6 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
     }
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (nn.Dropout modules and the attention-dropout rates of HF attention layers)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:

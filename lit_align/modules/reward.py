@@ -26,7 +26,8 @@ from lit_align import losses
 from lit_align.data_modules.collate import encode_completion, encode_prompt
 from lit_align.models import apply_lora, load_causal_lm
 from lit_align.modules.base import AlignmentModule
-from lit_align.modules.preference import disable_dropout, shared_prompt_forward
+from lit_align.models import disable_dropout
+from lit_align.modules.preference import shared_prompt_forward
 
 log = logging.getLogger(__name__)
 
