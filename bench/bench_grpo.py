@@ -1,0 +1,178 @@
+"""Rollout throughput and GRPO step time: lit_align's hf backend / GRPO module against TRL's GRPOTrainer.
+
+Both sides use the same tiny model, the same prompts (task-suite training problems), K completions per prompt at
+temperature 1, the same completion budget, no stop strings (both stop at end-of-sequence), the same unit-test reward
+(lit_align's sandboxed executor), beta = 0.04 with a frozen reference copy, one optimizer step per generation batch,
+sequence-level loss normalisation (lit_align ``loss_aggregation="sequence"`` = TRL ``loss_type="grpo"``), one torch
+thread, CPU.
+
+- generation: completions per second of one batch of prompts x K (median of ``--repeats`` timed calls after a
+  warm-up): ``HFBackend.generate`` against ``GRPOTrainer._generate`` (TRL's own transformers ``generate`` path; a
+  private method, the one its training step calls).
+- step: seconds per full GRPO training step (generate, execute, reference and policy forward/backward, optimizer step),
+  median over ``--steps`` steps after the first.
+
+    python bench/bench_grpo.py --model runs/quickstart/sft-model --prompts 16 --k 4 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def _prompt_items(n: int):
+    from lit_align.data_modules.prompts import PromptSource, load_prompt_items
+
+    return load_prompt_items(PromptSource(split="train", limit=n))
+
+
+def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+    from lit_align.generation import HFBackend, SamplingParams
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
+    backend = HFBackend(model, tok, batch_size=len(items) * k)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[])
+    prompts = [i.prompt for i in items]
+    backend.generate(prompts, params)  # warm-up
+    times, tokens = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = backend.generate(prompts, params)
+        times.append(time.perf_counter() - t0)
+        tokens.append(sum(len(c.token_ids) for group in out for c in group))
+    t = statistics.median(times)
+    return {"seconds": t, "completions_per_s": len(prompts) * k / t, "tokens_per_s": statistics.median(tokens) / t}
+
+
+def _trl_trainer(model_path: str, items, k: int, max_new_tokens: int, steps: int, out_dir: str, callbacks=()):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lit_align.execution.rewards import ExecutionReward
+    from lit_align.execution.sandbox import Limits
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    problems = {i.task_id: i.problem for i in items}
+    executor = ExecutionReward(limits=Limits(timeout_s=1.0))
+
+    def unit_test_reward(prompts, completions, task_id, **kwargs):
+        return executor([problems[t] for t in task_id], completions)
+
+    data = Dataset.from_list([{"prompt": i.prompt, "task_id": i.task_id} for i in items])
+    config = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=len(items) * k, gradient_accumulation_steps=1,
+                        num_generations=k, max_completion_length=max_new_tokens, temperature=1.0, beta=0.04,
+                        loss_type="grpo", learning_rate=1e-4, max_steps=steps, num_iterations=1, use_cpu=True,
+                        report_to=[], logging_steps=1, save_strategy="no", bf16=False, dataloader_num_workers=0,
+                        disable_tqdm=True, seed=0)
+    tok = load_tokenizer(model_path, padding_side="left")
+    return GRPOTrainer(model=load_causal_lm(model_path), reward_funcs=unit_test_reward, args=config, train_dataset=data,
+                       processing_class=tok, callbacks=list(callbacks))
+
+
+def bench_trl_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trl_trainer(model_path, items, k, max_new_tokens, 1, out)
+        prompts = [i.prompt for i in items for _ in range(k)]  # TRL's sampler repeats each prompt K times
+        trainer.model.eval()
+        trainer._generate(prompts)  # warm-up
+        times, tokens = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = trainer._generate(prompts)
+            times.append(time.perf_counter() - t0)
+            tokens.append(sum(len(ids) for ids in result[1]))
+    t = statistics.median(times)
+    return {"seconds": t, "completions_per_s": len(prompts) / t, "tokens_per_s": statistics.median(tokens) / t}
+
+
+def bench_trl_step(model_path: str, items, k: int, max_new_tokens: int, steps: int) -> dict:
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trl_trainer(model_path, items, k, max_new_tokens, steps, out, callbacks=[Stamp()])
+        t0 = time.perf_counter()
+        trainer.train()
+    durations = [b - a for a, b in zip([t0] + stamps, stamps)][1:]
+    return {"seconds_per_step": statistics.median(durations), "steps_timed": len(durations)}
+
+
+def bench_lit_align_step(model_path: str, items, k: int, max_new_tokens: int, steps: int) -> dict:
+    import lightning.pytorch as L
+
+    from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
+    from lit_align.modules.base import OptimizerConfig
+    from lit_align.modules.grpo import GRPO
+
+    stamps: list[float] = []
+
+    class Stamp(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stamps.append(time.perf_counter())
+
+    module = GRPO(model_name_or_path=model_path, samples_per_prompt=k, max_new_tokens=max_new_tokens, stop=[],
+                  temperature=1.0, beta=0.04, loss_aggregation="sequence", micro_batch_size=len(items) * k,
+                  generation_batch_size=len(items) * k, execution_timeout_s=1.0,
+                  optimizer=OptimizerConfig(lr=1e-4, schedule="constant"))
+    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=len(items))], val_sources=[],
+                             batch_size=len(items))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Stamp()])
+    t0 = time.perf_counter()
+    trainer.fit(module, data)
+    durations = [b - a for a, b in zip([t0] + stamps, stamps)][1:]
+    return {"seconds_per_step": statistics.median(durations), "steps_timed": len(durations)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="runs/quickstart/sft-model", help="model directory or preset")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per batch")
+    parser.add_argument("--k", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="completion budget")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generation calls per side")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per side (the first is not timed)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not Path(args.model).exists() and not args.model.startswith("preset:"):
+        print(f"model {args.model!r} not found; run the SFT quickstart first or pass --model", file=sys.stderr)
+        return 2
+    items = _prompt_items(args.prompts)
+    a = (args.model, items, args.k, args.max_new_tokens)
+    results = {
+        "setup": {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
+                  "threads": args.threads, "torch": torch.__version__},
+        "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats),
+                       "trl": bench_trl_generation(*a, args.repeats)},
+        "grpo_step": {"lit_align": bench_lit_align_step(*a, args.steps), "trl": bench_trl_step(*a, args.steps)},
+    }
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

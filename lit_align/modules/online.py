@@ -1,0 +1,602 @@
+"""What the online objectives (PPO, GRPO, RAFT) share: rollouts, rewards, reference log-probs, manual optimization.
+
+A training batch is a :class:`~lit_align.data_modules.prompts.PromptBatch`. Each ``training_step``:
+
+1. generates ``samples_per_prompt`` completions per prompt through a generation backend (the live policy in eval
+   mode under ``no_grad`` for ``hf``; LoRA active),
+2. scores them: the unit-test reward of the execution layer (sandboxed, never in this process) or a trained reward
+   model,
+3. hands the scored :class:`Rollouts` to the objective's :meth:`OnlineModule.update`, which runs its optimizer steps
+   itself (``automatic_optimization = False``): :meth:`OnlineModule.run_updates` does the epochs x minibatches loop,
+   micro-batch gradient accumulation, gradient clipping (``max_grad_norm``) and a scheduler step per optimizer step,
+4. logs the global (all-process) reward mean/std, status fractions and response length with the update's figures.
+
+Under DDP each process generates for its own prompts (the DataModule shards them) and the statistics are reduced
+over processes before logging. ``trainer.global_step`` counts optimizer steps, so ``max_steps`` is a number of
+optimizer steps and a training batch advances it by :meth:`OnlineModule.optimizer_steps_per_batch`.
+
+Rollout tensors use one layout: prompts left-padded to a common width P, responses right-padded to T, so the
+response of every row occupies columns P..P+T-1 and per-token tensors are "response-aligned" (N, T) as
+:mod:`lit_align.losses` expects.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import ModuleDict
+from torchmetrics import MeanMetric
+
+from lit_align import losses
+from lit_align.data_modules.collate import encode_prompt
+from lit_align.data_modules.prompts import PromptBatch, PromptItem
+from lit_align.execution.metrics import pass_at_k
+from lit_align.execution.rewards import ExecutionReward, UnitTestReward
+from lit_align.execution.sandbox import Limits
+from lit_align.execution.status import ExecutionResult, Status
+from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, SamplingParams, build_backend
+from lit_align.generation.base import BackendName, find_stop
+from lit_align.generation.hf import inference_mode
+from lit_align.models import load_causal_lm
+from lit_align.modules.base import AlignmentModule
+
+# checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
+torch.serialization.add_safe_globals([UnitTestReward])
+
+RewardSource = Literal["execution", "reward_model"]
+STATUSES = tuple(s.value for s in Status)
+
+
+class RewardSetupError(ValueError):
+    """The reward cannot be computed for this run (no tests for an execution reward, mismatched reward model)."""
+
+
+@dataclass
+class Rollouts:
+    """Scored completions of one training batch, with the tensors every objective needs.
+
+    Completions of one prompt are consecutive (``group_size`` of them), in the order of the batch's prompts.
+    """
+
+    items: list[PromptItem]
+    """The prompt item of each completion (repeated ``group_size`` times)."""
+    completions: list[Completion]
+    """What the backend returned, one per row."""
+    group_size: int
+    """Completions per prompt."""
+    input_ids: Tensor
+    """(N, P + T): left-padded prompt then right-padded response (with its end-of-sequence token when it stopped)."""
+    attention_mask: Tensor
+    """(N, P + T): 1 on real tokens."""
+    position_ids: Tensor
+    """(N, P + T): positions counted from each row's first real token."""
+    response_ids: Tensor
+    """(N, T): the response tokens (padding where the mask is False)."""
+    response_mask: Tensor
+    """(N, T) bool: True on response tokens."""
+    prompt_width: int
+    """P, the padded prompt width."""
+    rewards: Tensor | None = None
+    """(N,) float32 scalar rewards, set by :meth:`OnlineModule.score_rollouts`."""
+    results: list[ExecutionResult | None] = field(default_factory=list)
+    """Execution results (None for rows scored by a reward model only)."""
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+    def rows(self, index: Tensor) -> dict[str, Tensor]:
+        """The tensors of rows ``index``, trimmed to the longest response among them."""
+        mask = self.response_mask[index]
+        t = max(int(mask.sum(-1).max()), 1)
+        width = self.prompt_width + t
+        return {"input_ids": self.input_ids[index, :width], "attention_mask": self.attention_mask[index, :width],
+                "position_ids": self.position_ids[index, :width], "response_ids": self.response_ids[index, :t],
+                "response_mask": mask[:, :t], "index": index}
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Set every dropout probability (nn.Dropout and attention dropout) to 0: PPO ratios must start at exactly 1."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+class OnlineModule(AlignmentModule):
+    """Base of PPO, GRPO and RAFT: generation, rewards, reference log-probs, the update loop and validation pass@1.
+
+    Subclasses implement :meth:`update` (their optimizer steps on scored rollouts) and
+    :meth:`optimizer_steps_per_batch`, and may set ``needs_reference``/``needs_values``.
+
+    Args:
+        reward: "execution" runs each completion against its problem's tests (unit-test reward scale);
+            "reward_model" scores (prompt, completion) with a trained reward model.
+        reward_model: the reward model for reward="reward_model": a RewardModel checkpoint (.ckpt) or a directory
+            saved with RewardModel.save_pretrained; its tokenizer must be the policy's.
+        reward_model_batch_size: pairs scored per reward-model forward pass.
+        reward_scale: the unit-test reward scale (timeout -2, syntax -1, runtime -0.6, failed -0.3, pass +4,
+            optional partial credit and trivial-body penalty).
+        execution_timeout_s: wall-clock seconds each program may run (per test for stdin/stdout problems).
+        execution_workers: programs run in parallel; null: one per CPU.
+        samples_per_prompt: completions generated for each prompt per training batch.
+        max_new_tokens: longest completion, in tokens.
+        temperature: sampling temperature for rollouts (1.0 keeps the sampler and the trained policy the same).
+        top_p: nucleus sampling for rollouts (1.0 disables it).
+        stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...);
+            use [] for whole programs (CodeContests).
+        generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
+        generation_kwargs: extra arguments of the backend (vllm: gpu_memory_utilization...; openai: base_url...).
+        generation_batch_size: sequences decoded together by the hf backend.
+        micro_batch_size: rollouts per forward/backward pass; gradients of a minibatch are accumulated over these.
+        val_temperature: sampling temperature on held-out prompts (0: greedy, the usual pass@1).
+        val_samples_per_prompt: completions per held-out prompt (pass@1 is the unbiased estimate from them).
+        val_max_new_tokens: longest validation completion; null: max_new_tokens.
+        max_grad_norm: clip the gradient norm to this before each optimizer step; null disables clipping.
+        disable_dropout: zero every dropout probability of the policy (and reference), so the PPO ratio starts at 1.
+    """
+
+    needs_reference: bool = False
+    """Whether :meth:`configure_extra_models` must provide a reference policy (a frozen copy unless LoRA)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        reward: RewardSource = "execution",
+        reward_model: str | None = None,
+        reward_model_batch_size: int = 16,
+        reward_scale: UnitTestReward | None = None,
+        execution_timeout_s: float = 3.0,
+        execution_workers: int | None = None,
+        samples_per_prompt: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        generation_backend: BackendName = "hf",
+        generation_kwargs: dict[str, Any] | None = None,
+        generation_batch_size: int = 64,
+        micro_batch_size: int = 16,
+        val_temperature: float = 0.0,
+        val_samples_per_prompt: int = 1,
+        val_max_new_tokens: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        disable_dropout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        if reward not in ("execution", "reward_model"):
+            raise ValueError(f"reward must be 'execution' or 'reward_model', got {reward!r}")
+        if reward == "reward_model" and not reward_model:
+            raise ValueError("reward='reward_model' needs `reward_model`: a RewardModel checkpoint or saved directory")
+        if reward == "execution" and reward_model:
+            raise ValueError(f"reward_model={reward_model!r} is given but reward='execution'; set reward='reward_model'")
+        for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
+                            ("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size),
+                            ("val_samples_per_prompt", val_samples_per_prompt), ("reward_model_batch_size", reward_model_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {max_grad_norm}")
+        if execution_timeout_s <= 0:
+            raise ValueError(f"execution_timeout_s must be > 0, got {execution_timeout_s}")
+        self.reward_scale = UnitTestReward(**reward_scale) if isinstance(reward_scale, dict) else (reward_scale or UnitTestReward())
+        self.val_metrics = ModuleDict({name: MeanMetric() for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")})
+        self._backend: GenerationBackend | None = None
+        self._execution: ExecutionReward | None = None
+        self.ref_model: nn.Module | None = None
+
+    # ------------------------------------------------------------------ construction
+    def configure_extra_models(self) -> None:
+        """A frozen reference copy for full fine-tuning (LoRA uses the adapter-disabled policy instead)."""
+        if self.needs_reference and self.lora_config is None:
+            hp = self.hparams
+            ref = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+                                 quantize_4bit=False)
+            ref.requires_grad_(False)
+            self.ref_model = ref.train()  # frozen; rollout_statistics runs it in eval mode (train() only keeps Lightning quiet)
+        if self.hparams.disable_dropout:
+            disable_dropout(self.model)
+            if self.ref_model is not None:
+                disable_dropout(self.ref_model)
+
+    @property
+    def reward_model(self):
+        """The loaded reward model (reward="reward_model"), kept outside the module tree: never trained or saved."""
+        return self.__dict__.get("_reward_model_instance")
+
+    def setup_reward(self) -> None:
+        """Load and check the reward model; fail before training when the run cannot be scored."""
+        if self.hparams.reward != "reward_model" or self.reward_model is not None:
+            return
+        from lit_align.modules.reward import load_reward_model
+
+        rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
+        check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
+        rm.requires_grad_(False)
+        self.__dict__["_reward_model_instance"] = rm
+
+    def check_prompts_have_tests(self, items: list[PromptItem], what: str) -> None:
+        """An execution reward needs tests for every prompt: name the first prompt without them."""
+        missing = [i for i in items if not i.has_tests]
+        if self.hparams.reward == "execution" and missing:
+            raise RewardSetupError(
+                f"reward='execution' needs tests for every prompt, but {len(missing)} of {len(items)} {what} prompts have "
+                f"none (first: {missing[0].task_id!r}); give a source with tests (task_suite, HumanEval-format rows with "
+                "test/entry_point, CodeContests) or use reward='reward_model'")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.check_prompts_have_tests(list(getattr(dm, "train_items", []) or []), "training")
+            self.check_prompts_have_tests(list(getattr(dm, "val_items", []) or []), "validation")
+        self.setup_reward()
+
+    def on_validation_start(self) -> None:
+        self.setup_reward()
+
+    @property
+    def generator(self) -> GenerationBackend:
+        """The generation backend, built on first use (hf wraps the live policy, so it follows every update)."""
+        if self._backend is None:
+            hp = self.hparams
+            kwargs = dict(hp.generation_kwargs or {})
+            if hp.generation_backend == "hf":
+                kwargs.setdefault("batch_size", hp.generation_batch_size)
+                self._backend = build_backend("hf", model=self.model, tokenizer=self.tokenizer, **kwargs)
+            else:
+                if hp.generation_backend == "vllm":
+                    kwargs.setdefault("model", hp.model_name_or_path)
+                self._backend = build_backend(hp.generation_backend, **kwargs)
+        return self._backend
+
+    @property
+    def execution_reward(self) -> ExecutionReward:
+        if self._execution is None:
+            hp = self.hparams
+            self._execution = ExecutionReward(scale=self.reward_scale, limits=Limits(timeout_s=hp.execution_timeout_s),
+                                              max_workers=hp.execution_workers)
+        return self._execution
+
+    # ------------------------------------------------------------------ rollouts
+    def sampling_params(self, train: bool = True) -> SamplingParams:
+        hp = self.hparams
+        stop = list(DEFAULT_STOP) if hp.stop is None else list(hp.stop)
+        if train:
+            return SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                                  n=hp.samples_per_prompt, stop=stop)
+        return SamplingParams(max_new_tokens=hp.val_max_new_tokens or hp.max_new_tokens, temperature=hp.val_temperature,
+                              top_p=hp.top_p if hp.val_temperature > 0 else 1.0, n=hp.val_samples_per_prompt, stop=stop)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens exactly as the backend fed them (BOS included when the tokenizer adds one)."""
+        backend = self._backend
+        if backend is not None and hasattr(backend, "encode_prompt"):
+            return list(backend.encode_prompt(prompt))
+        return encode_prompt(self.tokenizer, prompt)
+
+    def response_ids(self, completion: Completion, stop: list[str]) -> list[int]:
+        """The completion's tokens plus the end-of-sequence token when that is what ended it.
+
+        A completion that stopped without a stop string in its text ended on end-of-sequence: that token was an
+        action of the policy and is trained like the others. Completions cut by a stop string or by
+        ``max_new_tokens`` get no extra token.
+        """
+        ids = list(completion.token_ids)
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if completion.finish_reason == "stop" and find_stop(decoded, stop) is None:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids or [self.tokenizer.eos_token_id]
+
+    def build_rollouts(self, items: list[PromptItem], completions: list[list[Completion]], params: SamplingParams) -> Rollouts:
+        """Pack prompts (left-padded) and responses (right-padded) into the rollout tensors."""
+        rows_items = [item for item, group in zip(items, completions) for _ in group]
+        flat = [c for group in completions for c in group]
+        cache: dict[str, list[int]] = {}
+        prompts = []
+        for item in rows_items:
+            if item.prompt not in cache:
+                cache[item.prompt] = self.prompt_ids(item.prompt)
+            prompts.append(cache[item.prompt])
+        responses = [self.response_ids(c, params.stop) for c in flat]
+        n, width_p, width_t = len(flat), max(map(len, prompts)), max(map(len, responses))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((n, width_p + width_t), pad, dtype=torch.long)
+        attention_mask = torch.zeros((n, width_p + width_t), dtype=torch.long)
+        response_mask = torch.zeros((n, width_t), dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            input_ids[i, width_p - len(p):width_p] = torch.tensor(p)
+            input_ids[i, width_p:width_p + len(r)] = torch.tensor(r)
+            attention_mask[i, width_p - len(p):width_p + len(r)] = 1
+            response_mask[i, :len(r)] = True
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        return Rollouts(items=rows_items, completions=flat, group_size=params.n, input_ids=input_ids.to(dev),
+                        attention_mask=attention_mask.to(dev), position_ids=position_ids.to(dev),
+                        response_ids=input_ids[:, width_p:].to(dev), response_mask=response_mask.to(dev),
+                        prompt_width=width_p)
+
+    def generate_rollouts(self, batch: PromptBatch, train: bool = True) -> Rollouts:
+        """Sample completions for the batch's prompts with the current policy (eval mode, no gradient)."""
+        params = self.sampling_params(train)
+        completions = self.generator.generate(batch.prompts, params)
+        return self.build_rollouts(list(batch), completions, params)
+
+    # ------------------------------------------------------------------ rewards
+    def execute(self, items: list[PromptItem], texts: list[str]) -> tuple[list[float], list[ExecutionResult | None]]:
+        """Unit-test rewards and results of ``texts[i]`` on ``items[i]``'s problem (rows without tests: nan, None)."""
+        rewards: list[float] = [math.nan] * len(items)
+        results: list[ExecutionResult | None] = [None] * len(items)
+        by_language: dict[str, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if item.has_tests:
+                by_language[item.language or "python3"].append(i)
+        for language, rows in by_language.items():
+            r, res = self.execution_reward.score([items[i].problem for i in rows], [texts[i] for i in rows], language)
+            for i, value, result in zip(rows, r, res):
+                rewards[i], results[i] = value, result
+        return rewards, results
+
+    def score(self, items: list[PromptItem], texts: list[str]) -> tuple[Tensor, list[ExecutionResult | None]]:
+        """Scalar rewards (N,) float32 of the completions and, when executed, their results."""
+        if self.hparams.reward == "execution":
+            self.check_prompts_have_tests(items, "batch")
+            rewards, results = self.execute(items, texts)
+            return torch.tensor(rewards, dtype=torch.float32, device=self.device), results
+        self.setup_reward()
+        rewards = self.reward_model.score([i.prompt for i in items], texts,
+                                          batch_size=self.hparams.reward_model_batch_size).float().to(self.device)
+        return rewards, [None] * len(items)
+
+    def score_rollouts(self, rollouts: Rollouts) -> Rollouts:
+        rollouts.rewards, rollouts.results = self.score(rollouts.items, rollouts.texts)
+        return rollouts
+
+    # ------------------------------------------------------------------ forward passes
+    def rollout_forward(self, rows: dict[str, Tensor], model: nn.Module | None = None,
+                        with_values: bool = False) -> dict[str, Tensor]:
+        """Per-response-token log-probs (N, t) of ``model`` (default the policy), its logits there, optionally values.
+
+        ``logps[:, k]`` is log pi(response token k | prompt, response tokens < k) at temperature 1, computed in float32
+        and zero on padding; ``logits[:, k]`` the logits that predicted it; ``values[:, k]`` come from
+        :meth:`value_head_outputs` at that same position (the state before token k).
+        """
+        net = model if model is not None else self.model
+        t = rows["response_ids"].size(1)
+        out = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], position_ids=rows["position_ids"],
+                  use_cache=False, output_hidden_states=with_values)
+        logits = out.logits[:, -(t + 1):-1]
+        mask = rows["response_mask"]
+        logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
+                                 reduction="none").view_as(mask)
+        result = {"logps": logps * mask, "logits": logits}
+        if with_values:
+            result["values"] = self.value_head_outputs(out.hidden_states[-1][:, -(t + 1):-1]) * mask
+        return result
+
+    def value_head_outputs(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no value head")
+
+    @contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The reference policy: the frozen copy (full fine-tuning) or the policy with its LoRA adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif self.lora_config is not None:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            raise RuntimeError(f"{type(self).__name__} has no reference model (needs_reference is False)")
+
+    @torch.no_grad()
+    def rollout_statistics(self, rollouts: Rollouts, with_values: bool = False, with_reference: bool = False) -> dict[str, Tensor]:
+        """Old log-probs (and values, reference log-probs) of every rollout, in eval mode without gradient."""
+        n = len(rollouts)
+        out: dict[str, list[Tensor]] = defaultdict(list)
+        t_all = rollouts.response_ids.size(1)
+        with inference_mode(self.model), inference_mode(self.ref_model) if self.ref_model is not None else nullcontext():
+            for idx in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
+                rows = rollouts.rows(idx)
+                pad = t_all - rows["response_ids"].size(1)
+                policy = self.rollout_forward(rows, with_values=with_values)
+                out["old_logps"].append(F.pad(policy["logps"], (0, pad)))
+                if with_values:
+                    out["old_values"].append(F.pad(policy["values"], (0, pad)))
+                if with_reference:
+                    with self.reference_model() as ref:
+                        out["ref_logps"].append(F.pad(self.rollout_forward(rows, model=ref)["logps"], (0, pad)))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ optimization
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one training batch (one rollout round) performs."""
+        raise NotImplementedError
+
+    def total_optimizer_steps(self) -> int:
+        """``max_steps`` (already counted in optimizer steps), or epochs x batches x optimizer_steps_per_batch."""
+        if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return super().total_optimizer_steps() * self.optimizer_steps_per_batch()
+
+    def optimizer_step_now(self) -> None:
+        """Clip the gradient norm, step the optimizer and the learning-rate schedule, clear the gradients."""
+        opt = self.optimizers()
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _no_sync(self):
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else nullcontext()
+
+    def run_updates(
+        self,
+        n: int,
+        loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]],
+        epochs: int,
+        num_minibatches: int,
+        weight_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, float]:
+        """``epochs`` passes over ``n`` rollouts in ``num_minibatches`` shuffled minibatches, one optimizer step each.
+
+        ``loss_fn(index)`` returns the loss of the rows ``index`` (a micro-batch) reduced over those rows, and
+        detached figures to log. Micro-batch losses are weighted by ``weight_fn(index)`` (default: rows) over the
+        minibatch's total, so the accumulated gradient is that of the whole minibatch. Under DDP only the last
+        backward of a minibatch synchronises gradients, and a process with an empty minibatch still takes part
+        (with a zero loss), so every process steps together. Returns the mean of each figure over micro-batches.
+        """
+        weight_fn = weight_fn or (lambda idx: torch.tensor(float(len(idx))))
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for _ in range(epochs):
+            order = torch.randperm(n, device=self.device) if n else torch.zeros(0, dtype=torch.long, device=self.device)
+            for minibatch in order.tensor_split(num_minibatches):
+                micro = list(minibatch.split(self.hparams.micro_batch_size)) if len(minibatch) else []
+                weights = [float(weight_fn(m)) for m in micro]
+                total = sum(weights)
+                if not micro or total <= 0:
+                    self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
+                for j, (m, w) in enumerate(zip(micro, weights)):
+                    with self._no_sync() if j < len(micro) - 1 else nullcontext():
+                        loss, figures = loss_fn(m)
+                        self.manual_backward(loss * (w / total) if total > 0 else loss * 0.0)
+                    for k, v in figures.items():
+                        sums[k] += float(v)
+                    sums["loss"] += float(loss.detach())
+                    count += 1
+                self.optimizer_step_now()
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
+        """The objective's optimizer steps on scored rollouts; returns figures to log (local to this process)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ distributed statistics
+    def global_sum(self, value: Tensor | float) -> Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def global_mean(self, value: Tensor | float) -> Tensor:
+        """Mean over processes of a per-process figure (each process weighs the same)."""
+        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="mean") if self.trainer.world_size > 1 else t
+
+    def global_mean_figures(self, figures: dict[str, float | Tensor]) -> dict[str, Tensor]:
+        """Mean over the processes that report each figure (a process with no data for a figure leaves it out)."""
+        local = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device).float().mean() for k, v in figures.items()}
+        if self.trainer.world_size <= 1:
+            return local
+        import torch.distributed as dist
+
+        names: list[list[str] | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(names, sorted(local))
+        keys = sorted(set().union(*names))
+        zero = torch.zeros((), device=self.device)
+        values = torch.stack([local.get(k, zero) for k in keys])
+        present = torch.tensor([float(k in local) for k in keys], device=self.device)
+        totals = self.global_sum(torch.stack([values * present, present]))
+        return {k: totals[0, i] / totals[1, i].clamp(min=1) for i, k in enumerate(keys)}
+
+    def rollout_metrics(self, rollouts: Rollouts) -> dict[str, Tensor]:
+        """Reward mean/std, status fractions and response length over every process's rollouts."""
+        rewards = rollouts.rewards.float()
+        n = self.global_sum(float(len(rollouts)))
+        total = self.global_sum(rewards.sum())
+        squares = self.global_sum((rewards ** 2).sum())
+        mean = total / n
+        metrics = {"reward_mean": mean, "reward_std": (squares / n - mean ** 2).clamp(min=0).sqrt(),
+                   "response_length": self.global_sum(rollouts.response_mask.sum().float()) / n}
+        executed = [r for r in rollouts.results if r is not None]
+        n_exec = self.global_sum(float(len(executed)))
+        if float(n_exec) > 0:
+            counts = torch.tensor([sum(r.status.value == s for r in executed) for s in STATUSES], dtype=torch.float32,
+                                  device=self.device)
+            counts = self.global_sum(counts)
+            for s, c in zip(STATUSES, counts):
+                metrics[f"status/{s}"] = c / n_exec
+        return metrics
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollouts = self.generate_rollouts(batch, train=True)
+        t1 = time.perf_counter()
+        self.score_rollouts(rollouts)
+        t2 = time.perf_counter()
+        figures = self.update(rollouts)
+        t3 = time.perf_counter()
+        self.generator.sync_weights(self.model)
+        metrics: dict[str, Tensor | float] = dict(self.rollout_metrics(rollouts))
+        metrics.update(self.global_mean_figures(figures))
+        metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
+        self.log_metrics("train", metrics, batch_size=len(batch), prog_bar=("reward_mean", "loss"))
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Sample on held-out prompts; log pass@1 (per problem, from the executed samples), reward mean, compile rate."""
+        rollouts = self.generate_rollouts(batch, train=False)
+        texts = rollouts.texts
+        if self.hparams.reward == "execution":
+            rewards, results = self.score(rollouts.items, texts)
+        else:
+            rewards, _ = self.score(rollouts.items, texts)
+            _, results = self.execute(rollouts.items, texts)
+        self.val_metrics["reward_mean"].update(rewards)
+        n = rollouts.group_size
+        for start in range(0, len(results), n):
+            group = results[start:start + n]
+            if any(r is None for r in group):
+                continue
+            c = sum(r.passed for r in group)
+            self.val_metrics["pass_at_1"].update(pass_at_k(n, c, 1))
+            self.val_metrics["pass_at_n"].update(pass_at_k(n, c, n))
+            self.val_metrics["compile_rate"].update(torch.tensor([float(r.compiled) for r in group]))
+
+    def on_validation_epoch_end(self) -> None:
+        n = self.hparams.val_samples_per_prompt
+        names = {"reward_mean": "reward_mean", "pass_at_1": "pass@1", "compile_rate": "compile_rate"}
+        if n > 1:
+            names["pass_at_n"] = f"pass@{n}"
+        for key, name in names.items():
+            metric = self.val_metrics[key]
+            if metric.update_count:
+                self.log(f"val/{name}", metric.compute(), prog_bar=name == "pass@1", sync_dist=False)
+            metric.reset()
+
+
+def check_same_tokenizer(reward_tokenizer, policy_tokenizer, reward_source: str, policy_source: str) -> None:
+    """Raise unless the reward model tokenizes text exactly as the policy does (same vocabulary and special tokens)."""
+    rv, pv = reward_tokenizer.get_vocab(), policy_tokenizer.get_vocab()
+    problems = []
+    if len(rv) != len(pv):
+        problems.append(f"vocabulary sizes {len(rv)} vs {len(pv)}")
+    else:
+        diff = sorted(t for t in rv if pv.get(t) != rv[t])
+        if diff:
+            problems.append(f"{len(diff)} tokens with different ids (first: {diff[0]!r})")
+    for name in ("eos_token", "bos_token", "pad_token"):
+        a, b = getattr(reward_tokenizer, name, None), getattr(policy_tokenizer, name, None)
+        if a != b:
+            problems.append(f"{name} {a!r} vs {b!r}")
+    if problems:
+        raise RewardSetupError(f"the reward model {reward_source!r} uses a different tokenizer from the policy "
+                               f"{policy_source!r}: {'; '.join(problems)}. Train the reward model from the policy's "
+                               "base model (or give tokenizer_name_or_path) so both read the same tokens")

@@ -1,0 +1,119 @@
+"""Online objectives under DDP: two CPU processes (gloo) generate for different prompts, log global statistics and
+stay in sync.
+
+The test runs this file as a script (``strategy="ddp"`` relaunches the script for the second process); each process
+writes what it saw to ``<out>/rank<k>.json``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
+BATCHES = 2
+
+
+def run_ddp(out: Path, objective: str) -> None:
+    import lightning.pytorch as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
+    from lit_align.modules.base import OptimizerConfig
+    from lit_align.modules.ppo import PPO
+    from lit_align.modules.raft import RAFT
+
+    torch.set_num_threads(1)
+
+    class LengthRewardPPO(PPO):
+        """Reward = completion length in characters: differs between prompts, so each process's mean differs."""
+
+        def score(self, items, texts):
+            return torch.tensor([float(len(t)) for t in texts], device=self.device), [None] * len(texts)
+
+        def update(self, rollouts):
+            self.seen.append({"task_ids": [i.task_id for i in rollouts.items], "rewards": rollouts.rewards.tolist(),
+                              "lengths": rollouts.response_mask.sum(-1).tolist()})
+            return super().update(rollouts)
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics = trainer.callback_metrics
+            pl_module.logged.append({k: float(metrics[f"train/{k}"]) for k in ("reward_mean", "reward_std", "response_length")})
+
+    class OneRankRAFT(RAFT):
+        """Only the first process's samples reach min_reward: the second keeps nothing and must still step along."""
+
+        def score(self, items, texts):
+            return torch.full((len(texts),), float(self.global_rank == 0), device=self.device), [None] * len(texts)
+
+        def update(self, rollouts):
+            self.seen.append({"task_ids": [i.task_id for i in rollouts.items], "rewards": rollouts.rewards.tolist(),
+                              "lengths": rollouts.response_mask.sum(-1).tolist(), "kept": len(self.select(rollouts))})
+            return super().update(rollouts)
+
+    if objective == "raft":
+        module = OneRankRAFT(max_new_tokens=8, samples_per_prompt=2, keep_fraction=1.0, min_reward=0.5,
+                             num_minibatches=2, micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3))
+    else:
+        module = LengthRewardPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
+                                 micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3))
+    module.seen, module.logged = [], []
+    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)], val_sources=[],
+                             tokenizer="preset:tiny", batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+                        max_steps=BATCHES * STEPS_PER_BATCH, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(module, data)
+    checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+        {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
+         "global_step": trainer.global_step}))
+
+
+def _launch(out: Path, objective: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, __file__, str(out), objective], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path):
+    ranks = _launch(tmp_path, "ppo")
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
+    for b in range(BATCHES):
+        seen = [r["seen"][b] for r in ranks]
+        # each process generated for its own prompts (2 prompts x 2 samples)
+        assert all(len(s["task_ids"]) == 4 for s in seen)
+        assert not set(seen[0]["task_ids"]) & set(seen[1]["task_ids"])
+        rewards = seen[0]["rewards"] + seen[1]["rewards"]
+        mean = sum(rewards) / len(rewards)
+        std = (sum((x - mean) ** 2 for x in rewards) / len(rewards)) ** 0.5
+        lengths = seen[0]["lengths"] + seen[1]["lengths"]
+        for r in ranks:  # the logged figures are the global ones, on both processes
+            assert r["logged"][b]["reward_mean"] == pytest.approx(mean, abs=1e-4)
+            assert r["logged"][b]["reward_std"] == pytest.approx(std, abs=1e-3)
+            assert r["logged"][b]["response_length"] == pytest.approx(sum(lengths) / len(lengths), abs=1e-4)
+    # gradients were averaged over processes: the trained weights are identical
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
+
+
+def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path):
+    ranks = _launch(tmp_path, "raft")
+    assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
+    assert [s["kept"] for s in ranks[0]["seen"]] == [4, 4] and [s["kept"] for s in ranks[1]["seen"]] == [0, 0]
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
+
+
+if __name__ == "__main__":
+    run_ddp(Path(sys.argv[1]), sys.argv[2])

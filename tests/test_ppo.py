@@ -1,0 +1,245 @@
+"""PPO: KL to the reference is 0 before the first update, manual optimization plumbing, value head in checkpoints,
+reward-model rewards, and clear errors before training."""
+
+import json
+import math
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_align import losses
+from lit_align.data_modules.prompts import PromptBatch, PromptSource, PromptsDataModule, load_prompt_items
+from lit_align.models import LoRAConfig, load_tokenizer
+from lit_align.modules.base import OptimizerConfig, warmup_decay
+from lit_align.modules.online import RewardSetupError
+from lit_align.modules.ppo import PPO
+from lit_align.modules.reward import RewardModel, load_reward_model
+
+
+def _trainer(max_steps, callbacks=(), **kw):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=list(callbacks), **kw)
+
+
+def _data(n=4, **kw):
+    return PromptsDataModule(train_sources=[PromptSource(split="train", limit=n)], val_sources=[], tokenizer="preset:tiny",
+                             batch_size=n, **kw)
+
+
+def _ppo(**kw):
+    defaults = dict(max_new_tokens=12, ppo_epochs=2, num_minibatches=2, micro_batch_size=2, execution_timeout_s=1.0,
+                    optimizer=OptimizerConfig(lr=1e-2))
+    return PPO(**{**defaults, **kw})
+
+
+class Keep(Callback):
+    """Records the rollouts of every update and the gradient norm seen at each optimizer step."""
+
+    def __init__(self):
+        self.grad_norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.norm() for p in pl_module.parameters() if p.grad is not None]
+        self.grad_norms.append(float(torch.stack(grads).norm()))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_kl_to_the_reference_is_zero_before_the_first_update_and_not_after(lora):
+    module = _ppo(lora=LoRAConfig(r=4, dropout=0.1) if lora else None)
+    module.configure_model()
+    assert (module.ref_model is None) == lora  # LoRA: the adapter-disabled policy is the reference
+    items = load_prompt_items(PromptSource(split="train", limit=4))
+    rollouts = module.generate_rollouts(PromptBatch(items))
+    rollouts.rewards = torch.zeros(len(rollouts))
+    stats = module.rollout_statistics(rollouts, with_values=True, with_reference=True)
+    assert torch.equal(stats["old_logps"], stats["ref_logps"])  # exactly: dropout is off, LoRA B starts at 0
+    shaped = module.advantages(rollouts, stats)
+    assert shaped["sequence_kl"].tolist() == [0.0] * 4 and shaped["non_score_reward"].abs().max() == 0
+
+    _trainer(4).fit(module, _data())
+    after = module.rollout_statistics(rollouts, with_values=True, with_reference=True)
+    mask = rollouts.response_mask
+    kl = (losses.kl_penalty(after["old_logps"], after["ref_logps"], "k3") * mask).sum()
+    assert kl > 1e-4
+
+
+def test_optimizer_steps_clipping_and_schedule_are_run_by_the_module():
+    module = _ppo(max_grad_norm=1e-3, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2, schedule="cosine"))
+    keep = Keep()
+    trainer = _trainer(8, [keep])
+    trainer.fit(module, _data())
+    # 2 batches x (2 epochs x 2 minibatches): global_step counts optimizer steps
+    assert trainer.global_step == 8 and len(keep.grad_norms) == 8
+    assert max(keep.grad_norms) <= 1e-3 * (1 + 1e-4)
+    scheduler = module.lr_schedulers()
+    assert scheduler.last_epoch == 8
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * warmup_decay(8, 2, 8, "cosine", 0.0))
+
+
+def test_logged_figures_are_the_documented_ones():
+    module = _ppo()
+    trainer = _trainer(4)
+    trainer.fit(module, _data())
+    logged = trainer.callback_metrics
+    for name in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss",
+                 "explained_variance", "response_length", "status/syntax_error", "status/passed", "approx_kl"):
+        assert f"train/{name}" in logged, name
+    fractions = sum(float(logged[f"train/status/{s}"]) for s in
+                    ("passed", "failed", "runtime_error", "syntax_error", "timeout", "memory_limit"))
+    assert fractions == pytest.approx(1.0)
+    assert 1 <= float(logged["train/response_length"]) <= 13  # 12 new tokens, plus end-of-sequence
+
+
+def test_value_head_and_adaptive_kl_coefficient_are_saved_and_restored(tmp_path):
+    module = _ppo(lora=LoRAConfig(r=4), adaptive_kl=True, kl_target=0.01, kl_horizon=10, kl_coef=0.2)
+    trainer = _trainer(4)
+    trainer.fit(module, _data())
+    assert module.value_head.weight.abs().sum() > 0  # trained away from its zero initialisation
+    assert module.kl_coef != 0.2
+    path = tmp_path / "ppo.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert "value_head.weight" in state and "value_head.bias" in state
+    assert not any(k.startswith("model.base_model.model.model.layers.0.self_attn.q_proj.base_layer") for k in state)
+    restored = PPO.load_from_checkpoint(path, strict=False)  # see report: base strict_loading is set too late
+    torch.testing.assert_close(restored.value_head.weight, module.value_head.weight)
+    assert restored.kl_coef == module.kl_coef
+
+
+def test_full_fine_tuning_checkpoint_omits_the_frozen_reference(tmp_path):
+    module = _ppo()
+    trainer = _trainer(4)
+    trainer.fit(module, _data())
+    path = tmp_path / "ppo.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert any(k.startswith("model.") for k in state) and not any(k.startswith("ref_model.") for k in state)
+    restored = PPO.load_from_checkpoint(path, strict=False)  # see report: base strict_loading is set too late
+    torch.testing.assert_close(restored.model.lm_head.weight, module.model.lm_head.weight)
+    # the reference is rebuilt from the starting model, not from the trained policy
+    assert not torch.equal(restored.ref_model.lm_head.weight, module.model.lm_head.weight)
+
+
+def test_prompts_without_tests_are_refused_before_training_with_an_execution_reward(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n"}) + "\n" for i in range(4)))
+    data = PromptsDataModule(train_sources=[PromptSource(path=str(path))], val_sources=[], tokenizer="preset:tiny",
+                             batch_size=4)
+    trainer = _trainer(4)
+    with pytest.raises(RewardSetupError, match="reward='execution' needs tests.*4 of 4 training prompts.*'prompts.jsonl/0'"):
+        trainer.fit(_ppo(), data)
+    assert trainer.global_step == 0
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    rm = RewardModel(model_name_or_path="preset:tiny")
+    rm.configure_model()
+    return str(rm.save_pretrained(tmp_path_factory.mktemp("rm") / "rm"))
+
+
+class RecordingPPO(PPO):
+    def update(self, rollouts):
+        self.seen = rollouts
+        return super().update(rollouts)
+
+
+def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, reward_dir):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n"}) + "\n" for i in range(4)))
+    data = PromptsDataModule(train_sources=[PromptSource(path=str(path))], val_sources=[], tokenizer="preset:tiny",
+                             batch_size=4)
+    module = RecordingPPO(**{**dict(max_new_tokens=8, ppo_epochs=1, num_minibatches=1), "reward": "reward_model",
+                             "reward_model": reward_dir})
+    trainer = _trainer(1)
+    trainer.fit(module, data)
+    rollouts = module.seen
+    expected = load_reward_model(reward_dir).score([i.prompt for i in rollouts.items], rollouts.texts)
+    torch.testing.assert_close(rollouts.rewards, expected)
+    assert rollouts.results == [None] * 4
+    assert float(trainer.callback_metrics["train/reward_mean"]) == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert "train/status/passed" not in trainer.callback_metrics
+
+
+def test_reward_model_with_another_tokenizer_is_refused_before_training(tmp_path, reward_dir):
+    import shutil
+
+    other = tmp_path / "rm-other-tokenizer"
+    shutil.copytree(reward_dir, other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    module = _ppo(reward="reward_model", reward_model=str(other))
+    trainer = _trainer(4)
+    with pytest.raises(RewardSetupError, match="different tokenizer from the policy 'preset:tiny': vocabulary sizes 261 vs 260"):
+        trainer.fit(module, _data())
+    assert trainer.global_step == 0
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="reward='reward_model' needs `reward_model`"):
+        PPO(reward="reward_model")
+    with pytest.raises(ValueError, match="ppo_epochs must be a positive integer"):
+        PPO(ppo_epochs=0)
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        PPO(kl_estimator="k4")
+    with pytest.raises(ValueError, match="samples_per_prompt must be a positive integer"):
+        PPO(samples_per_prompt=0)
+
+
+class FirstByteReward(PPO):
+    """A dense synthetic reward a random tiny model can learn fast: 1 when the first character is a lowercase letter."""
+
+    def score(self, items, texts):
+        return torch.tensor([float(t[:1].islower()) for t in texts]), [None] * len(texts)
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_mean_reward_of_a_learnable_reward():
+    torch.manual_seed(0)
+    module = FirstByteReward(max_new_tokens=2, samples_per_prompt=4, ppo_epochs=2, num_minibatches=2, micro_batch_size=16,
+                             kl_coef=0.0, optimizer=OptimizerConfig(lr=3e-3))
+    rewards = []
+
+    class Rewards(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rewards.append(float(trainer.callback_metrics["train/reward_mean"]))
+
+    _trainer(4 * 30, [Rewards()]).fit(module, _data(n=8))
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.3 and last > first + 0.3, rewards
+    assert math.isfinite(last)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["detached", "shared"])
+def test_value_loss_reaches_the_policy_only_with_a_shared_critic(shared):
+    module = _ppo(shared_critic=shared)
+    module.configure_model()
+    torch.nn.init.normal_(module.value_head.weight, std=0.1)  # a trained head: gradients can flow through it
+    rollouts = module.generate_rollouts(PromptBatch(load_prompt_items(PromptSource(split="train", limit=2))))
+    rows = rollouts.rows(torch.arange(len(rollouts)))
+    out = module.rollout_forward(rows, with_values=True)
+    mask = rows["response_mask"]
+    value_loss, _ = losses.ppo_value_loss(out["values"], torch.zeros_like(out["values"]), torch.ones_like(out["values"]),
+                                          mask, clip_range=None)
+    value_loss.backward()
+    assert module.value_head.weight.grad.abs().sum() > 0
+    trunk = module.model.model.layers[0].self_attn.q_proj.weight.grad
+    assert (trunk is not None and trunk.abs().sum() > 0) == shared
+
+
+def test_value_lr_gives_the_head_its_own_learning_rate_on_the_same_schedule():
+    module = _ppo(value_lr=5e-2, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=4))
+    trainer = _trainer(4)
+    trainer.fit(module, _data())
+    optimizer = module.optimizers().optimizer
+    head = {id(p) for p in module.value_head.parameters()}
+    head_groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
+    assert len(head_groups) == 1 and len(head_groups[0]["params"]) == 2
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(module.trainable_parameters())
+    factor = warmup_decay(4, 4, 4, "cosine", 0.0)  # the schedule's multiplier after 4 steps
+    for g in optimizer.param_groups:
+        assert g["lr"] == pytest.approx((5e-2 if g is head_groups[0] else 1e-3) * factor)
