@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from lit_align import losses
 from lit_align.models import DType, LoRAConfig, apply_lora, count_parameters, load_causal_lm, load_tokenizer
@@ -229,6 +230,30 @@ class AlignmentModule(L.LightningModule):
             torch.set_rng_state(self._rng_state_to_restore["torch"])
             random.setstate(self._rng_state_to_restore["python"])
             self._rng_state_to_restore = None
+
+    # ------------------------------------------------------------------ metrics across grad modes
+    def _reset_inference_metric_states(self) -> None:
+        """Reset torchmetrics whose state was created under inference mode, when inference mode is now off.
+
+        ``trainer.validate`` runs in inference mode; the validation inside ``fit`` does not. A metric last reset during
+        the former holds inference tensors the latter cannot update in place, so drop that (finished) state first.
+        """
+        if torch.is_inference_mode_enabled():
+            return
+        for module in self.modules():
+            if isinstance(module, Metric) and any(
+                    isinstance(getattr(module, name, None), Tensor) and getattr(module, name).is_inference()
+                    for name in module._defaults):
+                module.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_inference_metric_states()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_inference_metric_states()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_inference_metric_states()
 
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:

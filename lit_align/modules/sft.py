@@ -52,14 +52,6 @@ class SFT(AlignmentModule):
         if self.eval_nll[stage].update_count:
             self.log(f"{stage}/perplexity", math.exp(min(float(self.eval_nll[stage].compute()), 50.0)))
 
-    # Reset at epoch start, inside the loop's own grad mode: a state created under `validate`'s inference mode
-    # cannot be updated by the validation inside `fit`, which runs without it.
-    def on_validation_epoch_start(self) -> None:
-        self.eval_nll["val"].reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_nll["test"].reset()
-
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
 
