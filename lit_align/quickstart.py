@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from unittest import mock
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
@@ -68,8 +69,11 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None) -> d
     if stage.name == "ppo_rm":
         args += ["--model.init_args.reward_model", str(output / "reward-model")]
     if max_steps is not None:
-        args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max(1, max_steps // 2))]
-    cli = LitAlignCLI(args=args, run=False)
+        # smoke runs: bounded in batches too (an online stage whose rollouts all fail takes no optimizer step)
+        args += ["--trainer.max_steps", str(max_steps), "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", str(max_steps), "--trainer.val_check_interval", str(max(1, max_steps // 2))]
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the stage's args are these, not the pipeline's own
+        cli = LitAlignCLI(args=args, run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     start = time.time()
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
