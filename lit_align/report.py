@@ -69,6 +69,7 @@ def plot_pass_at_k(rows: dict[str, dict], path: Path) -> Path:
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylabel("pass@k on held-out problems (%)")
     ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
