@@ -8,7 +8,7 @@ import torch
 from lit_align import losses
 
 
-def close(actual, expected, atol=1e-6):
+def assert_values(actual, expected, atol=1e-6):
     torch.testing.assert_close(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=atol, rtol=0)
 
 
@@ -20,8 +20,8 @@ def test_gae_matches_the_recursion_by_hand_with_a_padded_row():
     # row 0: d2 = 1 - .5 = .5 -> A2 = .5; d1 = .9*.5 - .5 = -.05 -> A1 = -.05 + .45*.5 = .175;
     #        d0 = -.05 -> A0 = -.05 + .45*.175 = .02875
     # row 1 (last real token t=1, terminal): A1 = 2 - 0 = 2; d0 = .9*0 - 1 = -1 -> A0 = -1 + .45*2 = -.1
-    close(adv, [[0.02875, 0.175, 0.5], [-0.1, 2.0, 0.0]], atol=1e-6)
-    close(ret, [[0.52875, 0.675, 1.0], [0.9, 2.0, 0.0]], atol=1e-6)
+    assert_values(adv, [[0.02875, 0.175, 0.5], [-0.1, 2.0, 0.0]], atol=1e-6)
+    assert_values(ret, [[0.52875, 0.675, 1.0], [0.9, 2.0, 0.0]], atol=1e-6)
 
 
 def test_gae_with_gamma_and_lambda_one_is_the_monte_carlo_return_minus_the_value():
@@ -29,8 +29,8 @@ def test_gae_with_gamma_and_lambda_one_is_the_monte_carlo_return_minus_the_value
     values = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.tensor([[True, True, True, False]])
     adv, ret = losses.gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    close(ret, [[2.9, 2.8, 3.0, 0.0]], atol=1e-6)
-    close(adv, [[1.9, 0.8, 0.0, 0.0]], atol=1e-6)
+    assert_values(ret, [[2.9, 2.8, 3.0, 0.0]], atol=1e-6)
+    assert_values(adv, [[1.9, 0.8, 0.0, 0.0]], atol=1e-6)
 
 
 def test_whiten_uses_masked_mean_and_population_variance():
@@ -38,9 +38,9 @@ def test_whiten_uses_masked_mean_and_population_variance():
     mask = torch.tensor([[True, True], [True, False]])
     out = losses.whiten(x, mask)
     s = math.sqrt(2 / 3)  # mean 2, population variance 2/3
-    close(out, [[-1 / s, 0.0], [1 / s, 0.0]], atol=1e-4)
+    assert_values(out, [[-1 / s, 0.0], [1 / s, 0.0]], atol=1e-4)
     # shift_mean=False: unit variance, the mean (2) kept
-    close(losses.whiten(x, mask, shift_mean=False), [[2 - 1 / s, 2.0], [2 + 1 / s, 0.0]], atol=1e-4)
+    assert_values(losses.whiten(x, mask, shift_mean=False), [[2 - 1 / s, 2.0], [2 + 1 / s, 0.0]], atol=1e-4)
 
 
 def test_ppo_policy_loss_takes_the_pessimistic_term_per_token():
@@ -58,7 +58,7 @@ def test_ppo_policy_loss_takes_the_pessimistic_term_per_token():
     assert approx_kl.item() == pytest.approx((2 * k3(1.5) + 2 * k3(0.5)) / 4, abs=1e-6)
     loss.backward()
     # the clipped tokens and the padding get no gradient; an unclipped token's is -A * r / 4
-    close(logps.grad, [[0.0, -0.5 / 4, 0.0, 1.5 / 4, 0.0]], atol=1e-6)
+    assert_values(logps.grad, [[0.0, -0.5 / 4, 0.0, 1.5 / 4, 0.0]], atol=1e-6)
 
 
 def test_ppo_policy_loss_clip_higher_widens_only_the_upper_side():

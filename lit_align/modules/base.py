@@ -177,6 +177,24 @@ class AlignmentModule(L.LightningModule):
             "mean": losses.sequence_logps(token_logps, mask, average=True),
         }
 
+    # ------------------------------------------------------------------ steps
+    def shared_step(self, batch: Any, stage: str) -> Tensor:
+        """One step of the objective for ``stage`` ("train", "val" or "test"): compute, log and return the loss.
+
+        Objectives with automatic optimization implement this one method; online objectives (manual optimization)
+        override ``training_step`` instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement shared_step(batch, stage)")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "test")
+
     # ------------------------------------------------------------------ optimization
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from torch.nn import ModuleDict
 from torchmetrics import MeanMetric
 
-from lit_align import losses
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.prompts import PromptBatch, PromptItem
 from lit_align.execution.metrics import pass_at_k

@@ -142,17 +142,5 @@ class PreferenceModule(AlignmentModule):
         return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     # ------------------------------------------------------------------ steps
-    def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        raise NotImplementedError
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "test")
-
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -172,15 +172,6 @@ class RewardModel(AlignmentModule):
         self.log_metrics(stage, metrics, batch_size=b)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "test")
-
     # ------------------------------------------------------------------ export
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a standard Hugging Face directory (sequence-classification model, adapter merged, and tokenizer)."""

@@ -39,15 +39,6 @@ class SFT(AlignmentModule):
             self.log(f"{stage}/loss", metric, on_epoch=True, prog_bar=True)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "test")
-
     def _log_perplexity(self, stage: str) -> None:
         if self.eval_nll[stage].update_count:
             self.log(f"{stage}/perplexity", math.exp(min(float(self.eval_nll[stage].compute()), 50.0)))
