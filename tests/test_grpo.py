@@ -114,7 +114,7 @@ def test_full_fine_tuning_with_beta_keeps_a_frozen_reference_copy():
     assert all(p.requires_grad for p in module.model.parameters())
 
 
-def test_validation_logs_pass_at_1_reward_and_compile_rate_from_executed_samples():
+def test_validation_and_test_log_pass_at_1_reward_and_compile_rate_from_executed_samples():
     module = ScriptedGRPO(samples_per_prompt=2, val_samples_per_prompt=2, execution_timeout_s=2.0)
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=2)],
                              val_sources=[PromptSource(split="heldout", limit=3)], tokenizer="preset:tiny",
@@ -126,6 +126,8 @@ def test_validation_logs_pass_at_1_reward_and_compile_rate_from_executed_samples
     assert metrics["val/pass@2"] == pytest.approx(1.0)
     assert metrics["val/reward_mean"] == pytest.approx((4.0 - 1.0) / 2)
     assert metrics["val/compile_rate"] == pytest.approx(1.0)
+    (tested,) = trainer.test(module, data, verbose=False)  # `lit_align test` scores the same way, logged as test/
+    assert tested["test/pass@1"] == pytest.approx(0.5) and tested["test/reward_mean"] == pytest.approx(1.5)
 
 
 class LowercaseReward(GRPO):

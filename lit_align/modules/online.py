@@ -194,7 +194,8 @@ class OnlineModule(AlignmentModule):
         if execution_timeout_s <= 0:
             raise ValueError(f"execution_timeout_s must be > 0, got {execution_timeout_s}")
         self.reward_scale = UnitTestReward(**reward_scale) if isinstance(reward_scale, dict) else (reward_scale or UnitTestReward())
-        self.val_metrics = ModuleDict({name: MeanMetric() for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")})
+        self.eval_metrics = ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("val", "test")
+                                        for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")})
         self._backend: GenerationBackend | None = None
         self._execution: ExecutionReward | None = None
         self.ref_model: nn.Module | None = None
@@ -247,6 +248,9 @@ class OnlineModule(AlignmentModule):
         self.setup_reward()
 
     def on_validation_start(self) -> None:
+        self.setup_reward()
+
+    def on_test_start(self) -> None:
         self.setup_reward()
 
     @property
@@ -549,8 +553,8 @@ class OnlineModule(AlignmentModule):
         metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
         self.log_metrics("train", metrics, batch_size=len(batch), prog_bar=("reward_mean", "loss"))
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Sample on held-out prompts; log pass@1 (per problem, from the executed samples), reward mean, compile rate."""
+    def evaluate_step(self, batch: PromptBatch, stage: str) -> None:
+        """Sample on held-out prompts; accumulate pass@1 (per problem, from the executed samples), reward, compile rate."""
         rollouts = self.generate_rollouts(batch, train=False)
         texts = rollouts.texts
         if self.hparams.reward == "execution":
@@ -558,27 +562,41 @@ class OnlineModule(AlignmentModule):
         else:
             rewards, _ = self.score(rollouts.items, texts)
             _, results = self.execute(rollouts.items, texts)
-        self.val_metrics["reward_mean"].update(rewards)
+        metrics = {name: self.eval_metrics[f"{stage}_{name}"] for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")}
+        metrics["reward_mean"].update(rewards)
         n = rollouts.group_size
         for start in range(0, len(results), n):
             group = results[start:start + n]
             if any(r is None for r in group):
                 continue
             c = sum(r.passed for r in group)
-            self.val_metrics["pass_at_1"].update(pass_at_k(n, c, 1))
-            self.val_metrics["pass_at_n"].update(pass_at_k(n, c, n))
-            self.val_metrics["compile_rate"].update(torch.tensor([float(r.compiled) for r in group]))
+            metrics["pass_at_1"].update(pass_at_k(n, c, 1))
+            metrics["pass_at_n"].update(pass_at_k(n, c, n))
+            metrics["compile_rate"].update(torch.tensor([float(r.compiled) for r in group]))
 
-    def on_validation_epoch_end(self) -> None:
+    def log_evaluation(self, stage: str) -> None:
+        """Log ``{stage}/pass@1``, ``{stage}/reward_mean``, ``{stage}/compile_rate`` (and pass@n for n samples)."""
         n = self.hparams.val_samples_per_prompt
         names = {"reward_mean": "reward_mean", "pass_at_1": "pass@1", "compile_rate": "compile_rate"}
         if n > 1:
             names["pass_at_n"] = f"pass@{n}"
         for key, name in names.items():
-            metric = self.val_metrics[key]
+            metric = self.eval_metrics[f"{stage}_{key}"]
             if metric.update_count:
-                self.log(f"val/{name}", metric.compute(), prog_bar=name == "pass@1", sync_dist=False)
+                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == "pass@1", sync_dist=False)
             metric.reset()
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluate_step(batch, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluate_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
 
 
 def check_same_tokenizer(reward_tokenizer, policy_tokenizer, reward_source: str, policy_source: str) -> None:
