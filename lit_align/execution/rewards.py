@@ -14,6 +14,7 @@ The default scale is the adversarial alignment report's: timeout -2, syntax erro
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -80,6 +81,14 @@ def _trivial_statement(node: ast.stmt) -> bool:
     return False
 
 
+def _parse_quietly(source: str) -> ast.Module:
+    """ast.parse without the SyntaxWarnings generated code triggers (invalid escapes...) leaking into training logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python < 3.12 reports invalid escapes as this
+        return ast.parse(source)
+
+
 def is_trivial_completion(prompt: str, completion: str, entry_point: str | None = None) -> bool:
     """Whether the completed function's body does nothing.
 
@@ -92,13 +101,13 @@ def is_trivial_completion(prompt: str, completion: str, entry_point: str | None 
         entry_point: name of the function whose body is judged.
     """
     try:
-        tree = ast.parse(prompt + completion)
+        tree = _parse_quietly(prompt + completion)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     if entry_point is None:
         try:
-            prompt_tree = ast.parse(prompt)
+            prompt_tree = _parse_quietly(prompt)
             names = [n.name for n in ast.walk(prompt_tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         except SyntaxError:
             names = []

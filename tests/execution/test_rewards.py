@@ -64,3 +64,15 @@ def test_execution_reward_runs_completions_in_the_sandbox():
     assert rewards == [4.0, -1.0, -1.0, -0.6]
     with pytest.raises(ValueError, match="2 problems but 1 completions"):
         scorer([DOUBLE, DOUBLE], ["    pass\n"])
+
+
+def test_trivial_check_does_not_leak_syntax_warnings_from_generated_code():
+    import warnings
+
+    from lit_align.execution.rewards import is_trivial_completion
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # a docstring with an invalid escape, then `pass`: trivial, and judged without a warning reaching the log
+        assert is_trivial_completion('def f(x):\n', '    "\\d"\n    pass\n') is True
+    assert [str(w.message) for w in caught] == []
