@@ -38,11 +38,15 @@ class TokenizedDataModule(L.LightningDataModule):
         group_by_length: batch examples of similar length together so padding stays small.
         num_workers: DataLoader worker processes.
         seed: seed for shuffling, splitting and mixing.
+        prompt_template: Python format string applied to every prompt; must contain "{prompt}".
     """
 
     def __init__(self, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
-                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int = 0,
+                 prompt_template: str = "{prompt}") -> None:
         super().__init__()
+        if "{prompt}" not in prompt_template:
+            raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
         if batch_size < 1:
@@ -54,10 +58,15 @@ class TokenizedDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.seed = seed
+        self.prompt_template = prompt_template
         self.tokenizer = None
         self.train_items: list = []
         self.val_items: list = []
         self.dropped: dict[str, int] = {}
+
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt as the model sees it: ``prompt_template`` applied."""
+        return self.prompt_template.format(prompt=prompt)
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
     def resolve_tokenizer(self):

@@ -241,9 +241,7 @@ class PreferenceDataModule(TokenizedDataModule):
                  num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed)
-        if "{prompt}" not in prompt_template:
-            raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 <= closest_ratio <= 1.0:
@@ -262,7 +260,6 @@ class PreferenceDataModule(TokenizedDataModule):
         self.val_fraction = val_fraction
         self.closest_ratio = closest_ratio
         self.max_pairs_per_problem = max_pairs_per_problem
-        self.prompt_template = prompt_template
         self.pad_to_multiple_of = pad_to_multiple_of
         self.stats: dict[str, dict[str, int]] = {}
 
@@ -302,14 +299,14 @@ class PreferenceDataModule(TokenizedDataModule):
     def encode(self, triplets: list[Triplet]) -> list[EncodedTriplet]:
         """Tokenize each distinct prompt and each distinct completion once (batched); triplets share the arrays."""
         tok = self.resolve_tokenizer()
-        prompts = list(dict.fromkeys(self.prompt_template.format(prompt=t.prompt) for t in triplets))
+        prompts = list(dict.fromkeys(self.format_prompt(t.prompt) for t in triplets))
         completions = list(dict.fromkeys(c for t in triplets for c in (t.chosen, t.rejected)))
         prompt_ids = dict(zip(prompts, _encode_all(tok, prompts, add_special_tokens=True)))
         eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
         completion_ids = dict(zip(completions, _encode_all(tok, completions, add_special_tokens=False, suffix=eos)))
         items = []
         for i, t in enumerate(triplets):
-            p = prompt_ids[self.prompt_template.format(prompt=t.prompt)]
+            p = prompt_ids[self.format_prompt(t.prompt)]
             c, r = completion_ids[t.chosen], completion_ids[t.rejected]
             items.append(EncodedTriplet(p, c, r, index=i, key=content_key(p, c, r), source_id=t.source_id))
         return items

@@ -233,21 +233,18 @@ class PromptsDataModule(TokenizedDataModule):
                  num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed)
-        if "{prompt}" not in prompt_template:
-            raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
         self.train_sources = train_sources if train_sources is not None else [PromptSource(split="train")]
         self.val_sources = val_sources if val_sources is not None else (
             [PromptSource(split="heldout")] if train_sources is None else [])
         if not self.train_sources:
             raise DataError("train_sources is empty: give at least one prompt source")
-        self.prompt_template = prompt_template
         self._lengths: dict[str, int] = {}
 
     def _load(self, sources: list[PromptSource]) -> list[PromptItem]:
         items = [item for s in sources for item in load_prompt_items(s)]
         if self.prompt_template != "{prompt}":
-            items = [PromptItem(i.task_id, self.prompt_template.format(prompt=i.prompt), i.problem, i.language) for i in items]
+            items = [PromptItem(i.task_id, self.format_prompt(i.prompt), i.problem, i.language) for i in items]
         return items
 
     def setup(self, stage: str | None = None) -> None:

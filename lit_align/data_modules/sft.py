@@ -30,9 +30,7 @@ class SFTDataModule(TokenizedDataModule):
                  seed: int = 0) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed)
-        if "{prompt}" not in prompt_template:
-            raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.train_sources = train_sources if train_sources is not None else [DataSource(split="train")]
@@ -41,7 +39,6 @@ class SFTDataModule(TokenizedDataModule):
         if not self.train_sources:
             raise DataError("train_sources is empty: give at least one data source")
         self.val_fraction = val_fraction
-        self.prompt_template = prompt_template
         self.packing = packing
 
     def _pairs(self, sources: list[DataSource]) -> list[dict[str, str]]:
@@ -53,7 +50,7 @@ class SFTDataModule(TokenizedDataModule):
 
     def _encode(self, pairs: list[dict[str, str]]) -> list[dict[str, list[int]]]:
         tok = self.resolve_tokenizer()
-        return [encode_example(tok, self.prompt_template.format(prompt=p["prompt"]), p["completion"]) for p in pairs]
+        return [encode_example(tok, self.format_prompt(p["prompt"]), p["completion"]) for p in pairs]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:

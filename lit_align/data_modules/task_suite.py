@@ -471,7 +471,7 @@ def _sum_multiples(k: int, rng: random.Random) -> _Problem:
         f"return sum(range(0, n, {k}))",
         {
             "off_by_one": f"return sum(range(0, n + 1, {k}))",
-            "infinite_loop": f"total = i = 0\nwhile i < n:\n    total += i\nreturn total",
+            "infinite_loop": "total = i = 0\nwhile i < n:\n    total += i\nreturn total",
         },
     )
 
