@@ -46,6 +46,7 @@ from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, Sa
 from lit_align.generation.base import BackendName, find_stop
 from lit_align.generation.hf import inference_mode
 from lit_align.models import load_causal_lm
+from lit_align.models import disable_dropout
 from lit_align.modules.base import AlignmentModule
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
@@ -104,15 +105,6 @@ class Rollouts:
         return {"input_ids": self.input_ids[index, :width], "attention_mask": self.attention_mask[index, :width],
                 "position_ids": self.position_ids[index, :width], "response_ids": self.response_ids[index, :t],
                 "response_mask": mask[:, :t], "index": index}
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """Set every dropout probability (nn.Dropout and attention dropout) to 0: PPO ratios must start at exactly 1."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
 
 
 class OnlineModule(AlignmentModule):
