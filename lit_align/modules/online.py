@@ -455,19 +455,24 @@ class OnlineModule(AlignmentModule):
 
         ``loss_fn(index)`` returns the loss of the rows ``index`` (a micro-batch) reduced over those rows, and
         detached figures to log. Micro-batch losses are weighted by ``weight_fn(index)`` (default: rows) over the
-        minibatch's total, so the accumulated gradient is that of the whole minibatch. Under DDP only the last
-        backward of a minibatch synchronises gradients, and a process with an empty minibatch still takes part
-        (with a zero loss), so every process steps together. Returns the mean of each figure over micro-batches.
+        minibatch's total, so the accumulated gradient is that of the whole minibatch. Under DDP the total is the
+        minibatch's over every process (the mean of the processes' totals, since DDP averages gradients), so the
+        step equals one process's step on the concatenated minibatch even when processes hold different numbers of
+        rows or tokens; only the last backward of a minibatch synchronises gradients, and a process with an empty
+        minibatch still takes part (with a zero loss), so every process steps together. Returns the mean of each
+        figure over this process's micro-batches, except ``loss``: the mean over minibatches of this process's
+        minibatch loss (its micro-batch losses weighted as in the gradient).
         """
         weight_fn = weight_fn or (lambda idx: torch.tensor(float(len(idx))))
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        count = steps = 0
+        loss_sum = 0.0
         for _ in range(epochs):
             order = torch.randperm(n, device=self.device) if n else torch.zeros(0, dtype=torch.long, device=self.device)
             for minibatch in order.tensor_split(num_minibatches):
                 micro = list(minibatch.split(self.hparams.micro_batch_size)) if len(minibatch) else []
                 weights = [float(weight_fn(m)) for m in micro]
-                total = sum(weights)
+                total = float(self.global_mean(sum(weights)))
                 if not micro or total <= 0:
                     self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
                 for j, (m, w) in enumerate(zip(micro, weights)):
@@ -476,10 +481,11 @@ class OnlineModule(AlignmentModule):
                         self.manual_backward(loss * (w / total) if total > 0 else loss * 0.0)
                     for k, v in figures.items():
                         sums[k] += float(v)
-                    sums["loss"] += float(loss.detach())
+                    loss_sum += float(loss.detach()) * w / max(sum(weights), 1e-12)
                     count += 1
+                steps += 1
                 self.optimizer_step_now()
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        return {k: v / max(count, 1) for k, v in sums.items()} | {"loss": loss_sum / max(steps, 1)}
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
         """The objective's optimizer steps on scored rollouts; returns figures to log (local to this process)."""
