@@ -120,3 +120,23 @@ def test_task_suite_mixed_quality_replaces_the_given_share_with_incorrect_soluti
     assert load_prompt_completions(DataSource(split="train", incorrect_fraction=0.2)) == rows
     with pytest.raises(DataError, match="incorrect_fraction"):
         load_prompt_completions(DataSource(incorrect_fraction=1.5))
+
+
+def test_larger_task_suite_adds_train_problems_and_never_a_heldout_one():
+    from lit_align.data_modules.preference import PreferenceSource, load_triplets
+    from lit_align.data_modules.prompts import PromptSource, load_prompt_items
+    from lit_align.data_modules.task_suite import load_task_suite
+
+    heldout = {t.prompt for t in load_task_suite(split="heldout")}
+    big = load_prompt_completions(DataSource(split="train", problems_per_family=105))
+    assert len(big) == 400 and not heldout & {r["prompt"] for r in big}
+    default = {r["prompt"] for r in load_prompt_completions(DataSource(split="train"))}
+    assert default < {r["prompt"] for r in big}  # the default suite's train problems are all still there
+    items = load_prompt_items(PromptSource(split="train", problems_per_family=105))
+    assert {i.prompt for i in items} == {r["prompt"] for r in big}
+    triplets, _ = load_triplets(PreferenceSource(problems_per_family=105), closest_ratio=0.5, max_pairs_per_problem=1,
+                                seed=0)
+    assert len({t.prompt for t in triplets}) == 400
+    for bad in (DataSource(problems_per_family=500), PromptSource(problems_per_family=500)):
+        with pytest.raises(DataError, match="problems_per_family=500"):
+            (load_prompt_completions if isinstance(bad, DataSource) else load_prompt_items)(bad)

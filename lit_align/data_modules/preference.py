@@ -68,6 +68,9 @@ class PreferenceSource:
     """Relative share of this source in a mixture of several."""
     suite_seed: int = 0
     """Task suite only: seed of the generated problems."""
+    problems_per_family: int | None = None
+    """Task suite only: problems per family of the generated suite (null: the suite's default, 60; at most about
+    105). Larger suites have more train problems; the held-out parameter values stay the same."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "task_suite", "code_contests", "triplets"):
@@ -187,7 +190,8 @@ def load_triplets(source: PreferenceSource, closest_ratio: float, max_pairs_per_
         from lit_align.data_modules.task_suite import load_task_suite
 
         try:
-            tasks = load_task_suite(split=source.split, seed=source.suite_seed)
+            tasks = load_task_suite(split=source.split, seed=source.suite_seed,
+                                    problems_per_family=source.problems_per_family)
         except ValueError as err:
             raise DataError(f"task suite source: {err}") from None
         if source.limit is not None:

@@ -89,15 +89,25 @@ class PromptSource:
     """Read at most this many problems (the first ones)."""
     seed: int = 0
     """Seed of the task suite's problems (task_suite only)."""
+    problems_per_family: int | None = None
+    """Task suite only: problems per family of the generated suite (null: the suite's default, 60; at most about
+    105). Larger suites have more train problems; the held-out parameter values stay the same."""
 
 
 def _task_suite_items(source: PromptSource) -> list[PromptItem]:
-    from lit_align.data_modules.task_suite import load_task_suite
-
     if source.split not in ("train", "heldout"):
         raise DataError(f"prompt source 'task_suite': split must be 'train' or 'heldout', got {source.split!r}")
     return [PromptItem(t.task_id, t.prompt, FunctionProblem(t.task_id, t.prompt, t.test, t.entry_point, t.canonical_solution))
-            for t in load_task_suite(split=source.split, seed=source.seed)]
+            for t in _load_suite(source)]
+
+
+def _load_suite(source: PromptSource) -> list:
+    from lit_align.data_modules.task_suite import load_task_suite
+
+    try:
+        return load_task_suite(split=source.split, seed=source.seed, problems_per_family=source.problems_per_family)
+    except ValueError as err:
+        raise DataError(f"prompt source 'task_suite': {err}") from None
 
 
 def _read_records(path: Path) -> list[dict]:

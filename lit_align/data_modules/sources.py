@@ -40,6 +40,9 @@ class DataSource:
     incorrect_fraction: float = 0.0
     """Task suite only: this share of completions is one of the task's incorrect solutions instead of the reference,
     mixed-quality data as scraped code is (0 = reference solutions only)."""
+    problems_per_family: int | None = None
+    """Task suite only: problems per family of the generated suite (null: the suite's default, 60; at most about
+    105). Larger suites have more train problems; the held-out parameter values stay the same."""
 
 
 def _looks_like_path(path: str) -> bool:
@@ -84,7 +87,10 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
 
         if not 0.0 <= source.incorrect_fraction <= 1.0:
             raise DataError(f"incorrect_fraction must be in [0, 1], got {source.incorrect_fraction}")
-        tasks = load_task_suite(split=source.split, seed=source.seed)
+        try:
+            tasks = load_task_suite(split=source.split, seed=source.seed, problems_per_family=source.problems_per_family)
+        except ValueError as err:
+            raise DataError(f"task suite source: {err}") from None
         rng = random.Random(source.seed)
         noisy = set(rng.sample(range(len(tasks)), round(source.incorrect_fraction * len(tasks))))
         rows = [{"prompt": t.prompt,

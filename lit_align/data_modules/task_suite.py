@@ -760,10 +760,13 @@ def load_task_suite(split: str | None = None, seed: int = 0, **kwargs: Any) -> l
     Args:
         split: ``"train"``, ``"heldout"``, or None for every task.
         seed: passed to :func:`generate_task_suite`.
-        **kwargs: ``problems_per_family`` and ``heldout_fraction`` for :func:`generate_task_suite`.
+        **kwargs: ``problems_per_family`` and ``heldout_fraction`` for :func:`generate_task_suite` (None: its
+            default). The held-out parameter values do not depend on ``problems_per_family``, so training on a
+            larger suite's train split and evaluating on the default suite's held-out split never leaks a problem.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     tasks = _cached_suite(seed, tuple(sorted(kwargs.items())))
     return [t for t in tasks if split is None or t.split == split]
 
