@@ -1,6 +1,7 @@
 """`make quickstart`: IotaCode's Table 1 in miniature, offline on CPU, through the same CLI and configs a user runs.
 
-    python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--max-steps N]
+    python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--samples 10]
+                                   [--max-steps N --val-limit N]   # smoke runs
 
 Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
 model the reward model, DPO, ORPO, PPO with the reward model's reward, PPO and GRPO with the unit-test reward, and RAFT.
@@ -57,7 +58,7 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"quickstart config {name} not found in ./configs/quickstart or {CONFIG_DIR}")
 
 
-def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None) -> dict:
+def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_limit: int | None = None) -> dict:
     """Fit one stage; returns its summary (held-out loss before/after, paths, wall time)."""
     from lit_align.callbacks.lora_merge import LoRAMerge
     from lit_align.cli import LitAlignCLI
@@ -72,6 +73,8 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None) -> d
         # smoke runs: bounded in batches too (an online stage whose rollouts all fail takes no optimizer step)
         args += ["--trainer.max_steps", str(max_steps), "--trainer.max_epochs", "1",
                  "--trainer.limit_train_batches", str(max_steps), "--trainer.val_check_interval", str(max(1, max_steps // 2))]
+    if val_limit is not None:  # every stage's DataModule validates on task-suite held-out sources with a limit
+        args += ["--data.init_args.val_sources", f"[{{path: task_suite, split: heldout, limit: {val_limit}}}]"]
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the stage's args are these, not the pipeline's own
         cli = LitAlignCLI(args=args, run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart", help="where stage models, runs and the summary go")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--max-steps", type=int, default=None, help="override each stage's training steps (smoke runs)")
+    parser.add_argument("--val-limit", type=int, default=None,
+                        help="held-out problems each stage validates on during training (smoke runs; the final "
+                             "evaluation always uses all of them)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model is fastest on one)")
     parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
                         help="stages to run (sft is needed by all others)")
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping")
             continue
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})")
-        summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps)
+        summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps, args.val_limit)
         summary_path.write_text(json.dumps(summary, indent=2))
     paths = evaluate_policies(summary, output, args)
     summary_path.write_text(json.dumps(summary, indent=2))

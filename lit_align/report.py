@@ -3,11 +3,19 @@
 Used by the quickstart pipeline; usable on its own for any set of HF model directories:
 
     from lit_align.report import evaluate_model, write_report
+
+Several seeds' ``results.json`` files (one quickstart output directory per seed) become one table with the mean and
+the seed-to-seed standard deviation of every column, and each method's pass@1 difference to SFT over seeds:
+
+    python -m lit_align.report runs/qs-seed0 runs/qs-seed1 runs/qs-seed2 [--output table-3-seeds.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,14 +52,16 @@ def pass_at_k_curve(correct_per_problem: Sequence[int], n: int) -> list[float]:
     return [sum(pass_at_k(n, c, k) for c in correct_per_problem) / max(1, len(correct_per_problem)) for k in range(1, n + 1)]
 
 
-def markdown_table(rows: dict[str, dict], n_samples: int, num_problems: int) -> str:
-    """Table 1's layout: method, solved problems at n samples, pass@1, pass@10, compile rate, wall time."""
-    lines = [f"| method | solved (of {num_problems}, {n_samples} samples) | pass@1 | pass@10 | compile rate | train time (s) |",
-             "|---|---|---|---|---|---|"]
+def markdown_table(rows: dict[str, dict], n_samples: int, num_problems: int, baseline: str = "SFT") -> str:
+    """Table 1's layout: method, solved problems at n samples, pass@1, pass@10, compile rate, wall time; and each
+    method's pass@1 minus the baseline's (SFT), so an objective that does not help shows it in its own row."""
+    lines = [f"| method | solved (of {num_problems}, {n_samples} samples) | pass@1 | pass@10 | compile rate | train time (s) "
+             f"| pass@1 - {baseline} |", "|---|---|---|---|---|---|---|"]
     for method, r in rows.items():
         p10 = f"{100 * r['pass@10']:.1f}" if "pass@10" in r else "-"
+        delta = f"{100 * (r['pass@1'] - rows[baseline]['pass@1']):+.1f}" if baseline in rows and method != baseline else "-"
         lines.append(f"| {method} | {int(r['solved'])} | {100 * r['pass@1']:.1f} | {p10} | {100 * r['compile_rate']:.1f} "
-                     f"| {r.get('train_seconds', 0):.0f} |")
+                     f"| {r.get('train_seconds', 0):.0f} | {delta} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,3 +98,64 @@ def write_report(rows: dict[str, dict], output: Path, seed: int) -> dict[str, Pa
     plot_pass_at_k(rows, paths["plot"])
     paths["json"].write_text(json.dumps({"seed": seed, "methods": rows}, indent=2))
     return paths
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
+    """Mean ± standard deviation over seeds of each Table 1 column, plus pass@1 minus the baseline's, per seed.
+
+    ``results`` are ``results.json`` contents of runs with different seeds, the same methods and the same number of
+    samples and problems. The last column is computed per seed (paired), so a method beats the baseline by more
+    than the seed-to-seed spread when its mean difference exceeds that column's standard deviation.
+    """
+    if not results:
+        raise ValueError("seeds_table needs at least one results.json")
+    methods = list(results[0]["methods"])
+    for r in results[1:]:
+        if list(r["methods"]) != methods:
+            raise ValueError(f"seed {r['seed']} has methods {list(r['methods'])}, seed {results[0]['seed']} {methods}")
+    first = results[0]["methods"][methods[0]]
+    n, problems = first["n_samples"], first["num_problems"]
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    lines = [f"| method | solved (of {problems}, {n} samples) | pass@1 | pass@10 | compile rate | train time (s) "
+             f"| pass@1 - {baseline} |", "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        rows = [r["methods"][method] for r in results]
+        cells = [_mean_sd([row["solved"] for row in rows]), _mean_sd([100 * row["pass@1"] for row in rows]),
+                 _mean_sd([100 * row["pass@10"] for row in rows]) if all("pass@10" in row for row in rows) else "-",
+                 _mean_sd([100 * row["compile_rate"] for row in rows]),
+                 _mean_sd([row.get("train_seconds", 0.0) for row in rows])]
+        if baseline in results[0]["methods"] and method != baseline:
+            cells.append(_mean_sd([100 * (r["methods"][method]["pass@1"] - r["methods"][baseline]["pass@1"])
+                                   for r in results]))
+        else:
+            cells.append("-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds {seeds}; percentages.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_align.report",
+                                     description="One Table 1 over several seeds' quickstart outputs (mean ± sd).")
+    parser.add_argument("runs", nargs="+", help="quickstart output directories (or results.json files), one per seed")
+    parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    results = []
+    for run in args.runs:
+        path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            parser.error(f"{run}: no results.json there (run `python -m lit_align.quickstart --output {run}` first)")
+        results.append(json.loads(path.read_text()))
+    table = seeds_table(results)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

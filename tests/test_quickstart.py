@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -38,3 +39,41 @@ def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(
     printed = capsys.readouterr().out
     assert "stage sft already done" in printed and "evaluating" not in printed
     assert (out / "sft-model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys):
+    from lit_align.quickstart import METHOD_NAMES, NOT_POLICIES, STAGES
+
+    out = tmp_path / "qs"
+    assert main(["--output", str(out), "--max-steps", "2", "--val-limit", "3", "--samples", "1", "--seed", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3 and list(summary["stages"]) == [s.name for s in STAGES]
+    for stage in STAGES:
+        record = summary["stages"][stage.name]
+        assert record["model"] == str(out / f"{stage.name}-model")
+        config = json.loads((out / f"{stage.name}-model" / "config.json").read_text())
+        assert config["model_type"] == "llama"
+        # the reward model is a sequence classifier with one score, every other stage a causal LM
+        assert config["architectures"] == (["LlamaForSequenceClassification"] if stage.name == "reward"
+                                           else ["LlamaForCausalLM"])
+        steps = torch.load(record["checkpoint"], weights_only=True)["global_step"]
+        if stage.name in ("sft", "reward", "dpo", "orpo"):
+            assert steps == 2
+        else:  # online stages step in whole rollout batches (PPO: 2 epochs x 2 minibatches; RAFT: none if none kept)
+            assert steps <= 8 and (steps > 0 or stage.name == "raft"), (stage.name, steps)
+        assert record["validation_before"] and record["validation_after"] and record["wall_seconds"] > 0
+
+    results = json.loads((out / "results.json").read_text())
+    policies = ["untrained"] + [s.name for s in STAGES if s.name not in NOT_POLICIES]
+    assert results["seed"] == 3 and list(results["methods"]) == [METHOD_NAMES[p] for p in policies]
+    for name, row in zip(policies, results["methods"].values()):
+        assert row["n_samples"] == 1 and row["num_problems"] == 75 and len(row["correct_per_problem"]) == 75
+        assert row["pass@1"] == pytest.approx(sum(row["correct_per_problem"]) / 75)
+        assert 0.0 <= row["compile_rate"] <= 1.0 and row["eval_seconds"] > 0
+        assert row["train_seconds"] == (0.0 if name == "untrained" else summary["stages"][name]["wall_seconds"])
+    table = (out / "table.md").read_text().splitlines()
+    assert len(table) == 2 + len(policies) and all(f"| {METHOD_NAMES[p]} |" in t for p, t in zip(policies, table[2:]))
+    assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert all(str(out / name) in printed for name in ("table.md", "pass_at_k.png", "results.json", "summary.json"))

@@ -1,0 +1,52 @@
+"""The seed table: mean ± standard deviation over seeds, and the paired difference to SFT."""
+
+import json
+
+import pytest
+
+from lit_align.report import main, seeds_table
+
+
+def _results(seed, sft_pass, ppo_pass):
+    row = lambda p: {"pass@1": p, "pass@10": min(1.0, 2 * p), "solved": round(75 * 2 * p), "compile_rate": 0.9,  # noqa: E731
+                     "n_samples": 10, "num_problems": 75, "train_seconds": 100.0 + seed}
+    return {"seed": seed, "methods": {"SFT": row(sft_pass), "SFT + PPO (unit tests)": row(ppo_pass)}}
+
+
+def test_seed_table_reports_mean_sd_and_the_paired_difference_to_sft(tmp_path, capsys):
+    runs = [_results(0, 0.20, 0.30), _results(1, 0.30, 0.42), _results(2, 0.25, 0.33)]
+    table = seeds_table(runs).splitlines()
+    assert table[0] == ("| method | solved (of 75, 10 samples) | pass@1 | pass@10 | compile rate | train time (s) "
+                        "| pass@1 - SFT |")
+    # SFT pass@1 25.0 ± 5.0; PPO 35.0 ± 6.2; per-seed differences 10, 12, 8 -> 10.0 ± 2.0 (the spread of the
+    # difference is smaller than either method's own spread: seeds move both together)
+    assert table[2] == "| SFT | 37.7 ± 7.5 | 25.0 ± 5.0 | 50.0 ± 10.0 | 90.0 ± 0.0 | 101.0 ± 1.0 | - |"
+    assert table[3].startswith("| SFT + PPO (unit tests) | 52.7 ± 9.3 | 35.0 ± 6.2 |")
+    assert table[3].endswith("| 10.0 ± 2.0 |")
+    assert "seeds 0, 1, 2" in table[-1]
+
+    for k, r in enumerate(runs):
+        (tmp_path / f"s{k}").mkdir()
+        (tmp_path / f"s{k}" / "results.json").write_text(json.dumps(r))
+    assert main([str(tmp_path / f"s{k}") for k in range(3)] + ["--output", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == seeds_table(runs)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "no results.json there" in capsys.readouterr().err
+
+
+def test_seed_table_refuses_runs_with_different_methods():
+    other = _results(1, 0.3, 0.3)
+    other["methods"].pop("SFT")
+    with pytest.raises(ValueError, match="seed 1 has methods"):
+        seeds_table([_results(0, 0.2, 0.3), other])
+
+
+def test_single_seed_table_says_how_each_method_compares_with_sft():
+    from lit_align.report import markdown_table
+
+    r = _results(0, 0.20, 0.18)["methods"]
+    lines = markdown_table(r, 10, 75).splitlines()
+    assert lines[0].endswith("| train time (s) | pass@1 - SFT |")
+    assert lines[2] == "| SFT | 30 | 20.0 | 40.0 | 90.0 | 100 | - |"
+    assert lines[3].endswith("| 100 | -2.0 |")  # worse than SFT: the row says so
