@@ -1,4 +1,5 @@
 # The two set-up-free commands: `make quickstart` and `make test`.
+# `make quickstart ARGS="--seed 1 --output runs/quickstart-seed1"` passes options to python -m lit_align.quickstart.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/python -m lit_align.quickstart
+	$(BIN)/python -m lit_align.quickstart $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" tests
