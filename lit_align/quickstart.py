@@ -63,7 +63,8 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
     from lit_align.callbacks.lora_merge import LoRAMerge
     from lit_align.cli import LitAlignCLI
 
-    args = ["--config", str(_config_path(stage.config)), "--seed_everything", str(seed),
+    # the seed moves everything a run draws: initialisation of new weights, sampling, and the DataModule's data order
+    args = ["--config", str(_config_path(stage.config)), "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
             "--trainer.logger.init_args.save_dir", str(output / "runs")]
     if stage.name != "sft":  # every later stage starts from this run's SFT model (and PPO-RM from its reward model)
         args += ["--model.init_args.model_name_or_path", str(output / "sft-model")]

@@ -1,9 +1,11 @@
 """`make quickstart`'s pipeline on a tiny budget: artefacts, their schema, and reruns that skip finished work."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_align.quickstart import main
@@ -63,6 +65,8 @@ def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys)
         else:  # online stages step in whole rollout batches (PPO: 2 epochs x 2 minibatches; RAFT: none if none kept)
             assert steps <= 8 and (steps > 0 or stage.name == "raft"), (stage.name, steps)
         assert record["validation_before"] and record["validation_after"] and record["wall_seconds"] > 0
+        run_config = yaml.safe_load((Path(record["run_dir"]) / "config.yaml").read_text())
+        assert run_config["seed_everything"] == 3 and run_config["data"]["init_args"]["seed"] == 3  # data order too
 
     results = json.loads((out / "results.json").read_text())
     policies = ["untrained"] + [s.name for s in STAGES if s.name not in NOT_POLICIES]
