@@ -100,9 +100,9 @@ def write_report(rows: dict[str, dict], output: Path, seed: int) -> dict[str, Pa
     return paths
 
 
-def _mean_sd(values: Sequence[float]) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+def _mean_sd(values: Sequence[float], signed: bool = False) -> str:
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.1f}"
+    return f"{mean} ± {statistics.stdev(values):.1f}" if len(values) > 1 else mean
 
 
 def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
@@ -131,11 +131,13 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
                  _mean_sd([row.get("train_seconds", 0.0) for row in rows])]
         if baseline in results[0]["methods"] and method != baseline:
             cells.append(_mean_sd([100 * (r["methods"][method]["pass@1"] - r["methods"][baseline]["pass@1"])
-                                   for r in results]))
+                                   for r in results], signed=True))
         else:
             cells.append("-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds {seeds}; percentages.\n"
+    note = (f"Mean ± standard deviation over seeds {seeds}; pass@k, compile rate and the difference in percent, "
+            "solved in problems, train time in seconds.")
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

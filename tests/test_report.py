@@ -22,7 +22,7 @@ def test_seed_table_reports_mean_sd_and_the_paired_difference_to_sft(tmp_path, c
     # difference is smaller than either method's own spread: seeds move both together)
     assert table[2] == "| SFT | 37.7 ± 7.5 | 25.0 ± 5.0 | 50.0 ± 10.0 | 90.0 ± 0.0 | 101.0 ± 1.0 | - |"
     assert table[3].startswith("| SFT + PPO (unit tests) | 52.7 ± 9.3 | 35.0 ± 6.2 |")
-    assert table[3].endswith("| 10.0 ± 2.0 |")
+    assert table[3].endswith("| +10.0 ± 2.0 |")
     assert "seeds 0, 1, 2" in table[-1]
 
     for k, r in enumerate(runs):
