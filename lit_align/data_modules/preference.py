@@ -29,7 +29,7 @@ from lit_align.data_modules.pairing import (
     triplets_from_file,
     triplets_from_task_suite,
 )
-from lit_align.data_modules.sources import DataError, mix
+from lit_align.data_modules.sources import DataError, load_suite_tasks, mix
 from lit_align.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,7 @@ def load_triplets(source: PreferenceSource, closest_ratio: float, max_pairs_per_
     """The triplets of one source and the pairing's counts (skipped problems, identical pairs, duplicates, ...)."""
     kind = source.resolved_kind
     if kind == "task_suite":
-        from lit_align.data_modules.task_suite import load_task_suite
-
-        try:
-            tasks = load_task_suite(split=source.split, seed=source.suite_seed,
-                                    problems_per_family=source.problems_per_family)
-        except ValueError as err:
-            raise DataError(f"task suite source: {err}") from None
+        tasks = load_suite_tasks(source.split, source.suite_seed, source.problems_per_family)
         if source.limit is not None:
             tasks = tasks[: source.limit]
         return triplets_from_task_suite(tasks, closest_ratio=closest_ratio, max_pairs_per_problem=max_pairs_per_problem,

@@ -19,7 +19,7 @@ from typing import Literal
 from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
-from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError
+from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError, load_suite_tasks
 from lit_align.execution.problems import FunctionProblem, StdioProblem, parse_stdio_language
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,7 @@ def _task_suite_items(source: PromptSource) -> list[PromptItem]:
     if source.split not in ("train", "heldout"):
         raise DataError(f"prompt source 'task_suite': split must be 'train' or 'heldout', got {source.split!r}")
     return [PromptItem(t.task_id, t.prompt, FunctionProblem(t.task_id, t.prompt, t.test, t.entry_point, t.canonical_solution))
-            for t in _load_suite(source)]
-
-
-def _load_suite(source: PromptSource) -> list:
-    from lit_align.data_modules.task_suite import load_task_suite
-
-    try:
-        return load_task_suite(split=source.split, seed=source.seed, problems_per_family=source.problems_per_family)
-    except ValueError as err:
-        raise DataError(f"prompt source 'task_suite': {err}") from None
+            for t in load_suite_tasks(source.split, source.seed, source.problems_per_family)]
 
 
 def _read_records(path: Path) -> list[dict]:

@@ -80,17 +80,22 @@ def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def load_suite_tasks(split: str, seed: int, problems_per_family: int | None) -> list:
+    """The task suite's ``split`` as a data source reads it; a size the templates cannot fill is a DataError."""
+    from lit_align.data_modules.task_suite import load_task_suite
+
+    try:
+        return load_task_suite(split=split, seed=seed, problems_per_family=problems_per_family)
+    except ValueError as err:
+        raise DataError(f"task suite source: {err}") from None
+
+
 def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
     """``[{"prompt", "completion"}]`` from one source."""
     if source.path == TASK_SUITE:
-        from lit_align.data_modules.task_suite import load_task_suite
-
         if not 0.0 <= source.incorrect_fraction <= 1.0:
             raise DataError(f"incorrect_fraction must be in [0, 1], got {source.incorrect_fraction}")
-        try:
-            tasks = load_task_suite(split=source.split, seed=source.seed, problems_per_family=source.problems_per_family)
-        except ValueError as err:
-            raise DataError(f"task suite source: {err}") from None
+        tasks = load_suite_tasks(source.split, source.seed, source.problems_per_family)
         rng = random.Random(source.seed)
         noisy = set(rng.sample(range(len(tasks)), round(source.incorrect_fraction * len(tasks))))
         rows = [{"prompt": t.prompt,

@@ -465,14 +465,15 @@ class OnlineModule(AlignmentModule):
         """
         weight_fn = weight_fn or (lambda idx: torch.tensor(float(len(idx))))
         sums: dict[str, float] = defaultdict(float)
-        count = steps = 0
+        count = 0
         loss_sum = 0.0
         for _ in range(epochs):
             order = torch.randperm(n, device=self.device) if n else torch.zeros(0, dtype=torch.long, device=self.device)
             for minibatch in order.tensor_split(num_minibatches):
                 micro = list(minibatch.split(self.hparams.micro_batch_size)) if len(minibatch) else []
                 weights = [float(weight_fn(m)) for m in micro]
-                total = float(self.global_mean(sum(weights)))
+                local = sum(weights)
+                total = float(self.global_mean(local))
                 if not micro or total <= 0:
                     self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
                 for j, (m, w) in enumerate(zip(micro, weights)):
@@ -481,11 +482,10 @@ class OnlineModule(AlignmentModule):
                         self.manual_backward(loss * (w / total) if total > 0 else loss * 0.0)
                     for k, v in figures.items():
                         sums[k] += float(v)
-                    loss_sum += float(loss.detach()) * w / max(sum(weights), 1e-12)
+                    loss_sum += float(loss.detach()) * w / max(local, 1e-12)
                     count += 1
-                steps += 1
                 self.optimizer_step_now()
-        return {k: v / max(count, 1) for k, v in sums.items()} | {"loss": loss_sum / max(steps, 1)}
+        return {k: v / max(count, 1) for k, v in sums.items()} | {"loss": loss_sum / (epochs * num_minibatches)}
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
         """The objective's optimizer steps on scored rollouts; returns figures to log (local to this process)."""
