@@ -20,3 +20,12 @@ from data_helpers import add_const_rows, write_jsonl  # noqa: E402
 @pytest.fixture
 def pairs_file(tmp_path):
     return str(write_jsonl(tmp_path / "pairs.jsonl", add_const_rows(48)))
+
+
+@pytest.fixture(autouse=True)
+def _no_global_seed_between_tests(monkeypatch):
+    """``seed_everything`` exports PL_GLOBAL_SEED, which DataModules with ``seed: null`` read; one test's seed must
+    not become the next test's (or the next module's fixtures') data order."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)

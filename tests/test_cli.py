@@ -76,3 +76,13 @@ def test_console_script_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "lit_align.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "fit" in out.stdout and "lit_align evaluate" in out.stdout
+
+
+def test_seed_everything_reaches_the_data_module_unless_it_has_its_own_seed(monkeypatch):
+    from lit_align.cli import LitAlignCLI
+
+    monkeypatch.setattr(sys, "argv", ["lit_align"])
+    cli = LitAlignCLI(args=["--config", CONFIG, "--seed_everything", "5"], run=False)
+    assert cli.datamodule.seed == 5
+    cli = LitAlignCLI(args=["--config", CONFIG, "--seed_everything", "5", "--data.init_args.seed", "2"], run=False)
+    assert cli.datamodule.seed == 2

@@ -183,10 +183,11 @@ def test_gradient_checkpointing_falls_back_to_full_sequences(batch):
 
 def test_shared_prompt_pass_gives_the_full_sequence_numbers_and_gradients(batch):
     module = _built(lora=_lora())
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: other tests' draws must not change this one's weights
     with torch.no_grad():
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     grads, sums = {}, {}
     for share in (True, False):
         module.hparams.share_prompt = share
@@ -197,8 +198,10 @@ def test_shared_prompt_pass_gives_the_full_sequence_numbers_and_gradients(batch)
         sums[share] = torch.cat([out["chosen_logps"], out["rejected_logps"]])
         assert out["mask"].sum() == (batch["labels"] != losses.IGNORE_INDEX).sum()  # every completion token, once
     assert torch.allclose(sums[True], sums[False], atol=1e-4)
+    # float32 summation order: differences measured at 2-4e-6 of each tensor's largest gradient over 8 random inits
+    # (gradients reach ~15, so a fixed atol of 1e-5 failed for some inits); 1e-5 of the largest leaves over 2x headroom
     for a, b in zip(grads[True], grads[False]):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 # ---------------------------------------------------------------- precomputed reference

@@ -140,3 +140,22 @@ def test_larger_task_suite_adds_train_problems_and_never_a_heldout_one():
     for bad in (DataSource(problems_per_family=500), PromptSource(problems_per_family=500)):
         with pytest.raises(DataError, match="problems_per_family=500"):
             (load_prompt_completions if isinstance(bad, DataSource) else load_prompt_items)(bad)
+
+
+def test_data_seed_defaults_to_the_runs_seed_and_an_explicit_seed_wins(monkeypatch):
+    import lightning.pytorch as L
+
+    def order(**kw):
+        dm = SFTDataModule(tokenizer="preset:tiny", batch_size=4, **kw)
+        dm.setup("fit")
+        return [tuple(dm.train_items[i]["input_ids"]) for b in dm._batch_sampler(dm.train_items, 4, True) for i in b]
+
+    assert SFTDataModule(tokenizer="preset:tiny").seed == 0  # no seed_everything: 0, as before
+    unseeded = order()
+    L.seed_everything(7, verbose=False)
+    assert SFTDataModule(tokenizer="preset:tiny").seed == 7
+    assert order() == order(seed=7) != unseeded  # --seed_everything 7 alone now changes the data order
+    assert SFTDataModule(tokenizer="preset:tiny", seed=3).seed == 3
+    assert order(seed=0) == unseeded
+    with pytest.raises(DataError, match="data seed must be an integer"):
+        SFTDataModule(tokenizer="preset:tiny", seed="1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as L
@@ -37,12 +38,13 @@ class TokenizedDataModule(L.LightningDataModule):
         eval_batch_size: examples per validation batch (defaults to batch_size).
         group_by_length: batch examples of similar length together so padding stays small.
         num_workers: DataLoader worker processes.
-        seed: seed for shuffling, splitting and mixing.
+        seed: seed for shuffling, splitting and mixing; null (the default) takes the run's seed
+            (``seed_everything``, 0 without one), so ``--seed_everything N`` also changes the data order.
         prompt_template: Python format string applied to every prompt; must contain "{prompt}".
     """
 
     def __init__(self, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
-                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int = 0,
+                 eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int | None = None,
                  prompt_template: str = "{prompt}") -> None:
         super().__init__()
         if "{prompt}" not in prompt_template:
@@ -57,12 +59,37 @@ class TokenizedDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.group_by_length = group_by_length
         self.num_workers = num_workers
-        self.seed = seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise DataError(f"data seed must be an integer or null, got {seed!r}")
+        self._seed = seed
         self.prompt_template = prompt_template
         self.tokenizer = None
         self.train_items: list = []
         self.val_items: list = []
         self.dropped: dict[str, int] = {}
+
+    @property
+    def seed(self) -> int:
+        """The data seed: ``seed`` if given, else the run's (``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0."""
+        if self._seed is not None:
+            return self._seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # -- checkpoint state: a resumed run keeps the data seed it started with ----------------------------------------
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("seed")
+        if saved is None or saved == self.seed:
+            return
+        log.warning("lit_align: resuming with the checkpoint's data seed %d instead of %d, so the run continues in the "
+                    "data order it started with", saved, self.seed)
+        built = bool(self.train_items or self.val_items)
+        self._seed = saved
+        if built:  # Lightning restores state after setup(): rebuild the splits and mixture with the saved seed
+            self.train_items, self.val_items = [], []
+            self.setup("fit")
 
     def format_prompt(self, prompt: str) -> str:
         """The prompt as the model sees it: ``prompt_template`` applied."""

@@ -231,7 +231,7 @@ class PromptsDataModule(TokenizedDataModule):
     def __init__(self, train_sources: list[PromptSource] | None = None, val_sources: list[PromptSource] | None = None,
                  prompt_template: str = "{prompt}", tokenizer: str | None = None, max_length: int = 1024,
                  batch_size: int = 8, eval_batch_size: int | None = None, group_by_length: bool = False,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
                          num_workers=num_workers, seed=seed, prompt_template=prompt_template)

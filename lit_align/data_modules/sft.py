@@ -27,7 +27,7 @@ class SFTDataModule(TokenizedDataModule):
                  val_fraction: float = 0.05, prompt_template: str = "{prompt}", packing: bool = False,
                  tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
                  eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int | None = None) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
                          num_workers=num_workers, seed=seed, prompt_template=prompt_template)
