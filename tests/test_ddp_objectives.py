@@ -1,9 +1,12 @@
-"""DPO and GRPO under DDP: 2 CPU processes (gloo) with batch B follow the loss curve of 1 process with batch 2B.
+"""DPO, ORPO and GRPO under DDP: 2 CPU processes (gloo) with batch B follow the loss curve of 1 process with batch 2B.
 
 (SFT's version, and how the batch sampler makes step k of both runs see the same examples: tests/test_ddp_sft.py.)
 
 - DPO's loss is a mean over pairs and every process holds B pairs, so the mean of the processes' losses (what DDP's
   gradient averaging optimises) is the 2B-pair mean of the single process.
+- ORPO adds the chosen completions' token-mean NLL; the processes' halves hold different numbers of chosen tokens, so
+  each process rescales its NLL by its share of the global tokens (AlignmentModule.global_token_mean) and the mean
+  of the processes' losses is again the 2B-pair loss.
 - GRPO generates inside the training step. To compare updates rather than sampling luck, the rollouts here are a fixed
   function of (problem, sample index), and so is the reward; everything after that (group advantages, old and
   reference log-probs, the clipped surrogate, the k3 KL, micro-batch accumulation) is the module's own code. With
@@ -46,9 +49,9 @@ class Recorder(L.Callback):
         self.out, self.steps = out, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if isinstance(outputs, dict) and "loss" in outputs:  # DPO: automatic optimisation returns the loss
+        if isinstance(outputs, dict) and "loss" in outputs:  # DPO, ORPO: automatic optimisation returns the loss
             self.steps.append({"loss": float(outputs["loss"]), "weight": len(batch["index"]),
-                               "rows": batch["index"].tolist()})
+                               "rows": batch["index"].tolist(), "tokens": int(batch["labels"][:len(batch["index"]), 1:].ne(-100).sum())})
         else:  # GRPO records in update()
             self.steps.append(pl_module.recorded.pop())
 
@@ -105,11 +108,13 @@ def run(objective: str, out: Path, batch_size: int, devices: int) -> None:
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective == "dpo":
+    if objective in ("dpo", "orpo"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
+        from lit_align.modules.orpo import ORPO
 
-        module = DPO(beta=0.1, lora=lora, optimizer=optimizer)
+        module = DPO(beta=0.1, lora=lora, optimizer=optimizer) if objective == "dpo" else \
+            ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))  # 1e-2 diverges
         data = PreferenceDataModule(train_sources=[PreferenceSource(limit=40)], val_sources=[], val_fraction=0.0,
                                     max_pairs_per_problem=1, tokenizer="preset:tiny", batch_size=batch_size)
     else:
@@ -163,6 +168,14 @@ def test_dpo_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     assert losses[-1] < losses[0] - 0.01  # it trains: the comparison is not of constants
 
 
+def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted_nll(tmp_path):
+    ranks, single = _compare("orpo", tmp_path)
+    tokens = [(a["tokens"], b["tokens"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
+    assert any(a != b for a, b in tokens), tokens  # a plain mean of the processes' NLLs would not be the global one
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[-1] < losses[0] - 0.01
+
+
 def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(tmp_path):
     ranks, single = _compare("grpo", tmp_path)
     weights = [(a["weight"], b["weight"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
@@ -175,4 +188,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--ddp":
         run(sys.argv[2], Path(sys.argv[3]), batch_size=B, devices=2)
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|grpo OUT_DIR (the DDP worker of this test)")
+        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|orpo|grpo OUT_DIR (the DDP worker of this test)")

@@ -4,9 +4,10 @@ How the comparison is made equal by construction (docs/scaling.md, "Data paralle
 
 - the batch sampler cuts each epoch into *global* batches of ``B * world_size`` examples and gives rank r the r-th
   slice of each, so step k of the 2-process run sees exactly the examples of step k of the 1-process run;
-- DDP averages gradients over ranks, so its objective is the *mean of the ranks' losses*, while the 1-process SFT loss
-  is token-weighted over the doubled batch. The two coincide when both halves hold the same number of completion
-  tokens; the data here has completions of one length (prompts of different lengths, so padding still differs).
+- DDP averages gradients over ranks; SFT scales each rank's token mean by its share of the global completion tokens
+  (``SFT.global_token_mean``), so the averaged gradient is that of the token mean over the doubled batch. The data
+  has completions of different lengths, so the two halves of a global batch hold different token counts (without the
+  scaling the curves differ by up to 3.5e-3 here), and prompts of different lengths, so padding differs as well.
 
 Tolerance: losses agree to 1e-5 (absolute, losses ~5.6). Step 0 differs only by float summation order; later steps
 also carry the tiny parameter differences that order produces, amplified by lr=1e-3.
@@ -33,11 +34,12 @@ TOLERANCE = 1e-5
 
 
 def write_rows(path: Path, n: int = 40) -> Path:
-    """Prompts of varied length, completions of one length (so each half of a batch has the same completion tokens)."""
+    """Prompts and completions of varied length (the halves of a global batch hold different completion tokens)."""
     with open(path, "w") as f:
         for k in range(n):
             prompt = f'def add_{k}(x):\n    """Return x plus {k}.{" Really." * (k % 7)}"""\n'
-            f.write(json.dumps({"prompt": prompt, "completion": f"    return x + {k:03d}\n"}) + "\n")
+            completion = f"    return x + {k:03d}{'  # add' * (k % 5)}\n"
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return path
 
 
@@ -45,15 +47,16 @@ class Recorder(L.Callback):
     """Per-step loss and row fingerprints (sum of token ids) of this process, written to ``out/rank{r}.json``."""
 
     def __init__(self, out: Path):
-        self.out, self.losses, self.rows = out, [], []
+        self.out, self.losses, self.rows, self.tokens = out, [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
         self.rows.append([int(r.sum()) for r in batch["input_ids"]])
+        self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
 
     def on_train_end(self, trainer, pl_module):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"losses": self.losses, "rows": self.rows, "world_size": trainer.world_size,
+            {"losses": self.losses, "rows": self.rows, "tokens": self.tokens, "world_size": trainer.world_size,
              "param_sum": float(sum(p.detach().double().sum() for p in pl_module.parameters()))}))
 
 
@@ -126,6 +129,8 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first
         assert ranks[0]["rows"][k] + ranks[1]["rows"][k] == single["rows"][k]
+        assert ranks[0]["tokens"][k] + ranks[1]["tokens"][k] == single["tokens"][k]
+    assert any(a != b for a, b in zip(ranks[0]["tokens"], ranks[1]["tokens"]))  # the halves weigh differently
     ddp_curve = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert max(abs(a - b) for a, b in zip(ddp_curve, single["losses"])) < TOLERANCE, (ddp_curve, single["losses"])
     assert single["losses"][-1] < single["losses"][0] - 0.05  # it trains: the comparison is not of constants

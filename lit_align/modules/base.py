@@ -273,6 +273,33 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_inference_metric_states()
 
+    # ------------------------------------------------------------------ data parallelism
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def global_sum(self, value: Tensor | float) -> Tensor:
+        """Sum over processes of a per-process figure (float32; the figure itself with one process)."""
+        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self._world_size() > 1 else t
+
+    def global_mean(self, value: Tensor | float) -> Tensor:
+        """Mean over processes of a per-process figure (each process weighs the same)."""
+        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="mean") if self._world_size() > 1 else t
+
+    def global_token_mean(self, loss: Tensor, n_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss to back-propagate, global token-mean loss, global token count) from this process's token mean.
+
+        DDP averages gradients over processes, so a token mean per process would weigh a token on a process with
+        fewer tokens more. With one process the loss is returned as is; with N, the loss to back-propagate is
+        ``loss * N * n / total``, whose gradient averaged over processes is that of ``sum over all tokens / total``
+        (one all-reduce of two numbers)."""
+        world = self._world_size()
+        sums = self.global_sum(torch.stack([loss.detach().float() * n_tokens, n_tokens.float()]))
+        total = sums[1].clamp(min=1)
+        scaled = loss * (world * n_tokens / total) if world > 1 else loss
+        return scaled, sums[0] / total, sums[1]
+
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:
         """Log ``{stage}/{name}`` for every metric; per step in training, per epoch in validation/test."""

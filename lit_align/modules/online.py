@@ -492,15 +492,7 @@ class OnlineModule(AlignmentModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ distributed statistics
-    def global_sum(self, value: Tensor | float) -> Tensor:
-        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum") if self.trainer.world_size > 1 else t
-
-    def global_mean(self, value: Tensor | float) -> Tensor:
-        """Mean over processes of a per-process figure (each process weighs the same)."""
-        t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        return self.trainer.strategy.reduce(t.clone(), reduce_op="mean") if self.trainer.world_size > 1 else t
-
+    # global_sum and global_mean: AlignmentModule
     def global_mean_figures(self, figures: dict[str, float | Tensor]) -> dict[str, Tensor]:
         """Mean over the processes that report each figure (a process with no data for a figure leaves it out)."""
         local = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device).float().mean() for k, v in figures.items()}

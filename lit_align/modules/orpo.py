@@ -22,7 +22,9 @@ class ORPO(PreferenceModule):
     lambda), ``log_odds_ratio``, and ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``rewards/accuracies`` where a completion's reward is its mean per-token log-prob (the quantity the odds are
     computed from), so accuracy is the share of pairs whose chosen completion is the more likely one per token.
-    The loss is :meth:`compute_loss`; override it alone to make a variant.
+    The loss is :meth:`compute_loss`; override it alone to make a variant. Under data parallelism the NLL term is the
+    token mean over every process's chosen tokens (each process's term is rescaled by its share of the tokens), and
+    the logged step ``loss`` and ``nll`` are the global figures.
 
     Args:
         orpo_lambda: weight lambda of the odds-ratio term in Eq. 4 (the paper's "ORPO beta 0.1"); must be >= 0.
@@ -50,9 +52,13 @@ class ORPO(PreferenceModule):
         b = out["chosen_logps"].size(0)
         chosen_mask = out["mask"][:b]
         chosen_nll = -(out["chosen_logps"].sum() / chosen_mask.sum().clamp(min=1))
+        logged_nll = chosen_nll
+        if stage == "train":  # under DDP: the token mean over every process's chosen tokens (AlignmentModule)
+            chosen_nll, logged_nll, _ = self.global_token_mean(chosen_nll, chosen_mask.sum())
         loss, or_losses, log_odds_ratio = self.compute_loss(chosen_nll, out["chosen_mean_logps"],
                                                             out["rejected_mean_logps"])
-        metrics = {"loss": loss, "nll": chosen_nll, "or_loss": or_losses, "log_odds_ratio": log_odds_ratio,
+        logged_loss = self.global_mean(loss) if stage == "train" else loss
+        metrics = {"loss": logged_loss, "nll": logged_nll, "or_loss": or_losses, "log_odds_ratio": log_odds_ratio,
                    **preference_metrics(out["chosen_mean_logps"], out["rejected_mean_logps"]),
                    "logps/chosen": out["chosen_logps"], "logps/rejected": out["rejected_logps"]}
         self.log_metrics(stage, metrics, batch_size=b)

@@ -17,6 +17,13 @@ class SFT(AlignmentModule):
 
     Logs ``loss`` and ``tokens`` per step, and ``loss``/``perplexity`` per validation epoch (perplexity over all
     validation completion tokens, the exponential of the token-weighted validation loss).
+
+    Under data parallelism the training loss is the token mean over *every* process's completion tokens, as one
+    process with the whole global batch would compute it: DDP averages gradients over processes, so each process
+    scales its own token mean by ``world_size * its tokens / all tokens`` (``global_token_mean``, one all-reduce of
+    two numbers per step).
+    The logged step ``loss`` and ``tokens`` are the global figures too. Gradient accumulation still averages the
+    micro-batches' token means (the tokens of later micro-batches are not known yet).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -24,7 +31,8 @@ class SFT(AlignmentModule):
         self.eval_nll = ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def compute_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The objective; override this one method to try another token-level loss."""
+        """The objective; override this one method to try another token-level loss. It returns the mean over the
+        batch's completion tokens (the DDP rescaling in ``shared_step`` relies on that)."""
         return losses.sft_loss(logits, labels)
 
     def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
@@ -32,7 +40,8 @@ class SFT(AlignmentModule):
         loss = self.compute_loss(logits, batch["labels"])
         n_tokens = (batch["labels"][:, 1:] != losses.IGNORE_INDEX).sum()
         if stage == "train":
-            self.log_metrics(stage, {"loss": loss, "tokens": n_tokens.float()}, batch_size=batch["input_ids"].size(0))
+            loss, logged, tokens = self.global_token_mean(loss, n_tokens)
+            self.log_metrics(stage, {"loss": logged, "tokens": tokens}, batch_size=batch["input_ids"].size(0))
         else:
             metric = self.eval_nll[stage]  # token-weighted mean over the whole epoch, synced across processes
             metric.update(loss.detach(), n_tokens)
