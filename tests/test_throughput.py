@@ -1,6 +1,7 @@
 """TokenThroughput: FLOP formulas, batch counting, and logged rates checked against a fake clock."""
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -39,6 +40,13 @@ def test_batch_counts_reads_masks_pairs_and_packing():
     pairs = {"chosen_input_ids": torch.zeros(3, 5, dtype=torch.long), "chosen_attention_mask": torch.ones(3, 5),
              "rejected_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_attention_mask": torch.ones(3, 7)}
     assert batch_counts(pairs) == (3, 36, 7)
+    # lit_align's own preference batch: the prompt/completion split is a second view of the same tokens
+    from lit_align.data_modules.preference import EncodedTriplet, collate_pairs
+
+    arr = lambda n: np.arange(1, n + 1, dtype=np.int64)  # noqa: E731
+    items = [EncodedTriplet(arr(5), arr(3), arr(6), 0, 0, "a"), EncodedTriplet(arr(2), arr(4), arr(1), 1, 1, "b")]
+    real = (5 + 3) + (2 + 4) + (5 + 6) + (2 + 1)
+    assert batch_counts(collate_pairs(items, pad_token_id=0)) == (4, real, 11)
     packed = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": torch.zeros(2, 6, dtype=torch.long)}
     assert batch_counts(packed) == (2, 12, 6)
     with pytest.raises(KeyError, match="no 2-D '\\*input_ids'"):

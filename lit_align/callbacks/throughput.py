@@ -53,13 +53,26 @@ def generation_flops_per_token(shape: ModelShape) -> float:
 
 
 def batch_counts(batch: Any, count_padding: bool = False) -> tuple[int, int, int]:
-    """(samples, tokens, longest sequence) of a batch dict: ``*input_ids`` and ``*attention_mask`` keys are read."""
+    """(sequences, tokens, longest sequence) of a batch dict.
+
+    A batch with plain ``input_ids`` (and ``attention_mask``) is counted from those alone: lit_align's preference
+    batches also carry the same tokens split at the prompt (``prompt_*``/``completion_*`` keys), which are another view
+    of them, not more tokens. Without plain ``input_ids``, every ``*input_ids``/``*attention_mask`` pair is summed
+    (``chosen_*``/``rejected_*`` batches)."""
     if not isinstance(batch, dict):
         raise TypeError(f"TokenThroughput reads dict batches with *input_ids keys, got {type(batch).__name__}")
-    ids = {k: v for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v) and v.ndim == 2}
+
+    def is_2d(v: Any) -> bool:
+        return torch.is_tensor(v) and v.ndim == 2
+
+    if is_2d(batch.get("input_ids")):
+        ids = {"input_ids": batch["input_ids"]}
+        masks = {"attention_mask": batch["attention_mask"]} if is_2d(batch.get("attention_mask")) else {}
+    else:
+        ids = {k: v for k, v in batch.items() if k.endswith("input_ids") and is_2d(v)}
+        masks = {k: v for k, v in batch.items() if k.endswith("attention_mask") and is_2d(v)}
     if not ids:
         raise KeyError(f"TokenThroughput: the batch has no 2-D '*input_ids' tensor (keys: {sorted(batch)})")
-    masks = {k: v for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v) and v.ndim == 2}
     samples = int(next(iter(ids.values())).size(0))
     if masks and not count_padding:
         tokens = int(sum(int(m.sum()) for m in masks.values()))
