@@ -14,6 +14,7 @@ from lit_align.callbacks.margin_resampling import (
     family_groups,
     family_of,
     group_means,
+    margin_groups,
     resampling_probabilities,
 )
 from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
@@ -84,6 +85,24 @@ def test_family_groups_mix_topics():
     assert family_of("file:abc") == "file:abc"
 
 
+def test_margin_groups_put_each_familys_hardest_pairs_together_and_keep_topics_mixed():
+    ids = [f"suite/{fam}/t/{i}" for fam in ("a", "b", "c", "d") for i in range(6)]
+    # family a is easy everywhere (margins 10..15), the others span 0..5: ranks, not raw margins, form the groups
+    margins = torch.tensor([10.0 + i if fam == "a" else float((i * 5) % 6) for fam in "abcd" for i in range(6)])
+    groups = margin_groups(ids, margins, batch_size=4)
+    assert sorted(i for g in groups for i in g) == list(range(24))
+    assert all(sorted(family_of(ids[i]) for i in g) == ["a", "b", "c", "d"] for g in groups)
+    # group k holds the rank-k pair of every family
+    for k, g in enumerate(groups):
+        for i in g:
+            fam = [j for j in range(24) if ids[j].split("/")[1] == ids[i].split("/")[1]]
+            assert sorted(fam, key=lambda j: (float(margins[j]), j)).index(i) == k
+    means = group_means(margins, groups)
+    assert torch.all(means[1:] > means[:-1])  # hardest group first; with family groups all means would be close
+    probs = resampling_probabilities(means, 1.0)
+    assert probs[0] > 50 * probs[-1]
+
+
 # ---------------------------------------------------------------- with DPO and the DataModule
 def _data(limit=12):
     return PreferenceDataModule(tokenizer="preset:tiny", train_sources=[PreferenceSource(limit=limit)], val_sources=[],
@@ -138,6 +157,30 @@ def test_epoch_end_scores_every_pair_and_next_epoch_trains_on_the_draw(tmp_path)
     acc.Reload()
     assert "resampling/margins" in acc.Tags()["histograms"]
     assert "resampling/ess" in acc.Tags()["scalars"]
+
+
+def test_margin_grouping_reforms_groups_from_the_current_margins(tmp_path):
+    class Spy(MarginResampling):
+        snapshots: list = []
+
+        def update(self, trainer, pl_module):
+            super().update(trainer, pl_module)
+            self.snapshots.append([sorted(g) for g in self.groups])
+
+    resampling = Spy(temperature=0.5, level="batch", grouping="margin", seed=1)
+    record = _RecordBatches()
+    module, data, trainer = _fit(tmp_path, [resampling, record])
+    ids = [it.source_id for it in data.train_items]
+    margins = torch.cat([module.example_margins(data.collate([it])) for it in data.train_items]).double()
+    # the last scoring's groups are cut from the final margins, and its probabilities are softmax over their means
+    assert torch.allclose(resampling.margins, margins, atol=1e-4)
+    assert resampling.groups == margin_groups(ids, resampling.margins, 4)
+    expected = torch.softmax(-group_means(margins, resampling.groups) / 0.5, 0)
+    assert torch.allclose(resampling.probs, expected, atol=1e-3)
+    # epoch 1 trained on whole groups of the first scoring (end of epoch 0)
+    assert len(resampling.snapshots) == 2
+    epoch1 = [b for e, b in record.seen if e == 1]
+    assert len(epoch1) == 6 and all(b in resampling.snapshots[0] for b in epoch1)
 
 
 def test_schedule_is_seeded_by_epoch_so_a_restored_callback_draws_the_same(tmp_path):

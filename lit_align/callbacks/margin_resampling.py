@@ -5,13 +5,17 @@ the current policy: its margin is the chosen implicit reward minus the rejected 
 margins become sampling probabilities ``p = softmax(-margin / temperature)``, so a low-margin (hard) pair gets more
 weight, and each following epoch draws its batches from them, with replacement.
 
-Batch level (the default, as in the report): the training set is cut once into fixed groups of one batch each, and a
-group is scored by the mean margin of its pairs, then whole groups are drawn. A drawn batch keeps the mix of topics it
-was formed with, so resampling cannot collapse an epoch onto a single hard family. ``grouping="family"`` forms the
-groups by dealing the pairs of each family (the task id's second field, e.g. ``suite/loops/...`` -> loops; the whole
-source id otherwise) round-robin, so every group mixes families; ``grouping="sampler"`` forms them as the DataModule's
-length-grouped sampler would (less padding, topics mixed only by chance). ``level="example"`` draws pairs one at a
-time and cuts the draw into batches instead.
+Batch level (the default, as in the report): the training set is cut into groups of one batch each, a group is scored
+by the mean margin of its pairs, and whole groups are drawn. Every group mixes topics (families: the task id's second
+field, e.g. ``suite/loops/...`` -> loops; the whole source id otherwise), so resampling cannot collapse an epoch onto
+a single hard family. ``grouping="margin"`` (the default) re-forms the groups at every rescoring by difficulty *within*
+each family: each pair gets its rank quantile among its family's margins and groups are cut from the pairs ordered by
+that quantile, so one group holds the hardest pairs of every family together, and hard groups are drawn more often.
+``grouping="family"`` cuts fixed groups once by dealing each family's pairs round-robin; ``grouping="sampler"`` uses
+the DataModule's length-grouped batches (less padding, topics mixed only by chance). A fixed group is a random mix of
+easy and hard pairs: the draw repeats the groups that happen to hold more hard pairs, easy ones included, and sees the
+hard pairs of the other groups less (slower than uniform sampling in BENCHMARKS.md, while "margin" and "example" were
+faster). ``level="example"`` draws pairs one at a time and cuts the draw into batches instead.
 
 The epoch keeps its number of batches, so ``max_steps`` and the learning-rate schedule do not change. Draws are seeded
 by (seed, epoch): a resumed run (the probabilities are saved in the checkpoint) draws the same batches. The margin
@@ -35,7 +39,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 Level = Literal["batch", "example"]
-Grouping = Literal["family", "sampler"]
+Grouping = Literal["family", "sampler", "margin"]
 
 
 # ---------------------------------------------------------------------------------------------------- pure math
@@ -77,6 +81,20 @@ def family_groups(source_ids: list[str], batch_size: int, seed: int = 0) -> list
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def margin_groups(source_ids: list[str], margins: Tensor, batch_size: int) -> list[list[int]]:
+    """Groups of ``batch_size`` of similar difficulty that mix families: every pair is keyed by its rank quantile among
+    its family's margins (lowest first), pairs are ordered by that key (families interleaved at equal keys) and cut."""
+    by_family: dict[str, list[int]] = {}
+    for i, sid in enumerate(source_ids):
+        by_family.setdefault(family_of(sid), []).append(i)
+    keyed: list[tuple[float, int, int]] = []
+    for f, (_, members) in enumerate(sorted(by_family.items())):
+        ranked = sorted(members, key=lambda i: (float(margins[i]), i))
+        keyed += [((r + 0.5) / len(ranked), f, i) for r, i in enumerate(ranked)]
+    order = [i for _, _, i in sorted(keyed)]
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def draw_schedule(probs: Tensor, groups: list[list[int]] | None, num_batches: int, batch_size: int,
                   generator: torch.Generator) -> list[list[int]]:
     """``num_batches`` batches drawn with replacement: whole groups (``groups`` given, ``probs`` per group) or single
@@ -99,15 +117,16 @@ class MarginResampling(L.Callback):
         temperature: softmax temperature over negative margins, > 0; small values focus on the hardest pairs,
             large ones approach uniform sampling.
         level: "batch" draws whole fixed batches scored by their mean margin (topic mix kept); "example" draws pairs.
-        grouping: how the fixed batches are formed for level "batch": "family" mixes task families in every batch,
-            "sampler" uses the DataModule's length-grouped batches.
+        grouping: how the batches are formed for level "batch": "margin" re-forms them at every rescoring from each
+            family's pairs of similar margin rank (families mixed, difficulty grouped); "family" mixes task families
+            in fixed batches; "sampler" uses the DataModule's length-grouped batches (fixed).
         every_n_epochs: rescore at the end of every n-th training epoch.
         every_n_steps: rescore every n optimizer steps instead (the new draw applies to the rest of the epoch).
         score_batch_size: pairs per forward pass when scoring (default: the DataModule's eval_batch_size).
         seed: seed of the draws (each epoch draws with seed and epoch number).
     """
 
-    def __init__(self, temperature: float = 1.0, level: Level = "batch", grouping: Grouping = "family",
+    def __init__(self, temperature: float = 1.0, level: Level = "batch", grouping: Grouping = "margin",
                  every_n_epochs: int = 1, every_n_steps: int | None = None, score_batch_size: int | None = None,
                  seed: int = 0) -> None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
@@ -116,8 +135,8 @@ class MarginResampling(L.Callback):
                              f" got temperature={temperature!r}")
         if level not in ("batch", "example"):
             raise ValueError(f"MarginResampling level must be 'batch' or 'example', got {level!r}")
-        if grouping not in ("family", "sampler"):
-            raise ValueError(f"MarginResampling grouping must be 'family' or 'sampler', got {grouping!r}")
+        if grouping not in ("family", "sampler", "margin"):
+            raise ValueError(f"MarginResampling grouping must be 'family', 'sampler' or 'margin', got {grouping!r}")
         if every_n_epochs < 1:
             raise ValueError(f"MarginResampling every_n_epochs must be >= 1, got {every_n_epochs}")
         if every_n_steps is not None and every_n_steps < 1:
@@ -168,7 +187,11 @@ class MarginResampling(L.Callback):
         """Score the training set, recompute the probabilities, log them, and redraw the current epoch's schedule."""
         datamodule = _datamodule(trainer)
         margins = self.score(pl_module, datamodule)
-        if self.level == "batch":
+        if self.level == "batch" and self.grouping == "margin":
+            size = datamodule.batch_size * max(trainer.world_size, 1)
+            self.groups = margin_groups([it.source_id for it in datamodule.train_items], margins, size)
+            self.probs = resampling_probabilities(group_means(margins, self.groups), self.temperature)
+        elif self.level == "batch":
             if self.groups is None or sum(len(g) for g in self.groups) != len(margins):
                 self.groups = self._groups(trainer, datamodule)
             self.probs = resampling_probabilities(group_means(margins, self.groups), self.temperature)
@@ -251,4 +274,4 @@ def _epoch_batches(datamodule) -> int:
 
 
 __all__ = ["MarginResampling", "draw_schedule", "effective_sample_size", "family_groups", "family_of", "group_means",
-           "resampling_probabilities"]
+           "margin_groups", "resampling_probabilities"]
