@@ -34,8 +34,10 @@ from lit_align.modules.dpo import DPO
 class HeldoutCurve(L.Callback):
     """Held-out accuracy and mean margin every n optimizer steps."""
 
-    def __init__(self, every: int, items: list | None = None, verbose: bool = False) -> None:
+    def __init__(self, every: int, items: list | None = None, verbose: bool = False,
+                 problems_per_family: int = 105) -> None:
         self.every = every
+        self.problems_per_family = problems_per_family
         self.items = items  # held-out pairs to score (default: the DataModule's validation pairs)
         self.verbose = verbose
         self.curve: list[dict] = []
@@ -46,7 +48,7 @@ class HeldoutCurve(L.Callback):
         items = self.items if self.items is not None else dm.val_items
         m = pair_margins(module, dm, items)
         point = {"step": trainer.global_step, "accuracy": float((m > 0).double().mean()), "margin": float(m.mean())}
-        kinds = incorrect_kinds(dm, items)
+        kinds = incorrect_kinds(dm, items, self.problems_per_family)
         for kind in sorted(set(kinds)):
             mask = torch.tensor([k == kind for k in kinds])
             point[f"accuracy/{kind}"] = float((m[mask] > 0).double().mean())
@@ -68,12 +70,12 @@ class HeldoutCurve(L.Callback):
 _KINDS: dict[tuple[str, str], str] = {}
 
 
-def incorrect_kinds(dm, items) -> list[str]:
+def incorrect_kinds(dm, items, problems_per_family: int = 105) -> list[str]:
     """The task suite's name for each pair's rejected solution (off_by_one, syntax_error, ...), "other" if unknown."""
     from lit_align.data_modules.task_suite import generate_task_suite
 
     if not _KINDS:
-        for task in generate_task_suite(problems_per_family=105):
+        for task in generate_task_suite(problems_per_family=problems_per_family):
             for kind, code in task.incorrect_solutions:
                 _KINDS[(task.task_id, code)] = kind
     tok = dm.tokenizer
@@ -102,7 +104,8 @@ def run(args, temperature: float | None, seed: int) -> dict:
         heldout = other.train_items
     module = DPO(model_name_or_path=args.model, beta=args.beta, lora=LoRAConfig(r=16, alpha=32, dropout=0.0),
                  optimizer=OptimizerConfig(lr=args.lr, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1))
-    curve = HeldoutCurve(args.eval_every, heldout, verbose=args.verbose)
+    curve = HeldoutCurve(args.eval_every, heldout, verbose=args.verbose,
+                         problems_per_family=args.problems_per_family or 60)
     callbacks = [curve]
     if temperature is not None:
         callbacks.append(MarginResampling(temperature=temperature, level=args.level, grouping=args.grouping,

@@ -295,10 +295,11 @@ class AlignmentModule(L.LightningModule):
         ``loss * N * n / total``, whose gradient averaged over processes is that of ``sum over all tokens / total``
         (one all-reduce of two numbers)."""
         world = self._world_size()
+        if world <= 1:
+            return loss, loss.detach(), n_tokens.detach().float()
         sums = self.global_sum(torch.stack([loss.detach().float() * n_tokens, n_tokens.float()]))
         total = sums[1].clamp(min=1)
-        scaled = loss * (world * n_tokens / total) if world > 1 else loss
-        return scaled, sums[0] / total, sums[1]
+        return loss * (world * n_tokens / total), sums[0] / total, sums[1]
 
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:

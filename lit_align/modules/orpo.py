@@ -57,7 +57,7 @@ class ORPO(PreferenceModule):
             chosen_nll, logged_nll, _ = self.global_token_mean(chosen_nll, chosen_mask.sum())
         loss, or_losses, log_odds_ratio = self.compute_loss(chosen_nll, out["chosen_mean_logps"],
                                                             out["rejected_mean_logps"])
-        logged_loss = self.global_mean(loss) if stage == "train" else loss
+        logged_loss = self.global_mean(loss.detach()) if stage == "train" else loss
         metrics = {"loss": logged_loss, "nll": logged_nll, "or_loss": or_losses, "log_odds_ratio": log_odds_ratio,
                    **preference_metrics(out["chosen_mean_logps"], out["rejected_mean_logps"]),
                    "logps/chosen": out["chosen_logps"], "logps/rejected": out["rejected_logps"]}
