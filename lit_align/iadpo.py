@@ -41,6 +41,7 @@ from typing import Any, Literal, Protocol, Sequence
 import torch
 
 from lit_align.data_modules.task_suite import CodeTask, load_task_suite, read_jsonl, write_jsonl
+from lit_align.models import ModelLoadError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,9 @@ def run_rounds(config: IADPOConfig, output: str | Path, merge: bool = True, orac
     from lit_align.cli import LitAlignCLI
     from lit_align.generation import SamplingParams, build_backend
 
+    init = (config.fit.get("model") or {}).get("init_args") or {}
+    if init.get("model_name_or_path"):  # a missing student model is refused before anything is written
+        load_tokenizer(init.get("tokenizer_name_or_path") or init["model_name_or_path"])
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     state = read_state(output)
@@ -520,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         history = run_rounds(config, args.output, merge=not args.no_merge)
-    except IADPOError as err:
-        print(f"lit_align iadpo: error: {err}", file=sys.stderr)
+    except (IADPOError, ModelLoadError) as err:
+        hint = " (the quickstart's student is the SFT quickstart's model: run `lit_align fit --config " \
+               "configs/quickstart/sft.yaml` or `make quickstart` first)" if isinstance(err, ModelLoadError) else ""
+        print(f"lit_align iadpo: error: {err}{hint}", file=sys.stderr)
         return 2
     for m in history:
         print(json.dumps({k: m[k] for k in ("round", "exercises", "pairs", "student_pass_rate", "heldout_margin_before",

@@ -75,6 +75,16 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
     assert main(["--config", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out")]) == 2
 
 
+def test_missing_student_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "iadpo.yaml"
+    config.write_text("rounds: 1\nfit:\n  model:\n    class_path: lit_align.modules.dpo.DPO\n    init_args:\n"
+                      f"      model_name_or_path: {tmp_path / 'no-such-model'}\n")
+    assert main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "configs/quickstart/sft.yaml" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _config(rounds):
     fit = {
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "enable_progress_bar": False,
