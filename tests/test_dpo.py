@@ -131,6 +131,31 @@ def test_loss_wiring_matches_dpo_loss_of_separate_forward_passes(batch):
     assert abs(expected.item() - math.log(2.0)) > 1e-3
 
 
+def test_rpo_alpha_adds_the_chosen_token_mean_nll_to_the_dpo_loss(batch):
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        DPO(rpo_alpha=-0.1)
+    logged = {}
+    values = {}
+    for alpha in (0.0, 0.7):
+        torch.manual_seed(0)  # the same LoRA A initialisation for both modules
+        module = _built(beta=0.3, rpo_alpha=alpha, lora=_lora()).train()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in module.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        module.log_metrics = lambda stage, metrics, **kw: logged.update({alpha: metrics})
+        values[alpha] = module.training_step(batch, 0).item()
+    b = batch["input_ids"].size(0) // 2
+    with torch.no_grad():  # the NLL from an independent full-sequence pass: sum of chosen log-probs / chosen tokens
+        full = module.completion_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    chosen_tokens = (batch["labels"][:b, 1:] != losses.IGNORE_INDEX).sum()
+    nll = -(full["sum"][:b].sum() / chosen_tokens).item()
+    assert "nll" not in logged[0.0] and logged[0.7]["nll"].item() == pytest.approx(nll, abs=1e-4)
+    assert values[0.7] == pytest.approx(values[0.0] + 0.7 * nll, abs=1e-4)  # dropout is off: the same DPO term
+    assert nll > 1.0  # the term is not negligible: the comparison tests its weight
+
+
 # ---------------------------------------------------------------- speed contracts
 class ForwardCounter:
     def __init__(self, net):

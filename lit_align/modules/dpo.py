@@ -33,6 +33,9 @@ class DPO(PreferenceModule):
     Args:
         beta: inverse temperature of the implicit reward (the paper: 1.0); must be > 0.
         label_smoothing: assumed probability that a preference label is flipped (conservative DPO), in [0, 0.5).
+        rpo_alpha: weight of an added negative log-likelihood of the chosen completions (token mean over the batch's
+            chosen tokens, as ORPO's NLL term; RPO), >= 0; 0 (default) is plain DPO. It keeps the chosen log-probs
+            from falling along with the rejected ones; logged as ``nll`` when > 0.
         reference: where the reference log-probs come from. adapter_disabled: the LoRA policy with its adapter
             disabled (no extra memory); frozen_copy: a frozen copy of the initial policy; precomputed: computed once
             before the first step for every training and validation pair, cached by content hash and saved in
@@ -43,13 +46,16 @@ class DPO(PreferenceModule):
         disable_dropout: turn dropout off in the policy and the reference.
     """
 
-    def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, reference: ReferenceMode = "auto",
+    def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                 reference: ReferenceMode = "auto",
                  reference_batch_size: int | None = None, share_prompt: bool = True, disable_dropout: bool = True,
                  **kwargs) -> None:
         if not beta > 0:
             raise ValueError(f"DPO beta must be > 0 (it scales the implicit reward), got beta={beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got label_smoothing={label_smoothing}")
+        if not rpo_alpha >= 0:
+            raise ValueError(f"DPO rpo_alpha must be >= 0 (weight of the chosen NLL term), got rpo_alpha={rpo_alpha}")
         if reference not in ("auto", "adapter_disabled", "frozen_copy", "precomputed"):
             raise ValueError(f"DPO reference must be auto, adapter_disabled, frozen_copy or precomputed, got {reference!r}")
         super().__init__(*args, share_prompt=share_prompt, disable_dropout=disable_dropout, **kwargs)
@@ -190,8 +196,18 @@ class DPO(PreferenceModule):
         per_example, chosen_rewards, rejected_rewards = self.compute_loss(
             policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected)
         loss = per_example.mean()
-        metrics = {"loss": loss, **preference_metrics(chosen_rewards, rejected_rewards),
+        metrics = {**preference_metrics(chosen_rewards, rejected_rewards),
                    "logps/chosen": policy["chosen_logps"], "logps/rejected": policy["rejected_logps"]}
+        if self.hparams.rpo_alpha > 0:
+            b = policy["chosen_logps"].size(0)
+            tokens = policy["mask"][:b].sum()
+            nll = -(policy["chosen_logps"].sum() / tokens.clamp(min=1))
+            logged_nll = nll
+            if stage == "train":  # under DDP: the token mean over every process's chosen tokens
+                nll, logged_nll, _ = self.global_token_mean(nll, tokens)
+            loss = loss + self.hparams.rpo_alpha * nll
+            metrics["nll"] = logged_nll
+        metrics["loss"] = self.global_mean(loss.detach()) if stage == "train" and self.hparams.rpo_alpha > 0 else loss
         self.log_metrics(stage, metrics, batch_size=policy["chosen_logps"].size(0))
         return loss
 
