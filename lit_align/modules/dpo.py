@@ -198,16 +198,12 @@ class DPO(PreferenceModule):
         loss = per_example.mean()
         metrics = {**preference_metrics(chosen_rewards, rejected_rewards),
                    "logps/chosen": policy["chosen_logps"], "logps/rejected": policy["rejected_logps"]}
+        metrics["loss"] = loss
         if self.hparams.rpo_alpha > 0:
-            b = policy["chosen_logps"].size(0)
-            tokens = policy["mask"][:b].sum()
-            nll = -(policy["chosen_logps"].sum() / tokens.clamp(min=1))
-            logged_nll = nll
-            if stage == "train":  # under DDP: the token mean over every process's chosen tokens
-                nll, logged_nll, _ = self.global_token_mean(nll, tokens)
+            nll, metrics["nll"] = self.chosen_nll(policy, stage)
             loss = loss + self.hparams.rpo_alpha * nll
-            metrics["nll"] = logged_nll
-        metrics["loss"] = self.global_mean(loss.detach()) if stage == "train" and self.hparams.rpo_alpha > 0 else loss
+            # the NLL is rescaled per process under DDP: the mean over processes is the global loss
+            metrics["loss"] = self.global_mean(loss.detach()) if stage == "train" else loss
         self.log_metrics(stage, metrics, batch_size=policy["chosen_logps"].size(0))
         return loss
 

@@ -50,11 +50,7 @@ class ORPO(PreferenceModule):
     def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.concatenated_logps(batch)
         b = out["chosen_logps"].size(0)
-        chosen_mask = out["mask"][:b]
-        chosen_nll = -(out["chosen_logps"].sum() / chosen_mask.sum().clamp(min=1))
-        logged_nll = chosen_nll
-        if stage == "train":  # under DDP: the token mean over every process's chosen tokens (AlignmentModule)
-            chosen_nll, logged_nll, _ = self.global_token_mean(chosen_nll, chosen_mask.sum())
+        chosen_nll, logged_nll = self.chosen_nll(out, stage)
         loss, or_losses, log_odds_ratio = self.compute_loss(chosen_nll, out["chosen_mean_logps"],
                                                             out["rejected_mean_logps"])
         logged_loss = self.global_mean(loss.detach()) if stage == "train" else loss

@@ -78,6 +78,17 @@ class PreferenceModule(AlignmentModule):
             disable_dropout(self.model)
 
     # ------------------------------------------------------------------ the paired forward pass
+    def chosen_nll(self, out: dict[str, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        """(term to back-propagate, figure to log): the chosen completions' NLL as a token mean over the batch's chosen
+        tokens (ORPO's first term, DPO's RPO term); in training under DDP over every process's chosen tokens."""
+        b = out["chosen_logps"].size(0)
+        tokens = out["mask"][:b].sum()
+        nll = -(out["chosen_logps"].sum() / tokens.clamp(min=1))
+        if stage != "train":
+            return nll, nll
+        nll, logged, _ = self.global_token_mean(nll, tokens)
+        return nll, logged
+
     def concatenated_logps(self, batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
         """Completion log-probs of the chosen and rejected rows of ``batch``, both halves in one pass of the network.
 
