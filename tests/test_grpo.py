@@ -128,6 +128,7 @@ def test_validation_and_test_log_pass_at_1_reward_and_compile_rate_from_executed
     assert metrics["val/compile_rate"] == pytest.approx(1.0)
     (tested,) = trainer.test(module, data, verbose=False)  # `lit_align test` scores the same way, logged as test/
     assert tested["test/pass@1"] == pytest.approx(0.5) and tested["test/reward_mean"] == pytest.approx(1.5)
+    assert module.generated_tokens == 0  # the running count behind TokenThroughput is of training rollouts only
 
 
 class LowercaseReward(GRPO):

@@ -107,6 +107,65 @@ class Rollouts:
                 "response_mask": mask[:, :t], "index": index}
 
 
+@dataclass
+class StepTokens:
+    """What one training step of an online objective processed on this process, for throughput and MFU.
+
+    :class:`OnlineModule` starts a new one at each ``training_step`` (its ``step_tokens``) and counts into it where the
+    work happens: :meth:`add_rollouts` for the generated rollouts, :meth:`add_pass` for every forward pass over rollout
+    rows (:meth:`OnlineModule.rollout_forward`, RAFT's SFT pass). Tokens are real (non-padding) tokens; a pass's
+    *width* is its padded sequence length, which the attention term of the FLOP count uses
+    (:class:`lit_align.callbacks.throughput.TokenThroughput` reads all of this).
+    """
+
+    backend: str = "hf"
+    """The generation backend that generated the rollouts ("hf", "vllm" or "openai")."""
+    rollouts: int = 0
+    """Completions generated and scored."""
+    prompt_tokens: int = 0
+    """Prompt tokens prefilled for generation, once per completion (a prompt sampled n times counts n times)."""
+    generated: int = 0
+    """Response tokens generated (the rollouts' response mask: end-of-sequence included when it ended the response)."""
+    trained: int = 0
+    """Tokens through forward + backward passes, every epoch counted."""
+    trained_span: int = 0
+    """Sum over those passes of tokens x the pass's width; ``trained_span / trained`` is their mean sequence length."""
+    forward_only: int = 0
+    """Tokens through forward passes without gradient (old log-probs and values, reference log-probs)."""
+    forward_only_span: int = 0
+    """Sum over those passes of tokens x the pass's width."""
+    longest: int = 0
+    """Width of the widest pass of either kind."""
+
+    def add_rollouts(self, rollouts: Rollouts) -> None:
+        """Count generated rollouts: rows, their prompt tokens and their response tokens."""
+        generated = int(rollouts.response_mask.sum())
+        self.rollouts += len(rollouts)
+        self.generated += generated
+        self.prompt_tokens += int(rollouts.attention_mask.sum()) - generated
+
+    def add_pass(self, attention_mask: Tensor, trained: bool) -> None:
+        """Count one forward pass over rows with this (N, width) attention mask, trained (a backward follows) or not."""
+        tokens, width = int(attention_mask.sum()), int(attention_mask.size(-1))
+        if trained:
+            self.trained += tokens
+            self.trained_span += tokens * width
+        else:
+            self.forward_only += tokens
+            self.forward_only_span += tokens * width
+        self.longest = max(self.longest, width)
+
+    @property
+    def trained_seq(self) -> float:
+        """Mean sequence length (pass width) of the trained tokens; 0 when nothing was trained."""
+        return self.trained_span / self.trained if self.trained else 0.0
+
+    @property
+    def forward_only_seq(self) -> float:
+        """Mean sequence length (pass width) of the forward-only tokens; 0 when there were none."""
+        return self.forward_only_span / self.forward_only if self.forward_only else 0.0
+
+
 class OnlineModule(AlignmentModule):
     """Base of PPO, GRPO and RAFT: generation, rewards, reference log-probs, the update loop and validation pass@1.
 
@@ -191,6 +250,10 @@ class OnlineModule(AlignmentModule):
         self._backend: GenerationBackend | None = None
         self._execution: ExecutionReward | None = None
         self.ref_model: nn.Module | None = None
+        self.step_tokens = StepTokens(backend=generation_backend)
+        """What the current (or last) training step processed on this process; see :class:`StepTokens`."""
+        self.generated_tokens = 0
+        """Response tokens generated for training on this process so far (validation and test not counted)."""
 
     # ------------------------------------------------------------------ construction
     def configure_extra_models(self) -> None:
@@ -373,6 +436,7 @@ class OnlineModule(AlignmentModule):
         """
         net = model if model is not None else self.model
         t = rows["response_ids"].size(1)
+        self.count_pass(rows)
         out = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], position_ids=rows["position_ids"],
                   use_cache=False, output_hidden_states=with_values)
         logits = out.logits[:, -(t + 1):-1]
@@ -383,6 +447,10 @@ class OnlineModule(AlignmentModule):
         if with_values:
             result["values"] = self.value_head_outputs(out.hidden_states[-1][:, -(t + 1):-1]) * mask
         return result
+
+    def count_pass(self, rows: dict[str, Tensor]) -> None:
+        """Count a pass over ``rows`` in :attr:`step_tokens`: trained when autograd records it, else forward-only."""
+        self.step_tokens.add_pass(rows["attention_mask"], trained=torch.is_grad_enabled())
 
     def value_head_outputs(self, hidden: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no value head")
@@ -530,9 +598,12 @@ class OnlineModule(AlignmentModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.step_tokens = StepTokens(backend=self.hparams.generation_backend)
         t0 = time.perf_counter()
         rollouts = self.generate_rollouts(batch, train=True)
         t1 = time.perf_counter()
+        self.step_tokens.add_rollouts(rollouts)
+        self.generated_tokens += self.step_tokens.generated
         self.score_rollouts(rollouts)
         t2 = time.perf_counter()
         figures = self.update(rollouts)

@@ -116,6 +116,7 @@ class RAFT(OnlineModule):
             labels = torch.full_like(rows["input_ids"], losses.IGNORE_INDEX)
             p = rollouts.prompt_width
             labels[:, p:] = rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX)
+            self.count_pass(rows)
             logits = self(rows["input_ids"], rows["attention_mask"], rows["position_ids"])
             return self.compute_loss(logits, labels), {}
 
