@@ -1,4 +1,6 @@
-"""TokenThroughput: FLOP formulas, batch counting, and logged rates checked against a fake clock."""
+"""TokenThroughput: FLOP formulas, batch and online-step counting, logged rates checked against a fake clock."""
+
+from dataclasses import replace
 
 import lightning.pytorch as L
 import numpy as np
@@ -12,7 +14,12 @@ from lit_align.callbacks.throughput import (
     generation_flops_per_token,
     training_flops_per_token,
 )
+from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
+from lit_align.generation import Completion
 from lit_align.memory import ModelShape, preset_config
+from lit_align.modules.grpo import GRPO
+from lit_align.modules.online import StepTokens
+from lit_align.modules.raft import RAFT
 from lit_align.modules.sft import SFT
 
 TINY = ModelShape.from_hf_config(preset_config("tiny"))  # h=128, i=384, 4 layers, vocab 260, untied head
@@ -155,3 +162,147 @@ def test_rejects_bad_arguments():
         TokenThroughput(window_size=1)
     with pytest.raises(ValueError, match="peak_flops must be > 0"):
         TokenThroughput(peak_flops=0)
+
+
+# ---------------------------------------------------------------------- online objectives: counted from the step
+
+L_Q = 4 * 128  # layers x q_dim of the tiny preset
+ANSWERS = ["    return 1\n", "    x = 2\n    return x\n", "    return None  # nothing\n", "    pass\n"]
+
+
+class Scripted:
+    """Online-module mixin: fixed completions (sample k of every prompt is ANSWERS[k]), a reward of -length (no
+    sandbox), and each step's rollouts and counts kept for the test."""
+
+    def generate_rollouts(self, batch, train=True):
+        params = self.sampling_params(train)
+        tok = self.tokenizer
+        group = [Completion(t, tok(t, add_special_tokens=False)["input_ids"], None, "stop") for t in ANSWERS[:params.n]]
+        groups = [list(group) for _ in batch]
+        return self.build_rollouts(list(batch), groups, params)
+
+    def score(self, items, texts):
+        return torch.tensor([-float(len(t)) for t in texts], device=self.device), [None] * len(items)
+
+    def update(self, rollouts):
+        self.seen = getattr(self, "seen", []) + [rollouts]
+        return super().update(rollouts)
+
+
+class ScriptedGRPO(Scripted, GRPO):
+    pass
+
+
+class ScriptedRAFT(Scripted, RAFT):
+    pass
+
+
+class StepRecorder(L.Callback):
+    def __init__(self, monitor):
+        self.monitor, self.metrics, self.steps = monitor, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append(dict(self.monitor.last_metrics))
+        self.steps.append(replace(pl_module.step_tokens))
+
+
+def _fit_online(module, monitor, max_steps, **trainer_kw):
+    recorder = StepRecorder(monitor)
+    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=2)], val_sources=[],
+                             tokenizer="preset:tiny", batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[monitor, recorder], **trainer_kw)
+    trainer.fit(module, datamodule=data)
+    return recorder
+
+
+def test_step_tokens_count_passes_at_their_own_width():
+    step = StepTokens()
+    step.add_pass(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), trained=True)  # 7 tokens at width 4
+    step.add_pass(torch.tensor([[1, 1, 0, 0, 0, 0]]), trained=True)  # 2 tokens at width 6
+    step.add_pass(torch.ones(3, 5), trained=False)
+    assert (step.trained, step.trained_span, step.longest) == (9, 7 * 4 + 2 * 6, 6)
+    assert (step.forward_only, step.forward_only_span) == (15, 15 * 5)
+    assert step.trained_seq == pytest.approx(40 / 9) and step.forward_only_seq == 5.0
+    assert StepTokens().trained_seq == 0.0
+
+
+def test_grpo_flops_and_mfu_come_from_the_steps_rollouts_and_passes():
+    """2 prompts x 2 samples, 2 epochs, a frozen reference (beta > 0): every row goes through 2 trained passes and 2
+    forward-only ones (old log-probs, reference log-probs); generation (hf) counts in FLOP/s and MFU."""
+    torch.manual_seed(0)
+    monitor = TokenThroughput(window_size=2, peak_flops=1e9, clock=FakeClock(), extra_forward_passes=1)
+    module = ScriptedGRPO(model_name_or_path="preset:tiny", samples_per_prompt=2, beta=0.1, num_iterations=2,
+                          micro_batch_size=4)
+    with pytest.warns(UserWarning, match="extra_forward_passes=1 is ignored for ScriptedGRPO"):
+        rec = _fit_online(module, monitor, max_steps=4)  # 2 optimizer steps per batch: 2 training steps
+    assert len(module.seen) == 2 and len(rec.steps) == 2
+    n = TINY.matmul_params
+    for rollouts, step in zip(module.seen, rec.steps):
+        tokens = int(rollouts.attention_mask.sum())
+        generated = int(rollouts.response_mask.sum())
+        width = rollouts.input_ids.size(1)  # one micro-batch holds every row: every pass is as wide as the rollouts
+        assert step.backend == "hf" and step.rollouts == 4
+        assert step.generated == generated == sum(len(module.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1
+                                                  for a in ANSWERS[:2]) * 2  # + the end-of-sequence token
+        assert step.prompt_tokens == int(rollouts.attention_mask[:, :rollouts.prompt_width].sum()) == tokens - generated
+        assert step.trained == 2 * tokens and step.trained_seq == width  # 2 epochs
+        assert step.forward_only == 2 * tokens and step.forward_only_seq == width  # old + reference log-probs
+        assert step.longest == width
+    assert module.generated_tokens == sum(s.generated for s in rec.steps)
+
+    last = rec.steps[-1]
+    expected = (last.trained * (6 * n + 12 * L_Q * last.trained_seq)  # extra_forward_passes not added
+                + last.forward_only * (2 * n + 4 * L_Q * last.forward_only_seq)
+                + (last.generated + last.prompt_tokens) * 2 * n)
+    generation = (last.generated + last.prompt_tokens) * 2 * n
+    m = rec.metrics[-1]  # window of 2: the last step over 0.5 s of fake clock
+    assert m["throughput/flops_per_sec"] == pytest.approx(expected / 0.5, rel=1e-9)
+    assert m["throughput/mfu"] == pytest.approx(expected / 0.5 / 1e9, rel=1e-9)
+    assert m["throughput/tokens_per_sec"] == pytest.approx(last.trained / 0.5)
+    assert m["throughput/samples_per_sec"] == pytest.approx(4 / 0.5)
+    assert m["throughput/generated_tokens_per_sec"] == pytest.approx(last.generated / 0.5)
+    assert m["throughput/generation_flops_per_sec"] == pytest.approx(generation / 0.5)
+    assert m["throughput/tokens"] == sum(s.trained for s in rec.steps)
+    assert m["throughput/generated_tokens"] == module.generated_tokens
+
+    # a backend that generates elsewhere (a server) or in its own engine: generation is left out of FLOP/s and MFU
+    for backend in ("openai", "vllm"):
+        elsewhere = monitor.flops_per_step(replace(last, backend=backend))
+        assert elsewhere == pytest.approx((expected - generation, generation))
+
+
+def test_raft_counts_only_the_kept_rows_as_trained():
+    """4 samples per prompt, the best half kept (the shortest: reward = -length), 2 SFT epochs, no forward-only pass."""
+    monitor = TokenThroughput(window_size=2, peak_flops=1e9, clock=FakeClock())
+    module = ScriptedRAFT(model_name_or_path="preset:tiny", samples_per_prompt=4, keep_fraction=0.5, sft_epochs=2,
+                          micro_batch_size=8)
+    rec = _fit_online(module, monitor, max_steps=4)
+    n = TINY.matmul_params
+    for rollouts, step in zip(module.seen, rec.steps):
+        lengths = rollouts.response_mask.sum(-1)
+        kept = torch.tensor([k for k in range(8) if k % 4 in (0, 3)])  # ANSWERS[0] and [3] are the shortest
+        assert lengths[kept].max() < lengths.max()
+        width = rollouts.prompt_width + int(lengths[kept].max())  # the kept rows, trimmed to their longest response
+        assert step.rollouts == 8 and step.generated == int(lengths.sum())
+        assert step.trained == 2 * int(rollouts.attention_mask[kept].sum()) < 2 * int(rollouts.attention_mask.sum())
+        assert step.trained_seq == width < rollouts.input_ids.size(1)
+        assert step.forward_only == 0
+    last, m = rec.steps[-1], rec.metrics[-1]
+    expected = last.trained * (6 * n + 12 * L_Q * last.trained_seq) + (last.generated + last.prompt_tokens) * 2 * n
+    assert m["throughput/flops_per_sec"] == pytest.approx(expected / 0.5, rel=1e-9)
+    assert m["throughput/mfu"] == pytest.approx(expected / 0.5 / 1e9, rel=1e-9)
+    assert m["throughput/tokens_per_sec"] == pytest.approx(last.trained / 0.5)
+    assert m["throughput/samples_per_sec"] == pytest.approx(8 / 0.5)
+
+
+def test_a_raft_step_that_keeps_nothing_trains_no_tokens_and_is_still_timed():
+    monitor = TokenThroughput(window_size=2, peak_flops=1e9, clock=FakeClock())
+    module = ScriptedRAFT(model_name_or_path="preset:tiny", samples_per_prompt=4, min_reward=0.0)  # rewards are < 0
+    rec = _fit_online(module, monitor, max_steps=-1, max_epochs=2)  # no optimizer step: stop after 2 batches
+    assert [s.trained for s in rec.steps] == [0, 0] and [s.rollouts for s in rec.steps] == [8, 8]
+    m, last = rec.metrics[-1], rec.steps[-1]
+    assert m["throughput/tokens_per_sec"] == 0.0 and m["throughput/samples_per_sec"] == pytest.approx(8 / 0.5)
+    assert m["throughput/flops_per_sec"] == pytest.approx((last.generated + last.prompt_tokens) * 2 * TINY.matmul_params
+                                                          / 0.5, rel=1e-9)

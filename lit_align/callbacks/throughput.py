@@ -7,19 +7,44 @@ Add it to a config's callbacks::
         - class_path: TokenThroughput
           init_args: {window_size: 20}          # peak_flops: 3.12e14 on hardware Lightning does not know
 
-Rates are averages over the last ``window_size`` training batches, computed with Lightning's
-:class:`lightning.fabric.utilities.throughput.Throughput` and logged per step as ``throughput/...``. FLOPs are *model*
-FLOPs from the policy's shapes (the PaLM/Chinchilla convention, not counting gradient-checkpointing recomputation):
+Rates are averages over the last ``window_size`` training batches (Lightning's
+:class:`lightning.fabric.utilities.throughput.Throughput` for samples, batches, FLOPs and MFU), logged per step as
+``throughput/...``. FLOPs are *model* FLOPs from the policy's shapes (the PaLM/Chinchilla convention):
 
-    per trained token: 2N (forward) + 2N (backward, input gradients) + 2N_t (backward, weight gradients of trainable
-                       matmul weights) + 6 N_lora + 12 * layers * q_dim * seq (attention scores and values, fwd + bwd)
+    per trained token:       2N (forward) + 2N (backward, input gradients) + 2N_t (backward, weight gradients of
+                             trainable matmul weights) + 6 N_lora + 12 * layers * q_dim * seq (attention, fwd + bwd)
+    per forward-only token:  2N + 4 * layers * q_dim * seq
+    per generated token:     2N, and 2N per prompt token prefilled for generation
 
-which is the familiar 6N + 12 L h s for full fine-tuning. N counts matmul parameters (blocks and LM head, not the
-embedding lookup). Tokens are the non-padding tokens of the batch (every ``*attention_mask`` key summed; every
-``*input_ids`` element when there is no mask, as with packing). Generation of online objectives is counted
-separately: a module that generates keeps a running count in ``generated_tokens`` (an int attribute), and each
-generated token costs 2N. MFU divides the per-device training FLOP/s by the device's peak: Lightning's table for the GPU
-and precision in use, or ``peak_flops``; without either (on CPU), MFU is not logged.
+which is the familiar 6N + 12 L h s per trained token for full fine-tuning. N counts matmul parameters (blocks and LM
+head, not the embedding lookup); seq is the padded length of the forward pass the token went through. Not counted:
+gradient-checkpointing recomputation, attention over the KV cache while decoding, padding rows a batched decoder
+keeps stepping after they ended, and small heads (PPO's value head).
+
+Where the counts come from:
+
+- Offline batches (SFT, DPO, ORPO, reward models: dicts of tensors), by :func:`batch_counts`: samples are rows,
+  tokens the non-padding tokens (every ``*attention_mask`` summed; every ``*input_ids`` element when there is no mask,
+  as with packing), seq the batch's width. ``extra_forward_passes`` adds forward-only passes over the same tokens
+  (1 for a DPO reference model).
+- Online objectives (PPO, GRPO, RAFT) train on prompts, not tokens: their module counts what each step did in
+  ``step_tokens`` (:class:`lit_align.modules.online.StepTokens`), and that is used instead of the batch. Samples are
+  rollouts; tokens are the trained tokens (prompt + response of every trained row, once per epoch; for RAFT only the
+  kept rows); FLOPs are trained + forward-only (old log-probs, values, reference log-probs) + generation. Online modules
+  count all their own passes, reference included, so ``extra_forward_passes`` (and ``count_padding``) only apply to
+  offline batches.
+- Generation FLOPs enter ``flops_per_sec`` and ``mfu`` only when this device did the generating, in this process:
+  the ``hf`` backend (the live policy). ``openai`` generates on a server, elsewhere. ``vllm`` runs its own engine,
+  whose work cannot be counted from here: its prefix cache prefills a prompt once for all its samples, and
+  ``engine_kwargs`` may spread it over several GPUs; its generation is left out of MFU rather than guessed. Whatever
+  the backend, ``generated_tokens_per_sec`` and ``generation_flops_per_sec`` (2N per generated and prefilled token)
+  report generation on their own.
+- Generated tokens: a module that generates keeps a running count in an int attribute ``generated_tokens`` (the
+  online modules count their training rollouts' response tokens; validation samples are not counted).
+
+Under DDP each process counts its own batch or step; ``global_*`` figures are the per-device ones times the world size
+(Lightning's convention). MFU divides the per-device FLOP/s by the device's peak: Lightning's table for the GPU and
+precision in use, or ``peak_flops``; without either (on CPU), MFU is not logged.
 """
 
 from __future__ import annotations
@@ -27,7 +52,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
 import torch
@@ -37,18 +62,29 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_align.memory import ModelShape
 
+if TYPE_CHECKING:
+    from lit_align.modules.online import StepTokens
 
-def training_flops_per_token(shape: ModelShape, seq_len: int, trainable_matmul_params: int, lora_params: int = 0,
+GENERATION_ON_DEVICE = frozenset({"hf"})
+"""Generation backends whose FLOPs count in ``flops_per_sec`` and ``mfu`` (see the module docstring)."""
+
+
+def training_flops_per_token(shape: ModelShape, seq_len: float, trainable_matmul_params: int, lora_params: int = 0,
                              extra_forward_passes: int = 0) -> float:
     """Model FLOPs to train on one token of a ``seq_len``-token sequence (see the module docstring)."""
     n = shape.matmul_params
     attention = 12 * shape.num_layers * shape.q_dim * seq_len
-    return 4 * n + 2 * trainable_matmul_params + 6 * lora_params + attention + extra_forward_passes * (
-        2 * n + 4 * shape.num_layers * shape.q_dim * seq_len)
+    return (4 * n + 2 * trainable_matmul_params + 6 * lora_params + attention
+            + extra_forward_passes * forward_flops_per_token(shape, seq_len))
+
+
+def forward_flops_per_token(shape: ModelShape, seq_len: float) -> float:
+    """Model FLOPs of one token in a forward pass without gradient over a ``seq_len``-token sequence: 2N + attention."""
+    return 2 * shape.matmul_params + 4 * shape.num_layers * shape.q_dim * seq_len
 
 
 def generation_flops_per_token(shape: ModelShape) -> float:
-    """Model FLOPs to generate one token: a forward pass through the matmul weights (2N)."""
+    """Model FLOPs to generate one token (or prefill one prompt token): the matmul weights' forward, 2N."""
     return 2 * shape.matmul_params
 
 
@@ -88,9 +124,10 @@ class TokenThroughput(L.Callback):
         window_size: training batches the rates are averaged over (at least 2; nothing is logged before that many).
         peak_flops: peak FLOP/s of one device for MFU; null takes Lightning's table for the GPU and precision in use
             (CPUs have no entry: MFU is then skipped and tokens/s still logged).
-        count_padding: count padding tokens as processed tokens (the device does compute on them).
-        extra_forward_passes: forward-only passes per trained token besides the policy's own, counted as 2N + attention
-            each (1 for a DPO/PPO reference model evaluated on the same tokens).
+        count_padding: count padding tokens of offline batches as processed tokens (the device does compute on them).
+        extra_forward_passes: forward-only passes per trained token of offline batches besides the policy's own,
+            counted as 2N + attention each (1 for a DPO reference model evaluated on the same tokens); ignored for
+            online objectives, which count their own passes.
         model_attribute: attribute of the LightningModule holding the Hugging Face (or peft) policy.
         clock: a zero-argument function returning seconds; ``time.perf_counter`` by default (tests pass a fake one).
     """
@@ -117,9 +154,9 @@ class TokenThroughput(L.Callback):
         self._trainable_matmul = self._lora = 0
         self._t0 = 0.0
         self._paused_at: float | None = None
-        self._totals = {"batches": 0, "samples": 0, "tokens": 0, "generated": 0}
+        self._totals = {"batches": 0, "samples": 0, "tokens": 0, "generated": 0, "generation_flops": 0.0}
         self._generated_seen = 0
-        self._gen_window: deque[tuple[float, int]] = deque(maxlen=window_size)
+        self._window: deque[tuple[float, dict[str, float]]] = deque(maxlen=window_size)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -154,7 +191,10 @@ class TokenThroughput(L.Callback):
                                       window_size=self.window_size)
         self._totals = dict.fromkeys(self._totals, 0)
         self._generated_seen = int(getattr(pl_module, "generated_tokens", 0) or 0)
-        self._gen_window.clear()
+        self._window.clear()
+        if self.extra_forward_passes and getattr(pl_module, "step_tokens", None) is not None:
+            rank_zero_warn(f"TokenThroughput: extra_forward_passes={self.extra_forward_passes} is ignored for "
+                           f"{type(pl_module).__name__}: online objectives count their own forward passes")
         self._t0 = self._now(trainer)
 
     def _now(self, trainer: L.Trainer) -> float:
@@ -174,10 +214,23 @@ class TokenThroughput(L.Callback):
 
     # ------------------------------------------------------------------ per batch
     def flops_per_batch(self, batch: Any) -> float:
-        """Training FLOPs of one batch (tokens x per-token FLOPs at the batch's sequence length)."""
+        """Training FLOPs of one offline batch (tokens x per-token FLOPs at the batch's sequence length)."""
         _, tokens, seq = batch_counts(batch, self.count_padding)
         return tokens * training_flops_per_token(self._shape, seq, self._trainable_matmul, self._lora,
                                                  self.extra_forward_passes)
+
+    def flops_per_step(self, step: StepTokens) -> tuple[float, float]:
+        """(FLOPs counted in flops_per_sec and MFU, generation FLOPs) of one online training step.
+
+        trained x per-trained-token + forward-only x per-forward-token FLOPs, each at the mean width of its passes,
+        plus the generation FLOPs (2N per generated and prefilled token) when the backend generated on this device.
+        """
+        shape = self._shape
+        trained = step.trained * training_flops_per_token(shape, step.trained_seq, self._trainable_matmul, self._lora)
+        forward_only = step.forward_only * forward_flops_per_token(shape, step.forward_only_seq)
+        generation = (step.generated + step.prompt_tokens) * generation_flops_per_token(shape)
+        on_device = generation if step.backend in GENERATION_ON_DEVICE else 0.0
+        return trained + forward_only + on_device, generation
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -185,36 +238,50 @@ class TokenThroughput(L.Callback):
         if self._throughput is None:
             return
         elapsed = self._now(trainer) - self._t0
-        samples, tokens, _ = batch_counts(batch, self.count_padding)
         generated_total = int(getattr(pl_module, "generated_tokens", 0) or 0)
         generated, self._generated_seen = generated_total - self._generated_seen, generated_total
+        step = getattr(pl_module, "step_tokens", None)
+        if step is not None:  # an online objective: what its step did, not what its batch of prompts holds
+            samples, tokens = step.rollouts, step.trained
+            flops, generation_flops = self.flops_per_step(step)
+        else:
+            samples, tokens, _ = batch_counts(batch, self.count_padding)
+            flops, generation_flops = self.flops_per_batch(batch), generated * generation_flops_per_token(self._shape)
         t = self._totals
         t["batches"] += 1
         t["samples"] += samples
         t["tokens"] += tokens
         t["generated"] += generated
-        self._throughput.update(time=elapsed, batches=t["batches"], samples=t["samples"], lengths=t["tokens"],
-                                flops=int(self.flops_per_batch(batch)))
-        self._gen_window.append((elapsed, t["generated"]))
+        t["generation_flops"] += generation_flops
+        # tokens are rated here, not as Lightning's `lengths`: it requires lengths >= samples, and an online step can
+        # train fewer tokens than it has rollouts (a RAFT step that keeps few or none)
+        self._throughput.update(time=elapsed, batches=t["batches"], samples=t["samples"], flops=int(flops))
+        self._window.append((elapsed, dict(t)))
         metrics = self._rename(self._throughput.compute())
-        if len(self._gen_window) == self.window_size and t["generated"]:
-            (t_first, g_first), (t_last, g_last) = self._gen_window[0], self._gen_window[-1]
-            rate = (g_last - g_first) / (t_last - t_first)
-            metrics["throughput/generated_tokens_per_sec"] = rate
-            metrics["throughput/generation_flops_per_sec"] = rate * generation_flops_per_token(self._shape)
+        metrics["throughput/tokens"] = float(t["tokens"])
+        if len(self._window) == self.window_size:
+            (t_first, first), (t_last, last) = self._window[0], self._window[-1]
+            rate = {k: (last[k] - first[k]) / (t_last - t_first) for k in ("tokens", "generated", "generation_flops")}
+            metrics["throughput/tokens_per_sec"] = rate["tokens"]
+            if self._world_size > 1:
+                metrics["throughput/global_tokens_per_sec"] = rate["tokens"] * self._world_size
+            if t["generated"]:
+                metrics["throughput/generated_tokens_per_sec"] = rate["generated"]
+                metrics["throughput/generation_flops_per_sec"] = rate["generation_flops"]
         metrics["throughput/generated_tokens"] = float(t["generated"])
         self.last_metrics = metrics
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=samples)
 
     @staticmethod
     def _rename(raw: dict[str, float]) -> dict[str, float]:
-        """Lightning's keys (``device/items_per_sec``...) -> ``throughput/tokens_per_sec`` (per device) and globals."""
-        names = {"time": "time", "batches": "batches", "samples": "samples", "lengths": "tokens",
+        """Lightning's keys (``device/samples_per_sec``...) -> ``throughput/samples_per_sec`` (per device), globals."""
+        names = {"time": "time", "batches": "batches", "samples": "samples",
                  "device/batches_per_sec": "batches_per_sec", "device/samples_per_sec": "samples_per_sec",
-                 "device/items_per_sec": "tokens_per_sec", "device/flops_per_sec": "flops_per_sec", "device/mfu": "mfu",
-                 "samples_per_sec": "global_samples_per_sec", "items_per_sec": "global_tokens_per_sec",
-                 "flops_per_sec": "global_flops_per_sec", "batches_per_sec": "global_batches_per_sec"}
+                 "device/flops_per_sec": "flops_per_sec", "device/mfu": "mfu",
+                 "samples_per_sec": "global_samples_per_sec", "flops_per_sec": "global_flops_per_sec",
+                 "batches_per_sec": "global_batches_per_sec"}
         return {f"throughput/{names[k]}": float(v) for k, v in raw.items() if k in names}
 
 
-__all__ = ["TokenThroughput", "batch_counts", "generation_flops_per_token", "training_flops_per_token"]
+__all__ = ["GENERATION_ON_DEVICE", "TokenThroughput", "batch_counts", "forward_flops_per_token",
+           "generation_flops_per_token", "training_flops_per_token"]
