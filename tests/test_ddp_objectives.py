@@ -28,10 +28,12 @@ import os
 import subprocess
 import sys
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # per process: DPO pairs, GRPO prompts
@@ -46,7 +48,7 @@ class Recorder(L.Callback):
     """Per-step loss, its weight and row fingerprints of this process, written to ``out/rank{r}.json``."""
 
     def __init__(self, out: Path):
-        self.out, self.steps = out, []
+        self.out, self.steps, self.grad_norms = out, [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if isinstance(outputs, dict) and "loss" in outputs:  # DPO, ORPO: automatic optimisation returns the loss
@@ -55,10 +57,26 @@ class Recorder(L.Callback):
         else:  # GRPO records in update()
             self.steps.append(pl_module.recorded.pop())
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.world_size == 1 and pl_module.automatic_optimization:  # the norm before clipping, on one process
+            grads = [p.grad.detach().double() for p in pl_module.parameters() if p.grad is not None]
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
     def on_train_end(self, trainer, pl_module):
-        trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = trainer.strategy.model  # under FSDP the parameters are shards until gathered
+        gathered = FullyShardedDataParallel.summon_full_params(root, writeback=False) \
+            if isinstance(root, FullyShardedDataParallel) else nullcontext()
+        with gathered:
+            trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
+        reference = getattr(pl_module, "reference_network", None)  # DPO's frozen copy: sharded by FSDP or not
+        self.reference = None if reference is None else {
+            "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in reference.modules()),
+            "local_numel": sum(p.numel() for p in reference.parameters())}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained)}))
+            {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained),
+             "grad_norms": self.grad_norms, "reference": self.reference}))
 
 
 def _grpo_class():
@@ -97,10 +115,26 @@ def _grpo_class():
     return FixedRolloutsGRPO
 
 
-def run(objective: str, out: Path, batch_size: int, devices: int) -> None:
-    """Train the tiny preset for STEPS steps with ``objective`` on ``devices`` CPU processes."""
-    import torch
+def make_strategy(strategy: str, devices: int):
+    """"ddp", or "fsdp"/"fsdp-sharded": FSDP on CPU (tests/fsdp_cpu.py) with one unit per decoder block, activation
+    checkpointing, and full or sharded checkpoints."""
+    if devices == 1:
+        return "auto"
+    if strategy == "ddp":
+        return "ddp"
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fsdp_cpu import CPUFSDPStrategy
+
+    return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                           state_dict_type="sharded" if strategy == "fsdp-sharded" else "full")
+
+
+def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str = "ddp",
+        clip: float | None = None, steps: int = STEPS, ckpt_path: str | None = None) -> None:
+    """Train the tiny preset up to step ``steps`` with ``objective`` on ``devices`` CPU processes (gradient norm
+    clipped to ``clip``: the trainer's gradient_clip_val, or GRPO's max_grad_norm), resuming from ``ckpt_path``."""
     from lit_align.models import LoRAConfig
     from lit_align.modules.base import OptimizerConfig
 
@@ -108,42 +142,56 @@ def run(objective: str, out: Path, batch_size: int, devices: int) -> None:
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "orpo"):
+    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "orpo"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
 
-        module = DPO(beta=0.1, lora=lora, optimizer=optimizer) if objective == "dpo" else \
-            ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))  # 1e-2 diverges
+        if objective == "orpo":  # lr 1e-2 diverges
+            module = ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
+        elif objective.startswith("dpo-full"):  # full fine-tuning: the reference is a frozen copy of the initial policy
+            module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
+                         reference_placement="replicate" if objective.endswith("replicated") else "shard")
+        else:
+            module = DPO(beta=0.1, lora=lora, optimizer=optimizer)
         data = PreferenceDataModule(train_sources=[PreferenceSource(limit=40)], val_sources=[], val_fraction=0.0,
                                     max_pairs_per_problem=1, tokenizer="preset:tiny", batch_size=batch_size)
     else:
         from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
 
         module = _grpo_class()(samples_per_prompt=K, beta=0.04, loss_aggregation="token", micro_batch_size=3,
-                               max_new_tokens=16, lora=lora, optimizer=optimizer)
+                               max_new_tokens=16, lora=lora, optimizer=optimizer, max_grad_norm=clip or 1.0)
         module.recorded = []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        use_distributed_sampler=False, max_steps=STEPS, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices),
+                        use_distributed_sampler=False, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[Recorder(out)])
-    trainer.fit(module, datamodule=data)
+                        limit_val_batches=0, callbacks=[Recorder(out)],
+                        gradient_clip_val=clip if objective != "grpo" else None)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if strategy.startswith("fsdp"):
+        trainer.save_checkpoint(out / "final.ckpt")  # every process takes part (a file, or a directory of shards)
 
 
-def _compare(objective: str, tmp_path: Path) -> tuple[list[dict], dict]:
-    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    ddp_out.mkdir()
-    single_out.mkdir()
+def launch_two_processes(objective: str, out: Path, strategy: str, clip: float | None, steps: int = STEPS,
+                         ckpt_path: str | None = None) -> None:
+    """Run this file as the 2-process worker (Lightning's launcher re-executes it for rank 1)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(ddp_out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(out), strategy, str(clip), str(steps),
+                           str(ckpt_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run(objective, single_out, batch_size=2 * B, devices=1)
+
+
+def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float | None = None) -> tuple[list[dict], dict]:
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    ddp_out.mkdir()
+    single_out.mkdir()
+    launch_two_processes(objective, ddp_out, strategy, clip)
+    run(objective, single_out, batch_size=2 * B, devices=1, clip=clip)
     ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((single_out / "rank0.json").read_text())
     assert ranks[0]["world_size"] == 2 and len(single["steps"]) == len(ranks[0]["steps"]) == STEPS
@@ -185,7 +233,11 @@ def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--ddp":
-        run(sys.argv[2], Path(sys.argv[3]), batch_size=B, devices=2)
+    if len(sys.argv) in (6, 8) and sys.argv[1] == "--ddp":
+        run(sys.argv[2], Path(sys.argv[3]), batch_size=B, devices=2, strategy=sys.argv[4],
+            clip=None if sys.argv[5] == "None" else float(sys.argv[5]),
+            **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
+               if len(sys.argv) == 8 else {}))
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|orpo|grpo OUT_DIR (the DDP worker of this test)")
+        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|grpo OUT_DIR ddp|fsdp|fsdp-sharded "
+                 "CLIP|None [STEPS CKPT|None] (the worker of this test)")

@@ -67,6 +67,26 @@ def test_bad_reference_settings_are_refused():
         DPO(reference="ema")
     with pytest.raises(ValueError, match="label_smoothing"):
         DPO(label_smoothing=0.7)
+    with pytest.raises(ValueError, match="reference_placement must be shard or replicate"):
+        DPO(reference_placement="offload")
+    with pytest.raises(ValueError, match="reference_placement='replicate' places a frozen copy.*adapter_disabled"):
+        DPO(lora=LoRAConfig(r=4), reference_placement="replicate")  # auto with LoRA: the adapter-disabled policy
+
+
+def test_a_replicated_reference_is_no_submodule_and_gives_the_same_reference_logps():
+    torch.manual_seed(0)
+    shard, replicate = DPO(reference="frozen_copy"), DPO(reference="frozen_copy", reference_placement="replicate")
+    for m in (shard, replicate):
+        torch.manual_seed(0)
+        m.configure_model()
+    assert replicate.reference_model is None and replicate.reference_network is not None
+    assert not any(n.startswith("reference") for n, _ in replicate.named_parameters())  # outside the module tree
+    assert "reference_model.model.embed_tokens.weight" not in replicate.state_dict()
+    batch = {"input_ids": torch.randint(3, 200, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, :5] = -100
+    for a, b in zip(shard.reference_logps(batch), replicate.reference_logps(batch)):
+        torch.testing.assert_close(a, b)
 
 
 def test_auto_reference_is_adapter_disabled_with_lora_and_a_frozen_copy_without():

@@ -72,6 +72,17 @@ def packed_causal_mask(position_ids: Tensor, dtype: torch.dtype = torch.float32)
     return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name parts added by FSDP, activation-checkpoint wrappers and torch.compile, absent from saved state dicts."""
+
+
+def clean_parameter_name(name: str) -> str:
+    """A parameter's name without the parts wrapper modules insert (as in the state dict of the unwrapped model)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 class AlignmentModule(L.LightningModule):
     """Base of every lit_align objective: builds the policy, computes completion log-probs, wires the optimizer.
 
@@ -138,6 +149,16 @@ class AlignmentModule(L.LightningModule):
     def configure_extra_models(self) -> None:
         """Hook for objectives that need more networks (a frozen reference copy, a value head)."""
 
+    def recomputes_activations(self) -> bool:
+        """Whether the backward pass re-runs the policy's blocks: ``gradient_checkpointing``, or activation
+        checkpointing applied by the strategy (FSDP's ``activation_checkpointing_policy`` wraps blocks in a
+        ``CheckpointWrapper``). A forward pass that fills a KV cache cannot be re-run (the cache would grow twice)."""
+        if self.hparams.gradient_checkpointing:
+            return True
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        return self.model is not None and any(isinstance(m, CheckpointWrapper) for m in self.model.modules())
+
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
         self.print(f"lit_align: {type(self).__name__} on {self.hparams.model_name_or_path}: "
@@ -199,6 +220,27 @@ class AlignmentModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def clip_gradient_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """Scale the gradients so that their global L2 norm is at most ``max_norm``.
+
+        Under FSDP each process holds a shard of every gradient, so the norm must be taken by the root FSDP module
+        over all shards (Lightning's own norm clipping refuses FSDP); otherwise Lightning clips as usual."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` with the norm algorithm goes through :meth:`clip_gradient_norm` (FSDP-aware)."""
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            self.clip_gradient_norm(optimizer, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         cfg = self.optimizer_config
         decay, no_decay = [], []
@@ -221,19 +263,29 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        """State-dict names of the trainable parameters. Under FSDP with activation checkpointing the blocks sit inside
+        wrapper modules; the state dicts Lightning saves use the unwrapped names, so the wrappers' parts are dropped."""
+        return {clean_parameter_name(n) for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights when part of the network is frozen; keep the RNG so a resume continues exactly.
 
         Frozen weights and buffers (the base under LoRA, 4-bit quantization state) are rebuilt from
         ``model_name_or_path`` by :meth:`configure_model`, so the checkpoint of a LoRA run is the adapter's size.
+        FSDP's sharded checkpoints are the exception: they are read back into the whole sharded model, which needs
+        every weight, so they keep the frozen ones too (each process writes only its shard of them).
         """
         trainable = self._trainable_names()
-        if len(trainable) < sum(1 for _ in self.parameters()):
+        if len(trainable) < sum(1 for _ in self.parameters()) and not self._saves_sharded_checkpoints():
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             checkpoint["lit_align_trainable_only"] = True
         checkpoint["lit_align_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def _saves_sharded_checkpoints(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("lit_align_trainable_only"):

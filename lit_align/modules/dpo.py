@@ -40,6 +40,12 @@ class DPO(PreferenceModule):
             disabled (no extra memory); frozen_copy: a frozen copy of the initial policy; precomputed: computed once
             before the first step for every training and validation pair, cached by content hash and saved in
             checkpoints; auto: adapter_disabled with LoRA, frozen_copy without.
+        reference_placement: where a frozen_copy reference lives when training on several devices. shard: it is a
+            submodule, so FSDP (and DeepSpeed ZeRO-3) shard it with the policy and gather it block by block for its
+            forward pass (least memory); replicate: it is kept outside the module tree, every process holds a whole
+            copy on its device and the sharding strategy never touches it (no gathering; the copy runs in its load
+            dtype, outside FSDP's mixed precision). DDP keeps a whole copy per process either way. Only for
+            frozen_copy: the adapter-disabled reference is the policy itself.
         reference_batch_size: pairs per forward pass when precomputing reference log-probs (default: the DataModule's
             eval_batch_size).
         share_prompt: compute each prompt once for its chosen and rejected completions (reused keys/values).
@@ -47,7 +53,7 @@ class DPO(PreferenceModule):
     """
 
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
-                 reference: ReferenceMode = "auto",
+                 reference: ReferenceMode = "auto", reference_placement: Literal["shard", "replicate"] = "shard",
                  reference_batch_size: int | None = None, share_prompt: bool = True, disable_dropout: bool = True,
                  **kwargs) -> None:
         if not beta > 0:
@@ -64,6 +70,11 @@ class DPO(PreferenceModule):
                              "'frozen_copy' or 'precomputed'")
         self.reference_mode: str = reference if reference != "auto" else (
             "adapter_disabled" if self.lora_config is not None else "frozen_copy")
+        if reference_placement not in ("shard", "replicate"):
+            raise ValueError(f"DPO reference_placement must be shard or replicate, got {reference_placement!r}")
+        if reference_placement == "replicate" and self.reference_mode != "frozen_copy":
+            raise ValueError(f"DPO reference_placement='replicate' places a frozen copy of the policy, but the reference "
+                             f"is {self.reference_mode} (set reference: frozen_copy, or keep reference_placement: shard)")
         self.reference_model: nn.Module | None = None
         self._ref_cache: dict[str, Tensor] | None = None  # sorted "key", "chosen", "rejected" (CPU tensors)
         self._ref_cache_built = False
@@ -72,8 +83,23 @@ class DPO(PreferenceModule):
     def configure_extra_models(self) -> None:
         super().configure_extra_models()
         if self.reference_mode == "frozen_copy":
-            # configure_model runs before any checkpoint is loaded, so this is the initial policy
-            self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # configure_model runs before any checkpoint is loaded (and before a strategy wraps the policy), so this is
+            # the initial policy
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.hparams.reference_placement == "replicate":
+                self.__dict__["_replicated_reference"] = reference  # not a submodule: no strategy shards or saves it
+            else:
+                self.reference_model = reference
+
+    @property
+    def reference_network(self) -> nn.Module | None:
+        """The frozen reference copy (a submodule, or the replicated copy moved to this process's device), if any."""
+        replica = self.__dict__.get("_replicated_reference")
+        if replica is None:
+            return self.reference_model
+        if next(replica.parameters()).device != self.device:
+            replica.to(self.device)
+        return replica
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -90,8 +116,9 @@ class DPO(PreferenceModule):
         return out["chosen_logps"], out["rejected_logps"]
 
     def _compute_reference(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        if self.reference_model is not None:
-            return self.concatenated_logps(batch, model=self.reference_model)
+        reference = self.reference_network
+        if reference is not None:
+            return self.concatenated_logps(batch, model=reference)
         if self.lora_config is not None:
             with self.model.disable_adapter():
                 return self.concatenated_logps(batch)

@@ -294,6 +294,20 @@ class OnlineModule(AlignmentModule):
                 f"none (first: {missing[0].task_id!r}); give a source with tests (task_suite, HumanEval-format rows with "
                 "test/entry_point, CodeContests) or use reward='reward_model'")
 
+    def setup(self, stage: str) -> None:
+        """Refuse Lightning's FSDP strategy before the model is built (see docs/scaling.md, "Online objectives").
+
+        An online objective takes its optimizer steps inside ``training_step``, and under FSDP Lightning runs
+        ``training_step`` inside the root FSDP module's forward, where the root's parameters are unsharded: FSDP can
+        neither clip nor step them there (its ``clip_grad_norm_`` and ``no_sync`` refuse to run mid-forward)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if stage == "fit" and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                f"trainer.strategy: {type(self).__name__} cannot train under FSDP (it steps the optimizer inside "
+                "training_step, which Lightning runs inside the FSDP root module's forward). Use `--trainer.strategy "
+                "ddp`, with LoRA where the full model's optimizer state does not fit; see docs/scaling.md")
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         dm = getattr(self.trainer, "datamodule", None)
@@ -500,7 +514,7 @@ class OnlineModule(AlignmentModule):
         """Clip the gradient norm, step the optimizer and the learning-rate schedule, clear the gradients."""
         opt = self.optimizers()
         if self.hparams.max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradient_norm(opt, self.hparams.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()

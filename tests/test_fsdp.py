@@ -1,0 +1,100 @@
+"""FSDP: 2 CPU processes under Lightning's FSDPStrategy follow the loss curve of 1 process with the doubled batch.
+
+Lightning and torch refuse FSDP without a GPU only to pick a device; tests/fsdp_cpu.py lifts that, so these tests run
+the real FSDP code paths on gloo: one FSDP unit per ``LlamaDecoderLayer`` (parameters sharded between the two
+processes, gathered per block), activation checkpointing applied by the strategy (which turns DPO's prompt sharing
+off: a cached forward cannot be recomputed), LoRA adapters trained inside units that also hold frozen base weights
+(``use_orig_params``), gradient-norm clipping over the shards (``AlignmentModule.clip_gradient_norm``; Lightning's own
+clipping refuses FSDP), and full and sharded checkpoints. The clip value binds at every step, so a norm taken per
+shard would show. The comparison is built as in tests/test_ddp_objectives.py (same examples per step, same 1e-5
+tolerance on the losses).
+
+Online objectives (PPO, GRPO, RAFT) refuse FSDP with a clear error: they step the optimizer inside training_step,
+which Lightning runs inside the FSDP root module's forward.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, launch_two_processes, run
+
+CLIP = 0.05
+
+
+def _global_losses(out) -> list[float]:
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [(a["weight"] * a["loss"] + b["weight"] * b["loss"]) / (a["weight"] + b["weight"])
+            for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
+
+
+def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(tmp_path):
+    ranks, single = _compare("dpo", tmp_path, strategy="fsdp", clip=CLIP)
+    assert min(single["grad_norms"]) > 2 * CLIP  # clipping binds at every step: the norm over all shards matters
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
+    # the full checkpoint holds the trained adapter under its unwrapped names, as a one-process run saves it
+    from lit_align.models import LoRAConfig
+    from lit_align.modules.dpo import DPO
+
+    ckpt = torch.load(tmp_path / "ddp" / "final.ckpt", weights_only=False)
+    fresh = DPO(beta=0.1, lora=LoRAConfig(r=4, dropout=0.0))
+    fresh.configure_model()
+    assert ckpt["lit_align_trainable_only"] and set(ckpt["state_dict"]) == fresh._trainable_names()
+    assert float(sum(v.double().sum() for v in ckpt["state_dict"].values())) == pytest.approx(ranks[0]["param_sum"])
+
+
+@pytest.mark.parametrize("placement", ["shard", "replicate"])
+def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under_fsdp(tmp_path, placement):
+    """No LoRA: every weight trains and the reference is a frozen copy of the initial policy. reference_placement
+    shard: a submodule FSDP shards with one unit per block; replicate: a whole copy per process, untouched by FSDP."""
+    ranks, single = _compare("dpo-full" if placement == "shard" else "dpo-full-replicated", tmp_path, strategy="fsdp",
+                             clip=CLIP)
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
+    whole = single["reference"]["local_numel"]
+    assert single["reference"]["fsdp_units"] == 0
+    for rank in ranks:
+        if placement == "shard":  # one FSDP unit per decoder layer (4), and each process holds about half of it
+            assert rank["reference"]["fsdp_units"] == 4 and rank["reference"]["local_numel"] < 0.6 * whole
+        else:
+            assert rank["reference"] == {"fsdp_units": 0, "local_numel": whole}
+
+
+def test_orpo_under_fsdp_matches_one_process(tmp_path):
+    _compare("orpo", tmp_path, strategy="fsdp", clip=CLIP)
+
+
+def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
+    """2 steps, a sharded checkpoint (a directory of per-process shards), then a 2-process resume to step 4: its
+    steps 3-4 are those of an uninterrupted one-process run (weights, optimizer state and data position restored)."""
+    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
+    for d in (first, resumed, single):
+        d.mkdir()
+    launch_two_processes("dpo", first, "fsdp-sharded", CLIP, steps=2)
+    ckpt = first / "final.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per process
+    launch_two_processes("dpo", resumed, "fsdp-sharded", CLIP, steps=STEPS, ckpt_path=str(ckpt))
+    run("dpo", single, batch_size=2 * B, devices=1, clip=CLIP)
+    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    before, after = _global_losses(first), _global_losses(resumed)
+    assert len(before) == 2 and len(after) == STEPS - 2
+    assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
+
+
+def test_online_objectives_refuse_fsdp_before_building_the_model():
+    import lightning.pytorch as L
+    from fsdp_cpu import CPUFSDPStrategy
+
+    from lit_align.modules.grpo import GRPO
+    from lit_align.modules.raft import RAFT
+
+    for cls in (GRPO, RAFT):
+        module = cls(max_new_tokens=8)
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUFSDPStrategy(), logger=False)
+        with pytest.raises(ValueError, match=f"trainer.strategy: {cls.__name__} cannot train under FSDP.*ddp"):
+            module.setup("fit")
+        assert module.model is None  # refused before anything was built
+        module.setup("validate")  # evaluation steps no optimizer
