@@ -164,10 +164,15 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         module.recorded = []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
+    callbacks: list[L.Callback] = [Recorder(out)]
+    if strategy.startswith("fsdp"):  # export the trained policy as a merged HF model (gathered from the shards)
+        from lit_align.callbacks.lora_merge import LoRAMerge
+
+        callbacks.append(LoRAMerge(output_dir=str(out / "merged")))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices),
                         use_distributed_sampler=False, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[Recorder(out)],
+                        limit_val_batches=0, callbacks=callbacks,
                         gradient_clip_val=clip if objective != "grpo" else None)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if strategy.startswith("fsdp"):

@@ -44,6 +44,18 @@ def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(tmp_path)
     fresh.configure_model()
     assert ckpt["lit_align_trainable_only"] and set(ckpt["state_dict"]) == fresh._trainable_names()
     assert float(sum(v.double().sum() for v in ckpt["state_dict"].values())) == pytest.approx(ranks[0]["param_sum"])
+    # LoRAMerge gathered the shards and exported base + adapter: its logits are the trained adapter model's
+    fresh.load_state_dict(ckpt["state_dict"], strict=False)
+    _assert_same_logits(tmp_path / "ddp" / "merged", fresh.model)
+
+
+def _assert_same_logits(merged_dir, model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("placement", ["shard", "replicate"])
@@ -54,6 +66,11 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
                              clip=CLIP)
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
+    # the exported full fine-tuned policy is the trained one: its weights sum to what both processes hold
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")
+    assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     whole = single["reference"]["local_numel"]
     assert single["reference"]["fsdp_units"] == 0
     for rank in ranks:

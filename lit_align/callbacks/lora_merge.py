@@ -91,17 +91,39 @@ class LoRAMerge(L.Callback):
             check_output_dir(self._target(trainer))  # fail before training, not after hours of it
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         model = getattr(pl_module, "model", None)
         if model is None:
             raise ExportError(f"{type(pl_module).__name__} has no `model` to export")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            model = _unsharded_copy(trainer, pl_module)  # every process takes part in the gathering
+        if not trainer.is_global_zero:
+            return
         head = "score" if type(model).__name__.endswith("ForSequenceClassification") or (
             _is_peft(model) and type(model.get_base_model()).__name__.endswith("ForSequenceClassification")) else "lm"
         with torch.no_grad():
             self.exported_to = export_merged_model(model, pl_module.tokenizer, self._target(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
         pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
+
+
+def _unsharded_copy(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Under FSDP: the policy as one process-local HF model on global rank 0 (None elsewhere).
+
+    The wrapped policy's weights are shards, and reading its state dict is a collective every process must join, so
+    the whole state dict is gathered to rank 0 (as Lightning does for a full checkpoint) and loaded into a fresh copy
+    of the module built from its hyperparameters."""
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+    with lightning_fsdp._get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
+        state = trainer.strategy.model.state_dict()
+    if not trainer.is_global_zero:
+        return None
+    fresh = type(pl_module)(**{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")})
+    fresh.configure_model()
+    fresh.load_state_dict(state, strict=False)
+    return fresh.model
 
 
 def merge_checkpoint(ckpt_path: str | Path, output_dir: str | Path, dtype: str = "float32") -> Path:
