@@ -222,7 +222,7 @@ def test_step_tokens_count_passes_at_their_own_width():
     step.add_pass(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), trained=True)  # 7 tokens at width 4
     step.add_pass(torch.tensor([[1, 1, 0, 0, 0, 0]]), trained=True)  # 2 tokens at width 6
     step.add_pass(torch.ones(3, 5), trained=False)
-    assert (step.trained, step.trained_span, step.longest) == (9, 7 * 4 + 2 * 6, 6)
+    assert (step.trained, step.trained_span, step.trained_seq) == (9, 7 * 4 + 2 * 6, (7 * 4 + 2 * 6) / 9)
     assert (step.forward_only, step.forward_only_span) == (15, 15 * 5)
     assert step.trained_seq == pytest.approx(40 / 9) and step.forward_only_seq == 5.0
     assert StepTokens().trained_seq == 0.0
@@ -249,7 +249,6 @@ def test_grpo_flops_and_mfu_come_from_the_steps_rollouts_and_passes():
         assert step.prompt_tokens == int(rollouts.attention_mask[:, :rollouts.prompt_width].sum()) == tokens - generated
         assert step.trained == 2 * tokens and step.trained_seq == width  # 2 epochs
         assert step.forward_only == 2 * tokens and step.forward_only_seq == width  # old + reference log-probs
-        assert step.longest == width
     assert module.generated_tokens == sum(s.generated for s in rec.steps)
 
     last = rec.steps[-1]

@@ -134,8 +134,6 @@ class StepTokens:
     """Tokens through forward passes without gradient (old log-probs and values, reference log-probs)."""
     forward_only_span: int = 0
     """Sum over those passes of tokens x the pass's width."""
-    longest: int = 0
-    """Width of the widest pass of either kind."""
 
     def add_rollouts(self, rollouts: Rollouts) -> None:
         """Count generated rollouts: rows, their prompt tokens and their response tokens."""
@@ -153,7 +151,6 @@ class StepTokens:
         else:
             self.forward_only += tokens
             self.forward_only_span += tokens * width
-        self.longest = max(self.longest, width)
 
     @property
     def trained_seq(self) -> float:
