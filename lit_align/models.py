@@ -272,12 +272,30 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=lora.modules_to_save, task_type=task_type, bias="none")
     model = get_peft_model(model, config)
+    _zero_partitioned_lora_b(model)
     # Trainable weights stay in float32 over a bf16/fp16 base (so do their optimizer states): small updates to an
     # adapter are lost to half-precision rounding otherwise. Mixed-precision autocast handles the matmuls.
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
     return model
+
+
+def _zero_partitioned_lora_b(model: nn.Module) -> None:
+    """Make LoRA start as the identity when DeepSpeed ZeRO-3 partitioned the new layers as they were created.
+
+    Under ZeRO-3 Lightning builds the model inside ``deepspeed.zero.Init``: each layer's parameters are split across
+    processes the moment the layer exists, so peft's ``zeros_(lora_B)`` afterwards writes into an empty local view and
+    B keeps its default (random) initialisation. The A matrices are drawn before partitioning, identically on every
+    process (same seed), so only B needs its zeros, written while gathered."""
+    partitioned = [p for n, p in model.named_parameters() if "lora_B" in n and hasattr(p, "ds_id")]
+    if not partitioned:
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        for p in partitioned:
+            p.data.zero_()
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -297,11 +315,21 @@ def lora_to_dict(lora: LoRAConfig | None) -> dict | None:
     return None if lora is None else asdict(lora)
 
 
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned ``model``'s parameters (each process holds a shard until gathered)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def parameter_numel(p: torch.Tensor) -> int:
+    """Values in a parameter, also when DeepSpeed ZeRO-3 holds only a shard of it here (``ds_numel`` is the whole)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        n = parameter_numel(p) * (2 if p.dtype == torch.uint8 else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -309,6 +337,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "block_linear_names", "build_byte_tokenizer",
-    "build_preset_model", "count_parameters", "disable_dropout", "load_causal_lm", "load_tokenizer", "materialize_preset",
-    "parse_preset",
+    "build_preset_model", "count_parameters", "disable_dropout", "is_zero3_partitioned", "load_causal_lm", "load_tokenizer",
+    "materialize_preset", "parameter_numel", "parse_preset",
 ]

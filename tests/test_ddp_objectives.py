@@ -28,12 +28,14 @@ import os
 import subprocess
 import sys
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 import torch
+
+from deepspeed_cpu import CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
+from lit_align.models import count_parameters, is_zero3_partitioned
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # per process: DPO pairs, GRPO prompts
@@ -65,18 +67,43 @@ class Recorder(L.Callback):
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        root = trainer.strategy.model  # under FSDP the parameters are shards until gathered
+        root = trainer.strategy.model  # under FSDP and ZeRO-3 the parameters are shards until gathered
         gathered = FullyShardedDataParallel.summon_full_params(root, writeback=False) \
-            if isinstance(root, FullyShardedDataParallel) else nullcontext()
+            if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters()))
         with gathered:
             trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
         reference = getattr(pl_module, "reference_network", None)  # DPO's frozen copy: sharded by FSDP or not
         self.reference = None if reference is None else {
             "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in reference.modules()),
-            "local_numel": sum(p.numel() for p in reference.parameters())}
+            "partitioned": is_zero3_partitioned(reference), "local_numel": _local_numel(reference)}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained),
-             "grad_norms": self.grad_norms, "reference": self.reference}))
+             "grad_norms": self.grad_norms, "reference": self.reference,
+             "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module)}))
+
+
+def _local_numel(module: torch.nn.Module) -> int:
+    """Values this process holds of ``module``'s weights (ZeRO-3: its partitions, ``ds_tensor``; FSDP: its shards)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+def fix_lora_a(module: L.LightningModule) -> None:
+    """After the module builds its model, set every LoRA A to a fixed function of its name.
+
+    peft draws A from the global random stream; under ZeRO-3 the layers are partitioned as they are created, so
+    peft's own draw lands in an empty local view and A keeps the layer's default draw (same distribution, other
+    numbers) while the single process keeps peft's. Fixing A makes the runs compare the training, not the draws."""
+    build = module.configure_model
+
+    def configure_model() -> None:
+        build()
+        named = [(n, p) for n, p in module.named_parameters() if "lora_A" in n]
+        with zero3_gathered([p for _, p in named], modifier_rank=0), torch.no_grad():
+            for name, p in named:
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.copy_((torch.rand(p.shape, generator=generator) - 0.5) * 0.2)
+
+    module.configure_model = configure_model
 
 
 def _grpo_class():
@@ -122,9 +149,10 @@ def make_strategy(strategy: str, devices: int):
         return "auto"
     if strategy == "ddp":
         return "ddp"
+    if strategy.startswith("deepspeed"):  # "deepspeed2" / "deepspeed3": ZeRO stage 2 or 3 on CPU (tests/deepspeed_cpu.py)
+        return CPUDeepSpeedStrategy(stage=int(strategy[-1]))
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from fsdp_cpu import CPUFSDPStrategy
 
     return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
@@ -164,6 +192,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         module.recorded = []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
+    if strategy.startswith("deepspeed"):
+        fix_lora_a(module)
     callbacks: list[L.Callback] = [Recorder(out)]
     if strategy.startswith("fsdp"):  # export the trained policy as a merged HF model (gathered from the shards)
         from lit_align.callbacks.lora_merge import LoRAMerge
@@ -175,12 +205,12 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
                         limit_val_batches=0, callbacks=callbacks,
                         gradient_clip_val=clip if objective != "grpo" else None)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if strategy.startswith("fsdp"):
+    if strategy.startswith(("fsdp", "deepspeed")):
         trainer.save_checkpoint(out / "final.ckpt")  # every process takes part (a file, or a directory of shards)
 
 
 def launch_two_processes(objective: str, out: Path, strategy: str, clip: float | None, steps: int = STEPS,
-                         ckpt_path: str | None = None) -> None:
+                         ckpt_path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run this file as the 2-process worker (Lightning's launcher re-executes it for rank 1)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
@@ -188,7 +218,15 @@ def launch_two_processes(objective: str, out: Path, strategy: str, clip: float |
         env.pop(key, None)
     proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(out), strategy, str(clip), str(steps),
                            str(ckpt_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    return proc
+
+
+def global_losses(out: Path) -> list[float]:
+    """The 2-process run's loss per step: the processes' losses weighted by what each held."""
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [(a["weight"] * a["loss"] + b["weight"] * b["loss"]) / (a["weight"] + b["weight"])
+            for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
 
 
 def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float | None = None) -> tuple[list[dict], dict]:
@@ -196,7 +234,7 @@ def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float 
     ddp_out.mkdir()
     single_out.mkdir()
     launch_two_processes(objective, ddp_out, strategy, clip)
-    run(objective, single_out, batch_size=2 * B, devices=1, clip=clip)
+    run(objective, single_out, batch_size=2 * B, devices=1, strategy=strategy, clip=clip)
     ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((single_out / "rank0.json").read_text())
     assert ranks[0]["world_size"] == 2 and len(single["steps"]) == len(ranks[0]["steps"]) == STEPS

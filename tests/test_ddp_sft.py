@@ -27,6 +27,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 
+from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
+
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # micro-batch per process
 STEPS = 4
@@ -55,26 +57,28 @@ class Recorder(L.Callback):
         self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
 
     def on_train_end(self, trainer, pl_module):
-        from contextlib import nullcontext
-
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        root = trainer.strategy.model  # under FSDP the parameters are shards until gathered
+        from deepspeed_cpu import zero3_gathered
+
+        root = trainer.strategy.model  # under FSDP and ZeRO-3 the parameters are shards until gathered
         with FullyShardedDataParallel.summon_full_params(root, writeback=False) \
-                if isinstance(root, FullyShardedDataParallel) else nullcontext():
+                if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters())):
             param_sum = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"losses": self.losses, "rows": self.rows, "tokens": self.tokens, "world_size": trainer.world_size,
              "param_sum": param_sum}))
 
 
-FSDP_CLIP = 0.5  # binds at every step: the one-process gradient norms before clipping are 4-12
+CLIP = 0.5  # FSDP and DeepSpeed runs; binds at every step: the one-process gradient norms before clipping are 4-12
 
 
-def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, fsdp: bool = False) -> None:
-    """Train the tiny preset with SFT for STEPS steps on ``devices`` CPU processes. ``fsdp``: the settings of
-    configs/iotacode/multi_gpu/sft_fsdp.yaml (FSDP with one unit per decoder block when devices > 1, the model's own
-    gradient checkpointing, norm clipping), on CPU through tests/fsdp_cpu.py."""
+def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy: str = "ddp") -> None:
+    """Train the tiny preset with SFT for STEPS steps on ``devices`` CPU processes. ``strategy`` "fsdp": the settings
+    of configs/iotacode/multi_gpu/sft_fsdp.yaml (FSDP with one unit per decoder block when devices > 1, the model's
+    own gradient checkpointing, norm clipping), on CPU through tests/fsdp_cpu.py; "deepspeed2"/"deepspeed3": those of
+    sft_deepspeed_zero2/3.yaml (ZeRO stage 2 or 3, gradient checkpointing, clipping by DeepSpeed), on CPU through
+    tests/deepspeed_cpu.py. The single process (devices=1) runs the same settings without a strategy."""
     import torch
 
     from lit_align.data_modules.sft import SFTDataModule
@@ -84,19 +88,23 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, fsdp: boo
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
+    sharded = strategy != "ddp"
     module = SFT(model_name_or_path="preset:tiny", optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
-                 gradient_checkpointing=fsdp)
-    strategy = "ddp" if devices > 1 else "auto"
-    if fsdp and devices > 1:
+                 gradient_checkpointing=sharded)
+    chosen = strategy if devices > 1 else "auto"
+    if strategy == "fsdp" and devices > 1:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        sys.path.insert(0, str(Path(__file__).parent))
         from fsdp_cpu import CPUFSDPStrategy
 
-        strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
+        chosen = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
+    elif strategy.startswith("deepspeed") and devices > 1:
+        from deepspeed_cpu import CPUDeepSpeedStrategy
+
+        chosen = CPUDeepSpeedStrategy(stage=int(strategy[-1]))
     data = SFTDataModule(train_sources=[DataSource(path=str(data_file))], val_fraction=0.0, max_length=256,
                          batch_size=batch_size, tokenizer="preset:tiny")
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, gradient_clip_val=FSDP_CLIP if fsdp else None,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=chosen, gradient_clip_val=CLIP if sharded else None,
                         use_distributed_sampler=False, max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Recorder(out)])
@@ -133,10 +141,11 @@ def test_sampler_refuses_lightnings_distributed_sampler_with_advice():
 
 
 # ------------------------------------------------------------------------------------------------ DDP vs doubled batch
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
 def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strategy):
-    """DDP; and FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights,
-    gradients and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards)."""
+    """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
+    and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
+    ZeRO-2 (gradients and optimizer state partitioned) and ZeRO-3 (weights too) with sft_deepspeed_zero2/3.yaml's."""
     data_file = write_rows(tmp_path / "rows.jsonl")
     ddp_out = tmp_path / "ddp"
     ddp_out.mkdir()
@@ -147,7 +156,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
     assert proc.returncode == 0, proc.stderr[-3000:]
     single_out = tmp_path / "single"
     single_out.mkdir()
-    run_sft(data_file, single_out, batch_size=2 * B, devices=1, fsdp=strategy == "fsdp")
+    run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
 
     ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((single_out / "rank0.json").read_text())
@@ -166,6 +175,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
 
 if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "--ddp":
-        run_sft(Path(sys.argv[3]), Path(sys.argv[2]), batch_size=B, devices=2, fsdp=sys.argv[4:] == ["fsdp"])
+        run_sft(Path(sys.argv[3]), Path(sys.argv[2]), batch_size=B, devices=2, strategy=(sys.argv[4:] or ["ddp"])[0])
     else:
-        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [fsdp] (the worker of this test)")
+        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [ddp|fsdp|deepspeed2|deepspeed3] "
+                 "(the worker of this test)")

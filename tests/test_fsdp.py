@@ -19,15 +19,9 @@ import json
 
 import pytest
 import torch
-from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, launch_two_processes, run
+from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
 
 CLIP = 0.05
-
-
-def _global_losses(out) -> list[float]:
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return [(a["weight"] * a["loss"] + b["weight"] * b["loss"]) / (a["weight"] + b["weight"])
-            for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
 
 
 def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(tmp_path):
@@ -100,7 +94,7 @@ def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
     launch_two_processes("dpo", resumed, "fsdp-sharded", CLIP, steps=STEPS, ckpt_path=str(ckpt))
     run("dpo", single, batch_size=2 * B, devices=1, clip=CLIP)
     one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
-    before, after = _global_losses(first), _global_losses(resumed)
+    before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 

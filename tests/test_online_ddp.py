@@ -1,5 +1,5 @@
-"""Online objectives under DDP: two CPU processes (gloo) generate for different prompts, log global statistics and
-stay in sync.
+"""Online objectives under DDP and DeepSpeed ZeRO-2: two CPU processes (gloo) generate for different prompts, log
+global statistics and stay in sync.
 
 The test runs this file as a script (``strategy="ddp"`` relaunches the script for the second process); each process
 writes what it saw to ``<out>/rank<k>.json``.
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from deepspeed_cpu import DEEPSPEED2
+
 STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
 
 
-def run_ddp(out: Path, objective: str) -> None:
+def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -65,7 +67,11 @@ def run_ddp(out: Path, objective: str) -> None:
     module.seen, module.logged = [], []
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)], val_sources=[],
                              tokenizer="preset:tiny", batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+    if strategy == "deepspeed2":
+        from deepspeed_cpu import CPUDeepSpeedStrategy
+
+        strategy = CPUDeepSpeedStrategy(stage=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, use_distributed_sampler=False,
                         max_steps=BATCHES * STEPS_PER_BATCH, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()])
@@ -76,19 +82,20 @@ def run_ddp(out: Path, objective: str) -> None:
          "global_step": trainer.global_step}))
 
 
-def _launch(out: Path, objective: str) -> list[dict]:
+def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, str(out), objective], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, str(out), objective, strategy], env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path):
-    ranks = _launch(tmp_path, "ppo")
+@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2])
+def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path, strategy):
+    ranks = _launch(tmp_path, "ppo", strategy)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     for b in range(BATCHES):
@@ -108,12 +115,13 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
 
 
-def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path):
-    ranks = _launch(tmp_path, "raft")
+@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2])
+def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path, strategy):
+    ranks = _launch(tmp_path, "raft", strategy)
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     assert [s["kept"] for s in ranks[0]["seen"]] == [4, 4] and [s["kept"] for s in ranks[1]["seen"]] == [0, 0]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
 
 
 if __name__ == "__main__":
-    run_ddp(Path(sys.argv[1]), sys.argv[2])
+    run_ddp(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:])

@@ -94,3 +94,19 @@ def test_bad_configuration_is_rejected_early():
         PassAtK(every_n_train_steps=0)
     with pytest.raises(FileNotFoundError, match="problems file not found"):
         _ = PassAtK(problems="/nonexistent/problems.jsonl").problems
+
+
+def test_default_backend_is_refused_under_a_strategy_that_shards_weights():
+    """Rank 0 alone samples: under FSDP or ZeRO-3 its forward passes would wait for the other processes' gathers."""
+    from types import SimpleNamespace
+
+    from fsdp_cpu import CPUFSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    callback = PassAtK(problems=PROBLEMS, n_samples=2, k=[1])
+    with pytest.raises(ValueError, match=r"PassAtK samples on rank 0.*CPUFSDPStrategy.*shards its weights"):
+        callback.setup(SimpleNamespace(world_size=2, strategy=CPUFSDPStrategy()), None, "fit")
+    callback.setup(SimpleNamespace(world_size=2, strategy=DDPStrategy()), None, "fit")  # whole weights per process
+    callback.setup(SimpleNamespace(world_size=1, strategy=CPUFSDPStrategy()), None, "fit")  # one process: no peers
+    served = PassAtK(problems=PROBLEMS, n_samples=2, k=[1], backend_factory=lambda module: None)
+    served.setup(SimpleNamespace(world_size=2, strategy=CPUFSDPStrategy()), None, "fit")  # a server samples instead

@@ -37,6 +37,13 @@ def _default_backend(pl_module: L.LightningModule):
     return HFBackend(model, tokenizer)
 
 
+def _shards_weights(strategy) -> bool:
+    """FSDP, or DeepSpeed ZeRO-3: each process holds a shard of every weight, gathered collectively per forward."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
+
+
 def _load_problems(problems: str | Sequence[FunctionProblem], seed: int) -> list[FunctionProblem]:
     if not isinstance(problems, str):
         loaded = list(problems)
@@ -162,6 +169,13 @@ class PassAtK(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _ = self.problems  # fail at setup, not after an hour of training, when the problems cannot be read
+        if self.backend_factory is _default_backend and trainer.world_size > 1 and _shards_weights(trainer.strategy):
+            raise ValueError(
+                f"PassAtK samples on rank 0 with the live policy, but trainer.strategy "
+                f"({type(trainer.strategy).__name__}) shards its weights: every forward pass gathers them from all "
+                "processes, so rank 0 alone would wait forever. Evaluate through a server (backend_factory building "
+                "an OpenAI-compatible or vLLM backend), train with ddp or deepspeed_stage_2, or evaluate the model LoRAMerge "
+                "exports after training")
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

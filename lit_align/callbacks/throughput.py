@@ -61,6 +61,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_align.memory import ModelShape
+from lit_align.models import parameter_numel
 
 if TYPE_CHECKING:
     from lit_align.modules.online import StepTokens
@@ -179,10 +180,10 @@ class TokenThroughput(L.Callback):
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
-            if "lora_" in name:
-                lora += p.numel()
-            elif p.ndim == 2 and "embed" not in name:
-                trainable_matmul += p.numel()
+            if "lora_" in name:  # parameter_numel: the whole parameter also where ZeRO-3 keeps a shard here
+                lora += parameter_numel(p)
+            elif len(getattr(p, "ds_shape", p.shape)) == 2 and "embed" not in name:
+                trainable_matmul += parameter_numel(p)
         self._trainable_matmul, self._lora = trainable_matmul, lora
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

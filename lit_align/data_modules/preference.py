@@ -369,6 +369,11 @@ class ScheduledBatchSampler(Sampler[list[int]]):
         self.datamodule = datamodule
         self._skip = 0
 
+    @property
+    def batch_size(self) -> int:
+        """Pairs per process and step (Lightning's DeepSpeed strategy reads it for its micro-batch size)."""
+        return self.base.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
 

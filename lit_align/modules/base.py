@@ -143,8 +143,24 @@ class AlignmentModule(L.LightningModule):
         if self.model is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source)
+        self._announce_deepspeed_zero3()
         self.model = self.build_policy()
         self.configure_extra_models()
+
+    def _announce_deepspeed_zero3(self) -> None:
+        """Under DeepSpeed ZeRO-3 Lightning calls configure_model inside ``deepspeed.zero.Init``, which partitions each
+        parameter as it is created; ``from_pretrained`` must then load the weights shard-wise, and ``generate`` must
+        keep the processes in step (a process that finishes early still joins the others' gathers). transformers
+        does both only when it knows ZeRO-3 is on: it reads a global ``HfDeepSpeedConfig`` through a weak reference,
+        so the module keeps one for its lifetime."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        if not isinstance(strategy, DeepSpeedStrategy) or not strategy.zero_stage_3:
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.__dict__["_hf_deepspeed_config"] = HfDeepSpeedConfig(strategy.config)
 
     def configure_extra_models(self) -> None:
         """Hook for objectives that need more networks (a frozen reference copy, a value head)."""
@@ -272,8 +288,9 @@ class AlignmentModule(L.LightningModule):
 
         Frozen weights and buffers (the base under LoRA, 4-bit quantization state) are rebuilt from
         ``model_name_or_path`` by :meth:`configure_model`, so the checkpoint of a LoRA run is the adapter's size.
-        FSDP's sharded checkpoints are the exception: they are read back into the whole sharded model, which needs
-        every weight, so they keep the frozen ones too (each process writes only its shard of them).
+        FSDP's sharded checkpoints and DeepSpeed's are the exception: they are read back into the whole sharded model,
+        which needs every weight, so they keep the frozen ones too (each process writes only its shard of them;
+        DeepSpeed's engine writes the weights itself, Lightning hands it the rest of this dict).
         """
         trainable = self._trainable_names()
         if len(trainable) < sum(1 for _ in self.parameters()) and not self._saves_sharded_checkpoints():
@@ -282,10 +299,11 @@ class AlignmentModule(L.LightningModule):
         checkpoint["lit_align_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
 
     def _saves_sharded_checkpoints(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"
+        return isinstance(strategy, DeepSpeedStrategy) or (
+            isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("lit_align_trainable_only"):

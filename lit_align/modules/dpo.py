@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align import losses
+from lit_align.models import is_zero3_partitioned
 from lit_align.modules.preference import PreferenceModule, preference_metrics
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,15 @@ class DPO(PreferenceModule):
         if self.reference_mode == "frozen_copy":
             # configure_model runs before any checkpoint is loaded (and before a strategy wraps the policy), so this is
             # the initial policy
-            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if is_zero3_partitioned(self.model):  # DeepSpeed ZeRO-3: a partitioned model cannot be deep-copied
+                if self.hparams.reference_placement == "replicate":
+                    raise ValueError("DPO reference_placement='replicate' is not available under DeepSpeed ZeRO-3 "
+                                     "(every model built during setup is partitioned there); use reference_placement: "
+                                     "shard, which ZeRO-3 shards and gathers like the policy")
+                reference = self.build_policy()  # full fine-tuning: the initial policy is the loaded model again
+            else:
+                reference = copy.deepcopy(self.model)
+            reference = reference.eval().requires_grad_(False)
             if self.hparams.reference_placement == "replicate":
                 self.__dict__["_replicated_reference"] = reference  # not a submodule: no strategy shards or saves it
             else:

@@ -107,6 +107,12 @@ class Rollouts:
                 "response_mask": mask[:, :t], "index": index}
 
 
+def _is_deepspeed(strategy) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
 @dataclass
 class StepTokens:
     """What one training step of an online objective processed on this process, for throughput and MFU.
@@ -299,11 +305,37 @@ class OnlineModule(AlignmentModule):
         neither clip nor step them there (its ``clip_grad_norm_`` and ``no_sync`` refuse to run mid-forward)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if stage == "fit" and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+        if stage != "fit" or self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
             raise ValueError(
                 f"trainer.strategy: {type(self).__name__} cannot train under FSDP (it steps the optimizer inside "
                 "training_step, which Lightning runs inside the FSDP root module's forward). Use `--trainer.strategy "
-                "ddp`, with LoRA where the full model's optimizer state does not fit; see docs/scaling.md")
+                "ddp` or `deepspeed_stage_2`, with LoRA where the full model's optimizer state does not fit; see "
+                "docs/scaling.md")
+        if _is_deepspeed(strategy):
+            self._configure_deepspeed(strategy)
+
+    def _configure_deepspeed(self, strategy) -> None:
+        """ZeRO stage 1/2: DeepSpeed clips at its own step, with its config's ``gradient_clipping``, which must be
+        this module's ``max_grad_norm``. ZeRO-3 is refused: every forward pass gathers weights from all processes, so
+        the processes' generation loops would have to run the same number of steps (they stop when their own
+        completions end)."""
+        stage = strategy.config.get("zero_optimization", {}).get("stage", 0)
+        if stage >= 3:
+            raise ValueError(
+                f"trainer.strategy: {type(self).__name__} cannot train under DeepSpeed ZeRO stage 3 (its weights are "
+                "gathered collectively at every forward pass, and each process's generation stops at its own pace). "
+                "Use `deepspeed_stage_2` (optimizer state and gradients partitioned) or `ddp`; see docs/scaling.md")
+        clip = float(self.hparams.max_grad_norm or 0.0)
+        configured = strategy.config.get("gradient_clipping")
+        if configured is not None and float(configured) != clip:
+            raise ValueError(
+                f"the DeepSpeed config sets gradient_clipping={configured}, but {type(self).__name__} clips at "
+                f"model.max_grad_norm={self.hparams.max_grad_norm}: DeepSpeed does the clipping, so set one value "
+                "(drop gradient_clipping from the DeepSpeed config to use max_grad_norm)")
+        strategy.config["gradient_clipping"] = clip
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -518,9 +550,33 @@ class OnlineModule(AlignmentModule):
         if scheduler is not None:
             scheduler.step()
 
-    def _no_sync(self):
+    @contextmanager
+    def _accumulating(self):
+        """A backward pass whose gradient is added to the next ones before the optimizer steps. DDP: skip its
+        all-reduce (only a minibatch's last backward synchronises). DeepSpeed ZeRO refuses ``no_sync`` (it reduces its
+        gradient partitions at every backward) and must be told the backward is not an accumulation boundary."""
         strategy = self.trainer.strategy
-        return strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else nullcontext()
+        if _is_deepspeed(strategy):
+            engine = strategy.deepspeed_engine
+            engine.set_gradient_accumulation_boundary(False)
+            try:
+                yield
+            finally:
+                engine.set_gradient_accumulation_boundary(True)
+        elif hasattr(strategy, "block_backward_sync"):
+            with strategy.block_backward_sync():
+                yield
+        else:
+            yield
+
+    def _backward_passes(self, micro_batches: int) -> int:
+        """Backward passes this process runs for a minibatch of ``micro_batches`` micro-batches (the missing ones with
+        a zero loss). DDP synchronises only the last one, so one suffices for an empty minibatch; DeepSpeed ZeRO-2
+        reduces gradients at every backward, so every process runs as many as the busiest one."""
+        if not _is_deepspeed(self.trainer.strategy) or self._world_size() <= 1:
+            return max(micro_batches, 1)
+        return max(int(self.trainer.strategy.reduce(torch.tensor(float(micro_batches), device=self.device),
+                                                      reduce_op="max")), 1)
 
     def run_updates(
         self,
@@ -537,8 +593,8 @@ class OnlineModule(AlignmentModule):
         minibatch's total, so the accumulated gradient is that of the whole minibatch. Under DDP the total is the
         minibatch's over every process (the mean of the processes' totals, since DDP averages gradients), so the
         step equals one process's step on the concatenated minibatch even when processes hold different numbers of
-        rows or tokens; only the last backward of a minibatch synchronises gradients, and a process with an empty
-        minibatch still takes part (with a zero loss), so every process steps together. Returns the mean of each
+        rows or tokens; only the last backward of a minibatch synchronises gradients (DDP), and a process with an
+        empty minibatch still takes part (with a zero loss), so every process steps together. Returns the mean of each
         figure over this process's micro-batches, except ``loss``: the mean over minibatches of this process's
         minibatch loss (its micro-batch losses weighted as in the gradient).
         """
@@ -553,15 +609,17 @@ class OnlineModule(AlignmentModule):
                 weights = [float(weight_fn(m)) for m in micro]
                 local = sum(weights)
                 total = float(self.global_mean(local))
-                if not micro or total <= 0:
-                    self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
-                for j, (m, w) in enumerate(zip(micro, weights)):
-                    with self._no_sync() if j < len(micro) - 1 else nullcontext():
-                        loss, figures = loss_fn(m)
-                        self.manual_backward(loss * (w / total) if total > 0 else loss * 0.0)
+                passes = self._backward_passes(len(micro))
+                for j in range(passes):
+                    with self._accumulating() if j < passes - 1 else nullcontext():
+                        if j >= len(micro):  # no rows left here: a zero gradient, so every process steps together
+                            self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
+                            continue
+                        loss, figures = loss_fn(micro[j])
+                        self.manual_backward(loss * (weights[j] / total) if total > 0 else loss * 0.0)
                     for k, v in figures.items():
                         sums[k] += float(v)
-                    loss_sum += float(loss.detach()) * w / max(local, 1e-12)
+                    loss_sum += float(loss.detach()) * weights[j] / max(local, 1e-12)
                     count += 1
                 self.optimizer_step_now()
         return {k: v / max(count, 1) for k, v in sums.items()} | {"loss": loss_sum / (epochs * num_minibatches)}

@@ -1,0 +1,63 @@
+"""Lightning's DeepSpeedStrategy on CPU processes (gloo), for tests only.
+
+Lightning refuses DeepSpeed without a CUDA accelerator, checks that each process's device index equals its local
+rank (a CPU device has no index), and hands DeepSpeed that index as its device rank. DeepSpeed itself runs on CPU (its
+CPU accelerator is picked when no GPU is found; ZeRO's partitioning, gathering, reduce-scatter, clipping and its
+optimizer wrapper are the same code as on a GPU). :class:`CPUDeepSpeedStrategy` lifts the three device checks and
+nothing else, so lit_align's modules are tested under the real ZeRO-2/ZeRO-3 code paths here; what it cannot show is
+anything CUDA-specific (NCCL, streams, bf16/fp16 kernels and loss scaling, memory).
+
+DeepSpeed compiles a small shared-memory communication extension the first time it starts on a CPU (needs a C++
+compiler; cached under ~/.cache/torch_extensions afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from contextlib import nullcontext
+
+import pytest
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
+DEEPSPEED2 = pytest.param("deepspeed2", marks=needs_deepspeed)
+DEEPSPEED3 = pytest.param("deepspeed3", marks=needs_deepspeed)
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy that runs on CPU processes (the device checks lifted, nothing else changed)."""
+
+    strategy_name = "deepspeed_cpu_test"
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # skips only DeepSpeedStrategy's "CUDA accelerator" check
+
+    def setup_distributed(self) -> None:  # as DeepSpeedStrategy's, without the device-index check
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        # the device rank is the local rank, as on a GPU (Lightning passes the device index, None on a CPU)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+
+def zero3_gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """A context in which ZeRO-3's partitioned parameters among ``params`` are whole (the others: nothing to do);
+    with ``modifier_rank``, what that process writes into them is kept and sent to the others."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

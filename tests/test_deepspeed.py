@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3: 2 CPU processes under Lightning's DeepSpeedStrategy follow the loss curve of 1 process
+with the doubled batch.
+
+tests/deepspeed_cpu.py lifts Lightning's CUDA-only device checks, so these tests run DeepSpeed's own ZeRO code on gloo:
+stage 2 partitions gradients and optimizer state, stage 3 also the weights (every layer is partitioned as it is
+created, inside ``deepspeed.zero.Init``, and gathered for each forward pass). Clipping is DeepSpeed's (its config's
+``gradient_clipping``, from ``trainer.gradient_clip_val`` or an online objective's ``max_grad_norm``) and binds at every
+step. The comparison is built as in tests/test_ddp_objectives.py (same examples per step, 1e-5 on the losses); LoRA's A
+matrices are set to a fixed function of their names in both runs (``fix_lora_a``: ZeRO-3 changes which random draw
+initialises them, not how). SFT under both stages: tests/test_ddp_sft.py; PPO and RAFT under ZeRO-2:
+tests/test_online_ddp.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as L
+import pytest
+from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
+from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
+
+pytestmark = needs_deepspeed
+CLIP = 0.05
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed2", "deepspeed3"])
+def test_dpo_lora_under_zero_matches_one_process(tmp_path, strategy):
+    ranks, single = _compare("dpo", tmp_path, strategy=strategy, clip=CLIP)
+    assert min(single["grad_norms"]) > 2 * CLIP  # DeepSpeed's clipping binds at every step
+    losses = [s["loss"] for s in single["steps"]]
+    # LoRA starts as the identity (under ZeRO-3 B's zeros are written while gathered: models._zero_partitioned_lora_b)
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4) and losses[-1] < losses[0] - 0.01
+    assert ranks[0]["partitioned"] == (strategy == "deepspeed3")
+    assert ranks[0]["parameters"] == single["parameters"]  # (trainable, total): whole sizes, also of partitions
+
+
+def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(tmp_path):
+    ranks, single = _compare("dpo-full", tmp_path, strategy="deepspeed3", clip=CLIP)
+    assert min(single["grad_norms"]) > 2 * CLIP
+    assert [s["loss"] for s in single["steps"]][0] == pytest.approx(0.6931, abs=1e-4)  # reference == initial policy
+    # the reference is a submodule ZeRO-3 partitioned (loaded again: a partitioned model cannot be deep-copied)
+    assert ranks[0]["reference"]["partitioned"] and ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
+
+
+def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(tmp_path):
+    """2 steps, DeepSpeed's checkpoint (a directory: each process's weight and optimizer partitions, frozen base
+    included, with Lightning's loop state), then a 2-process resume to step 4: its steps 3-4 are those of an
+    uninterrupted one-process run."""
+    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
+    for d in (first, resumed, single):
+        d.mkdir()
+    launch_two_processes("dpo", first, "deepspeed3", CLIP, steps=2)
+    ckpt = first / "final.ckpt"
+    assert len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per process
+    launch_two_processes("dpo", resumed, "deepspeed3", CLIP, steps=STEPS, ckpt_path=str(ckpt))
+    run("dpo", single, batch_size=2 * B, devices=1, strategy="deepspeed3", clip=CLIP)
+    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    before, after = global_losses(first), global_losses(resumed)
+    assert len(before) == 2 and len(after) == STEPS - 2
+    assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
+
+
+def test_dpo_replicated_reference_is_refused_under_zero3(tmp_path):
+    proc = launch_two_processes("dpo-full-replicated", tmp_path, "deepspeed3", None, check=False)
+    assert proc.returncode != 0
+    assert "reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in proc.stderr
+    assert not list(tmp_path.glob("rank*.json"))  # nothing trained
+
+
+def test_orpo_under_zero3_matches_one_process(tmp_path):
+    ranks, single = _compare("orpo", tmp_path, strategy="deepspeed3")
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[-1] < losses[0] - 0.01
+
+
+def test_grpo_under_zero2_matches_one_process(tmp_path):
+    """GRPO steps inside training_step over micro-batches: DeepSpeed is told which backward ends the accumulation
+    (it refuses DDP's no_sync), and clips with the module's max_grad_norm."""
+    ranks, single = _compare("grpo", tmp_path, strategy="deepspeed2", clip=CLIP)
+    assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
+
+
+def test_online_objectives_refuse_zero3_and_a_conflicting_clip_before_building_the_model():
+    from lit_align.modules.grpo import GRPO
+
+    module = GRPO(max_new_tokens=8, max_grad_norm=1.0)
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(stage=3), logger=False)
+    with pytest.raises(ValueError, match="GRPO cannot train under DeepSpeed ZeRO stage 3.*deepspeed_stage_2"):
+        module.setup("fit")
+    assert module.model is None
+
+    strategy = CPUDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.3})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+    with pytest.raises(ValueError, match=r"gradient_clipping=0.3, but GRPO clips at model.max_grad_norm=1.0"):
+        module.setup("fit")
+    strategy = CPUDeepSpeedStrategy(stage=2)
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+    module.setup("fit")
+    assert strategy.config["gradient_clipping"] == 1.0  # DeepSpeed clips with the module's value
