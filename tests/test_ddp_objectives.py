@@ -195,7 +195,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     if strategy.startswith("deepspeed"):
         fix_lora_a(module)
     callbacks: list[L.Callback] = [Recorder(out)]
-    if strategy.startswith("fsdp"):  # export the trained policy as a merged HF model (gathered from the shards)
+    if strategy.startswith(("fsdp", "deepspeed")):  # export the trained policy as a merged HF model (gathered)
         from lit_align.callbacks.lora_merge import LoRAMerge
 
         callbacks.append(LoRAMerge(output_dir=str(out / "merged")))

@@ -19,6 +19,8 @@ import lightning.pytorch as L
 import pytest
 from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
 from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
+from test_fsdp import _assert_same_logits
+from transformers import AutoModelForCausalLM
 
 pytestmark = needs_deepspeed
 CLIP = 0.05
@@ -33,6 +35,21 @@ def test_dpo_lora_under_zero_matches_one_process(tmp_path, strategy):
     assert losses[0] == pytest.approx(0.6931, abs=1e-4) and losses[-1] < losses[0] - 0.01
     assert ranks[0]["partitioned"] == (strategy == "deepspeed3")
     assert ranks[0]["parameters"] == single["parameters"]  # (trainable, total): whole sizes, also of partitions
+    # DeepSpeed's checkpoint directory converts to one state dict (Lightning's utility), holding the trained adapter;
+    # LoRAMerge gathered the partitions and exported base + adapter: its logits are that adapter model's
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from lit_align.models import LoRAConfig
+    from lit_align.modules.dpo import DPO
+
+    state = convert_zero_checkpoint_to_fp32_state_dict(tmp_path / "ddp" / "final.ckpt", tmp_path / "one.ckpt")["state_dict"]
+    fresh = DPO(beta=0.1, lora=LoRAConfig(r=4, dropout=0.0))
+    fresh.configure_model()
+    adapter = {k: v for k, v in state.items() if "lora_" in k}
+    assert set(adapter) == fresh._trainable_names()
+    assert float(sum(v.double().sum() for v in adapter.values())) == pytest.approx(ranks[0]["param_sum"])
+    fresh.load_state_dict(state, strict=False)
+    _assert_same_logits(tmp_path / "ddp" / "merged", fresh.model)
 
 
 def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(tmp_path):
@@ -40,6 +57,8 @@ def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(tmp_path)
     assert min(single["grad_norms"]) > 2 * CLIP
     assert [s["loss"] for s in single["steps"]][0] == pytest.approx(0.6931, abs=1e-4)  # reference == initial policy
     # the reference is a submodule ZeRO-3 partitioned (loaded again: a partitioned model cannot be deep-copied)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")  # LoRAMerge: the gathered policy
+    assert float(sum(p.double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     assert ranks[0]["reference"]["partitioned"] and ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
+from lit_align.models import is_zero3_partitioned
+
 
 class ExportError(RuntimeError):
     """The export target is unusable (it already holds a model, or there is nothing to export)."""
@@ -98,6 +100,8 @@ class LoRAMerge(L.Callback):
 
         if isinstance(trainer.strategy, FSDPStrategy):
             model = _unsharded_copy(trainer, pl_module)  # every process takes part in the gathering
+        elif is_zero3_partitioned(pl_module):
+            model = _gathered_copy(trainer, pl_module)  # the same, for DeepSpeed ZeRO-3's partitions
         if not trainer.is_global_zero:
             return
         head = "score" if type(model).__name__.endswith("ForSequenceClassification") or (
@@ -118,8 +122,22 @@ def _unsharded_copy(trainer: L.Trainer, pl_module: L.LightningModule):
 
     with lightning_fsdp._get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
         state = trainer.strategy.model.state_dict()
-    if not trainer.is_global_zero:
-        return None
+    return _fresh_policy(pl_module, state) if trainer.is_global_zero else None
+
+
+def _gathered_copy(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Under DeepSpeed ZeRO-3: the policy as one process-local HF model on global rank 0 (None elsewhere). Every
+    process joins the gathering of all the partitions (each then holds the whole module for a moment); rank 0
+    copies the state dict and loads it into a fresh copy of the module."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(pl_module.parameters())):
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()} if trainer.is_global_zero else None
+    return _fresh_policy(pl_module, state) if trainer.is_global_zero else None
+
+
+def _fresh_policy(pl_module: L.LightningModule, state: dict):
+    """The policy of a new module built from ``pl_module``'s hyperparameters, holding the weights ``state``."""
     fresh = type(pl_module)(**{k: v for k, v in pl_module.hparams.items() if not k.startswith("_")})
     fresh.configure_model()
     fresh.load_state_dict(state, strict=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -143,24 +144,30 @@ class AlignmentModule(L.LightningModule):
         if self.model is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source)
-        self._announce_deepspeed_zero3()
-        self.model = self.build_policy()
-        self.configure_extra_models()
+        with self._deepspeed_zero3_loading():
+            self.model = self.build_policy()
+            self.configure_extra_models()
 
-    def _announce_deepspeed_zero3(self) -> None:
+    @contextmanager
+    def _deepspeed_zero3_loading(self):
         """Under DeepSpeed ZeRO-3 Lightning calls configure_model inside ``deepspeed.zero.Init``, which partitions each
-        parameter as it is created; ``from_pretrained`` must then load the weights shard-wise, and ``generate`` must
-        keep the processes in step (a process that finishes early still joins the others' gathers). transformers
-        does both only when it knows ZeRO-3 is on: it reads a global ``HfDeepSpeedConfig`` through a weak reference,
-        so the module keeps one for its lifetime."""
+        parameter as it is created, so ``from_pretrained`` must load the weights shard-wise. transformers does that
+        only when it knows ZeRO-3 is on, which it reads from a global ``HfDeepSpeedConfig`` (through a weak reference):
+        one is held while the networks are built, and dropped after (a model built later, outside Lightning's
+        ``zero.Init``, such as LoRAMerge's export copy, is an ordinary one)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         strategy = getattr(self._trainer, "strategy", None)
         if not isinstance(strategy, DeepSpeedStrategy) or not strategy.zero_stage_3:
+            yield
             return
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.__dict__["_hf_deepspeed_config"] = HfDeepSpeedConfig(strategy.config)
+        announced = HfDeepSpeedConfig(strategy.config)
+        try:
+            yield
+        finally:
+            del announced
 
     def configure_extra_models(self) -> None:
         """Hook for objectives that need more networks (a frozen reference copy, a value head)."""
