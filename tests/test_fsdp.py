@@ -71,7 +71,7 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
         if placement == "shard":  # one FSDP unit per decoder layer (4), and each process holds about half of it
             assert rank["reference"]["fsdp_units"] == 4 and rank["reference"]["local_numel"] < 0.6 * whole
         else:
-            assert rank["reference"] == {"fsdp_units": 0, "local_numel": whole}
+            assert rank["reference"] == {"fsdp_units": 0, "partitioned": False, "local_numel": whole}
 
 
 def test_orpo_under_fsdp_matches_one_process(tmp_path):

@@ -298,7 +298,8 @@ class OnlineModule(AlignmentModule):
                 "test/entry_point, CodeContests) or use reward='reward_model'")
 
     def setup(self, stage: str) -> None:
-        """Refuse Lightning's FSDP strategy before the model is built (see docs/scaling.md, "Online objectives").
+        """Refuse FSDP and DeepSpeed ZeRO-3, and give DeepSpeed this module's clip, before the model is built (see
+        docs/scaling.md, "Online objectives").
 
         An online objective takes its optimizer steps inside ``training_step``, and under FSDP Lightning runs
         ``training_step`` inside the root FSDP module's forward, where the root's parameters are unsharded: FSDP can
