@@ -274,9 +274,10 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
     model = get_peft_model(model, config)
     _zero_partitioned_lora_b(model)
     # Trainable weights stay in float32 over a bf16/fp16 base (so do their optimizer states): small updates to an
-    # adapter are lost to half-precision rounding otherwise. Mixed-precision autocast handles the matmuls.
+    # adapter are lost to half-precision rounding otherwise. Mixed-precision autocast handles the matmuls. Not for
+    # ZeRO-3's partitioned weights: only their empty local view is here, and DeepSpeed's optimizer keeps fp32 masters.
     for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and not hasattr(p, "ds_id"):
             p.data = p.data.float()
     return model
 
