@@ -1,4 +1,4 @@
-"""DPO, ORPO and GRPO under DDP: 2 CPU processes (gloo) with batch B follow the loss curve of 1 process with batch 2B.
+"""DPO, ORPO, the reward model and GRPO under DDP: 2 CPU processes (gloo) with batch B follow the loss curve of 1 process with batch 2B.
 
 (SFT's version, and how the batch sampler makes step k of both runs see the same examples: tests/test_ddp_sft.py.)
 
@@ -34,13 +34,14 @@ import lightning.pytorch as L
 import pytest
 import torch
 
-from deepspeed_cpu import CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
+from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3, CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
 from lit_align.models import count_parameters, is_zero3_partitioned
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # per process: DPO pairs, GRPO prompts
 STEPS = 4
 TOLERANCE = 1e-5
+REWARD_CLIP = 0.01
 K = 4  # GRPO samples per prompt
 ANSWERS = ["    return x\n", "    return x + 1\n", "    return 0\n", "    pass\n", "    return x * x + x - 1\n",
            "    return None\n"]
@@ -170,12 +171,15 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "orpo"):
+    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "reward"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
+        from lit_align.modules.reward import RewardModel
 
-        if objective == "orpo":  # lr 1e-2 diverges
+        if objective == "reward":  # LoRA + the new score head (trained fully: peft's modules_to_save)
+            module = RewardModel(lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
+        elif objective == "orpo":  # lr 1e-2 diverges
             module = ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
         elif objective.startswith("dpo-full"):  # full fine-tuning: the reference is a frozen copy of the initial policy
             module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
@@ -267,6 +271,40 @@ def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
     assert losses[-1] < losses[0] - 0.01
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
+def test_reward_model_under_each_strategy_matches_one_process(tmp_path, strategy):
+    """The Bradley-Terry loss is a mean over equal slices of pairs, as DPO's. What is new: the score head is created
+    with the model (under ZeRO-3 inside ``zero.Init``, partitioned at birth) and trained fully through peft's
+    ``modules_to_save`` copy next to the LoRA adapter; the export (LoRAMerge, gathered under FSDP and ZeRO-3) must be a
+    sequence-classification model that scores like the checkpoint's weights."""
+    clip = None if strategy == "ddp" else REWARD_CLIP
+    ranks, single = _compare("reward", tmp_path, strategy=strategy, clip=clip)
+    # it trains (four batches are too few for the loss to fall reliably on this tiny model): every step's gradient is
+    # far from zero, and with a clip the strategy's clipping binds at every step
+    assert min(single["grad_norms"]) > 2 * REWARD_CLIP
+    if strategy == "ddp":
+        return
+    from lit_align.modules.reward import RewardModel, load_reward_model
+
+    final = tmp_path / "ddp" / "final.ckpt"
+    if final.is_dir():  # DeepSpeed's partitions, converted to one state dict with Lightning's utility
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        state = convert_zero_checkpoint_to_fp32_state_dict(final, tmp_path / "one.ckpt")["state_dict"]
+    else:
+        state = torch.load(final, weights_only=False)["state_dict"]
+    trained = RewardModel(lora={"r": 4, "dropout": 0.0})
+    trained.configure_model()
+    head = {k for k in state if "modules_to_save" in k and "score" in k}
+    assert head and head <= trained._trainable_names()  # the trained copy of the head is saved, not the initial one
+    assert float(sum(state[k].double().sum() for k in trained._trainable_names())) == pytest.approx(ranks[0]["param_sum"])
+    trained.load_state_dict(state, strict=False)
+    exported = load_reward_model(tmp_path / "ddp" / "merged")  # the merged directory, read back as a reward model
+    prompts, completions = ["def f(x):\n", "def g():\n"], ["    return x\n", "    pass\n"]
+    torch.testing.assert_close(exported.score(prompts, completions), trained.eval().score(prompts, completions),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(tmp_path):
     ranks, single = _compare("grpo", tmp_path)
     weights = [(a["weight"], b["weight"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
@@ -282,5 +320,5 @@ if __name__ == "__main__":
             **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
                if len(sys.argv) == 8 else {}))
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|grpo OUT_DIR ddp|fsdp|fsdp-sharded "
+        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
                  "CLIP|None [STEPS CKPT|None] (the worker of this test)")
