@@ -73,7 +73,7 @@ class Recorder(L.Callback):
             if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters()))
         with gathered:
             trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
-        reference = getattr(pl_module, "reference_network", None)  # DPO's frozen copy: sharded by FSDP or not
+        reference = getattr(pl_module, "reference_network", None) or getattr(pl_module, "ref_model", None)  # DPO, GRPO
         self.reference = None if reference is None else {
             "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in reference.modules()),
             "partitioned": is_zero3_partitioned(reference), "local_numel": _local_numel(reference)}
@@ -191,8 +191,10 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     else:
         from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
 
+        full = objective == "grpo-full"  # full fine-tuning: the KL reference is a frozen copy of the initial policy
         module = _grpo_class()(samples_per_prompt=K, beta=0.04, loss_aggregation="token", micro_batch_size=3,
-                               max_new_tokens=16, lora=lora, optimizer=optimizer, max_grad_norm=clip or 1.0)
+                               max_new_tokens=16, lora=None if full else lora, max_grad_norm=clip or 1.0,
+                               optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer)
         module.recorded = []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
@@ -207,7 +209,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
                         use_distributed_sampler=False, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=callbacks,
-                        gradient_clip_val=clip if objective != "grpo" else None)
+                        gradient_clip_val=None if objective.startswith("grpo") else clip)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if strategy.startswith(("fsdp", "deepspeed")):
         trainer.save_checkpoint(out / "final.ckpt")  # every process takes part (a file, or a directory of shards)
@@ -320,5 +322,5 @@ if __name__ == "__main__":
             **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
                if len(sys.argv) == 8 else {}))
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
+        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
                  "CLIP|None [STEPS CKPT|None] (the worker of this test)")

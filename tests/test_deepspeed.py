@@ -93,27 +93,32 @@ def test_orpo_under_zero3_matches_one_process(tmp_path):
     assert losses[-1] < losses[0] - 0.01
 
 
-def test_grpo_under_zero2_matches_one_process(tmp_path):
+@pytest.mark.parametrize("strategy,objective", [("deepspeed2", "grpo"), ("deepspeed3", "grpo"), ("deepspeed3", "grpo-full")])
+def test_grpo_under_zero_matches_one_process(tmp_path, strategy, objective):
     """GRPO steps inside training_step over micro-batches: DeepSpeed is told which backward ends the accumulation
-    (it refuses DDP's no_sync), and clips with the module's max_grad_norm."""
-    ranks, single = _compare("grpo", tmp_path, strategy="deepspeed2", clip=CLIP)
+    (it refuses DDP's no_sync) and where each micro-step starts (ZeRO-3 would otherwise keep only the last
+    micro-batch's gradient), and clips with the module's max_grad_norm. Under ZeRO-3 the weights are gathered at
+    every forward pass inside the training step: the LoRA policy's (its adapter-disabled reference included), or with
+    full fine-tuning the policy's and its frozen reference copy's, both partitioned."""
+    ranks, single = _compare(objective, tmp_path, strategy=strategy, clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
+    assert ranks[0]["partitioned"] == (strategy == "deepspeed3")
+    if objective == "grpo-full":
+        assert ranks[0]["reference"]["partitioned"]
+        assert ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
 
 
-def test_online_objectives_refuse_zero3_and_a_conflicting_clip_before_building_the_model():
+def test_online_objectives_refuse_a_conflicting_deepspeed_clip_before_building_the_model():
     from lit_align.modules.grpo import GRPO
 
     module = GRPO(max_new_tokens=8, max_grad_norm=1.0)
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(stage=3), logger=False)
-    with pytest.raises(ValueError, match="GRPO cannot train under DeepSpeed ZeRO stage 3.*deepspeed_stage_2"):
-        module.setup("fit")
-    assert module.model is None
-
     strategy = CPUDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.3})
     module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
     with pytest.raises(ValueError, match=r"gradient_clipping=0.3, but GRPO clips at model.max_grad_norm=1.0"):
         module.setup("fit")
-    strategy = CPUDeepSpeedStrategy(stage=2)
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
-    module.setup("fit")
-    assert strategy.config["gradient_clipping"] == 1.0  # DeepSpeed clips with the module's value
+    assert module.model is None
+    for stage in (2, 3):
+        strategy = CPUDeepSpeedStrategy(stage=stage)
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+        module.setup("fit")
+        assert strategy.config["gradient_clipping"] == 1.0  # DeepSpeed clips with the module's value

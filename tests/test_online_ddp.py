@@ -1,5 +1,9 @@
-"""Online objectives under DDP and DeepSpeed ZeRO-2: two CPU processes (gloo) generate for different prompts, log
+"""Online objectives under DDP and DeepSpeed ZeRO-2/3: two CPU processes (gloo) generate for different prompts, log
 global statistics and stay in sync.
+
+Half the vocabulary ends a completion, so the processes' completions end at different points: under ZeRO-3, where
+every forward pass gathers the weights from both processes, the hf backend must keep their decoding loops in step
+(``HFBackend(synchronize=...)``), and RAFT's process that keeps nothing must run as many backward passes as the other.
 
 The test runs this file as a script (``strategy="ddp"`` relaunches the script for the second process); each process
 writes what it saw to ``<out>/rank<k>.json``.
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deepspeed_cpu import DEEPSPEED2
+from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
 
 STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
@@ -58,28 +62,34 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
                               "lengths": rollouts.response_mask.sum(-1).tolist(), "kept": len(self.select(rollouts))})
             return super().update(rollouts)
 
+    early_ends = {"eos_token_ids": list(range(0, 256, 2))}  # completions end at different points on each process
     if objective == "raft":
-        module = OneRankRAFT(max_new_tokens=8, samples_per_prompt=2, keep_fraction=1.0, min_reward=0.5,
-                             num_minibatches=2, micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3))
+        module = OneRankRAFT(max_new_tokens=8, samples_per_prompt=2, keep_fraction=1.0, min_reward=0.5, deduplicate=False,
+                             num_minibatches=2, micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3),
+                             generation_kwargs=early_ends)
     else:
         module = LengthRewardPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
-                                 micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3))
+                                 micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3), generation_kwargs=early_ends)
     module.seen, module.logged = [], []
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)], val_sources=[],
                              tokenizer="preset:tiny", batch_size=2)
-    if strategy == "deepspeed2":
+    if strategy.startswith("deepspeed"):
         from deepspeed_cpu import CPUDeepSpeedStrategy
 
-        strategy = CPUDeepSpeedStrategy(stage=2)
+        strategy = CPUDeepSpeedStrategy(stage=int(strategy[-1]))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, use_distributed_sampler=False,
                         max_steps=BATCHES * STEPS_PER_BATCH, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()])
     trainer.fit(module, data)
-    checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
+    from deepspeed_cpu import zero3_gathered
+    from lit_align.models import is_zero3_partitioned
+
+    with zero3_gathered(list(module.parameters())):  # ZeRO-3: this process's partitions until gathered
+        checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
-         "global_step": trainer.global_step}))
+         "global_step": trainer.global_step, "partitioned": is_zero3_partitioned(module)}))
 
 
 def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
@@ -93,10 +103,13 @@ def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2])
+@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2, DEEPSPEED3])
 def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path, strategy):
     ranks = _launch(tmp_path, "ppo", strategy)
     assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["partitioned"] == (strategy == "deepspeed3")
+    lengths = [s["lengths"] for r in ranks for s in r["seen"]]
+    assert any(a != b for a, b in zip(lengths[0::2], lengths[1::2]))  # the processes' completions end differently
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     for b in range(BATCHES):
         seen = [r["seen"][b] for r in ranks]
@@ -115,7 +128,7 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2])
+@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2, DEEPSPEED3])
 def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path, strategy):
     ranks = _launch(tmp_path, "raft", strategy)
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2

@@ -76,6 +76,7 @@ class HFBackend(GenerationBackend):
         batch_size: int = 16,
         eos_token_ids: list[int] | None = None,
         add_special_tokens: bool = True,
+        synchronize: bool | None = None,
     ) -> None:
         """
         Args:
@@ -84,6 +85,12 @@ class HFBackend(GenerationBackend):
             batch_size: sequences decoded together (a prompt with n completions counts n times).
             eos_token_ids: token ids that end a completion; default: the tokenizer's and the model config's eos.
             add_special_tokens: let the tokenizer add its special tokens (BOS) to each prompt, as training does.
+            synchronize: every process of the distributed run makes the same number of forward passes: each decodes
+                as many batches as the busiest one (a one-token filler batch where it has none left) and keeps stepping
+                until every process's completions have ended. Needed when each forward pass gathers the weights from
+                all processes (DeepSpeed ZeRO-3), where a process that stopped early would leave the others waiting
+                forever. Null (default): on exactly when the model's weights are ZeRO-3 partitioned and more than one
+                process runs.
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
@@ -92,6 +99,8 @@ class HFBackend(GenerationBackend):
         self.batch_size = batch_size
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else model_eos_ids(model, tokenizer))
         self.add_special_tokens = add_special_tokens
+        self.synchronize = synchronize
+        self._synced = False  # this generate() call's decision (see _synchronized)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -117,16 +126,53 @@ class HFBackend(GenerationBackend):
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             generator = torch.Generator(device=device).manual_seed(seed)
+        batches = [encoded[start:start + self.batch_size] for start in range(0, len(encoded), self.batch_size)]
+        self._synced = self._synchronized()
+        if self._synced:  # as many batches as the busiest process: the missing ones are one-token fillers
+            busiest = int(self._all_processes(torch.tensor(float(len(batches)), device=device), "max"))
+            filler = [[self.pad_token_id]]
+            batches += [filler] * (busiest - len(batches))
         flat: list[Completion] = []
         with inference_mode(self.model):
-            for start in range(0, len(encoded), self.batch_size):
-                flat += self._generate_batch(encoded[start:start + self.batch_size], params, generator, device)
+            for i, batch in enumerate(batches):
+                flat += self._generate_batch(batch, params, generator, device, filler=i * self.batch_size >= len(encoded))
         return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def _synchronized(self) -> bool:
+        """Whether this call must keep in step with the other processes (see ``synchronize``)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        if self.synchronize is not None:
+            return self.synchronize
+        from lit_align.models import is_zero3_partitioned
+
+        return is_zero3_partitioned(self.model)
+
+    @staticmethod
+    def _all_processes(value: torch.Tensor, op: str) -> torch.Tensor:
+        """``value`` reduced over every process (op "max" or "min")."""
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+        return value
+
+    def _all_done(self, reasons: list[str | None], device) -> bool:
+        """Whether decoding can stop: this batch's rows have all ended (synchronized: every process's have)."""
+        done = all(r is not None for r in reasons)
+        if not self._synced:
+            return done
+        return bool(self._all_processes(torch.tensor(float(done), device=device), "min"))
 
     def _forward(self, **kwargs):
         return self.model(use_cache=True, return_dict=True, **kwargs)
 
-    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device) -> list[Completion]:
+    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device,
+                        filler: bool = False) -> list[Completion]:
+        """Completions of ``encoded`` (one per row). A ``filler`` batch only keeps the forward passes in step with the
+        other processes: it samples nothing and its result is discarded."""
         batch, width = len(encoded), max(len(ids) for ids in encoded)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -143,10 +189,14 @@ class HFBackend(GenerationBackend):
 
         tokens_out: list[list[int]] = [[] for _ in range(batch)]
         logprobs_out: list[list[float]] = [[] for _ in range(batch)]
-        reasons: list[str | None] = [None] * batch
+        reasons: list[str | None] = ["length" if filler else None] * batch
         for _ in range(params.max_new_tokens):
-            tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator)
-            logprobs = token_logprobs(logits, tokens)
+            if all(r is not None for r in reasons):  # synchronized, waiting for the other processes: draw nothing, so
+                tokens = torch.full((batch,), self.pad_token_id, device=device)  # the random stream is as unsynchronized
+                logprobs = torch.zeros(batch)
+            else:
+                tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator)
+                logprobs = token_logprobs(logits, tokens)
             for b, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                 if reasons[b] is not None:
                     continue
@@ -159,7 +209,7 @@ class HFBackend(GenerationBackend):
                     reasons[b] = "stop"
                 elif len(tokens_out[b]) >= params.max_new_tokens:
                     reasons[b] = "length"
-            if all(r is not None for r in reasons):
+            if self._all_done(reasons, device):
                 break
             done = torch.tensor([r is not None for r in reasons], device=device)
             feed = tokens.masked_fill(done, self.pad_token_id).unsqueeze(-1)

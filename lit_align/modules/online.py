@@ -45,8 +45,7 @@ from lit_align.execution.status import ExecutionResult, Status
 from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, SamplingParams, build_backend
 from lit_align.generation.base import BackendName, find_stop
 from lit_align.generation.hf import inference_mode
-from lit_align.models import load_causal_lm
-from lit_align.models import disable_dropout
+from lit_align.models import disable_dropout, is_zero3_partitioned, load_causal_lm
 from lit_align.modules.base import AlignmentModule
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
@@ -298,8 +297,8 @@ class OnlineModule(AlignmentModule):
                 "test/entry_point, CodeContests) or use reward='reward_model'")
 
     def setup(self, stage: str) -> None:
-        """Refuse FSDP and DeepSpeed ZeRO-3, and give DeepSpeed this module's clip, before the model is built (see
-        docs/scaling.md, "Online objectives").
+        """Refuse FSDP, and give DeepSpeed this module's clip, before the model is built (see docs/scaling.md,
+        "Online objectives").
 
         An online objective takes its optimizer steps inside ``training_step``, and under FSDP Lightning runs
         ``training_step`` inside the root FSDP module's forward, where the root's parameters are unsharded: FSDP can
@@ -313,22 +312,16 @@ class OnlineModule(AlignmentModule):
             raise ValueError(
                 f"trainer.strategy: {type(self).__name__} cannot train under FSDP (it steps the optimizer inside "
                 "training_step, which Lightning runs inside the FSDP root module's forward). Use `--trainer.strategy "
-                "ddp` or `deepspeed_stage_2`, with LoRA where the full model's optimizer state does not fit; see "
+                "ddp`, `deepspeed_stage_2` or `deepspeed_stage_3`, with LoRA where the full model's optimizer state does not fit; see "
                 "docs/scaling.md")
         if _is_deepspeed(strategy):
             self._configure_deepspeed(strategy)
 
     def _configure_deepspeed(self, strategy) -> None:
-        """ZeRO stage 1/2: DeepSpeed clips at its own step, with its config's ``gradient_clipping``, which must be
-        this module's ``max_grad_norm``. ZeRO-3 is refused: every forward pass gathers weights from all processes, so
-        the processes' generation loops would have to run the same number of steps (they stop when their own
-        completions end)."""
-        stage = strategy.config.get("zero_optimization", {}).get("stage", 0)
-        if stage >= 3:
-            raise ValueError(
-                f"trainer.strategy: {type(self).__name__} cannot train under DeepSpeed ZeRO stage 3 (its weights are "
-                "gathered collectively at every forward pass, and each process's generation stops at its own pace). "
-                "Use `deepspeed_stage_2` (optimizer state and gradients partitioned) or `ddp`; see docs/scaling.md")
+        """DeepSpeed clips at its own step, with its config's ``gradient_clipping``, which must be this module's
+        ``max_grad_norm``. (Under ZeRO-3 every forward pass gathers the weights from all processes: the hf backend
+        then keeps the processes' generation loops in step, see ``HFBackend(synchronize=...)``, and
+        :meth:`run_updates` gives every process as many backward passes as the busiest one.)"""
         clip = float(self.hparams.max_grad_norm or 0.0)
         configured = strategy.config.get("gradient_clipping")
         if configured is not None and float(configured) != clip:
@@ -570,9 +563,23 @@ class OnlineModule(AlignmentModule):
         else:
             yield
 
+    def _deepspeed_micro_step(self) -> None:
+        """Start a new accumulation micro-step in DeepSpeed's ZeRO optimizer before a forward/backward pass.
+
+        DeepSpeed expects one forward of its engine per backward and starts each micro-step there; its engine's
+        forward is the whole ``training_step`` here, which runs several backward passes. Without this, ZeRO-3 would
+        overwrite the accumulated gradient partitions at every backward instead of adding to them (the minibatch's
+        step would use its last micro-batch's gradient only). Older DeepSpeed versions count micro-steps in the
+        backward pass and have no such method: nothing to do there."""
+        strategy = self.trainer.strategy
+        if _is_deepspeed(strategy):
+            new_micro_step = getattr(strategy.deepspeed_engine.optimizer, "clear_backward_seen_flag", None)
+            if new_micro_step is not None:
+                new_micro_step()
+
     def _backward_passes(self, micro_batches: int) -> int:
         """Backward passes this process runs for a minibatch of ``micro_batches`` micro-batches (the missing ones with
-        a zero loss). DDP synchronises only the last one, so one suffices for an empty minibatch; DeepSpeed ZeRO-2
+        a zero loss). DDP synchronises only the last one, so one suffices for an empty minibatch; DeepSpeed ZeRO
         reduces gradients at every backward, so every process runs as many as the busiest one."""
         if not _is_deepspeed(self.trainer.strategy) or self._world_size() <= 1:
             return max(micro_batches, 1)
@@ -612,9 +619,10 @@ class OnlineModule(AlignmentModule):
                 total = float(self.global_mean(local))
                 passes = self._backward_passes(len(micro))
                 for j in range(passes):
+                    self._deepspeed_micro_step()
                     with self._accumulating() if j < passes - 1 else nullcontext():
                         if j >= len(micro):  # no rows left here: a zero gradient, so every process steps together
-                            self.manual_backward(sum(p.sum() for p in self.trainable_parameters()) * 0.0)
+                            self.manual_backward(self.zero_loss())
                             continue
                         loss, figures = loss_fn(micro[j])
                         self.manual_backward(loss * (weights[j] / total) if total > 0 else loss * 0.0)
@@ -624,6 +632,19 @@ class OnlineModule(AlignmentModule):
                     count += 1
                 self.optimizer_step_now()
         return {k: v / max(count, 1) for k, v in sums.items()} | {"loss": loss_sum / (epochs * num_minibatches)}
+
+    def zero_loss(self) -> Tensor:
+        """A loss of zero whose backward reaches the trainable weights: the backward pass of a process that has no
+        rows left in a minibatch the others are still training on (RAFT's processes keep different numbers of rows).
+
+        Under ZeRO-3 this process holds only empty views of its partitioned weights, so the zero goes through the
+        module's forward (the policy's logits on one token), as RAFT's passes do: that gathers the weights and makes
+        DeepSpeed reduce their gradients exactly as the other processes' passes do. (PPO's and GRPO's processes always
+        hold equal numbers of rollouts, so they never need this pass.)"""
+        if not is_zero3_partitioned(self.model):
+            return sum(p.sum() for p in self.trainable_parameters()) * 0.0
+        ids = torch.full((1, 1), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
+        return self(ids, torch.ones_like(ids)).float().sum() * 0.0
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
         """The objective's optimizer steps on scored rollouts; returns figures to log (local to this process)."""
