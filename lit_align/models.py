@@ -321,6 +321,14 @@ def is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def gathers_weights_per_forward(model: nn.Module) -> bool:
+    """Whether every forward pass of ``model`` gathers its weights from all processes (DeepSpeed ZeRO-3 partitions,
+    FSDP units), so that every process must make the same forward passes."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return is_zero3_partitioned(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def parameter_numel(p: torch.Tensor) -> int:
     """Values in a parameter, also when DeepSpeed ZeRO-3 holds only a shard of it here (``ds_numel`` is the whole)."""
     return int(getattr(p, "ds_numel", p.numel()))

@@ -15,6 +15,7 @@ gather without the offload, which on CPU means FSDP clones each tensor: the same
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -63,5 +64,14 @@ class CPUFSDPStrategy(FSDPStrategy):
         _fsdp_module._init_device_handle = _init_device_handle_cpu
         try:
             return super()._setup_model(model)
+        finally:
+            _fsdp_module._init_device_handle = _init_device_handle
+
+    @contextmanager
+    def model_sharded_context(self):  # where a module wraps its own networks (online objectives' configure_model)
+        _fsdp_module._init_device_handle = _init_device_handle_cpu
+        try:
+            with super().model_sharded_context():
+                yield
         finally:
             _fsdp_module._init_device_handle = _init_device_handle

@@ -68,10 +68,7 @@ class Recorder(L.Callback):
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        root = trainer.strategy.model  # under FSDP and ZeRO-3 the parameters are shards until gathered
-        gathered = FullyShardedDataParallel.summon_full_params(root, writeback=False) \
-            if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters()))
-        with gathered:
+        with gathered(trainer, pl_module):
             trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
         reference = getattr(pl_module, "reference_network", None) or getattr(pl_module, "ref_model", None)  # DPO, GRPO
         self.reference = None if reference is None else {
@@ -79,8 +76,27 @@ class Recorder(L.Callback):
             "partitioned": is_zero3_partitioned(reference), "local_numel": _local_numel(reference)}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained),
-             "grad_norms": self.grad_norms, "reference": self.reference,
+             "grad_norms": self.grad_norms or getattr(pl_module, "grad_norms", []), "reference": self.reference,
              "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module)}))
+
+
+def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
+    """A context in which the module's parameters are whole: under FSDP (the root unit Lightning wrapped, or the units
+    an online objective wrapped its networks in) and ZeRO-3 they are this process's shards until gathered."""
+    from contextlib import ExitStack
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lit_align.modules.base import fsdp_roots
+
+    root = trainer.strategy.model
+    roots = [root] if isinstance(root, FullyShardedDataParallel) else fsdp_roots(pl_module)
+    if not roots:
+        return zero3_gathered(list(pl_module.parameters()))
+    stack = ExitStack()
+    for unit in roots:
+        stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, writeback=False))
+    return stack
 
 
 def _local_numel(module: torch.nn.Module) -> int:
@@ -133,6 +149,12 @@ def _grpo_class():
         def score(self, items, texts):
             rewards = [float(len(t) % 5) + (zlib.crc32(i.task_id.encode()) % 3) for i, t in zip(items, texts)]
             return torch.tensor(rewards, device=self.device), [None] * len(items)
+
+        def optimizer_step_now(self):
+            if self.trainer.world_size == 1:  # the norm before clipping, on one process
+                grads = [p.grad.detach().double() for p in self.parameters() if p.grad is not None]
+                self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            super().optimizer_step_now()
 
         def update(self, rollouts):
             figures = super().update(rollouts)
@@ -195,7 +217,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         module = _grpo_class()(samples_per_prompt=K, beta=0.04, loss_aggregation="token", micro_batch_size=3,
                                max_new_tokens=16, lora=None if full else lora, max_grad_norm=clip or 1.0,
                                optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer)
-        module.recorded = []
+        module.recorded, module.grad_norms = [], []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
     if strategy.startswith("deepspeed"):

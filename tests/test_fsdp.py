@@ -9,8 +9,9 @@ clipping refuses FSDP), and full and sharded checkpoints. The clip value binds a
 shard would show. The comparison is built as in tests/test_ddp_objectives.py (same examples per step, same 1e-5
 tolerance on the losses).
 
-Online objectives (PPO, GRPO, RAFT) refuse FSDP with a clear error: they step the optimizer inside training_step,
-which Lightning runs inside the FSDP root module's forward.
+Online objectives (PPO, GRPO, RAFT) step the optimizer inside training_step, which Lightning would run inside the
+root FSDP unit's forward; they wrap their networks in FSDP units themselves instead (tested here with GRPO; PPO and
+RAFT in tests/test_online_ddp.py).
 """
 
 from __future__ import annotations
@@ -99,17 +100,27 @@ def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-def test_online_objectives_refuse_fsdp_before_building_the_model():
-    import lightning.pytorch as L
-    from fsdp_cpu import CPUFSDPStrategy
+@pytest.mark.parametrize("objective", ["grpo", "grpo-full"])
+def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
+    """Online objectives step inside training_step, so they wrap their networks in FSDP units themselves
+    (OnlineModule.shard_with_fsdp: the policy, with LoRA or fully trained, and the frozen reference copy, each its own
+    root) and the step runs outside any FSDP forward. Clipping binds at every step: the norm is taken over every
+    root's shards on both processes."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from lit_align.modules.grpo import GRPO
-    from lit_align.modules.raft import RAFT
+    ranks, single = _compare(objective, tmp_path, strategy="fsdp", clip=CLIP)
+    assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
+    assert min(single["grad_norms"]) > 2 * CLIP
+    if objective == "grpo-full":  # the frozen reference is sharded too: one unit per decoder block and a root
+        assert ranks[0]["reference"]["fsdp_units"] == 5
+        assert ranks[0]["reference"]["local_numel"] < 0.6 * single["reference"]["local_numel"]
+        # LoRAMerge gathered the policy's shards: the export holds the trained weights
+        from transformers import AutoModelForCausalLM
 
-    for cls in (GRPO, RAFT):
-        module = cls(max_new_tokens=8)
-        module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUFSDPStrategy(), logger=False)
-        with pytest.raises(ValueError, match=f"trainer.strategy: {cls.__name__} cannot train under FSDP.*ddp"):
-            module.setup("fit")
-        assert module.model is None  # refused before anything was built
-        module.setup("validate")  # evaluation steps no optimizer
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")
+        assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
+    else:  # the full checkpoint holds the trained adapter under its unwrapped names
+        ckpt = torch.load(tmp_path / "ddp" / "final.ckpt", weights_only=False)
+        adapter = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
+        assert ckpt["lit_align_trainable_only"] and adapter and set(adapter) == set(ckpt["state_dict"])
+        assert float(sum(v.double().sum() for v in adapter.values())) == pytest.approx(ranks[0]["param_sum"])

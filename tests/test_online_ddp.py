@@ -77,19 +77,24 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
         from deepspeed_cpu import CPUDeepSpeedStrategy
 
         strategy = CPUDeepSpeedStrategy(stage=int(strategy[-1]))
+    elif strategy == "fsdp":
+        from fsdp_cpu import CPUFSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, use_distributed_sampler=False,
                         max_steps=BATCHES * STEPS_PER_BATCH, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()])
     trainer.fit(module, data)
-    from deepspeed_cpu import zero3_gathered
-    from lit_align.models import is_zero3_partitioned
+    from test_ddp_objectives import gathered
+    from lit_align.models import gathers_weights_per_forward
 
-    with zero3_gathered(list(module.parameters())):  # ZeRO-3: this process's partitions until gathered
+    with gathered(trainer, module):  # FSDP, ZeRO-3: this process's shards until gathered
         checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
-         "global_step": trainer.global_step, "partitioned": is_zero3_partitioned(module)}))
+         "global_step": trainer.global_step, "sharded": gathers_weights_per_forward(module)}))
 
 
 def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
@@ -103,11 +108,11 @@ def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2, DEEPSPEED3])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
 def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path, strategy):
     ranks = _launch(tmp_path, "ppo", strategy)
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["partitioned"] == (strategy == "deepspeed3")
+    assert ranks[0]["sharded"] == (strategy in ("deepspeed3", "fsdp"))
     lengths = [s["lengths"] for r in ranks for s in r["seen"]]
     assert any(a != b for a, b in zip(lengths[0::2], lengths[1::2]))  # the processes' completions end differently
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
@@ -128,7 +133,7 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", DEEPSPEED2, DEEPSPEED3])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
 def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path, strategy):
     ranks = _launch(tmp_path, "raft", strategy)
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2

@@ -88,9 +88,9 @@ class HFBackend(GenerationBackend):
             synchronize: every process of the distributed run makes the same number of forward passes: each decodes
                 as many batches as the busiest one (a one-token filler batch where it has none left) and keeps stepping
                 until every process's completions have ended. Needed when each forward pass gathers the weights from
-                all processes (DeepSpeed ZeRO-3), where a process that stopped early would leave the others waiting
-                forever. Null (default): on exactly when the model's weights are ZeRO-3 partitioned and more than one
-                process runs.
+                all processes (DeepSpeed ZeRO-3, FSDP), where a process that stopped early would leave the others
+                waiting forever. Null (default): on exactly when the model's weights are ZeRO-3 partitioned or in FSDP
+                units and more than one process runs.
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
@@ -146,9 +146,9 @@ class HFBackend(GenerationBackend):
             return False
         if self.synchronize is not None:
             return self.synchronize
-        from lit_align.models import is_zero3_partitioned
+        from lit_align.models import gathers_weights_per_forward
 
-        return is_zero3_partitioned(self.model)
+        return gathers_weights_per_forward(self.model)
 
     @staticmethod
     def _all_processes(value: torch.Tensor, op: str) -> torch.Tensor:

@@ -73,6 +73,18 @@ def packed_causal_mask(position_ids: Tensor, dtype: torch.dtype = torch.float32)
     return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def fsdp_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost FSDP units inside ``module`` (each the root of its own network)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    roots, inside = [], set()
+    for name, m in module.named_modules():
+        if isinstance(m, FullyShardedDataParallel) and not any(name.startswith(p) for p in inside):
+            roots.append(m)
+            inside.add(name + ".")
+    return roots
+
+
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 """Name parts added by FSDP, activation-checkpoint wrappers and torch.compile, absent from saved state dicts."""
 
@@ -246,13 +258,22 @@ class AlignmentModule(L.LightningModule):
     def clip_gradient_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
         """Scale the gradients so that their global L2 norm is at most ``max_norm``.
 
-        Under FSDP each process holds a shard of every gradient, so the norm must be taken by the root FSDP module
-        over all shards (Lightning's own norm clipping refuses FSDP); otherwise Lightning clips as usual."""
+        Under FSDP each process holds a shard of every gradient, so the norm must be taken over all shards by FSDP
+        (Lightning's own norm clipping refuses FSDP): by the root unit Lightning wrapped the module in, or, when the
+        module wrapped its networks in units of their own (online objectives), from each root's norm over all
+        processes; otherwise Lightning clips as usual."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         root = self.trainer.strategy.model
+        roots = [] if isinstance(root, FullyShardedDataParallel) else fsdp_roots(self)
         if isinstance(root, FullyShardedDataParallel):
             root.clip_grad_norm_(max_norm)
+        elif roots:  # each root's norm over all processes (max_norm=inf: measured, not clipped), then one scale
+            norms = torch.stack([unit.clip_grad_norm_(math.inf).float() for unit in roots])
+            scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
         else:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 

@@ -45,7 +45,7 @@ from lit_align.execution.status import ExecutionResult, Status
 from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, SamplingParams, build_backend
 from lit_align.generation.base import BackendName, find_stop
 from lit_align.generation.hf import inference_mode
-from lit_align.models import disable_dropout, is_zero3_partitioned, load_causal_lm
+from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
 from lit_align.modules.base import AlignmentModule
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
@@ -258,6 +258,33 @@ class OnlineModule(AlignmentModule):
         """Response tokens generated for training on this process so far (validation and test not counted)."""
 
     # ------------------------------------------------------------------ construction
+    def configure_model(self) -> None:
+        """Build the networks; under FSDP wrap them in FSDP units here (see :meth:`shard_with_fsdp`)."""
+        built = self.model is None
+        super().configure_model()
+        if built:
+            self.shard_with_fsdp()
+
+    def shard_with_fsdp(self) -> None:
+        """Under FSDP: wrap the policy, the frozen reference copy and any other trained head in FSDP units of their own.
+
+        Lightning wraps a module it finds without FSDP units in one root FSDP unit, and runs ``training_step`` inside
+        that root's forward, where FSDP can neither clip nor step. Wrapped here (Lightning calls ``configure_model``
+        with its FSDP settings active: ``auto_wrap_policy``, mixed precision, sharding strategy, device), each network
+        is its own root, so the training step runs outside any FSDP forward and steps the optimizer like under DDP."""
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp.wrap import wrap
+
+        if not isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            return
+        self.model = wrap(self.model)
+        if self.ref_model is not None:
+            self.ref_model = wrap(self.ref_model)
+        for name, child in list(self.named_children()):
+            if child is self.model or child is self.ref_model or not any(p.requires_grad for p in child.parameters()):
+                continue
+            setattr(self, name, wrap(child))  # PPO's value head
+
     def configure_extra_models(self) -> None:
         """A frozen reference copy for full fine-tuning (LoRA uses the adapter-disabled policy instead)."""
         if self.needs_reference and self.lora_config is None:
@@ -297,25 +324,9 @@ class OnlineModule(AlignmentModule):
                 "test/entry_point, CodeContests) or use reward='reward_model'")
 
     def setup(self, stage: str) -> None:
-        """Refuse FSDP, and give DeepSpeed this module's clip, before the model is built (see docs/scaling.md,
-        "Online objectives").
-
-        An online objective takes its optimizer steps inside ``training_step``, and under FSDP Lightning runs
-        ``training_step`` inside the root FSDP module's forward, where the root's parameters are unsharded: FSDP can
-        neither clip nor step them there (its ``clip_grad_norm_`` and ``no_sync`` refuse to run mid-forward)."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if stage != "fit" or self._trainer is None:
-            return
-        strategy = self.trainer.strategy
-        if isinstance(strategy, FSDPStrategy):
-            raise ValueError(
-                f"trainer.strategy: {type(self).__name__} cannot train under FSDP (it steps the optimizer inside "
-                "training_step, which Lightning runs inside the FSDP root module's forward). Use `--trainer.strategy "
-                "ddp`, `deepspeed_stage_2` or `deepspeed_stage_3`, with LoRA where the full model's optimizer state does not fit; see "
-                "docs/scaling.md")
-        if _is_deepspeed(strategy):
-            self._configure_deepspeed(strategy)
+        """Give DeepSpeed this module's clip before the model is built (see docs/scaling.md, "Online objectives")."""
+        if stage == "fit" and self._trainer is not None and _is_deepspeed(self.trainer.strategy):
+            self._configure_deepspeed(self.trainer.strategy)
 
     def _configure_deepspeed(self, strategy) -> None:
         """DeepSpeed clips at its own step, with its config's ``gradient_clipping``, which must be this module's
@@ -579,9 +590,11 @@ class OnlineModule(AlignmentModule):
 
     def _backward_passes(self, micro_batches: int) -> int:
         """Backward passes this process runs for a minibatch of ``micro_batches`` micro-batches (the missing ones with
-        a zero loss). DDP synchronises only the last one, so one suffices for an empty minibatch; DeepSpeed ZeRO
-        reduces gradients at every backward, so every process runs as many as the busiest one."""
-        if not _is_deepspeed(self.trainer.strategy) or self._world_size() <= 1:
+        a zero loss). DDP synchronises only the last one, so one suffices for an empty minibatch; DeepSpeed ZeRO and
+        FSDP reduce gradients at every backward (and FSDP gathers weights at every forward), so every process runs as
+        many as the busiest one."""
+        every_pass = _is_deepspeed(self.trainer.strategy) or gathers_weights_per_forward(self.model)
+        if not every_pass or self._world_size() <= 1:
             return max(micro_batches, 1)
         return max(int(self.trainer.strategy.reduce(torch.tensor(float(micro_batches), device=self.device),
                                                       reduce_op="max")), 1)
@@ -637,11 +650,12 @@ class OnlineModule(AlignmentModule):
         """A loss of zero whose backward reaches the trainable weights: the backward pass of a process that has no
         rows left in a minibatch the others are still training on (RAFT's processes keep different numbers of rows).
 
-        Under ZeRO-3 this process holds only empty views of its partitioned weights, so the zero goes through the
-        module's forward (the policy's logits on one token), as RAFT's passes do: that gathers the weights and makes
-        DeepSpeed reduce their gradients exactly as the other processes' passes do. (PPO's and GRPO's processes always
+        Under ZeRO-3 and FSDP this process holds only shards of the weights, and their gradients are reduced by hooks
+        that a forward pass sets up, so the zero goes through the module's forward (the policy's logits on one token),
+        as RAFT's passes do: that gathers the weights and reduces their gradients exactly as the other processes'
+        passes do. (PPO's and GRPO's processes always
         hold equal numbers of rollouts, so they never need this pass.)"""
-        if not is_zero3_partitioned(self.model):
+        if not gathers_weights_per_forward(self.model):
             return sum(p.sum() for p in self.trainable_parameters()) * 0.0
         ids = torch.full((1, 1), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
         return self(ids, torch.ones_like(ids)).float().sum() * 0.0
