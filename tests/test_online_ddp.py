@@ -46,6 +46,10 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
                               "lengths": rollouts.response_mask.sum(-1).tolist()})
             return super().update(rollouts)
 
+        def evaluate_step(self, batch, stage):
+            self.validated.append(len(batch))
+            super().evaluate_step(batch, stage)
+
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             metrics = trainer.callback_metrics
@@ -70,9 +74,12 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
     else:
         module = LengthRewardPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
                                  micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3), generation_kwargs=early_ends)
-    module.seen, module.logged = [], []
-    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)], val_sources=[],
-                             tokenizer="preset:tiny", batch_size=2)
+    module.seen, module.logged, module.validated = [], [], []
+    # PPO validates 3 held-out prompts one per batch at the end: 2 on the first process, 1 on the second (which then
+    # gets an empty batch, so both run as many validation steps)
+    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)],
+                             val_sources=[PromptSource(split="heldout", limit=3)] if objective == "ppo" else [],
+                             tokenizer="preset:tiny", batch_size=2, eval_batch_size=1)
     if strategy.startswith("deepspeed"):
         from deepspeed_cpu import CPUDeepSpeedStrategy
 
@@ -85,7 +92,7 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, use_distributed_sampler=False,
                         max_steps=BATCHES * STEPS_PER_BATCH, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()])
+                        num_sanity_val_steps=0, callbacks=[Record()])
     trainer.fit(module, data)
     from test_ddp_objectives import gathered
     from lit_align.models import gathers_weights_per_forward
@@ -94,7 +101,8 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
         checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
-         "global_step": trainer.global_step, "sharded": gathers_weights_per_forward(module)}))
+         "global_step": trainer.global_step, "validated": module.validated,
+         "val_reward_mean": float(trainer.callback_metrics.get("val/reward_mean", float("nan"))), "sharded": gathers_weights_per_forward(module)}))
 
 
 def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
@@ -113,6 +121,9 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     ranks = _launch(tmp_path, "ppo", strategy)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sharded"] == (strategy in ("deepspeed3", "fsdp"))
+    # validation: the same number of steps on both processes, the second's last one empty; one global reward mean
+    assert ranks[0]["validated"] == [1, 1] and ranks[1]["validated"] == [1, 0]
+    assert ranks[0]["val_reward_mean"] == ranks[1]["val_reward_mean"] >= 0
     lengths = [s["lengths"] for r in ranks for s in r["seen"]]
     assert any(a != b for a, b in zip(lengths[0::2], lengths[1::2]))  # the processes' completions end differently
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2

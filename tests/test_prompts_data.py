@@ -95,6 +95,23 @@ def test_each_process_gets_different_full_batches_and_its_share_of_validation():
     assert sorted(val[0] + val[1]) == sorted(i.task_id for i in load_prompt_items(PromptSource(split="heldout")))
 
 
+def test_every_process_runs_as_many_validation_steps():
+    """3 held-out prompts, one per batch, on 2 processes: 2 and 1, plus an empty batch on the second (every forward
+    pass is collective under FSDP and ZeRO-3, so a process must not stop validating before the others)."""
+    batches = []
+    for rank in (0, 1):
+        dm = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)],
+                               val_sources=[PromptSource(split="heldout", limit=3)], tokenizer="preset:tiny",
+                               batch_size=2, eval_batch_size=1)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, lightning_module=None,
+                                     fit_loop=SimpleNamespace(restarting=False))
+        dm.setup("fit")
+        loader = dm.val_dataloader()
+        batches.append([len(b) for b in loader])
+        assert len(loader) == 2
+    assert batches == [[1, 1], [1, 0]]
+
+
 def test_too_few_prompts_and_long_prompts_are_clear_errors(tmp_path):
     rows = [{"prompt": "x" * 50}]
     dm = PromptsDataModule(train_sources=[PromptSource(path=_jsonl(tmp_path / "p.jsonl", rows))], tokenizer="preset:tiny",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,11 +270,16 @@ class PromptsDataModule(TokenizedDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def val_dataloader(self):
-        """Each process validates every world_size-th held-out prompt, so all of them are scored exactly once."""
+        """Each process validates every world_size-th held-out prompt, so all of them are scored exactly once. Every
+        process runs as many validation steps: one whose share runs out first gets empty batches (online objectives
+        then only keep the others' generation company, which sharded weights need)."""
         if not self.val_items:
             return []
         replicas, rank = self._replicas()
-        return self._loader(self.val_items[rank::replicas], self.eval_batch_size, False, self.collate)
+        loader = self._loader(self.val_items[rank::replicas], self.eval_batch_size, False, self.collate)
+        largest_share = math.ceil(len(self.val_items) / replicas)
+        loader.batch_sampler.min_batches = math.ceil(largest_share / self.eval_batch_size)
+        return loader
 
     def _batch_sampler(self, items: list, batch_size: int, shuffle: bool) -> LengthGroupedBatchSampler:
         replicas, rank = self._replicas()

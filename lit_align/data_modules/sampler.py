@@ -31,7 +31,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  group_by_length: bool = True, group_window: int = 50, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, min_batches: int = 0) -> None:
         if isinstance(lengths, Sampler):
             raise TypeError(
                 "LengthGroupedBatchSampler got a sampler instead of example lengths: Lightning tried to inject its "
@@ -50,6 +50,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
+        self.min_batches = min_batches
+        """Yield empty batches after the real ones up to this many: evaluation shards of different sizes then give
+        every process as many steps (needed where every forward pass is collective: FSDP, DeepSpeed ZeRO-3)."""
         self.epoch = 0
         self._skip = 0
 
@@ -92,8 +95,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches = self._all_batches()
         skip, self._skip = self._skip, 0
         yield from batches[skip:]
+        for _ in range(max(self.min_batches - len(batches), 0)):
+            yield []
 
     def __len__(self) -> int:
         full, remainder = divmod(len(self.lengths), self.batch_size * self.num_replicas)
         keeps_remainder = remainder > 0 and not self.drop_last and not self._drops_remainder(remainder)
-        return full + keeps_remainder
+        return max(full + keeps_remainder, self.min_batches)

@@ -720,7 +720,13 @@ class OnlineModule(AlignmentModule):
         self.log_metrics("train", metrics, batch_size=len(batch), prog_bar=("reward_mean", "loss"))
 
     def evaluate_step(self, batch: PromptBatch, stage: str) -> None:
-        """Sample on held-out prompts; accumulate pass@1 (per problem, from the executed samples), reward, compile rate."""
+        """Sample on held-out prompts; accumulate pass@1 (per problem, from the executed samples), reward, compile rate.
+
+        A process whose held-out share has run out gets an empty batch: it generates nothing, but the hf backend still
+        keeps the other processes' decoding company where the weights are sharded."""
+        if not len(batch):
+            self.generator.generate([], self.sampling_params(train=False))
+            return
         rollouts = self.generate_rollouts(batch, train=False)
         texts = rollouts.texts
         if self.hparams.reward == "execution":
