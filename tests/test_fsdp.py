@@ -100,6 +100,24 @@ def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
+def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(tmp_path):
+    """GRPO with LoRA, 2 steps, a full checkpoint (rank 0's file, the adapter only), then a 2-process resume to step 4:
+    its steps are those of an uninterrupted one-process run. Lightning's FSDP strategy loads (and removes) the state
+    dict before the module's on_load_checkpoint sees the checkpoint: the module checks the names saved beside it."""
+    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
+    for d in (first, resumed, single):
+        d.mkdir()
+    launch_two_processes("grpo", first, "fsdp", CLIP, steps=2)
+    ckpt = torch.load(first / "final.ckpt", weights_only=False)
+    assert ckpt["lit_align_trainable_only"] and ckpt["lit_align_trainable_names"] == sorted(ckpt["state_dict"])
+    launch_two_processes("grpo", resumed, "fsdp", CLIP, steps=STEPS, ckpt_path=str(first / "final.ckpt"))
+    run("grpo", single, batch_size=2 * B, devices=1, clip=CLIP)
+    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    before, after = global_losses(first), global_losses(resumed)
+    assert len(before) == 2 and len(after) == STEPS - 2
+    assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
+
+
 @pytest.mark.parametrize("objective", ["grpo", "grpo-full"])
 def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
     """Online objectives step inside training_step, so they wrap their networks in FSDP units themselves

@@ -324,6 +324,7 @@ class AlignmentModule(L.LightningModule):
         if len(trainable) < sum(1 for _ in self.parameters()) and not self._saves_sharded_checkpoints():
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             checkpoint["lit_align_trainable_only"] = True
+            checkpoint["lit_align_trainable_names"] = sorted(checkpoint["state_dict"])
         checkpoint["lit_align_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
 
     def _saves_sharded_checkpoints(self) -> bool:
@@ -335,7 +336,11 @@ class AlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("lit_align_trainable_only"):
-            missing = sorted(self._trainable_names() - set(checkpoint["state_dict"]))
+            # Lightning's FSDP strategy has already loaded (and removed) the state dict when resuming from a full
+            # checkpoint; the names saved beside it tell what it held
+            saved = checkpoint.get("state_dict")
+            names = set(saved) if saved is not None else set(checkpoint.get("lit_align_trainable_names", ()))
+            missing = sorted(self._trainable_names() - names) if saved is not None or names else []
             if self.model is not None and missing:
                 raise ValueError(f"checkpoint lacks {len(missing)} trainable weights of this module (first: {missing[0]}); "
                                  "it was saved with a different LoRA/model configuration")
