@@ -11,6 +11,7 @@ QLoRA, ``save_pretrained`` and an inference server all treat it as a real model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -329,16 +330,36 @@ def gathers_weights_per_forward(model: nn.Module) -> bool:
     return is_zero3_partitioned(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
-def parameter_numel(p: torch.Tensor) -> int:
-    """Values in a parameter, also when DeepSpeed ZeRO-3 holds only a shard of it here (``ds_numel`` is the whole)."""
-    return int(getattr(p, "ds_numel", p.numel()))
+def whole_shapes(model: nn.Module) -> dict[int, torch.Size]:
+    """The whole shapes of the parameters of which this process holds only a shard, keyed by ``id(parameter)``:
+    DeepSpeed ZeRO-3 records them on each parameter (``ds_shape``); FSDP (``use_orig_params``, Lightning's default)
+    in each unit's flat parameter, beside the original parameters it views."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
-    trainable = total = 0
+    shapes: dict[int, torch.Size] = {}
+    for module in model.modules():
+        flat = module._flat_param if isinstance(module, FullyShardedDataParallel) else None
+        if flat is not None and getattr(flat, "_params", None):
+            shapes.update({id(p): shape for p, shape in zip(flat._params, flat._shapes)})
     for p in model.parameters():
-        n = parameter_numel(p) * (2 if p.dtype == torch.uint8 else 1)
+        if hasattr(p, "ds_shape"):
+            shapes[id(p)] = p.ds_shape
+    return shapes
+
+
+def parameter_shape(p: torch.Tensor, shapes: dict[int, torch.Size]) -> torch.Size:
+    """``p``'s whole shape (``shapes`` from :func:`whole_shapes`), also where this process holds a shard of it."""
+    return shapes.get(id(p), p.shape)
+
+
+def count_parameters(model: nn.Module, wrapper: nn.Module | None = None) -> tuple[int, int]:
+    """(trainable, total) parameter counts, whole also under FSDP and ZeRO-3; 4-bit weights count as the number of
+    values they hold. ``wrapper``: the module ``model`` is wrapped in, if any (Lightning's FSDP root unit wraps the
+    LightningModule: ``trainer.strategy.model``)."""
+    trainable = total = 0
+    shapes = whole_shapes(wrapper if wrapper is not None else model)
+    for p in model.parameters():
+        n = math.prod(parameter_shape(p, shapes)) * (2 if p.dtype == torch.uint8 else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -347,5 +368,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 __all__ = [
     "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "block_linear_names", "build_byte_tokenizer",
     "build_preset_model", "count_parameters", "disable_dropout", "is_zero3_partitioned", "load_causal_lm", "load_tokenizer",
-    "materialize_preset", "parameter_numel", "parse_preset",
+    "materialize_preset", "parameter_shape", "parse_preset", "whole_shapes",
 ]

@@ -77,7 +77,8 @@ class Recorder(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained),
              "grad_norms": self.grad_norms or getattr(pl_module, "grad_norms", []), "reference": self.reference,
-             "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module)}))
+             "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module, wrapper=trainer.strategy.model),
+             "flops_per_batch": _flops_of_a_batch(trainer, pl_module)}))
 
 
 def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
@@ -97,6 +98,16 @@ def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
     for unit in roots:
         stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, writeback=False))
     return stack
+
+
+def _flops_of_a_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """TokenThroughput's FLOP count of one fixed batch, from the module as it is here (sharded or not)."""
+    from lit_align.callbacks.throughput import TokenThroughput
+
+    counter = TokenThroughput(peak_flops=1.0)
+    counter.setup(trainer, pl_module, "fit")
+    counter.on_train_start(trainer, pl_module)
+    return counter.flops_per_batch({"input_ids": torch.ones(2, 16, dtype=torch.long)})
 
 
 def _local_numel(module: torch.nn.Module) -> int:
@@ -274,6 +285,8 @@ def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float 
     single_curve = [s["loss"] for s in single["steps"]]
     assert max(abs(a - b) for a, b in zip(ddp_curve, single_curve)) < TOLERANCE, (ddp_curve, single_curve)
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"]  # DDP keeps the processes in sync
+    # whole parameters are counted (trainable, total; and TokenThroughput's FLOPs), also where a process holds shards
+    assert ranks[0]["parameters"] == single["parameters"] and ranks[0]["flops_per_batch"] == single["flops_per_batch"]
     # Adam divides by the gradient's running RMS, so coordinates whose gradient is float noise (LoRA's A while B is
     # still ~0) move by up to lr in either run: the weights agree loosely, the losses (what the issue asks) tightly
     assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=5e-3)

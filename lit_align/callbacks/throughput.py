@@ -49,6 +49,7 @@ precision in use, or ``peak_flops``; without either (on CPU), MFU is not logged.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,7 +62,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_align.memory import ModelShape
-from lit_align.models import parameter_numel
+from lit_align.models import parameter_shape, whole_shapes
 
 if TYPE_CHECKING:
     from lit_align.modules.online import StepTokens
@@ -169,7 +170,7 @@ class TokenThroughput(L.Callback):
         self._available_flops = peak
         self._world_size = trainer.world_size
 
-    def _read_model(self, pl_module: L.LightningModule) -> None:
+    def _read_model(self, pl_module: L.LightningModule, wrapper: torch.nn.Module | None = None) -> None:
         model = getattr(pl_module, self.model_attribute, None)
         config = getattr(model, "config", None)
         if config is None:
@@ -177,17 +178,20 @@ class TokenThroughput(L.Callback):
                                  "config to read the model's shapes from; set model_attribute")
         self._shape = ModelShape.from_hf_config(config)
         trainable_matmul = lora = 0
+        # FSDP and ZeRO-3 keep a shard here: count the whole parameter (Lightning's FSDP root wraps pl_module itself)
+        shapes = whole_shapes(wrapper if wrapper is not None else pl_module)
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
-            if "lora_" in name:  # parameter_numel: the whole parameter also where ZeRO-3 keeps a shard here
-                lora += parameter_numel(p)
-            elif len(getattr(p, "ds_shape", p.shape)) == 2 and "embed" not in name:
-                trainable_matmul += parameter_numel(p)
+            shape = parameter_shape(p, shapes)
+            if "lora_" in name:
+                lora += math.prod(shape)
+            elif len(shape) == 2 and "embed" not in name:
+                trainable_matmul += math.prod(shape)
         self._trainable_matmul, self._lora = trainable_matmul, lora
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._read_model(pl_module)
+        self._read_model(pl_module, trainer.strategy.model)
         self._throughput = Throughput(available_flops=self._available_flops, world_size=self._world_size,
                                       window_size=self.window_size)
         self._totals = dict.fromkeys(self._totals, 0)

@@ -195,7 +195,7 @@ class AlignmentModule(L.LightningModule):
         return self.model is not None and any(isinstance(m, CheckpointWrapper) for m in self.model.modules())
 
     def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self)
+        trainable, total = count_parameters(self, wrapper=self.trainer.strategy.model)
         self.print(f"lit_align: {type(self).__name__} on {self.hparams.model_name_or_path}: "
                    f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 
