@@ -70,7 +70,7 @@ class Recorder(L.Callback):
 
         with gathered(trainer, pl_module):
             trained = sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad)
-        reference = getattr(pl_module, "reference_network", None) or getattr(pl_module, "ref_model", None)  # DPO, GRPO
+        reference = getattr(pl_module, "reference_network", None)  # DPO's and GRPO's frozen copy: sharded or not
         self.reference = None if reference is None else {
             "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in reference.modules()),
             "partitioned": is_zero3_partitioned(reference), "local_numel": _local_numel(reference)}
@@ -224,10 +224,11 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     else:
         from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
 
-        full = objective == "grpo-full"  # full fine-tuning: the KL reference is a frozen copy of the initial policy
+        full = objective.startswith("grpo-full")  # full fine-tuning: the KL reference is a frozen copy of the policy
         module = _grpo_class()(samples_per_prompt=K, beta=0.04, loss_aggregation="token", micro_batch_size=3,
                                max_new_tokens=16, lora=None if full else lora, max_grad_norm=clip or 1.0,
-                               optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer)
+                               optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer,
+                               reference_placement="replicate" if objective.endswith("replicated") else "shard")
         module.recorded, module.grad_norms = [], []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
@@ -257,7 +258,7 @@ def launch_two_processes(objective: str, out: Path, strategy: str, clip: float |
         env.pop(key, None)
     proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(out), strategy, str(clip), str(steps),
                            str(ckpt_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
     return proc
 
 
@@ -357,5 +358,5 @@ if __name__ == "__main__":
             **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
                if len(sys.argv) == 8 else {}))
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
+        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full|grpo-full-replicated OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
                  "CLIP|None [STEPS CKPT|None] (the worker of this test)")

@@ -80,8 +80,9 @@ def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(tmp_path):
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-def test_dpo_replicated_reference_is_refused_under_zero3(tmp_path):
-    proc = launch_two_processes("dpo-full-replicated", tmp_path, "deepspeed3", None, check=False)
+@pytest.mark.parametrize("objective", ["dpo-full-replicated", "grpo-full-replicated"])
+def test_a_replicated_reference_is_refused_under_zero3(tmp_path, objective):
+    proc = launch_two_processes(objective, tmp_path, "deepspeed3", None, check=False)
     assert proc.returncode != 0
     assert "reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in proc.stderr
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained

@@ -118,17 +118,18 @@ def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(t
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "grpo-full"])
+@pytest.mark.parametrize("objective", ["grpo", "grpo-full", "grpo-full-replicated"])
 def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
     """Online objectives step inside training_step, so they wrap their networks in FSDP units themselves
     (OnlineModule.shard_with_fsdp: the policy, with LoRA or fully trained, and the frozen reference copy, each its own
-    root) and the step runs outside any FSDP forward. Clipping binds at every step: the norm is taken over every
-    root's shards on both processes."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
+    root; or with reference_placement replicate a whole reference per process, untouched by FSDP) and the step runs
+    outside any FSDP forward. Clipping binds at every step: the norm is taken over every root's shards on both
+    processes."""
     ranks, single = _compare(objective, tmp_path, strategy="fsdp", clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP
+    if objective == "grpo-full-replicated":
+        assert ranks[0]["reference"] == {"fsdp_units": 0, "partitioned": False, "local_numel": single["reference"]["local_numel"]}
     if objective == "grpo-full":  # the frozen reference is sharded too: one unit per decoder block and a root
         assert ranks[0]["reference"]["fsdp_units"] == 5
         assert ranks[0]["reference"]["local_numel"] < 0.6 * single["reference"]["local_numel"]
@@ -137,7 +138,7 @@ def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
 
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")
         assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
-    else:  # the full checkpoint holds the trained adapter under its unwrapped names
+    elif objective == "grpo":  # the full checkpoint holds the trained adapter under its unwrapped names
         ckpt = torch.load(tmp_path / "ddp" / "final.ckpt", weights_only=False)
         adapter = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
         assert ckpt["lit_align_trainable_only"] and adapter and set(adapter) == set(ckpt["state_dict"])

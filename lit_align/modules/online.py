@@ -199,6 +199,11 @@ class OnlineModule(AlignmentModule):
         val_max_new_tokens: longest validation completion; null: max_new_tokens.
         max_grad_norm: clip the gradient norm to this before each optimizer step; null disables clipping.
         disable_dropout: zero every dropout probability of the policy (and reference), so the PPO ratio starts at 1.
+        reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
+            lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
+            gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
+            process that the sharding strategy never touches (no gathering; it runs in its load dtype, outside FSDP's
+            mixed precision; not available under ZeRO-3). DDP keeps a whole copy per process either way.
     """
 
     needs_reference: bool = False
@@ -227,9 +232,17 @@ class OnlineModule(AlignmentModule):
         val_max_new_tokens: int | None = None,
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
+        reference_placement: Literal["shard", "replicate"] = "shard",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if reference_placement not in ("shard", "replicate"):
+            raise ValueError(f"reference_placement must be shard or replicate, got {reference_placement!r}")
+        if reference_placement == "replicate" and not (self.needs_reference and self.lora_config is None):
+            raise ValueError(f"reference_placement='replicate' places the frozen reference copy of full fine-tuning, but "
+                             f"{type(self).__name__} here has none ("
+                             + ("it uses the LoRA policy with its adapter disabled" if self.needs_reference
+                                else "it has no KL reference") + "); keep reference_placement: shard")
         self.automatic_optimization = False
         if reward not in ("execution", "reward_model"):
             raise ValueError(f"reward must be 'execution' or 'reward_model', got {reward!r}")
@@ -292,11 +305,27 @@ class OnlineModule(AlignmentModule):
             ref = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
                                  quantize_4bit=False)
             ref.requires_grad_(False)
-            self.ref_model = ref.train()  # frozen; rollout_statistics runs it in eval mode (train() only keeps Lightning quiet)
+            if hp.reference_placement == "replicate":
+                if gathers_weights_per_forward(ref):  # built inside DeepSpeed's zero.Init: already partitioned
+                    raise ValueError("reference_placement='replicate' is not available under DeepSpeed ZeRO-3 (every "
+                                     "model built during setup is partitioned there); use reference_placement: shard")
+                self.__dict__["_replicated_reference"] = ref.eval()  # not a submodule: no strategy shards or saves it
+            else:
+                self.ref_model = ref.train()  # frozen; rollout_statistics runs it in eval mode (train() only keeps Lightning quiet)
         if self.hparams.disable_dropout:
             disable_dropout(self.model)
-            if self.ref_model is not None:
-                disable_dropout(self.ref_model)
+            if self.reference_network is not None:
+                disable_dropout(self.reference_network)
+
+    @property
+    def reference_network(self) -> nn.Module | None:
+        """The frozen reference copy (a submodule, or the replicated copy moved to this process's device), if any."""
+        replica = self.__dict__.get("_replicated_reference")
+        if replica is None:
+            return self.ref_model
+        if next(replica.parameters()).device != self.device:
+            replica.to(self.device)
+        return replica
 
     @property
     def reward_model(self):
@@ -506,8 +535,8 @@ class OnlineModule(AlignmentModule):
     @contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
         """The reference policy: the frozen copy (full fine-tuning) or the policy with its LoRA adapter disabled."""
-        if self.ref_model is not None:
-            yield self.ref_model
+        if self.reference_network is not None:
+            yield self.reference_network
         elif self.lora_config is not None:
             with self.model.disable_adapter():
                 yield self.model
@@ -520,7 +549,8 @@ class OnlineModule(AlignmentModule):
         n = len(rollouts)
         out: dict[str, list[Tensor]] = defaultdict(list)
         t_all = rollouts.response_ids.size(1)
-        with inference_mode(self.model), inference_mode(self.ref_model) if self.ref_model is not None else nullcontext():
+        reference = self.reference_network
+        with inference_mode(self.model), inference_mode(reference) if reference is not None else nullcontext():
             for idx in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
                 rows = rollouts.rows(idx)
                 pad = t_all - rows["response_ids"].size(1)
