@@ -191,8 +191,10 @@ class HFBackend(GenerationBackend):
         logprobs_out: list[list[float]] = [[] for _ in range(batch)]
         reasons: list[str | None] = ["length" if filler else None] * batch
         for _ in range(params.max_new_tokens):
-            if all(r is not None for r in reasons):  # synchronized, waiting for the other processes: draw nothing, so
-                tokens = torch.full((batch,), self.pad_token_id, device=device)  # the random stream is as unsynchronized
+            if all(r is not None for r in reasons):
+                # synchronized and waiting for the other processes: draw nothing, so that this process's random stream
+                # (and its next batches' samples) are what they would be without synchronization
+                tokens = torch.full((batch,), self.pad_token_id, device=device)
                 logprobs = torch.zeros(batch)
             else:
                 tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator)

@@ -265,10 +265,9 @@ class AlignmentModule(L.LightningModule):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         root = self.trainer.strategy.model
-        roots = [] if isinstance(root, FullyShardedDataParallel) else fsdp_roots(self)
         if isinstance(root, FullyShardedDataParallel):
             root.clip_grad_norm_(max_norm)
-        elif roots:  # each root's norm over all processes (max_norm=inf: measured, not clipped), then one scale
+        elif roots := fsdp_roots(self):  # each root's norm over all processes (max_norm=inf: measured, not clipped)
             norms = torch.stack([unit.clip_grad_norm_(math.inf).float() for unit in roots])
             scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
             for p in self.parameters():

@@ -683,8 +683,7 @@ class OnlineModule(AlignmentModule):
         Under ZeRO-3 and FSDP this process holds only shards of the weights, and their gradients are reduced by hooks
         that a forward pass sets up, so the zero goes through the module's forward (the policy's logits on one token),
         as RAFT's passes do: that gathers the weights and reduces their gradients exactly as the other processes'
-        passes do. (PPO's and GRPO's processes always
-        hold equal numbers of rollouts, so they never need this pass.)"""
+        passes do. (PPO's and GRPO's processes always hold equal numbers of rollouts, so they never need this pass.)"""
         if not gathers_weights_per_forward(self.model):
             return sum(p.sum() for p in self.trainable_parameters()) * 0.0
         ids = torch.full((1, 1), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
