@@ -184,6 +184,19 @@ class AlignmentModule(L.LightningModule):
     def configure_extra_models(self) -> None:
         """Hook for objectives that need more networks (a frozen reference copy, a value head)."""
 
+    def keep_replicated(self, network: torch.nn.Module) -> None:
+        """Hold a frozen ``network`` outside the module tree: no strategy shards, wraps or saves it, so every process
+        keeps a whole copy (``reference_placement: replicate``). Read it back with :attr:`replicated_network`."""
+        self.__dict__["_replicated_network"] = network
+
+    @property
+    def replicated_network(self) -> torch.nn.Module | None:
+        """The network held by :meth:`keep_replicated`, moved to this process's device (None if there is none)."""
+        network = self.__dict__.get("_replicated_network")
+        if network is not None and next(network.parameters()).device != self.device:
+            network.to(self.device)
+        return network
+
     def recomputes_activations(self) -> bool:
         """Whether the backward pass re-runs the policy's blocks: ``gradient_checkpointing``, or activation
         checkpointing applied by the strategy (FSDP's ``activation_checkpointing_policy`` wraps blocks in a

@@ -96,19 +96,15 @@ class DPO(PreferenceModule):
                 reference = copy.deepcopy(self.model)
             reference = reference.eval().requires_grad_(False)
             if self.hparams.reference_placement == "replicate":
-                self.__dict__["_replicated_reference"] = reference  # not a submodule: no strategy shards or saves it
+                self.keep_replicated(reference)
             else:
                 self.reference_model = reference
 
     @property
     def reference_network(self) -> nn.Module | None:
         """The frozen reference copy (a submodule, or the replicated copy moved to this process's device), if any."""
-        replica = self.__dict__.get("_replicated_reference")
-        if replica is None:
-            return self.reference_model
-        if next(replica.parameters()).device != self.device:
-            replica.to(self.device)
-        return replica
+        replica = self.replicated_network
+        return replica if replica is not None else self.reference_model
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -309,7 +309,7 @@ class OnlineModule(AlignmentModule):
                 if gathers_weights_per_forward(ref):  # built inside DeepSpeed's zero.Init: already partitioned
                     raise ValueError("reference_placement='replicate' is not available under DeepSpeed ZeRO-3 (every "
                                      "model built during setup is partitioned there); use reference_placement: shard")
-                self.__dict__["_replicated_reference"] = ref.eval()  # not a submodule: no strategy shards or saves it
+                self.keep_replicated(ref.eval())
             else:
                 self.ref_model = ref.train()  # frozen; rollout_statistics runs it in eval mode (train() only keeps Lightning quiet)
         if self.hparams.disable_dropout:
@@ -320,12 +320,8 @@ class OnlineModule(AlignmentModule):
     @property
     def reference_network(self) -> nn.Module | None:
         """The frozen reference copy (a submodule, or the replicated copy moved to this process's device), if any."""
-        replica = self.__dict__.get("_replicated_reference")
-        if replica is None:
-            return self.ref_model
-        if next(replica.parameters()).device != self.device:
-            replica.to(self.device)
-        return replica
+        replica = self.replicated_network
+        return replica if replica is not None else self.ref_model
 
     @property
     def reward_model(self):
