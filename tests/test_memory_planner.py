@@ -195,6 +195,29 @@ def test_objectives_resolve_reference_and_pairs():
         inputs_from_config(cfg)
 
 
+def test_replicated_reference_and_reward_model_are_whole_on_every_device():
+    from lit_align.models import materialize_preset
+
+    reward_dir = str(materialize_preset("preset:tiny"))  # only its config.json is read: the reward model's shape
+    args = {"model_name_or_path": "preset:tiny", "lora": None, "max_new_tokens": 16, "reward": "reward_model",
+            "reward_model": reward_dir}
+    cfg = {"model": {"class_path": "GRPO", "init_args": args}, "data": {"init_args": {"batch_size": 2, "max_length": 48}},
+           "trainer": {"strategy": "fsdp", "devices": 4}}
+    sharded = estimate(inputs_from_config({**cfg, "model": {"class_path": "GRPO", "init_args": {
+        **args, "reference_placement": "shard", "reward_placement": "shard"}}}))
+    default = estimate(inputs_from_config(cfg))  # reference sharded, reward model replicated (the modules' defaults)
+    replicated = estimate(inputs_from_config({**cfg, "model": {"class_path": "GRPO", "init_args": {
+        **args, "reference_placement": "replicate", "reward_placement": "replicate"}}}))
+    whole = sharded.row("weights") * 4  # the policy's weights, sharded over 4 devices
+    assert sharded.row("reference model") == pytest.approx(whole / 4) == default.row("reference model")
+    assert replicated.row("reference model") == pytest.approx(whole)
+    assert "reference_placement: replicate" in next(r.note for r in replicated.rows if r.component == "reference model")
+    assert sharded.row("reward model") == pytest.approx(whole / 4)  # the same shape, frozen, in the same dtype
+    assert default.row("reward model") == replicated.row("reward model") == pytest.approx(whole)
+    assert replicated.peak_bytes - sharded.peak_bytes == pytest.approx(2 * whole * 3 / 4)
+    assert default.peak_bytes - sharded.peak_bytes == pytest.approx(whole * 3 / 4)
+
+
 def test_command_parses_the_fit_config_with_overrides(capsys):
     args = ["--config", "configs/quickstart/sft.yaml", "--model.init_args.lora.r", "8", "--data.init_args.batch_size", "4",
             "--trainer.strategy", "fsdp", "--trainer.devices", "8", "--json"]

@@ -1,5 +1,6 @@
-"""Online objectives under DDP and DeepSpeed ZeRO-2/3: two CPU processes (gloo) generate for different prompts, log
-global statistics and stay in sync.
+"""Online objectives under DDP, FSDP and DeepSpeed ZeRO-2/3: two CPU processes (gloo) generate for different prompts,
+score them with a reward model (replicated under DDP, sharded under FSDP and ZeRO-3), log global statistics and stay in
+sync.
 
 Half the vocabulary ends a completion, so the processes' completions end at different points: under ZeRO-3, where
 every forward pass gathers the weights from both processes, the hf backend must keep their decoding loops in step
@@ -23,7 +24,7 @@ STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
 
 
-def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
+def run_ddp(out: Path, objective: str, strategy: str = "ddp", reward_model: str | None = None) -> None:
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -35,11 +36,12 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
 
     torch.set_num_threads(1)
 
-    class LengthRewardPPO(PPO):
-        """Reward = completion length in characters: differs between prompts, so each process's mean differs."""
-
+    class RecordingPPO(PPO):
         def score(self, items, texts):
-            return torch.tensor([float(len(t)) for t in texts], device=self.device), [None] * len(texts)
+            rewards, results = super().score(items, texts)
+            self.scored.append({"prompts": [i.prompt for i in items], "texts": texts, "rewards": rewards.tolist(),
+                                "stage": "train" if self.trainer.training else "val"})
+            return rewards, results
 
         def update(self, rollouts):
             self.seen.append({"task_ids": [i.task_id for i in rollouts.items], "rewards": rollouts.rewards.tolist(),
@@ -72,9 +74,13 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
                              num_minibatches=2, micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3),
                              generation_kwargs=early_ends)
     else:
-        module = LengthRewardPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
-                                 micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3), generation_kwargs=early_ends)
-    module.seen, module.logged, module.validated = [], [], []
+        # scoring passes of 3 pairs: 4 rollouts per batch take two; in validation the process whose batch is empty
+        # makes a filler pass where the reward model is sharded
+        module = RecordingPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
+                              micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3), generation_kwargs=early_ends,
+                              reward="reward_model", reward_model=reward_model, reward_model_batch_size=3,
+                              reward_placement="replicate" if strategy == "ddp" else "shard")
+    module.seen, module.logged, module.validated, module.scored = [], [], [], []
     # PPO validates 3 held-out prompts one per batch at the end: 2 on the first process, 1 on the second (which then
     # gets an empty batch, so both run as many validation steps)
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=8)],
@@ -102,28 +108,63 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp") -> None:
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
          "global_step": trainer.global_step, "validated": module.validated,
-         "val_reward_mean": float(trainer.callback_metrics.get("val/reward_mean", float("nan"))), "sharded": gathers_weights_per_forward(module)}))
+         "val_reward_mean": float(trainer.callback_metrics.get("val/reward_mean", float("nan"))), "scored": module.scored,
+         "sharded": gathers_weights_per_forward(module),
+         "reward_sharded": module.reward_network is not None and gathers_weights_per_forward(module.reward_network)}))
 
 
-def _launch(out: Path, objective: str, strategy: str = "ddp") -> list[dict]:
+def _launch(out: Path, objective: str, strategy: str = "ddp", *extra: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, str(out), objective, strategy], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, str(out), objective, strategy, *extra], env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+def _reward_model(directory: Path, as_checkpoint: bool) -> str:
+    """A reward model on the tiny preset whose weights differ from a freshly built one (so a load that silently kept
+    the built weights would score differently): a saved directory, or a Lightning checkpoint of the module."""
+    import torch
+
+    from lit_align.modules.reward import RewardModel
+
+    torch.manual_seed(0)
+    rm = RewardModel(model_name_or_path="preset:tiny")
+    rm.configure_model()
+    with torch.no_grad():
+        for p in rm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if not as_checkpoint:
+        return str(rm.save_pretrained(directory / "reward-model"))
+    torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, directory / "reward.ckpt")
+    return str(directory / "reward.ckpt")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
 def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path, strategy):
-    ranks = _launch(tmp_path, "ppo", strategy)
+    import torch
+
+    from lit_align.modules.reward import load_reward_model
+
+    # the reward model: a directory replicated under DDP, sharded under FSDP; a checkpoint loaded into ZeRO-3 partitions
+    reward_model = _reward_model(tmp_path, as_checkpoint=strategy == "deepspeed3")
+    ranks = _launch(tmp_path, "ppo", strategy, reward_model)
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["sharded"] == (strategy in ("deepspeed3", "fsdp"))
+    assert ranks[0]["sharded"] == ranks[0]["reward_sharded"] == (strategy in ("deepspeed3", "fsdp"))
+    # every process's rewards are the whole reward model's (loaded alone, here) for its prompts and completions
+    scorer = load_reward_model(reward_model)
+    for r in ranks:
+        for scored in r["scored"]:
+            torch.testing.assert_close(torch.tensor(scored["rewards"]), scorer.score(scored["prompts"], scored["texts"]),
+                                       atol=1e-5, rtol=1e-4)
     # validation: the same number of steps on both processes, the second's last one empty; one global reward mean
     assert ranks[0]["validated"] == [1, 1] and ranks[1]["validated"] == [1, 0]
-    assert ranks[0]["val_reward_mean"] == ranks[1]["val_reward_mean"] >= 0
+    val_rewards = [x for r in ranks for scored in r["scored"] if scored["stage"] == "val" for x in scored["rewards"]]
+    assert len(val_rewards) == 3
+    assert ranks[0]["val_reward_mean"] == ranks[1]["val_reward_mean"] == pytest.approx(sum(val_rewards) / 3, abs=1e-5)
     lengths = [s["lengths"] for r in ranks for s in r["seen"]]
     assert any(a != b for a, b in zip(lengths[0::2], lengths[1::2]))  # the processes' completions end differently
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2

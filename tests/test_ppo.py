@@ -147,24 +147,37 @@ class RecordingPPO(PPO):
         return super().update(rollouts)
 
 
-def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, reward_dir):
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, reward_dir, placement):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n"}) + "\n" for i in range(4)))
     data = PromptsDataModule(train_sources=[PromptSource(path=str(path))], val_sources=[], tokenizer="preset:tiny",
                              batch_size=4)
+    # batches of 3 pairs: the four rollouts are scored in two passes
     module = RecordingPPO(**{**dict(max_new_tokens=8, ppo_epochs=1, num_minibatches=1), "reward": "reward_model",
-                             "reward_model": reward_dir})
+                             "reward_model": reward_dir, "reward_placement": placement, "reward_model_batch_size": 3})
     trainer = _trainer(1)
     trainer.fit(module, data)
     rollouts = module.seen
     expected = load_reward_model(reward_dir).score([i.prompt for i in rollouts.items], rollouts.texts)
     torch.testing.assert_close(rollouts.rewards, expected)
+    # replicate: a whole copy outside the module; shard: a frozen submodule, which checkpoints leave out
+    assert (module.reward_network is None) == (placement == "replicate")
+    assert (module.reward_model is None) == (placement == "shard")
+    reward_weights = sum(p.numel() for p in load_reward_model(reward_dir).parameters())
+    assert sum(p.numel() for p in module.parameters()) == (
+        sum(p.numel() for p in module.model.parameters()) + sum(p.numel() for p in module.ref_model.parameters())
+        + sum(p.numel() for p in module.value_head.parameters()) + (reward_weights if placement == "shard" else 0))
+    trainer.save_checkpoint(tmp_path / "ppo.ckpt")
+    saved = torch.load(tmp_path / "ppo.ckpt", weights_only=True)["state_dict"]
+    assert saved and not any(k.startswith("reward_network.") for k in saved)
     assert rollouts.results == [None] * 4
     assert float(trainer.callback_metrics["train/reward_mean"]) == pytest.approx(float(expected.mean()), abs=1e-5)
     assert "train/status/passed" not in trainer.callback_metrics
 
 
-def test_reward_model_with_another_tokenizer_is_refused_before_training(tmp_path, reward_dir):
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_reward_model_with_another_tokenizer_is_refused_before_training(tmp_path, reward_dir, placement):
     import shutil
 
     other = tmp_path / "rm-other-tokenizer"
@@ -172,7 +185,7 @@ def test_reward_model_with_another_tokenizer_is_refused_before_training(tmp_path
     tok = load_tokenizer(str(other))
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(other)
-    module = _ppo(reward="reward_model", reward_model=str(other))
+    module = _ppo(reward="reward_model", reward_model=str(other), reward_placement=placement)
     trainer = _trainer(4)
     with pytest.raises(RewardSetupError, match="different tokenizer from the policy 'preset:tiny': vocabulary sizes 261 vs 260"):
         trainer.fit(module, _data())
@@ -184,6 +197,10 @@ def test_bad_arguments_are_named():
         PPO(reward="reward_model")
     with pytest.raises(ValueError, match="ppo_epochs must be a positive integer"):
         PPO(ppo_epochs=0)
+    with pytest.raises(ValueError, match="reward_placement='shard' places a reward model, but reward='execution'"):
+        PPO(reward_placement="shard")
+    with pytest.raises(ValueError, match="reward_placement must be replicate or shard, got 'everywhere'"):
+        PPO(reward="reward_model", reward_model="some/rm", reward_placement="everywhere")
     with pytest.raises(ValueError, match="kl_estimator must be one of"):
         PPO(kl_estimator="k4")
     with pytest.raises(ValueError, match="samples_per_prompt must be a positive integer"):

@@ -119,7 +119,8 @@ def inputs_from_config(config: dict, objective: str = "auto", reference: str = "
                      "for the typical padded rollout length")
 
     if reference == "auto":
-        ref_value = next((str(v) for key, v in m_args.items() if "reference" in key and isinstance(v, str)), None)
+        ref_value = next((str(v) for key, v in m_args.items()
+                          if "reference" in key and "placement" not in key and isinstance(v, str)), None)
         if objective not in ("dpo", "ppo", "grpo") or (objective == "grpo" and m_args.get("beta") == 0):
             reference = "none"
         elif ref_value and "precomputed" in ref_value.lower():
@@ -169,6 +170,8 @@ def inputs_from_config(config: dict, objective: str = "auto", reference: str = "
         deepspeed_buckets=strategy_info.deepspeed_buckets if strategy_info.overlap_comm else None,
         devices=devices, accelerator=accelerator, reference=reference,
         value_head=objective == "ppo", reward_model=reward_model,
+        reference_replicated=m_args.get("reference_placement") == "replicate",
+        reward_model_replicated=m_args.get("reward_placement", "replicate") != "shard",
         notes=notes + ([f"packed sequences of {max_length} tokens"] if packing else []),
     )
 

@@ -61,6 +61,10 @@ class PlanInputs:
     """PPO: a trainable scalar head on the policy."""
     reward_model: ModelShape | None = None
     """A frozen reward model held in memory (PPO with a learned reward)."""
+    reference_replicated: bool = False
+    """The frozen reference copy is a whole copy on every device (``reference_placement: replicate``), not sharded."""
+    reward_model_replicated: bool = True
+    """The reward model is a whole copy on every device (``reward_placement: replicate``, the default), not sharded."""
     notes: list[str] = field(default_factory=list)
     """Assumptions made while resolving the config."""
 
@@ -366,17 +370,23 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
             rows.append(Row("autocast weight copies", casts, "half copy of each matmul weight, saved for backward"))
 
     # ---- reference, value head, reward model
-    ref = 0.0
+    ref = 0.0  # per device
     if inputs.reference == "copy":
-        ref = block * block_w + other * base_w
-        rows.append(Row("reference model", ref / w_div, "frozen copy of the weights"))
+        ref_div = 1 if inputs.reference_replicated else w_div
+        ref = (block * block_w + other * base_w) / ref_div
+        rows.append(Row("reference model", ref, "frozen copy of the weights" + (
+            ", a whole copy per device (reference_placement: replicate)" if inputs.reference_replicated and w_div > 1
+            else f", sharded over {n_dev}" if ref_div > 1 else "")))
     elif inputs.reference == "adapter":
         rows.append(Row("reference model", 0.0, "the policy with its LoRA adapter disabled"))
     if inputs.reward_model is not None:
         rm = inputs.reward_model
-        rm_bytes = rm.total_params * base_w
+        rm_div = 1 if inputs.reward_model_replicated else w_div
+        rm_bytes = rm.total_params * base_w / rm_div
         ref += rm_bytes
-        rows.append(Row("reward model", rm_bytes / w_div, f"{rm.total_params / 1e6:,.1f}M params, frozen"))
+        rows.append(Row("reward model", rm_bytes, f"{rm.total_params / 1e6:,.1f}M params, frozen" + (
+            ", a whole copy per device (reward_placement: replicate)" if inputs.reward_model_replicated and w_div > 1
+            else f", sharded over {n_dev}" if rm_div > 1 else "")))
     if value_head:
         rows.append(Row("value head", value_head * adapter_w * 4,
                         "weights, gradients and AdamW state (also counted in the rows above)"))
@@ -432,7 +442,7 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
                          "its own reduce/prefetch buckets; the plan assumes block-by-block gathering")
 
     # ---- phases
-    static = weights / w_div + ref / w_div + moment_bytes / o_div + master / o_div + extra_dp
+    static = weights / w_div + ref + moment_bytes / o_div + master / o_div + extra_dp
     opt_tmp = trainable_bytes / g_div if inputs.accelerator == "gpu" else 2 * _largest_param(s, full_ft, adapter_w, base_w, inputs)
     transient = tokens * backward_transient_bytes(inputs)
     # three candidate moments: the end of the forward pass (the previous gradients still alive), the loss's backward,

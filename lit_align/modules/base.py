@@ -280,7 +280,9 @@ class AlignmentModule(L.LightningModule):
         root = self.trainer.strategy.model
         if isinstance(root, FullyShardedDataParallel):
             root.clip_grad_norm_(max_norm)
-        elif roots := fsdp_roots(self):  # each root's norm over all processes (max_norm=inf: measured, not clipped)
+        elif roots := [unit for unit in fsdp_roots(self) if any(p.requires_grad for p in unit.parameters())]:
+            # each trained root's norm over all processes (max_norm=inf: measured, not clipped); frozen ones (a
+            # reference copy, a sharded reward model) have no gradients
             norms = torch.stack([unit.clip_grad_norm_(math.inf).float() for unit in roots])
             scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
             for p in self.parameters():

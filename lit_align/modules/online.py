@@ -47,6 +47,7 @@ from lit_align.generation.base import BackendName, find_stop
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
 from lit_align.modules.base import AlignmentModule
+from lit_align.modules.reward import RewardNetwork, reward_batches
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
@@ -180,6 +181,12 @@ class OnlineModule(AlignmentModule):
         reward_model: the reward model for reward="reward_model": a RewardModel checkpoint (.ckpt) or a directory
             saved with RewardModel.save_pretrained; its tokenizer must be the policy's.
         reward_model_batch_size: pairs scored per reward-model forward pass.
+        reward_placement: where the reward model (reward="reward_model") lives on several devices. replicate: a whole
+            copy on every process, outside the module tree, which the strategy never touches (no gathering; it runs in
+            its load dtype). shard: a submodule (:class:`~lit_align.modules.reward.RewardNetwork`) that FSDP and
+            DeepSpeed ZeRO-3 shard like the policy and gather for each scoring pass (least memory; every process then
+            makes as many scoring passes as the busiest one). Frozen either way, and never in a checkpoint that keeps
+            only trainable weights. DDP and ZeRO-2 keep a whole copy per process either way.
         reward_scale: the unit-test reward scale (timeout -2, syntax -1, runtime -0.6, failed -0.3, pass +4,
             optional partial credit and trivial-body penalty).
         execution_timeout_s: wall-clock seconds each program may run (per test for stdin/stdout problems).
@@ -215,6 +222,7 @@ class OnlineModule(AlignmentModule):
         reward: RewardSource = "execution",
         reward_model: str | None = None,
         reward_model_batch_size: int = 16,
+        reward_placement: Literal["replicate", "shard"] = "replicate",
         reward_scale: UnitTestReward | None = None,
         execution_timeout_s: float = 3.0,
         execution_workers: int | None = None,
@@ -250,6 +258,11 @@ class OnlineModule(AlignmentModule):
             raise ValueError("reward='reward_model' needs `reward_model`: a RewardModel checkpoint or saved directory")
         if reward == "execution" and reward_model:
             raise ValueError(f"reward_model={reward_model!r} is given but reward='execution'; set reward='reward_model'")
+        if reward_placement not in ("replicate", "shard"):
+            raise ValueError(f"reward_placement must be replicate or shard, got {reward_placement!r}")
+        if reward_placement == "shard" and reward != "reward_model":
+            raise ValueError("reward_placement='shard' places a reward model, but reward='execution' runs unit tests; "
+                             "set reward='reward_model' or keep reward_placement: replicate")
         for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
                             ("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size),
                             ("val_samples_per_prompt", val_samples_per_prompt), ("reward_model_batch_size", reward_model_batch_size)):
@@ -265,6 +278,8 @@ class OnlineModule(AlignmentModule):
         self._backend: GenerationBackend | None = None
         self._execution: ExecutionReward | None = None
         self.ref_model: nn.Module | None = None
+        self.reward_network: nn.Module | None = None
+        """The reward model's network when ``reward_placement`` is shard (a submodule the strategy shards)."""
         self.step_tokens = StepTokens(backend=generation_backend)
         """What the current (or last) training step processed on this process; see :class:`StepTokens`."""
         self.generated_tokens = 0
@@ -293,13 +308,18 @@ class OnlineModule(AlignmentModule):
         self.model = wrap(self.model)
         if self.ref_model is not None:
             self.ref_model = wrap(self.ref_model)
+        if self.reward_network is not None:
+            self.reward_network = wrap(self.reward_network)
         for name, child in list(self.named_children()):
-            if child is self.model or child is self.ref_model or not any(p.requires_grad for p in child.parameters()):
+            if (child is self.model or child is self.ref_model or child is self.reward_network
+                    or not any(p.requires_grad for p in child.parameters())):
                 continue
             setattr(self, name, wrap(child))  # PPO's value head
 
     def configure_extra_models(self) -> None:
-        """A frozen reference copy for full fine-tuning (LoRA uses the adapter-disabled policy instead)."""
+        """A frozen reference copy for full fine-tuning (LoRA uses the adapter-disabled policy instead), and the
+        reward model when it is sharded (``reward_placement: shard``; a replicated one is loaded by
+        :meth:`setup_reward`)."""
         if self.needs_reference and self.lora_config is None:
             hp = self.hparams
             ref = load_causal_lm(hp.model_name_or_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
@@ -316,6 +336,9 @@ class OnlineModule(AlignmentModule):
             disable_dropout(self.model)
             if self.reference_network is not None:
                 disable_dropout(self.reference_network)
+        if self.hparams.reward_placement == "shard":
+            # built where the policy is: inside DeepSpeed's zero.Init under ZeRO-3, so it is partitioned as it loads
+            self.reward_network = RewardNetwork(self._load_reward_model().model).train()  # frozen; scored in eval mode
 
     @property
     def reference_network(self) -> nn.Module | None:
@@ -325,19 +348,24 @@ class OnlineModule(AlignmentModule):
 
     @property
     def reward_model(self):
-        """The loaded reward model (reward="reward_model"), kept outside the module tree: never trained or saved."""
+        """The replicated reward model (reward="reward_model", reward_placement="replicate"), kept outside the module
+        tree: never trained, sharded or saved."""
         return self.__dict__.get("_reward_model_instance")
 
-    def setup_reward(self) -> None:
-        """Load and check the reward model; fail before training when the run cannot be scored."""
-        if self.hparams.reward != "reward_model" or self.reward_model is not None:
-            return
+    def _load_reward_model(self):
+        """The trained reward model (frozen), once its tokenizer is checked to be the policy's."""
         from lit_align.modules.reward import load_reward_model
 
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
         check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
-        rm.requires_grad_(False)
-        self.__dict__["_reward_model_instance"] = rm
+        return rm.requires_grad_(False)
+
+    def setup_reward(self) -> None:
+        """Load and check the replicated reward model; fail before training when the run cannot be scored."""
+        if (self.hparams.reward != "reward_model" or self.hparams.reward_placement != "replicate"
+                or self.reward_model is not None):
+            return
+        self.__dict__["_reward_model_instance"] = self._load_reward_model()
 
     def check_prompts_have_tests(self, items: list[PromptItem], what: str) -> None:
         """An execution reward needs tests for every prompt: name the first prompt without them."""
@@ -489,10 +517,31 @@ class OnlineModule(AlignmentModule):
             self.check_prompts_have_tests(items, "batch")
             rewards, results = self.execute(items, texts)
             return torch.tensor(rewards, dtype=torch.float32, device=self.device), results
+        prompts = [i.prompt for i in items]
+        if self.reward_network is not None:
+            return self.score_with_network(prompts, texts), [None] * len(items)
         self.setup_reward()
-        rewards = self.reward_model.score([i.prompt for i in items], texts,
-                                          batch_size=self.hparams.reward_model_batch_size).float().to(self.device)
-        return rewards, [None] * len(items)
+        rewards = self.reward_model.score(prompts, texts, batch_size=self.hparams.reward_model_batch_size)
+        return rewards.float().to(self.device), [None] * len(items)
+
+    def score_with_network(self, prompts: list[str], texts: list[str]) -> Tensor:
+        """Rewards (N,) of the sharded reward model (``reward_placement: shard``), in eval mode without gradient.
+
+        Where its forward passes gather the weights from every process (FSDP, ZeRO-3), every process makes as many as
+        the busiest one: the missing ones score a single padding token and are thrown away."""
+        rewards = torch.empty(len(prompts), device=self.device)
+        batches = list(reward_batches(self.tokenizer, prompts, texts, self.hparams.reward_model_batch_size))
+        passes = len(batches)
+        if self._world_size() > 1 and gathers_weights_per_forward(self.reward_network):
+            passes = int(self.trainer.strategy.reduce(torch.tensor(passes, device=self.device), reduce_op="max"))
+        filler = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        with inference_mode(self.reward_network):
+            for rows, input_ids, attention_mask in batches:
+                rewards[rows.to(self.device)] = self.reward_network(input_ids.to(self.device),
+                                                                    attention_mask.to(self.device))
+            for _ in range(passes - len(batches)):
+                self.reward_network(filler, torch.ones_like(filler))
+        return rewards
 
     def score_rollouts(self, rollouts: Rollouts) -> Rollouts:
         rollouts.rewards, rollouts.results = self.score(rollouts.items, rollouts.texts)
@@ -751,6 +800,8 @@ class OnlineModule(AlignmentModule):
         keeps the other processes' decoding company where the weights are sharded."""
         if not len(batch):
             self.generator.generate([], self.sampling_params(train=False))
+            if self.reward_network is not None:
+                self.score_with_network([], [])  # the other processes' scoring passes may gather its weights
             return
         rollouts = self.generate_rollouts(batch, train=False)
         texts = rollouts.texts

@@ -13,9 +13,10 @@ import copy
 import inspect
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,9 @@ class RewardModel(AlignmentModule):
     def __init__(self, *args, margin: float | None = None, share_prompt: bool = True, disable_dropout: bool = True,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # save_hyperparameters finds these by walking the __init__ frames, which DeepSpeed's zero.Init interrupts with
+        # a wrapper of its own (an online objective loads its sharded reward model inside one): record them explicitly
+        self.hparams.update(margin=margin, share_prompt=share_prompt, disable_dropout=disable_dropout)
         self._prompt_sharing_ok = True
         if self.lora_config is not None:  # the new head must be trained fully, not through an adapter
             keep = list(dict.fromkeys([*(self.lora_config.modules_to_save or []), "score"]))
@@ -85,13 +89,7 @@ class RewardModel(AlignmentModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
                 model: nn.Module | None = None) -> Tensor:
         """Rewards (N,) in float32: the score head at the last token whose attention mask is 1 (left or right padding)."""
-        scorer = self._scorer() if model is None else model
-        backbone = getattr(scorer, scorer.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
-        pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
-        return scorer.score(pooled).squeeze(-1).float()
+        return sequence_rewards(self._scorer() if model is None else model, input_ids, attention_mask)
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> Tensor:
@@ -108,26 +106,12 @@ class RewardModel(AlignmentModule):
             raise ValueError(f"score() batch_size must be >= 1, got {batch_size}")
         if self.model is None:
             self.configure_model()
-        if not prompts:
-            return torch.zeros(0, device=self.device)
-        tok = self.tokenizer
-        prompt_ids = {p: encode_prompt(tok, p) for p in dict.fromkeys(prompts)}  # repeated prompts: tokenized once
-        seqs = [prompt_ids[p] + encode_completion(tok, c) for p, c in zip(prompts, completions)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
-        rewards = torch.empty(len(seqs), device=self.device)
+        rewards = torch.empty(len(prompts), device=self.device)
         was_training = self.training
         self.eval()
         try:
-            for s in range(0, len(order), batch_size):
-                chunk = order[s:s + batch_size]
-                longest = max(len(seqs[i]) for i in chunk)
-                input_ids = torch.full((len(chunk), longest), tok.pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    input_ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                    attention_mask[row, :len(seqs[i])] = 1
-                rewards[torch.tensor(chunk, device=self.device)] = self(input_ids.to(self.device),
-                                                                        attention_mask.to(self.device))
+            for rows, input_ids, attention_mask in reward_batches(self.tokenizer, prompts, completions, batch_size):
+                rewards[rows.to(self.device)] = self(input_ids.to(self.device), attention_mask.to(self.device))
         finally:
             self.train(was_training)
         return rewards
@@ -190,6 +174,51 @@ class RewardModel(AlignmentModule):
         return directory
 
 
+def sequence_rewards(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Rewards (N,) in float32 of a sequence-classification model ``scorer``: its score head at the last token whose
+    attention mask is 1 (left or right padding)."""
+    backbone = getattr(scorer, scorer.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+    pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
+    return scorer.score(pooled).squeeze(-1).float()
+
+
+def reward_batches(tokenizer, prompts: list[str], completions: list[str],
+                   batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The (prompt, completion) pairs encoded as in training (prompt tokens, completion tokens, end-of-sequence), in
+    batches of ``batch_size`` sorted by length (longest first), right-padded: ``(rows, input_ids, attention_mask)``,
+    where ``rows`` are the pairs' positions in the input lists."""
+    prompt_ids = {p: encode_prompt(tokenizer, p) for p in dict.fromkeys(prompts)}  # repeated prompts: tokenized once
+    seqs = [prompt_ids[p] + encode_completion(tokenizer, c) for p, c in zip(prompts, completions)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        longest = max(len(seqs[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            attention_mask[row, :len(seqs[i])] = 1
+        yield torch.tensor(chunk), input_ids, attention_mask
+
+
+class RewardNetwork(nn.Module):
+    """A reward model's network as one module whose forward pass gives the rewards (N,) in float32 (see
+    :func:`sequence_rewards`): what a sharding strategy wraps when an online objective shards its reward model
+    (``reward_placement: shard``). FSDP gathers a unit's weights only in that unit's own forward pass, so the whole
+    scoring must happen inside one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model  # the sequence-classification model (peft-wrapped for a LoRA checkpoint)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        scorer = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return sequence_rewards(scorer, input_ids, attention_mask)
+
+
 def _is_reward_directory(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_text())
@@ -218,11 +247,27 @@ def _from_checkpoint(path: Path, map_location: str | torch.device) -> RewardMode
     module = RewardModel(**{k: v for k, v in hparams.items() if k in accepted and k not in ("self", "args", "kwargs")})
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
-    result = module.load_state_dict(state, strict=not checkpoint.get("lit_align_trainable_only", False))
+    with _writable(module):
+        result = module.load_state_dict(state, strict=not checkpoint.get("lit_align_trainable_only", False))
     if result.unexpected_keys:
         raise ValueError(f"{path}: weights that this RewardModel does not have (first: {result.unexpected_keys[0]}); "
                          "it was saved with a different model or LoRA configuration")
     return module.to(map_location)
+
+
+@contextmanager
+def _writable(module: nn.Module) -> Iterator[None]:
+    """Whole weights to load a state dict into. Built inside DeepSpeed's ``zero.Init`` (an online objective's sharded
+    reward model under ZeRO-3) each process holds a partition: gather them all for the load, and keep what the first
+    process wrote (every process reads the same file)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def load_reward_model(path_or_ckpt: str | Path, map_location: str | torch.device = "cpu") -> RewardModel:
@@ -251,4 +296,4 @@ def load_reward_model(path_or_ckpt: str | Path, map_location: str | torch.device
     return module.eval()
 
 
-__all__ = ["RewardModel", "load_reward_model"]
+__all__ = ["RewardModel", "RewardNetwork", "load_reward_model", "reward_batches", "sequence_rewards"]
