@@ -7,8 +7,10 @@ optimizer wrapper are the same code as on a GPU). :class:`CPUDeepSpeedStrategy` 
 nothing else, so lit_align's modules are tested under the real ZeRO-2/ZeRO-3 code paths here; what it cannot show is
 anything CUDA-specific (NCCL, streams, bf16/fp16 kernels and loss scaling, memory).
 
-DeepSpeed compiles a small shared-memory communication extension the first time it starts on a CPU (needs a C++
-compiler; cached under ~/.cache/torch_extensions afterwards).
+DeepSpeed would also compile a shared-memory communication extension the first time it starts on a CPU (about 25 s,
+and again for every new virtualenv); it serves only its CPU inference all-reduce, which these runs never call
+(collectives go through torch.distributed on gloo, as they go through NCCL on a GPU). :class:`CPUDeepSpeedStrategy`
+skips that build, so the tests need no C++ compiler either.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)  # skips only DeepSpeedStrategy's "CUDA accelerator" check
 
     def setup_distributed(self) -> None:  # as DeepSpeedStrategy's, without the device-index check
+        # the CPU-only shared-memory extension (see above); by module name: `deepspeed.comm.torch` is the torch package
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()

@@ -176,10 +176,10 @@ def _grpo_class():
     return FixedRolloutsGRPO
 
 
-def make_strategy(strategy: str, devices: int):
+def make_strategy(strategy: str, devices: int, even_alone: bool = False):
     """"ddp", or "fsdp"/"fsdp-sharded": FSDP on CPU (tests/fsdp_cpu.py) with one unit per decoder block, activation
-    checkpointing, and full or sharded checkpoints."""
-    if devices == 1:
+    checkpointing, and full or sharded checkpoints. One process runs without a strategy unless ``even_alone``."""
+    if devices == 1 and not even_alone:
         return "auto"
     if strategy == "ddp":
         return "ddp"
@@ -194,9 +194,10 @@ def make_strategy(strategy: str, devices: int):
 
 
 def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str = "ddp",
-        clip: float | None = None, steps: int = STEPS, ckpt_path: str | None = None) -> None:
+        clip: float | None = None, steps: int = STEPS, ckpt_path: str | None = None, even_alone: bool = False) -> None:
     """Train the tiny preset up to step ``steps`` with ``objective`` on ``devices`` CPU processes (gradient norm
-    clipped to ``clip``: the trainer's gradient_clip_val, or GRPO's max_grad_norm), resuming from ``ckpt_path``."""
+    clipped to ``clip``: the trainer's gradient_clip_val, or GRPO's max_grad_norm), resuming from ``ckpt_path``;
+    ``even_alone``: one process under the strategy too (else it runs without one)."""
     from lit_align.models import LoRAConfig
     from lit_align.modules.base import OptimizerConfig
 
@@ -239,7 +240,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         from lit_align.callbacks.lora_merge import LoRAMerge
 
         callbacks.append(LoRAMerge(output_dir=str(out / "merged")))
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices),
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices, even_alone),
                         use_distributed_sampler=False, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=callbacks,
@@ -250,7 +251,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
 
 
 def launch_two_processes(objective: str, out: Path, strategy: str, clip: float | None, steps: int = STEPS,
-                         ckpt_path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+                         ckpt_path: str | None = None) -> subprocess.CompletedProcess:
     """Run this file as the 2-process worker (Lightning's launcher re-executes it for rank 1)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
@@ -258,7 +259,7 @@ def launch_two_processes(objective: str, out: Path, strategy: str, clip: float |
         env.pop(key, None)
     proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(out), strategy, str(clip), str(steps),
                            str(ckpt_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 or not check, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
     return proc
 
 

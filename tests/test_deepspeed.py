@@ -14,11 +14,14 @@ tests/test_online_ddp.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import lightning.pytorch as L
 import pytest
 from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
-from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
+from test_ddp_objectives import B, REPO, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
 from test_fsdp import _assert_same_logits
 from transformers import AutoModelForCausalLM
 
@@ -80,11 +83,23 @@ def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(tmp_path):
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-@pytest.mark.parametrize("objective", ["dpo-full-replicated", "grpo-full-replicated"])
-def test_a_replicated_reference_is_refused_under_zero3(tmp_path, objective):
-    proc = launch_two_processes(objective, tmp_path, "deepspeed3", None, check=False)
-    assert proc.returncode != 0
-    assert "reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in proc.stderr
+def test_a_replicated_reference_is_refused_under_zero3(tmp_path):
+    """Every model built during setup is partitioned under ZeRO-3, so a whole reference copy cannot be had there: DPO
+    and GRPO say so before training. One process under ZeRO-3 is enough to see it (its own interpreter: DeepSpeed
+    starts a process group)."""
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+              "from pathlib import Path\nfrom test_ddp_objectives import run\n"
+              "for objective in ('dpo-full-replicated', 'grpo-full-replicated'):\n"
+              "    try:\n"
+              f"        run(objective, Path({str(tmp_path)!r}), batch_size=2, devices=1, strategy='deepspeed3', even_alone=True)\n"
+              "    except ValueError as err:\n"
+              "        print('REFUSED', objective, err)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    assert [line.split()[1] for line in refused] == ["dpo-full-replicated", "grpo-full-replicated"], proc.stdout
+    assert all("reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in line for line in refused)
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained
 
 

@@ -111,7 +111,7 @@ def test_scheduler_steps_per_optimizer_step_under_gradient_accumulation(tmp_path
 def test_sft_on_task_suite_lowers_heldout_loss_clearly(tmp_path):
     data = SFTDataModule(tokenizer="preset:tiny", max_length=256, batch_size=16)
     module = SFT(optimizer=OptimizerConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1))
-    trainer = L.Trainer(max_steps=120, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     trainer.fit(module, datamodule=data)
