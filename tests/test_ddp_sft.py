@@ -62,6 +62,7 @@ class Recorder(L.Callback):
         from deepspeed_cpu import zero3_gathered
 
         root = trainer.strategy.model  # under FSDP and ZeRO-3 the parameters are shards until gathered
+        local_numel = sum(p.numel() for p in pl_module.parameters())  # this process's share (FSDP: its shard)
         with FullyShardedDataParallel.summon_full_params(root, writeback=False) \
                 if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters())):
             param_sum = float(sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad))
@@ -72,7 +73,7 @@ class Recorder(L.Callback):
              "param_sum": param_sum, "dtypes": sorted({str(p.dtype) for p in pl_module.parameters()}),
              "master_dtypes": sorted({str(t.dtype) for t in masters}),
              "fsdp_compute_dtype": str(getattr(getattr(root, "mixed_precision", None), "param_dtype", None)),
-             "linear4bit": sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+             "local_numel": local_numel, "linear4bit": sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
                                for m in pl_module.modules())}))  # bitsandbytes' layers (not peft's wrappers of them)
 
 
@@ -157,7 +158,7 @@ DEEPSPEED3_BF16 = pytest.param("deepspeed3-bf16", marks=DEEPSPEED3.marks)
 BF16_TOLERANCE = 5e-3  # bf16 against autocast: 2e-3 (DeepSpeed's bf16 module), 2.6e-3 (FSDP's bf16 gathers) measured
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp-qlora", "fsdp-bf16", DEEPSPEED2, DEEPSPEED3_BF16])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp-bf16", "fsdp-qlora", DEEPSPEED2, DEEPSPEED3_BF16])
 def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
@@ -165,7 +166,10 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
     FSDP and ZeRO-3 in those configs' bf16-mixed: FSDP gathers bf16 copies of its fp32 shards, DeepSpeed trains a
     bf16 module from fp32 master weights, the single process autocasts fp32 weights to bf16; they agree to bf16's
     precision only. (FSDP and ZeRO-3 in fp32, to 1e-5: DPO, ORPO and GRPO in tests/test_fsdp.py, test_deepspeed.py.)
-    QLoRA under DDP: each process holds the same 4-bit base (bitsandbytes' CPU path) and trains the LoRA adapter."""
+    QLoRA under FSDP: the 4-bit base (bitsandbytes' CPU path; its packed storage in the compute dtype, which FSDP can
+    flatten) is sharded like any frozen weight, and the LoRA adapter trains. (QLoRA under DDP, the same worker's
+    "ddp-qlora", matched to 3e-7 when run by hand; it is left out of the suite for time: FSDP's case is the one that
+    depends on lit_align's quantization settings.)"""
     data_file = write_rows(tmp_path / "rows.jsonl")
     ddp_out = tmp_path / "ddp"
     ddp_out.mkdir()
@@ -192,9 +196,10 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
     assert single["losses"][-1] < single["losses"][0] - 0.05  # it trains: the comparison is not of constants
     # both ranks end with the same weights (DDP keeps them in sync), and with the single process's
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
-    # (the trained weights' sum; QLoRA's adapter sums to ~9, where Adam's per-coordinate scaling of near-zero
-    # gradients leaves summation-order differences of 4e-5 relative)
-    rel = BF16_TOLERANCE if bf16 else 1e-4 if strategy == "ddp-qlora" else 1e-6
+    # (the trained weights' sum; QLoRA's adapter sums to ~7, where Adam's per-coordinate scaling of near-zero
+    # gradients leaves summation-order differences of 6e-5 relative)
+    qlora = strategy.endswith("qlora")
+    rel = BF16_TOLERANCE if bf16 else 1e-4 if qlora else 1e-6
     assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=rel)
     if strategy == "deepspeed3-bf16":  # DeepSpeed's bf16: a bf16 module, fp32 master weights in its optimizer
         assert ranks[0]["dtypes"] == ["torch.bfloat16"] and ranks[0]["master_dtypes"] == ["torch.float32"]
@@ -202,8 +207,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
         assert ranks[0]["dtypes"] == ["torch.float32"] and ranks[0]["fsdp_compute_dtype"] == "torch.bfloat16"
     if bf16:
         assert single["dtypes"] == ["torch.float32"]
-    if strategy == "ddp-qlora":  # every block linear of the tiny preset (4 layers x 7) is a 4-bit layer
+    if qlora:  # every block linear of the tiny preset (4 layers x 7) is a 4-bit layer, sharded over the processes
         assert ranks[0]["linear4bit"] == ranks[1]["linear4bit"] == single["linear4bit"] == 28
+        assert ranks[0]["local_numel"] == ranks[1]["local_numel"] == single["local_numel"] // 2
 
 
 if __name__ == "__main__":

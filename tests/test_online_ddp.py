@@ -6,8 +6,8 @@ Half the vocabulary ends a completion, so the processes' completions end at diff
 every forward pass gathers the weights from both processes, the hf backend must keep their decoding loops in step
 (``HFBackend(synchronize=...)``), and RAFT's process that keeps nothing must run as many backward passes as the other.
 
-The test runs this file as a script (``strategy="ddp"`` relaunches the script for the second process); each process
-writes what it saw to ``<out>/rank<k>.json``.
+The tests run this file as a script (``strategy="ddp"`` relaunches the script for the second process), once per
+strategy for both objectives; each process writes what it saw to ``<out>/<objective>-rank<k>.json``.
 """
 
 import json
@@ -24,7 +24,14 @@ STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
 
 
-def run_ddp(out: Path, objective: str, strategy: str = "ddp", reward_model: str | None = None) -> None:
+def run_ddp(out: Path, objectives: str, strategy: str = "ddp", reward_model: str | None = None) -> None:
+    """Train each of the comma-separated ``objectives`` in turn, in the same two processes (one launch: the start of
+    the processes and of their process group is most of a run's time here)."""
+    for objective in objectives.split(","):
+        run_objective(out, objective, strategy, reward_model)
+
+
+def run_objective(out: Path, objective: str, strategy: str, reward_model: str | None) -> None:
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -105,7 +112,7 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp", reward_model: str 
 
     with gathered(trainer, module):  # FSDP, ZeRO-3: this process's shards until gathered
         checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+    (out / f"{objective}-rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
          "global_step": trainer.global_step, "validated": module.validated,
          "val_reward_mean": float(trainer.callback_metrics.get("val/reward_mean", float("nan"))), "scored": module.scored,
@@ -113,15 +120,27 @@ def run_ddp(out: Path, objective: str, strategy: str = "ddp", reward_model: str 
          "reward_sharded": module.reward_network is not None and gathers_weights_per_forward(module.reward_network)}))
 
 
-def _launch(out: Path, objective: str, strategy: str = "ddp", *extra: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, str(out), objective, strategy, *extra], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+_LAUNCHED: dict[str, tuple[Path, str]] = {}
+
+
+def _ranks(tmp_path_factory, strategy: str, objective: str) -> tuple[list[dict], str]:
+    """What each process saw training ``objective`` under ``strategy``, and the reward model PPO scored with. One
+    launch per strategy trains PPO (when it runs under that strategy here) then RAFT; the tests share it."""
+    if strategy not in _LAUNCHED:
+        out = tmp_path_factory.mktemp(f"online-{strategy}")
+        objectives = "raft" if strategy == "deepspeed2" else "ppo,raft"
+        # the reward model: a directory replicated under DDP, sharded under FSDP; a checkpoint read into ZeRO-3 partitions
+        reward_model = _reward_model(out, as_checkpoint=strategy == "deepspeed3") if "ppo" in objectives else "none"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        proc = subprocess.run([sys.executable, __file__, str(out), objectives, strategy, reward_model], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _LAUNCHED[strategy] = out, reward_model
+    out, reward_model = _LAUNCHED[strategy]
+    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model
 
 
 def _reward_model(directory: Path, as_checkpoint: bool) -> str:
@@ -144,14 +163,12 @@ def _reward_model(directory: Path, as_checkpoint: bool) -> str:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
-def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path, strategy):
+def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path_factory, strategy):
     import torch
 
     from lit_align.modules.reward import load_reward_model
 
-    # the reward model: a directory replicated under DDP, sharded under FSDP; a checkpoint loaded into ZeRO-3 partitions
-    reward_model = _reward_model(tmp_path, as_checkpoint=strategy == "deepspeed3")
-    ranks = _launch(tmp_path, "ppo", strategy, reward_model)
+    ranks, reward_model = _ranks(tmp_path_factory, strategy, "ppo")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sharded"] == ranks[0]["reward_sharded"] == (strategy in ("deepspeed3", "fsdp"))
     # every process's rewards are the whole reward model's (loaded alone, here) for its prompts and completions
@@ -186,8 +203,8 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
-def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path, strategy):
-    ranks = _launch(tmp_path, "raft", strategy)
+def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path_factory, strategy):
+    ranks, _ = _ranks(tmp_path_factory, strategy, "raft")
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     assert [s["kept"] for s in ranks[0]["seen"]] == [4, 4] and [s["kept"] for s in ranks[1]["seen"]] == [0, 0]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
