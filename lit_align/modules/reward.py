@@ -83,7 +83,7 @@ class RewardModel(AlignmentModule):
 
     def _scorer(self) -> nn.Module:
         """The sequence-classification model under the (optional) peft wrapper."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return sequence_classifier(self.model)
 
     # ------------------------------------------------------------------ rewards
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
@@ -174,6 +174,11 @@ class RewardModel(AlignmentModule):
         return directory
 
 
+def sequence_classifier(model: nn.Module) -> nn.Module:
+    """The sequence-classification model under an (optional) peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def sequence_rewards(scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Rewards (N,) in float32 of a sequence-classification model ``scorer``: its score head at the last token whose
     attention mask is 1 (left or right padding)."""
@@ -215,8 +220,7 @@ class RewardNetwork(nn.Module):
         self.model = model  # the sequence-classification model (peft-wrapped for a LoRA checkpoint)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        scorer = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return sequence_rewards(scorer, input_ids, attention_mask)
+        return sequence_rewards(sequence_classifier(self.model), input_ids, attention_mask)
 
 
 def _is_reward_directory(path: Path) -> bool:
