@@ -205,7 +205,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "reward"):
+    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "dpo-qlora", "orpo", "reward"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
@@ -219,7 +219,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
             module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
                          reference_placement="replicate" if objective.endswith("replicated") else "shard")
         else:
-            module = DPO(beta=0.1, lora=lora, optimizer=optimizer)
+            module = DPO(beta=0.1, lora=lora, optimizer=optimizer, quantize_4bit=objective == "dpo-qlora")
         data = PreferenceDataModule(train_sources=[PreferenceSource(limit=40)], val_sources=[], val_fraction=0.0,
                                     max_pairs_per_problem=1, tokenizer="preset:tiny", batch_size=batch_size)
     else:

@@ -83,13 +83,14 @@ def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(tmp_path):
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-def test_a_replicated_reference_is_refused_under_zero3(tmp_path):
+def test_what_zero3_cannot_build_is_refused_before_training(tmp_path):
     """Every model built during setup is partitioned under ZeRO-3, so a whole reference copy cannot be had there: DPO
-    and GRPO say so before training. One process under ZeRO-3 is enough to see it (its own interpreter: DeepSpeed
-    starts a process group)."""
+    and GRPO say so before training. A 4-bit (QLoRA) model cannot be built there at all (transformers fails inside
+    zero.Init): refused with the strategies that take it. One process under ZeRO-3 is enough to see it (its own
+    interpreter: DeepSpeed starts a process group)."""
     script = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
               "from pathlib import Path\nfrom test_ddp_objectives import run\n"
-              "for objective in ('dpo-full-replicated', 'grpo-full-replicated'):\n"
+              "for objective in ('dpo-full-replicated', 'grpo-full-replicated', 'dpo-qlora'):\n"
               "    try:\n"
               f"        run(objective, Path({str(tmp_path)!r}), batch_size=2, devices=1, strategy='deepspeed3', even_alone=True)\n"
               "    except ValueError as err:\n"
@@ -98,8 +99,10 @@ def test_a_replicated_reference_is_refused_under_zero3(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
-    assert [line.split()[1] for line in refused] == ["dpo-full-replicated", "grpo-full-replicated"], proc.stdout
-    assert all("reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in line for line in refused)
+    assert [line.split()[1] for line in refused] == ["dpo-full-replicated", "grpo-full-replicated", "dpo-qlora"], proc.stdout
+    assert all("reference_placement='replicate' is not available under DeepSpeed ZeRO-3" in line for line in refused[:2])
+    assert "quantize_4bit (QLoRA) is not supported under DeepSpeed ZeRO-3" in refused[2]
+    assert "deepspeed_stage_2, FSDP (which shards the 4-bit base) or ddp" in refused[2]
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained
 
 

@@ -173,6 +173,10 @@ class AlignmentModule(L.LightningModule):
         if not isinstance(strategy, DeepSpeedStrategy) or not strategy.zero_stage_3:
             yield
             return
+        if self.hparams.quantize_4bit:  # (ZeRO-2 and FSDP take it: tests/test_ddp_sft.py)
+            raise ValueError("quantize_4bit (QLoRA) is not supported under DeepSpeed ZeRO-3: building a 4-bit model "
+                             "inside DeepSpeed's zero.Init fails in transformers; use trainer.strategy "
+                             "deepspeed_stage_2, FSDP (which shards the 4-bit base) or ddp")
         from transformers.integrations import HfDeepSpeedConfig
 
         announced = HfDeepSpeedConfig(strategy.config)
