@@ -67,6 +67,8 @@ def test_weights_of_qlora_are_nf4_with_double_quantization_overhead():
     assert plan.row("gradients") == lora * 4 and plan.row("optimizer state") == 2 * lora * 4
     with pytest.raises(PlanError, match="quantize_4bit needs model.init_args.lora"):
         estimate(PlanInputs(shape=TINY_BASE, quantize_4bit=True))
+    with pytest.raises(PlanError, match="not supported under DeepSpeed ZeRO-3"):
+        estimate(PlanInputs(shape=TINY_BASE, lora_r=8, quantize_4bit=True, strategy="deepspeed_stage_3", devices=2))
 
 
 # ---------------------------------------------------------------------------------------------------------- activations

@@ -307,6 +307,9 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     lora = inputs.lora_r is not None
     if inputs.quantize_4bit and not lora:
         raise PlanError("model.init_args.quantize_4bit needs model.init_args.lora (QLoRA trains adapters only)")
+    if inputs.quantize_4bit and inputs.strategy.startswith("deepspeed_stage_3"):
+        raise PlanError("model.init_args.quantize_4bit (QLoRA) is not supported under DeepSpeed ZeRO-3 (training "
+                        "refuses it); plan for trainer.strategy deepspeed_stage_2, fsdp or ddp")
     full_ft = not lora
     strategy = inputs.strategy
     n_dev = max(1, inputs.devices)
