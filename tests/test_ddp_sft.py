@@ -66,6 +66,8 @@ class Recorder(L.Callback):
         with FullyShardedDataParallel.summon_full_params(root, writeback=False) \
                 if isinstance(root, FullyShardedDataParallel) else zero3_gathered(list(pl_module.parameters())):
             param_sum = float(sum(p.detach().double().sum() for p in pl_module.parameters() if p.requires_grad))
+        linear4bit = sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+                         for m in pl_module.modules())  # bitsandbytes' 4-bit layers (not peft's wrappers of them)
         masters = getattr(getattr(trainer.strategy, "deepspeed_engine", None), "optimizer", None)
         masters = getattr(masters, "fp32_partitioned_groups_flat", None) or []  # ZeRO-3's optimizer partitions
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
@@ -73,8 +75,7 @@ class Recorder(L.Callback):
              "param_sum": param_sum, "dtypes": sorted({str(p.dtype) for p in pl_module.parameters()}),
              "master_dtypes": sorted({str(t.dtype) for t in masters}),
              "fsdp_compute_dtype": str(getattr(getattr(root, "mixed_precision", None), "param_dtype", None)),
-             "local_numel": local_numel, "linear4bit": sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
-                               for m in pl_module.modules())}))  # bitsandbytes' layers (not peft's wrappers of them)
+             "local_numel": local_numel, "linear4bit": linear4bit}))
 
 
 CLIP = 0.5  # FSDP and DeepSpeed runs; binds at every step: the one-process gradient norms before clipping are 4-12
@@ -85,8 +86,8 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     of configs/iotacode/multi_gpu/sft_fsdp.yaml (FSDP with one unit per decoder block when devices > 1, the model's
     own gradient checkpointing, norm clipping), on CPU through tests/fsdp_cpu.py; "deepspeed2"/"deepspeed3": those of
     sft_deepspeed_zero2/3.yaml (ZeRO stage 2 or 3, gradient checkpointing, clipping by DeepSpeed), on CPU through
-    tests/deepspeed_cpu.py; a "-bf16" suffix: ``precision: bf16-mixed``, as those configs have. The single process
-    (devices=1) runs the same settings without a strategy."""
+    tests/deepspeed_cpu.py; a "-bf16" suffix: ``precision: bf16-mixed``, as those configs have; "-qlora": LoRA r=8 over
+    a 4-bit base. The single process (devices=1) runs the same settings without a strategy."""
     import torch
 
     from lit_align.data_modules.sft import SFTDataModule
@@ -97,7 +98,7 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    strategy, _, precision = strategy.partition("-")  # "deepspeed3-bf16": bf16-mixed; "ddp-qlora": a 4-bit base
+    strategy, _, precision = strategy.partition("-")  # "deepspeed3-bf16" -> "deepspeed3", "bf16"
     sharded = strategy != "ddp"
     qlora = {"lora": LoRAConfig(r=8, dropout=0.0), "quantize_4bit": True} if precision == "qlora" else {}
     module = SFT(model_name_or_path="preset:tiny", optimizer=OptimizerConfig(lr=1e-2 if qlora else 1e-3,

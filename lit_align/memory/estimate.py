@@ -373,23 +373,25 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
             rows.append(Row("autocast weight copies", casts, "half copy of each matmul weight, saved for backward"))
 
     # ---- reference, value head, reward model
-    ref = 0.0  # per device
+    def frozen_network(component: str, whole_bytes: float, note: str, replicated: bool, option: str) -> float:
+        """Add the row of a frozen network held whole on every device (``option: replicate``) or sharded like the
+        policy's weights; return its bytes per device."""
+        per_device = whole_bytes if replicated else whole_bytes / w_div
+        if w_div > 1:
+            note += f", a whole copy per device ({option}: replicate)" if replicated else f", sharded over {n_dev}"
+        rows.append(Row(component, per_device, note))
+        return per_device
+
+    ref = 0.0  # per device: the reference copy and the reward model
     if inputs.reference == "copy":
-        ref_div = 1 if inputs.reference_replicated else w_div
-        ref = (block * block_w + other * base_w) / ref_div
-        rows.append(Row("reference model", ref, "frozen copy of the weights" + (
-            ", a whole copy per device (reference_placement: replicate)" if inputs.reference_replicated and w_div > 1
-            else f", sharded over {n_dev}" if ref_div > 1 else "")))
+        ref += frozen_network("reference model", block * block_w + other * base_w, "frozen copy of the weights",
+                              inputs.reference_replicated, "reference_placement")
     elif inputs.reference == "adapter":
         rows.append(Row("reference model", 0.0, "the policy with its LoRA adapter disabled"))
     if inputs.reward_model is not None:
         rm = inputs.reward_model
-        rm_div = 1 if inputs.reward_model_replicated else w_div
-        rm_bytes = rm.total_params * base_w / rm_div
-        ref += rm_bytes
-        rows.append(Row("reward model", rm_bytes, f"{rm.total_params / 1e6:,.1f}M params, frozen" + (
-            ", a whole copy per device (reward_placement: replicate)" if inputs.reward_model_replicated and w_div > 1
-            else f", sharded over {n_dev}" if rm_div > 1 else "")))
+        ref += frozen_network("reward model", rm.total_params * base_w, f"{rm.total_params / 1e6:,.1f}M params, frozen",
+                              inputs.reward_model_replicated, "reward_placement")
     if value_head:
         rows.append(Row("value head", value_head * adapter_w * 4,
                         "weights, gradients and AdamW state (also counted in the rows above)"))

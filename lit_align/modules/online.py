@@ -47,7 +47,7 @@ from lit_align.generation.base import BackendName, find_stop
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
 from lit_align.modules.base import AlignmentModule
-from lit_align.modules.reward import RewardNetwork, reward_batches
+from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
@@ -354,8 +354,6 @@ class OnlineModule(AlignmentModule):
 
     def _load_reward_model(self):
         """The trained reward model (frozen), once its tokenizer is checked to be the policy's."""
-        from lit_align.modules.reward import load_reward_model
-
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
         check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
         return rm.requires_grad_(False)
