@@ -23,6 +23,7 @@ from lit_align.memory import (
 from lit_align.models import LoRAConfig, apply_lora, build_preset_model
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = ModelShape.from_hf_config(preset_config("tiny"))
 TINY_BASE = ModelShape.from_hf_config(preset_config("tiny-base"))
 
 
@@ -214,10 +215,51 @@ def test_replicated_reference_and_reward_model_are_whole_on_every_device():
     assert sharded.row("reference model") == pytest.approx(whole / 4) == default.row("reference model")
     assert replicated.row("reference model") == pytest.approx(whole)
     assert "reference_placement: replicate" in next(r.note for r in replicated.rows if r.component == "reference model")
-    assert sharded.row("reward model") == pytest.approx(whole / 4)  # the same shape, frozen, in the same dtype
-    assert default.row("reward model") == replicated.row("reward model") == pytest.approx(whole)
-    assert replicated.peak_bytes - sharded.peak_bytes == pytest.approx(2 * whole * 3 / 4)
-    assert default.peak_bytes - sharded.peak_bytes == pytest.approx(whole * 3 / 4)
+    # the reward model has the policy's shape, frozen, in float32 like it; a one-label score head replaces the LM head
+    rm_whole = whole - (TINY.vocab_size - 1) * TINY.hidden_size * 4
+    assert sharded.row("reward model") == pytest.approx(rm_whole / 4)
+    assert default.row("reward model") == replicated.row("reward model") == pytest.approx(rm_whole)
+    assert replicated.peak_bytes - sharded.peak_bytes == pytest.approx((whole + rm_whole) * 3 / 4)
+    assert default.peak_bytes - sharded.peak_bytes == pytest.approx(rm_whole * 3 / 4)
+
+
+def test_reward_model_is_planned_in_its_own_dtype_and_from_a_checkpoints_hyperparameters(tmp_path):
+    """A saved directory loads in float32 whatever the policy's dtype; a checkpoint's base model, dtype and LoRA
+    adapter are read from its hyperparameters (memory-mapped, no weights loaded)."""
+    from lit_align.models import materialize_preset
+
+    def reward_row(reward_model, dtype="bfloat16", placement="replicate", strategy="ddp"):
+        cfg = {"model": {"class_path": "PPO", "init_args": {
+                   "model_name_or_path": "preset:tiny", "dtype": dtype, "max_new_tokens": 16, "reward": "reward_model",
+                   "reward_model": reward_model, "reward_placement": placement}},
+               "data": {"init_args": {"batch_size": 2, "max_length": 48}},
+               "trainer": {"strategy": strategy, "devices": 2, "precision": "bf16-mixed"}}
+        return next(r for r in estimate(inputs_from_config(cfg)).rows if r.component == "reward model")
+
+    base = TINY_BASE
+    blocks = base.num_layers * base.block_linear_params()
+    rest = base.embedding_params + base.norm_params + base.hidden_size
+    directory = str(materialize_preset("preset:tiny-base"))
+    row = reward_row(directory)
+    assert row.bytes == pytest.approx((blocks + rest) * 4) and "fp32" in row.note  # not the bf16 policy's 2 bytes
+
+    ckpt = tmp_path / "rm.ckpt"
+    torch.save({"state_dict": {"model.score.weight": torch.zeros(1, 256)}, "hyper_parameters": {
+        "model_name_or_path": "preset:tiny-base", "dtype": "bfloat16",
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"]}}}, ckpt)
+    lora = base.lora_params(8, ("q_proj", "v_proj"))
+    assert lora == 6 * 8 * ((256 + 256) + (256 + 128))  # 6 layers; q: 256 -> 256, v: 256 -> 4 kv heads x 32
+    row = reward_row(str(ckpt), dtype="float32")
+    assert row.bytes == pytest.approx((blocks + rest) * 2 + lora * 4)
+    assert "half precision" in row.note and "LoRA" in row.note
+    # sharded under ZeRO-3: a bf16 module split over the 2 devices
+    assert reward_row(str(ckpt), placement="shard", strategy="deepspeed_stage_3").bytes == pytest.approx(
+        ((blocks + rest) * 2 + lora * 4) / 2)
+    with pytest.raises(PlanError, match="model.init_args.reward_model: checkpoint .*missing.ckpt.* does not exist"):
+        reward_row(str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(PlanError, match="has no model_name_or_path hyperparameter"):
+        reward_row(str(tmp_path / "other.ckpt"))
 
 
 def test_command_parses_the_fit_config_with_overrides(capsys):

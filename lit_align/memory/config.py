@@ -132,14 +132,10 @@ def inputs_from_config(config: dict, objective: str = "auto", reference: str = "
             raise PlanError(f"model.init_args reference {ref_value!r} needs a LoRA adapter (model.init_args.lora)")
         else:
             reference = "adapter" if lora_r is not None else "copy"
-    reward_model = None
+    reward_model, rm_dtype, rm_lora, rm_4bit = None, "float32", 0, False
     rm_path = m_args.get("reward_model") if isinstance(m_args.get("reward_model"), str) else None
-    if objective in ONLINE and rm_path:
-        if rm_path.endswith(".ckpt"):  # reading its hyperparameters would load the checkpoint: assume the policy's base
-            reward_model = shape
-            notes.append(f"reward model {rm_path}: a checkpoint, assumed to have the policy's size (not read)")
-        else:
-            reward_model = ModelShape.from_hf_config(load_model_config(rm_path))
+    if objective in ONLINE and rm_path and m_args.get("reward", "execution") == "reward_model":
+        reward_model, rm_dtype, rm_lora, rm_4bit = reward_model_weights(rm_path)
 
     strategy_info = normalize_strategy(trainer.get("strategy"))
     notes += strategy_info.notes
@@ -169,11 +165,51 @@ def inputs_from_config(config: dict, objective: str = "auto", reference: str = "
         strategy=strategy_info.name, ddp_bucket_copy=strategy_info.ddp_bucket_copy,
         deepspeed_buckets=strategy_info.deepspeed_buckets if strategy_info.overlap_comm else None,
         devices=devices, accelerator=accelerator, reference=reference,
-        value_head=objective == "ppo", reward_model=reward_model,
+        value_head=objective == "ppo", reward_model=reward_model, reward_model_dtype=rm_dtype,
+        reward_model_lora_params=rm_lora, reward_model_4bit=rm_4bit,
         reference_replicated=m_args.get("reference_placement") == "replicate",
         reward_model_replicated=m_args.get("reward_placement", "replicate") != "shard",
         notes=notes + ([f"packed sequences of {max_length} tokens"] if packing else []),
     )
+
+
+def reward_model_weights(path: str) -> tuple[ModelShape, str, int, bool]:
+    """(shape, load dtype, LoRA parameters, 4-bit) of the reward model an online objective loads from ``path``, as
+    :func:`lit_align.modules.reward.load_reward_model` builds it, without loading any weights: a saved directory's
+    config.json (loaded in float32), or a RewardModel checkpoint's hyperparameters (memory-mapped; its base model's
+    config.json, its ``dtype``, ``lora`` and ``quantize_4bit``)."""
+    from pathlib import Path
+
+    option = "model.init_args.reward_model"
+    if not path.endswith(".ckpt"):
+        return ModelShape.from_hf_config(load_model_config(path)), "float32", 0, False
+    import torch
+
+    if not Path(path).expanduser().is_file():
+        raise PlanError(f"{option}: checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001  (a torn or foreign file: name it)
+        raise PlanError(f"{option}: cannot read the checkpoint {path!r} ({type(err).__name__}: {err})") from err
+    hp = dict(checkpoint.get("hyper_parameters") or {})
+    base = str(hp.get("model_name_or_path") or "")
+    if not base:
+        raise PlanError(f"{option}: {path!r} has no model_name_or_path hyperparameter: it is not a RewardModel checkpoint")
+    shape = ModelShape.from_hf_config(load_model_config(base))
+    dtype = str(hp.get("dtype") or "float32")
+    if dtype == "auto":
+        dtype = str(getattr(load_model_config(base), "torch_dtype", None) or "float32").replace("torch.", "")
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"{option}: {path!r} was trained with dtype {dtype!r}, which the planner does not know")
+    lora = hp.get("lora")
+    lora_params = 0
+    if lora:
+        get = lora.get if isinstance(lora, dict) else (lambda k, d=None: getattr(lora, k, d))
+        raw = get("target_modules", "all-linear")
+        targets = BLOCK_LINEARS if raw == "all-linear" else tuple(t for t in ([raw] if isinstance(raw, str) else raw)
+                                                                  if t in BLOCK_LINEARS)
+        lora_params = shape.lora_params(int(get("r", 32)), targets)
+    return shape, dtype, lora_params, bool(hp.get("quantize_4bit", False))
 
 
 # ---------------------------------------------------------------------------------------------------------- command

@@ -61,6 +61,13 @@ class PlanInputs:
     """PPO: a trainable scalar head on the policy."""
     reward_model: ModelShape | None = None
     """A frozen reward model held in memory (PPO with a learned reward)."""
+    reward_model_dtype: str = "float32"
+    """dtype the reward model is loaded in: a saved directory loads in float32 (RewardModel's default), a checkpoint in
+    the ``dtype`` it was trained with."""
+    reward_model_lora_params: int = 0
+    """LoRA adapter weights of a reward model trained with LoRA (kept in float32)."""
+    reward_model_4bit: bool = False
+    """The reward model was trained with QLoRA: its block linear weights load in NF4, the rest in float32."""
     reference_replicated: bool = False
     """The frozen reference copy is a whole copy on every device (``reference_placement: replicate``), not sharded."""
     reward_model_replicated: bool = True
@@ -390,8 +397,19 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         rows.append(Row("reference model", 0.0, "the policy with its LoRA adapter disabled"))
     if inputs.reward_model is not None:
         rm = inputs.reward_model
-        ref += frozen_network("reward model", rm.total_params * base_w, f"{rm.total_params / 1e6:,.1f}M params, frozen",
-                              inputs.reward_model_replicated, "reward_placement")
+        rm_blocks = rm.num_layers * rm.block_linear_params()
+        rm_rest = rm.embedding_params + rm.norm_params + rm.hidden_size  # a one-label score head, no LM head
+        rm_w = 4 if inputs.reward_model_4bit else DTYPE_BYTES[inputs.reward_model_dtype]
+        if not inputs.reward_model_replicated and (deepspeed or _half_precision(inputs.precision)):
+            rm_w = 2  # a sharded one is in the module tree: cast to half precision like the policy
+        rm_bytes = (rm_blocks * (NF4_BYTES_PER_PARAM if inputs.reward_model_4bit else rm_w) + rm_rest * rm_w
+                    + inputs.reward_model_lora_params * 4)
+        rm_note = f"{(rm_blocks + rm_rest) / 1e6:,.1f}M params in " + (
+            "NF4 (blocks) and fp32" if inputs.reward_model_4bit else _dtype_name(rm_w))
+        if inputs.reward_model_lora_params:
+            rm_note += f" + {inputs.reward_model_lora_params / 1e6:,.2f}M LoRA in fp32"
+        ref += frozen_network("reward model", rm_bytes, rm_note + ", frozen", inputs.reward_model_replicated,
+                              "reward_placement")
     if value_head:
         rows.append(Row("value head", value_head * adapter_w * 4,
                         "weights, gradients and AdamW state (also counted in the rows above)"))
