@@ -1,6 +1,7 @@
 """PPO: KL to the reference is 0 before the first update, manual optimization plumbing, value head in checkpoints,
 reward-model rewards, and clear errors before training."""
 
+import dataclasses
 import json
 import math
 
@@ -10,12 +11,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_align import losses
+from lit_align.callbacks.throughput import TokenThroughput
 from lit_align.data_modules.prompts import PromptBatch, PromptSource, PromptsDataModule, load_prompt_items
+from lit_align.memory import ModelShape
 from lit_align.models import LoRAConfig, load_tokenizer
 from lit_align.modules.base import OptimizerConfig, warmup_decay
 from lit_align.modules.online import RewardSetupError
 from lit_align.modules.ppo import PPO
-from lit_align.modules.reward import RewardModel, load_reward_model
+from lit_align.modules.reward import RewardModel, load_reward_model, reward_batches
 
 
 def _trainer(max_steps, callbacks=(), **kw):
@@ -136,7 +139,7 @@ def test_prompts_without_tests_are_refused_before_training_with_an_execution_rew
 
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory):
-    rm = RewardModel(model_name_or_path="preset:tiny")
+    rm = RewardModel(model_name_or_path="preset:tiny-base")  # the policy's tokenizer, other shapes than the policy's
     rm.configure_model()
     return str(rm.save_pretrained(tmp_path_factory.mktemp("rm") / "rm"))
 
@@ -156,11 +159,23 @@ def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, rew
     # batches of 3 pairs: the four rollouts are scored in two passes
     module = RecordingPPO(**{**dict(max_new_tokens=8, ppo_epochs=1, num_minibatches=1), "reward": "reward_model",
                              "reward_model": reward_dir, "reward_placement": placement, "reward_model_batch_size": 3})
-    trainer = _trainer(1)
+    monitor = TokenThroughput(peak_flops=1e9)
+    trainer = _trainer(1, callbacks=[monitor])
     trainer.fit(module, data)
     rollouts = module.seen
     expected = load_reward_model(reward_dir).score([i.prompt for i in rollouts.items], rollouts.texts)
     torch.testing.assert_close(rollouts.rewards, expected)
+    # the scoring passes count in the step's FLOPs at the reward model's shapes: 2 N_blocks + 4 L q_dim width per token
+    masks = [m for _, _, m in reward_batches(module.tokenizer, [i.prompt for i in rollouts.items], rollouts.texts, 3)]
+    step = module.step_tokens
+    assert len(masks) == 2 and step.scored == sum(int(m.sum()) for m in masks)
+    assert step.scored_span == sum(int(m.sum()) * m.size(1) for m in masks)
+    rm = ModelShape.from_hf_config(module.reward_model_config())
+    assert (rm.hidden_size, rm.num_layers) == (256, 6)  # tiny-base's, not the tiny policy's
+    scoring = sum(int(m.sum()) * (2 * rm.num_layers * rm.block_linear_params() + 4 * rm.num_layers * rm.q_dim * m.size(1))
+                  for m in masks)
+    without_scoring = monitor.flops_per_step(dataclasses.replace(step, scored=0, scored_span=0))[0]
+    assert monitor.flops_per_step(step)[0] - without_scoring == pytest.approx(scoring, rel=1e-9)
     # replicate: a whole copy outside the module; shard: a frozen submodule, which checkpoints leave out
     assert (module.reward_network is None) == (placement == "replicate")
     assert (module.reward_model is None) == (placement == "shard")

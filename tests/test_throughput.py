@@ -272,6 +272,16 @@ def test_grpo_flops_and_mfu_come_from_the_steps_rollouts_and_passes():
         assert elsewhere == pytest.approx((expected - generation, generation))
 
 
+def test_grpo_with_one_update_per_batch_makes_only_the_reference_forward_only_pass():
+    """num_iterations=1 and one minibatch, beta > 0: the old log-probs are the current ones and are not computed, so
+    every row goes through one trained pass and one forward-only pass (the reference's)."""
+    monitor = TokenThroughput(window_size=2, peak_flops=1e9, clock=FakeClock())
+    module = ScriptedGRPO(model_name_or_path="preset:tiny", samples_per_prompt=2, beta=0.1, micro_batch_size=4)
+    rec = _fit_online(module, monitor, max_steps=1)
+    tokens = int(module.seen[0].attention_mask.sum())
+    assert (rec.steps[0].trained, rec.steps[0].forward_only) == (tokens, tokens)
+
+
 def test_raft_counts_only_the_kept_rows_as_trained():
     """4 samples per prompt, the best half kept (the shortest: reward = -length), 2 SFT epochs, no forward-only pass."""
     monitor = TokenThroughput(window_size=2, peak_flops=1e9, clock=FakeClock())

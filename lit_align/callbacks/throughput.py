@@ -15,11 +15,14 @@ Rates are averages over the last ``window_size`` training batches (Lightning's
                              trainable matmul weights) + 6 N_lora + 12 * layers * q_dim * seq (attention, fwd + bwd)
     per forward-only token:  2N + 4 * layers * q_dim * seq
     per generated token:     2N, and 2N per prompt token prefilled for generation
+    per reward-model token:  2N_rm + 4 * layers_rm * q_dim_rm * seq (N_rm: the reward model's block matmul weights;
+                             it has no LM head)
 
 which is the familiar 6N + 12 L h s per trained token for full fine-tuning. N counts matmul parameters (blocks and LM
 head, not the embedding lookup); seq is the padded length of the forward pass the token went through. Not counted:
 gradient-checkpointing recomputation, attention over the KV cache while decoding, padding rows a batched decoder
-keeps stepping after they ended, and small heads (PPO's value head).
+keeps stepping after they ended, small heads (PPO's value head, a reward model's score head), LoRA adapters of a
+reward model, and the one-token filler passes a sharded reward model makes to keep processes in step.
 
 Where the counts come from:
 
@@ -30,7 +33,8 @@ Where the counts come from:
 - Online objectives (PPO, GRPO, RAFT) train on prompts, not tokens: their module counts what each step did in
   ``step_tokens`` (:class:`lit_align.modules.online.StepTokens`), and that is used instead of the batch. Samples are
   rollouts; tokens are the trained tokens (prompt + response of every trained row, once per epoch; for RAFT only the
-  kept rows); FLOPs are trained + forward-only (old log-probs, values, reference log-probs) + generation. Online modules
+  kept rows); FLOPs are trained + forward-only (old log-probs, values, reference log-probs) + reward-model scoring
+  (``reward: reward_model``, replicated or sharded, at the reward model's own shapes) + generation. Online modules
   count all their own passes, reference included, so ``extra_forward_passes`` (and ``count_padding``) only apply to
   offline batches.
 - Generation FLOPs enter ``flops_per_sec`` and ``mfu`` only when this device did the generating, in this process:
@@ -88,6 +92,13 @@ def forward_flops_per_token(shape: ModelShape, seq_len: float) -> float:
 def generation_flops_per_token(shape: ModelShape) -> float:
     """Model FLOPs to generate one token (or prefill one prompt token): the matmul weights' forward, 2N."""
     return 2 * shape.matmul_params
+
+
+def scoring_flops_per_token(shape: ModelShape, seq_len: float) -> float:
+    """Model FLOPs of one token through a reward model's forward pass over a ``seq_len``-token sequence: its blocks'
+    matmuls and attention, 2 N_blocks + 4 * layers * q_dim * seq (no LM head; the score head reads one position per
+    sequence and is not counted)."""
+    return 2 * shape.num_layers * shape.block_linear_params() + 4 * shape.num_layers * shape.q_dim * seq_len
 
 
 def batch_counts(batch: Any, count_padding: bool = False) -> tuple[int, int, int]:
@@ -153,6 +164,8 @@ class TokenThroughput(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self._throughput: Throughput | None = None
         self._shape: ModelShape | None = None
+        self._scorer_shape: ModelShape | None = None  # an online objective's reward model, when it scores rollouts
+        self._warned_scorer = False
         self._trainable_matmul = self._lora = 0
         self._t0 = 0.0
         self._paused_at: float | None = None
@@ -189,6 +202,9 @@ class TokenThroughput(L.Callback):
             elif len(shape) == 2 and "embed" not in name:
                 trainable_matmul += math.prod(shape)
         self._trainable_matmul, self._lora = trainable_matmul, lora
+        scorer_config = getattr(pl_module, "reward_model_config", None)
+        scorer_config = scorer_config() if callable(scorer_config) else None
+        self._scorer_shape = ModelShape.from_hf_config(scorer_config) if scorer_config is not None else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._read_model(pl_module, trainer.strategy.model)
@@ -227,15 +243,23 @@ class TokenThroughput(L.Callback):
     def flops_per_step(self, step: StepTokens) -> tuple[float, float]:
         """(FLOPs counted in flops_per_sec and MFU, generation FLOPs) of one online training step.
 
-        trained x per-trained-token + forward-only x per-forward-token FLOPs, each at the mean width of its passes,
-        plus the generation FLOPs (2N per generated and prefilled token) when the backend generated on this device.
+        trained x per-trained-token + forward-only x per-forward-token FLOPs + the reward model's scoring FLOPs, each
+        at the mean width of its passes, plus the generation FLOPs (2N per generated and prefilled token) when the
+        backend generated on this device.
         """
         shape = self._shape
         trained = step.trained * training_flops_per_token(shape, step.trained_seq, self._trainable_matmul, self._lora)
         forward_only = step.forward_only * forward_flops_per_token(shape, step.forward_only_seq)
+        scoring = 0.0
+        if step.scored and self._scorer_shape is not None:
+            scoring = step.scored * scoring_flops_per_token(self._scorer_shape, step.scored_seq)
+        elif step.scored and not self._warned_scorer:
+            self._warned_scorer = True
+            rank_zero_warn("TokenThroughput: the module scored rollouts with a reward model but its "
+                           "reward_model_config() gave no config at train start; scoring FLOPs are not counted")
         generation = (step.generated + step.prompt_tokens) * generation_flops_per_token(shape)
         on_device = generation if step.backend in GENERATION_ON_DEVICE else 0.0
-        return trained + forward_only + on_device, generation
+        return trained + forward_only + scoring + on_device, generation
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -289,4 +313,4 @@ class TokenThroughput(L.Callback):
 
 
 __all__ = ["GENERATION_ON_DEVICE", "TokenThroughput", "batch_counts", "forward_flops_per_token",
-           "generation_flops_per_token", "training_flops_per_token"]
+           "generation_flops_per_token", "scoring_flops_per_token", "training_flops_per_token"]

@@ -111,7 +111,8 @@ class GRPO(OnlineModule):
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
         hp = self.hparams
-        stats = self.rollout_statistics(rollouts, with_values=False, with_reference=hp.beta > 0) \
+        # a single update needs no old log-probs (they are the current ones): only the reference pass, when beta > 0
+        stats = self.rollout_statistics(rollouts, with_reference=hp.beta > 0, with_policy=not self.single_update) \
             if (hp.beta > 0 or not self.single_update) else {}
         old_logps = None if self.single_update else stats["old_logps"]
         mask = rollouts.response_mask

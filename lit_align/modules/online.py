@@ -140,6 +140,10 @@ class StepTokens:
     """Tokens through forward passes without gradient (old log-probs and values, reference log-probs)."""
     forward_only_span: int = 0
     """Sum over those passes of tokens x the pass's width."""
+    scored: int = 0
+    """Tokens through the reward model's forward passes (reward="reward_model"; padding filler passes not counted)."""
+    scored_span: int = 0
+    """Sum over those passes of tokens x the pass's width."""
 
     def add_rollouts(self, rollouts: Rollouts) -> None:
         """Count generated rollouts: rows, their prompt tokens and their response tokens."""
@@ -158,6 +162,12 @@ class StepTokens:
             self.forward_only += tokens
             self.forward_only_span += tokens * width
 
+    def add_scoring(self, attention_mask: Tensor) -> None:
+        """Count one reward-model forward pass over rows with this (N, width) attention mask."""
+        tokens = int(attention_mask.sum())
+        self.scored += tokens
+        self.scored_span += tokens * int(attention_mask.size(-1))
+
     @property
     def trained_seq(self) -> float:
         """Mean sequence length (pass width) of the trained tokens; 0 when nothing was trained."""
@@ -167,6 +177,11 @@ class StepTokens:
     def forward_only_seq(self) -> float:
         """Mean sequence length (pass width) of the forward-only tokens; 0 when there were none."""
         return self.forward_only_span / self.forward_only if self.forward_only else 0.0
+
+    @property
+    def scored_seq(self) -> float:
+        """Mean sequence length (pass width) of the reward model's tokens; 0 when there were none."""
+        return self.scored_span / self.scored if self.scored else 0.0
 
 
 class OnlineModule(AlignmentModule):
@@ -352,6 +367,13 @@ class OnlineModule(AlignmentModule):
         tree: never trained, sharded or saved."""
         return self.__dict__.get("_reward_model_instance")
 
+    def reward_model_config(self) -> Any:
+        """The Hugging Face config of the reward model scoring the rollouts (reward="reward_model", once loaded), else
+        None; :class:`~lit_align.callbacks.throughput.TokenThroughput` reads its shapes to count the scoring FLOPs."""
+        if self.reward_network is not None:
+            return getattr(self.reward_network.model, "config", None)
+        return getattr(self.reward_model.model, "config", None) if self.reward_model is not None else None
+
     def _load_reward_model(self):
         """The trained reward model (frozen), once its tokenizer is checked to be the policy's."""
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
@@ -515,20 +537,23 @@ class OnlineModule(AlignmentModule):
             self.check_prompts_have_tests(items, "batch")
             rewards, results = self.execute(items, texts)
             return torch.tensor(rewards, dtype=torch.float32, device=self.device), results
-        prompts = [i.prompt for i in items]
+        batches = list(reward_batches(self.tokenizer, [i.prompt for i in items], texts,
+                                      self.hparams.reward_model_batch_size))
+        for _, _, attention_mask in batches:
+            self.step_tokens.add_scoring(attention_mask)
         if self.reward_network is not None:
-            return self.score_with_network(prompts, texts), [None] * len(items)
+            return self.score_with_network(batches, len(items)), [None] * len(items)
         self.setup_reward()
-        rewards = self.reward_model.score(prompts, texts, batch_size=self.hparams.reward_model_batch_size)
+        rewards = self.reward_model.score_batches(batches, len(items))
         return rewards.float().to(self.device), [None] * len(items)
 
-    def score_with_network(self, prompts: list[str], texts: list[str]) -> Tensor:
-        """Rewards (N,) of the sharded reward model (``reward_placement: shard``), in eval mode without gradient.
+    def score_with_network(self, batches: list[tuple[Tensor, Tensor, Tensor]], n: int) -> Tensor:
+        """Rewards (n,) of the sharded reward model (``reward_placement: shard``) for :func:`reward_batches`' batches,
+        in eval mode without gradient.
 
         Where its forward passes gather the weights from every process (FSDP, ZeRO-3), every process makes as many as
         the busiest one: the missing ones score a single padding token and are thrown away."""
-        rewards = torch.empty(len(prompts), device=self.device)
-        batches = list(reward_batches(self.tokenizer, prompts, texts, self.hparams.reward_model_batch_size))
+        rewards = torch.empty(n, device=self.device)
         passes = len(batches)
         if self._world_size() > 1 and gathers_weights_per_forward(self.reward_network):
             passes = int(self.trainer.strategy.reduce(torch.tensor(passes, device=self.device), reduce_op="max"))
@@ -587,8 +612,10 @@ class OnlineModule(AlignmentModule):
             raise RuntimeError(f"{type(self).__name__} has no reference model (needs_reference is False)")
 
     @torch.no_grad()
-    def rollout_statistics(self, rollouts: Rollouts, with_values: bool = False, with_reference: bool = False) -> dict[str, Tensor]:
-        """Old log-probs (and values, reference log-probs) of every rollout, in eval mode without gradient."""
+    def rollout_statistics(self, rollouts: Rollouts, with_values: bool = False, with_reference: bool = False,
+                           with_policy: bool = True) -> dict[str, Tensor]:
+        """Old log-probs (and values, reference log-probs) of every rollout, in eval mode without gradient;
+        ``with_policy=False`` skips the policy's pass (no old log-probs or values: only the reference's)."""
         n = len(rollouts)
         out: dict[str, list[Tensor]] = defaultdict(list)
         t_all = rollouts.response_ids.size(1)
@@ -597,10 +624,11 @@ class OnlineModule(AlignmentModule):
             for idx in torch.arange(n, device=self.device).split(self.hparams.micro_batch_size):
                 rows = rollouts.rows(idx)
                 pad = t_all - rows["response_ids"].size(1)
-                policy = self.rollout_forward(rows, with_values=with_values)
-                out["old_logps"].append(F.pad(policy["logps"], (0, pad)))
-                if with_values:
-                    out["old_values"].append(F.pad(policy["values"], (0, pad)))
+                if with_policy:
+                    policy = self.rollout_forward(rows, with_values=with_values)
+                    out["old_logps"].append(F.pad(policy["logps"], (0, pad)))
+                    if with_values:
+                        out["old_values"].append(F.pad(policy["values"], (0, pad)))
                 if with_reference:
                     with self.reference_model() as ref:
                         out["ref_logps"].append(F.pad(self.rollout_forward(rows, model=ref)["logps"], (0, pad)))
@@ -799,7 +827,7 @@ class OnlineModule(AlignmentModule):
         if not len(batch):
             self.generator.generate([], self.sampling_params(train=False))
             if self.reward_network is not None:
-                self.score_with_network([], [])  # the other processes' scoring passes may gather its weights
+                self.score_with_network([], 0)  # the other processes' scoring passes may gather its weights
             return
         rollouts = self.generate_rollouts(batch, train=False)
         texts = rollouts.texts

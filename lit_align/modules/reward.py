@@ -16,7 +16,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -106,11 +106,17 @@ class RewardModel(AlignmentModule):
             raise ValueError(f"score() batch_size must be >= 1, got {batch_size}")
         if self.model is None:
             self.configure_model()
-        rewards = torch.empty(len(prompts), device=self.device)
+        return self.score_batches(reward_batches(self.tokenizer, prompts, completions, batch_size), len(prompts))
+
+    @torch.no_grad()
+    def score_batches(self, batches: Iterable[tuple[Tensor, Tensor, Tensor]], n: int) -> Tensor:
+        """Rewards (n,) of pairs already encoded by :func:`reward_batches` (``(rows, input_ids, attention_mask)``), in
+        eval mode; the training/eval mode is restored afterwards."""
+        rewards = torch.empty(n, device=self.device)
         was_training = self.training
         self.eval()
         try:
-            for rows, input_ids, attention_mask in reward_batches(self.tokenizer, prompts, completions, batch_size):
+            for rows, input_ids, attention_mask in batches:
                 rewards[rows.to(self.device)] = self(input_ids.to(self.device), attention_mask.to(self.device))
         finally:
             self.train(was_training)
