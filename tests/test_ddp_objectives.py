@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from deepspeed_cpu import DEEPSPEED3, CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
+from worker_exit import leave_worker
 from lit_align.models import count_parameters, is_zero3_partitioned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,6 +264,22 @@ def launch_two_processes(objective: str, out: Path, strategy: str, clip: float |
     return proc
 
 
+_SINGLE_RECORDS: dict[tuple, str] = {}
+
+
+def run_single(objective: str, out: Path, strategy: str, clip: float | None) -> dict:
+    """The one-process run with the doubled batch that a 2-process run is compared with: its record (``rank0.json``,
+    also written to ``out``). One process runs without a strategy, so the record depends only on the objective, the
+    clipping and whether LoRA's A matrices are fixed (``fix_lora_a``, DeepSpeed comparisons with an adapter): tests
+    that need the same one share one run per test session."""
+    key = (objective, clip, strategy.startswith("deepspeed") and "full" not in objective)
+    if key not in _SINGLE_RECORDS:
+        run(objective, out, batch_size=2 * B, devices=1, strategy=strategy, clip=clip)
+        _SINGLE_RECORDS[key] = (out / "rank0.json").read_text()
+    (out / "rank0.json").write_text(_SINGLE_RECORDS[key])
+    return json.loads(_SINGLE_RECORDS[key])
+
+
 def global_losses(out: Path) -> list[float]:
     """The 2-process run's loss per step: the processes' losses weighted by what each held."""
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -275,9 +292,8 @@ def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float 
     ddp_out.mkdir()
     single_out.mkdir()
     launch_two_processes(objective, ddp_out, strategy, clip)
-    run(objective, single_out, batch_size=2 * B, devices=1, strategy=strategy, clip=clip)
+    single = run_single(objective, single_out, strategy, clip)
     ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((single_out / "rank0.json").read_text())
     assert ranks[0]["world_size"] == 2 and len(single["steps"]) == len(ranks[0]["steps"]) == STEPS
     ddp_curve = []
     for k in range(STEPS):
@@ -358,6 +374,7 @@ if __name__ == "__main__":
             clip=None if sys.argv[5] == "None" else float(sys.argv[5]),
             **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
                if len(sys.argv) == 8 else {}))
+        leave_worker()
     else:
         sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full|grpo-full-replicated OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
                  "CLIP|None [STEPS CKPT|None] (the worker of this test)")

@@ -28,6 +28,7 @@ import lightning.pytorch as L
 import pytest
 
 from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
+from worker_exit import leave_worker
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # micro-batch per process
@@ -218,6 +219,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
 if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "--ddp":
         run_sft(Path(sys.argv[3]), Path(sys.argv[2]), batch_size=B, devices=2, strategy=(sys.argv[4:] or ["ddp"])[0])
+        leave_worker()
     else:
         sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [ddp|fsdp|deepspeed2|deepspeed3] "
                  "(the worker of this test)")

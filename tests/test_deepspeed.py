@@ -13,7 +13,6 @@ tests/test_online_ddp.py.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import sys
 import lightning.pytorch as L
 import pytest
 from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
-from test_ddp_objectives import B, REPO, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
+from test_ddp_objectives import REPO, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run_single
 from test_fsdp import _assert_same_logits
 from transformers import AutoModelForCausalLM
 
@@ -76,8 +75,7 @@ def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(tmp_path):
     ckpt = first / "final.ckpt"
     assert len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per process
     launch_two_processes("dpo", resumed, "deepspeed3", CLIP, steps=STEPS, ckpt_path=str(ckpt))
-    run("dpo", single, batch_size=2 * B, devices=1, strategy="deepspeed3", clip=CLIP)
-    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    one = [s["loss"] for s in run_single("dpo", single, "deepspeed3", CLIP)["steps"]]
     before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)

@@ -16,11 +16,10 @@ RAFT in tests/test_online_ddp.py).
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from test_ddp_objectives import B, STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run
+from test_ddp_objectives import STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run_single
 
 CLIP = 0.05
 
@@ -93,8 +92,7 @@ def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
     ckpt = first / "final.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per process
     launch_two_processes("dpo", resumed, "fsdp-sharded", CLIP, steps=STEPS, ckpt_path=str(ckpt))
-    run("dpo", single, batch_size=2 * B, devices=1, clip=CLIP)
-    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    one = [s["loss"] for s in run_single("dpo", single, "fsdp-sharded", CLIP)["steps"]]
     before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
@@ -111,8 +109,7 @@ def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(t
     ckpt = torch.load(first / "final.ckpt", weights_only=False)
     assert ckpt["lit_align_trainable_only"] and ckpt["lit_align_trainable_names"] == sorted(ckpt["state_dict"])
     launch_two_processes("grpo", resumed, "fsdp", CLIP, steps=STEPS, ckpt_path=str(first / "final.ckpt"))
-    run("grpo", single, batch_size=2 * B, devices=1, clip=CLIP)
-    one = [s["loss"] for s in json.loads((single / "rank0.json").read_text())["steps"]]
+    one = [s["loss"] for s in run_single("grpo", single, "fsdp", CLIP)["steps"]]
     before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
+from worker_exit import leave_worker
 
 STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
@@ -212,3 +213,4 @@ def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path_fac
 
 if __name__ == "__main__":
     run_ddp(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:])
+    leave_worker()
