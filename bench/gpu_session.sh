@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue 8 as one prepared command, for a lent GPU machine with no package index.
+#
+# Here, once:   bash bench/gpu_wheels.sh && echo /.whl/ >> .git/info/exclude
+# There:        bash bench/gpu_session.sh            (the device tool: carry [".whl"], timeout_s 600)
+#
+# It installs the carried wheels (TRL, datasets) beside the machine's own PyTorch stack, prints the versions, then
+# runs bench/bench_gpu_scale.py: SFT and DPO of lit_align and TRL on a random DeepSeek-Coder-1.3B-shaped model at 4096
+# tokens in bf16, with gradient checkpointing (the issue's setting), then without it when time is left. Results land in
+# $OUT (or ./gpu-session-out): gpu_scale*.json and .txt, and the worker logs as logs.tar.gz.
+#
+# Environment: PYTHON (default python3), WHEELS (the wheel folder, default .whl), BUDGET_S (seconds for the whole script, default 540), BENCH_ARGS (added to
+# every bench run, e.g. "--shape tiny --seq-len 256 --steps 4 --warmup 1 --device cpu" for a CPU rehearsal).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-session-out}
+python=${PYTHON:-python3}
+budget=${BUDGET_S:-540}
+start=$SECONDS
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site \
+        "$wheels"/*.whl || exit 1
+    export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+"$python" - <<'PY' || exit 1
+import importlib.metadata as md
+names = ["torch", "transformers", "trl", "datasets", "accelerate", "peft", "lightning", "pyarrow", "fsspec", "dill"]
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "missing"
+print("versions:", ", ".join(f"{n} {version(n)}" for n in names))
+import datasets, lightning, peft, transformers, trl  # noqa: E401,F401  (fail here, not inside a worker)
+PY
+
+work=/tmp/gpu-scale-work
+run_bench() {  # name, extra args...; skipped when less than 150 s of the budget is left
+    local name=$1; shift
+    local left=$((budget - (SECONDS - start)))
+    if [ "$left" -lt 150 ]; then echo "skipped $name: ${left}s of the budget left"; return; fi
+    echo "== $name ($left s left)"
+    timeout "$((left - 10))" "$python" bench/bench_gpu_scale.py --work-dir "$work" --timeout "$((left - 20))" \
+        --json "$out/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 | tee "$out/$name.txt"
+}
+run_bench gpu_scale
+run_bench gpu_scale_no_ckpt --no-gradient-checkpointing
+tar -czf "$out/logs.tar.gz" -C "$work" logs 2>/dev/null
+echo "done in $((SECONDS - start)) s"
