@@ -34,8 +34,8 @@ The same for both libraries:
 - DPO: sigmoid loss, beta 0.1, dropout disabled; the reference is a frozen copy of the initial policy (full
   fine-tuning) or the policy with its adapter disabled (LoRA), evaluated every step.
 
-Each library's own default, left as it is: the optimizer implementation (lit_align ``torch.optim.AdamW``, i.e. the
-foreach kernel on CUDA; TRL ``optim="adamw_torch_fused"``), how log-probabilities are computed (lit_align: logits then
+Each library's own default, left as it is: the optimizer implementation (both torch's fused AdamW on CUDA: lit_align's
+``optimizer.fused`` default, TRL's ``optim="adamw_torch_fused"``; the table's settings record what ran), how log-probabilities are computed (lit_align: logits then
 a float32 cross-entropy, DPO only over completion positions; TRL: its fused, chunked LM-head), batch order, TRL's
 per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on but does nothing under gradient
 checkpointing (checkpointed layers keep no KV cache), so with checkpointing both run full sequences.

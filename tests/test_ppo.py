@@ -264,10 +264,11 @@ def test_value_loss_reaches_the_policy_only_with_a_shared_critic(shared):
 
 
 def test_value_lr_gives_the_head_its_own_learning_rate_on_the_same_schedule():
-    module = _ppo(value_lr=5e-2, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=4))
+    module = _ppo(value_lr=5e-2, optimizer=OptimizerConfig(lr=1e-3, warmup_steps=4, fused=True))
     trainer = _trainer(4)
     trainer.fit(module, _data())
     optimizer = module.optimizers().optimizer
+    assert optimizer.defaults["fused"] and all(g["fused"] for g in optimizer.param_groups)  # kept when regrouped
     head = {id(p) for p in module.value_head.parameters()}
     head_groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
     assert len(head_groups) == 1 and len(head_groups[0]["params"]) == 2

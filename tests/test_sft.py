@@ -107,6 +107,22 @@ def test_scheduler_steps_per_optimizer_step_under_gradient_accumulation(tmp_path
     assert lr == pytest.approx(1.0)  # 3 optimizer steps done (6 micro-batches): the 4th step's warm-up value is 4/4
 
 
+def test_fused_adamw_when_asked_steps_like_the_default_kernels(tmp_path, pairs_file):
+    """optimizer.fused: null keeps torch's default kernels on CPU (fused only by itself on CUDA); true runs the fused
+    kernel, whose updates are the same AdamW's."""
+    trained = {}
+    for fused in (None, True):
+        torch.manual_seed(0)
+        module = SFT(optimizer=OptimizerConfig(lr=1e-2, schedule="constant", weight_decay=0.1, fused=fused))
+        _trainer(tmp_path / str(fused), 3, enable_checkpointing=False).fit(module, datamodule=_data(pairs_file))
+        assert module.trainer.optimizers[0].defaults["fused"] is fused
+        trained[fused] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    start = load_causal_lm("preset:tiny")  # the weights both runs started from
+    assert any(not torch.equal(trained[None][n], p) for n, p in start.named_parameters())  # the steps moved weights
+    for name, weight in trained[None].items():  # 3 steps of lr 1e-2: equal to a thousandth of one step's size
+        torch.testing.assert_close(trained[True][name], weight, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_sft_on_task_suite_lowers_heldout_loss_clearly(tmp_path):
     data = SFTDataModule(tokenizer="preset:tiny", max_length=256, batch_size=16)

@@ -42,6 +42,9 @@ class OptimizerConfig:
     """Decay after warm-up, down to min_lr_ratio * lr at the last step."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
+    fused: bool | None = None
+    """torch's fused AdamW kernel (one kernel per step for all parameters); null: on when every trainable parameter is
+    on a CUDA device and DeepSpeed does not wrap the optimizer, else torch's default (the foreach kernels)."""
 
 
 def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -310,11 +313,23 @@ class AlignmentModule(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        fused = {"fused": True} if self._fused_adamw(decay + no_decay) else {}
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      **fused)
         total = self.total_optimizer_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_decay(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _fused_adamw(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether AdamW runs fused: ``optimizer.fused``, or by itself on CUDA outside DeepSpeed (which steps its own
+        flat partitions with the optimizer it is given; not measured with a fused one)."""
+        if self.optimizer_config.fused is not None:
+            return self.optimizer_config.fused
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        return bool(params) and not isinstance(strategy, DeepSpeedStrategy) and all(p.is_cuda for p in params)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps in the whole run, for the decay schedule (max_steps, or epochs x batches / accumulation)."""

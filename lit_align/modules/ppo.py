@@ -128,7 +128,7 @@ class PPO(OnlineModule):
             g["lr"] = self.optimizer_config.lr  # the old scheduler already scaled it by its first multiplier
         groups.append({"params": list(self.value_head.parameters()), "weight_decay": 0.0, "lr": self.hparams.value_lr})
         optimizer = torch.optim.AdamW(groups, lr=self.optimizer_config.lr, betas=tuple(self.optimizer_config.betas),
-                                      eps=self.optimizer_config.eps)
+                                      eps=self.optimizer_config.eps, fused=optimizer.defaults.get("fused"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
