@@ -18,7 +18,8 @@ Tolerance: 1e-5 absolute on the losses (step 0 differs only by float summation o
 parameter differences that order produces) and 5e-3 relative on the trained weights' sum (Adam turns float noise
 in near-zero gradients into steps of up to lr, see the assertion).
 
-This file is also the DDP worker script: ``python tests/test_ddp_objectives.py --ddp OBJECTIVE OUT``.
+This file is also the 2-process worker script: ``python tests/test_ddp_objectives.py --plan PLAN.json``
+(:func:`launch_two_processes`: one launch runs a module's group of runs one after another).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import subprocess
 import sys
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -251,17 +253,45 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         trainer.save_checkpoint(out / "final.ckpt")  # every process takes part (a file, or a directory of shards)
 
 
-def launch_two_processes(objective: str, out: Path, strategy: str, clip: float | None, steps: int = STEPS,
-                         ckpt_path: str | None = None) -> subprocess.CompletedProcess:
-    """Run this file as the 2-process worker (Lightning's launcher re-executes it for rank 1)."""
+@dataclass(frozen=True)
+class Launch:
+    """One 2-process run of a launch: ``objective`` under ``strategy`` with batch B per process, written to
+    ``<launch root>/<name>``, resumed from the final checkpoint of the launch's earlier run ``resume`` when given."""
+
+    name: str
+    objective: str
+    strategy: str
+    clip: float | None = None
+    steps: int = STEPS
+    resume: str | None = None
+
+
+def launch_two_processes(runs: list[Launch], root: Path) -> Path:
+    """Run ``runs`` one after another in one pair of processes, this file being the worker; returns ``root``.
+
+    Starting a pair costs about 13 s on this machine (process 1 is started by Lightning's launcher once process 0 reaches
+    its first fit, and each imports torch, Lightning, transformers, peft and DeepSpeed), so a test module launches once
+    per group of runs: later trainers in the same processes find the process group made and start no process."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "plan.json").write_text(json.dumps([asdict(r) for r in runs]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, "--ddp", objective, str(out), strategy, str(clip), str(steps),
-                           str(ckpt_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
-    return proc
+    proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    done = [r.name for r in runs if (root / r.name / "rank0.json").exists()]
+    assert proc.returncode == 0, f"exit status {proc.returncode} (runs done: {done}): {proc.stderr[-3000:]}"
+    return root
+
+
+def run_plan(plan: Path) -> None:
+    """The worker: every run of ``plan`` (written by :func:`launch_two_processes`) on 2 processes, in order."""
+    root = plan.parent
+    for r in (Launch(**r) for r in json.loads(plan.read_text())):
+        (root / r.name).mkdir(exist_ok=True)
+        run(r.objective, root / r.name, batch_size=B, devices=2, strategy=r.strategy, clip=r.clip, steps=r.steps,
+            ckpt_path=str(root / r.resume / "final.ckpt") if r.resume else None)
 
 
 _SINGLE_RECORDS: dict[tuple, str] = {}
@@ -287,11 +317,11 @@ def global_losses(out: Path) -> list[float]:
             for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
 
 
-def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float | None = None) -> tuple[list[dict], dict]:
-    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    ddp_out.mkdir()
+def _compare(objective: str, ddp_out: Path, tmp_path: Path, strategy: str = "ddp",
+             clip: float | None = None) -> tuple[list[dict], dict]:
+    """The 2-process run in ``ddp_out`` against the one-process run with the doubled batch (written to tmp_path)."""
+    single_out = tmp_path / "single"
     single_out.mkdir()
-    launch_two_processes(objective, ddp_out, strategy, clip)
     single = run_single(objective, single_out, strategy, clip)
     ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2 and len(single["steps"]) == len(ranks[0]["steps"]) == STEPS
@@ -311,15 +341,22 @@ def _compare(objective: str, tmp_path: Path, strategy: str = "ddp", clip: float 
     return ranks, single
 
 
-def test_dpo_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
-    _, single = _compare("dpo", tmp_path)
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """DPO, ORPO, the reward model and GRPO under DDP, in one launch."""
+    return launch_two_processes([Launch(o, o, "ddp") for o in ("dpo", "orpo", "reward", "grpo")],
+                                tmp_path_factory.mktemp("ddp"))
+
+
+def test_dpo_two_processes_match_one_process_with_the_doubled_batch(ddp_runs, tmp_path):
+    _, single = _compare("dpo", ddp_runs / "dpo", tmp_path)
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # LoRA starts as the identity: policy == reference
     assert losses[-1] < losses[0] - 0.01  # it trains: the comparison is not of constants
 
 
-def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted_nll(tmp_path):
-    ranks, single = _compare("orpo", tmp_path)
+def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted_nll(ddp_runs, tmp_path):
+    ranks, single = _compare("orpo", ddp_runs / "orpo", tmp_path)
     tokens = [(a["tokens"], b["tokens"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
     assert any(a != b for a, b in tokens), tokens  # a plain mean of the processes' NLLs would not be the global one
     losses = [s["loss"] for s in single["steps"]]
@@ -327,13 +364,15 @@ def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # (ZeRO-2 does not touch the model's build)
-def test_reward_model_under_each_strategy_matches_one_process(tmp_path, strategy):
+def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path, strategy):
     """The Bradley-Terry loss is a mean over equal slices of pairs, as DPO's. What is new: the score head is created
     with the model (under ZeRO-3 inside ``zero.Init``, partitioned at birth) and trained fully through peft's
     ``modules_to_save`` copy next to the LoRA adapter; the export (LoRAMerge, gathered under FSDP and ZeRO-3) must be a
     sequence-classification model that scores like the checkpoint's weights."""
     clip = None if strategy == "ddp" else REWARD_CLIP
-    ranks, single = _compare("reward", tmp_path, strategy=strategy, clip=clip)
+    out = (request.getfixturevalue("ddp_runs") if strategy == "ddp"
+           else launch_two_processes([Launch("reward", "reward", strategy, clip)], tmp_path / "two")) / "reward"
+    ranks, single = _compare("reward", out, tmp_path, strategy=strategy, clip=clip)
     # it trains (four batches are too few for the loss to fall reliably on this tiny model): every step's gradient is
     # far from zero, and with a clip the strategy's clipping binds at every step
     assert min(single["grad_norms"]) > 2 * REWARD_CLIP
@@ -341,7 +380,7 @@ def test_reward_model_under_each_strategy_matches_one_process(tmp_path, strategy
         return
     from lit_align.modules.reward import RewardModel, load_reward_model
 
-    final = tmp_path / "ddp" / "final.ckpt"
+    final = out / "final.ckpt"
     if final.is_dir():  # DeepSpeed's partitions, converted to one state dict with Lightning's utility
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -354,14 +393,14 @@ def test_reward_model_under_each_strategy_matches_one_process(tmp_path, strategy
     assert head and head <= trained._trainable_names()  # the trained copy of the head is saved, not the initial one
     assert float(sum(state[k].double().sum() for k in trained._trainable_names())) == pytest.approx(ranks[0]["param_sum"])
     trained.load_state_dict(state, strict=False)
-    exported = load_reward_model(tmp_path / "ddp" / "merged")  # the merged directory, read back as a reward model
+    exported = load_reward_model(out / "merged")  # the merged directory, read back as a reward model
     prompts, completions = ["def f(x):\n", "def g():\n"], ["    return x\n", "    pass\n"]
     torch.testing.assert_close(exported.score(prompts, completions), trained.eval().score(prompts, completions),
                                rtol=1e-4, atol=1e-5)
 
 
-def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(tmp_path):
-    ranks, single = _compare("grpo", tmp_path)
+def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(ddp_runs, tmp_path):
+    ranks, single = _compare("grpo", ddp_runs / "grpo", tmp_path)
     weights = [(a["weight"], b["weight"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
     # the processes hold different numbers of tokens: a plain mean of their losses would not be the global loss
     assert any(a != b for a, b in weights), weights
@@ -369,12 +408,10 @@ def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (6, 8) and sys.argv[1] == "--ddp":
-        run(sys.argv[2], Path(sys.argv[3]), batch_size=B, devices=2, strategy=sys.argv[4],
-            clip=None if sys.argv[5] == "None" else float(sys.argv[5]),
-            **({"steps": int(sys.argv[6]), "ckpt_path": None if sys.argv[7] == "None" else sys.argv[7]}
-               if len(sys.argv) == 8 else {}))
+    if len(sys.argv) == 3 and sys.argv[1] == "--plan":
+        run_plan(Path(sys.argv[2]))
         leave_worker()
     else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --ddp dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full|grpo-full-replicated OUT_DIR ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3 "
-                 "CLIP|None [STEPS CKPT|None] (the worker of this test)")
+        sys.exit("usage: python tests/test_ddp_objectives.py --plan PLAN.json (the worker of these tests; a list of "
+                 "Launch fields: objective dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full|"
+                 "grpo-full-replicated, strategy ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3)")

@@ -161,8 +161,35 @@ DEEPSPEED2_QLORA = pytest.param("deepspeed2-qlora", marks=DEEPSPEED2.marks)
 BF16_TOLERANCE = 5e-3  # bf16 against autocast: 2e-3 (DeepSpeed's bf16 module), 2.6e-3 (FSDP's bf16 gathers) measured
 
 
+LAUNCHES = [("ddp",), ("fsdp-bf16", "fsdp-qlora"), ("deepspeed2", "deepspeed2-qlora"), ("deepspeed3-bf16",)]
+"""The 2-process runs, one launch per strategy (a pair of processes costs ~13 s to start; later runs in it reuse it)."""
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """The directory of a strategy's 2-process run (``<launch>/<strategy>``), its launch started when first asked for;
+    the rows they train on are in ``rows.jsonl`` beside the launches."""
+    root = tmp_path_factory.mktemp("sft")
+    data_file = write_rows(root / "rows.jsonl")
+    launched: set[tuple[str, ...]] = set()
+
+    def runs(strategy: str) -> tuple[Path, Path]:
+        group = next(g for g in LAUNCHES if strategy in g)
+        out = root / "-".join(group)
+        if group not in launched:
+            out.mkdir()
+            env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                       TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+            proc = subprocess.run([sys.executable, __file__, "--ddp", str(out), str(data_file), ",".join(group)],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            launched.add(group)
+        return out / strategy, data_file
+    return runs
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp-bf16", "fsdp-qlora", DEEPSPEED2, DEEPSPEED2_QLORA, DEEPSPEED3_BF16])
-def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strategy):
+def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
     ZeRO-2 (gradients and optimizer state partitioned) and ZeRO-3 (weights too) with sft_deepspeed_zero2/3.yaml's.
@@ -173,14 +200,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
     matched to 3e-7 when run by hand; left out of the suite for time.)"""
-    data_file = write_rows(tmp_path / "rows.jsonl")
-    ddp_out = tmp_path / "ddp"
-    ddp_out.mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run([sys.executable, __file__, "--ddp", str(ddp_out), str(data_file), strategy], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp_out, data_file = sft_runs(strategy)
     single_out = tmp_path / "single"
     single_out.mkdir()
     run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
@@ -218,8 +238,11 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, strate
 
 if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "--ddp":
-        run_sft(Path(sys.argv[3]), Path(sys.argv[2]), batch_size=B, devices=2, strategy=(sys.argv[4:] or ["ddp"])[0])
+        for name in (sys.argv[4:] or ["ddp"])[0].split(","):  # one after another in the same 2 processes
+            (Path(sys.argv[2]) / name).mkdir(exist_ok=True)
+            run_sft(Path(sys.argv[3]), Path(sys.argv[2]) / name, batch_size=B, devices=2, strategy=name)
         leave_worker()
     else:
-        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [ddp|fsdp|deepspeed2|deepspeed3] "
-                 "(the worker of this test)")
+        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [STRATEGY[,STRATEGY...]] (STRATEGY: "
+                 "ddp|fsdp|deepspeed2|deepspeed3, optionally -bf16 or -qlora; the worker of this test, each run "
+                 "written to OUT_DIR/STRATEGY)")

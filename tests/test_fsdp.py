@@ -17,15 +17,29 @@ RAFT in tests/test_online_ddp.py).
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
-from test_ddp_objectives import STEPS, TOLERANCE, _compare, global_losses, launch_two_processes, run_single
+from test_ddp_objectives import STEPS, TOLERANCE, Launch, _compare, global_losses, launch_two_processes, run_single
 
 CLIP = 0.05
+RUNS = [Launch(o, o, "fsdp", CLIP) for o in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "grpo", "grpo-full",
+                                            "grpo-full-replicated")] + [
+    Launch("dpo-first", "dpo", "fsdp-sharded", CLIP, steps=2),  # sharded checkpoint, then a resume from it
+    Launch("dpo-resumed", "dpo", "fsdp-sharded", CLIP, resume="dpo-first"),
+    Launch("grpo-first", "grpo", "fsdp", CLIP, steps=2),  # an online objective's full checkpoint, then a resume
+    Launch("grpo-resumed", "grpo", "fsdp", CLIP, resume="grpo-first")]
 
 
-def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(tmp_path):
-    ranks, single = _compare("dpo", tmp_path, strategy="fsdp", clip=CLIP)
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> Path:
+    """Every 2-process run of this file, in one launch."""
+    return launch_two_processes(RUNS, tmp_path_factory.mktemp("fsdp"))
+
+
+def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(fsdp_runs, tmp_path):
+    ranks, single = _compare("dpo", fsdp_runs / "dpo", tmp_path, strategy="fsdp", clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP  # clipping binds at every step: the norm over all shards matters
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
@@ -33,14 +47,14 @@ def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(tmp_path)
     from lit_align.models import LoRAConfig
     from lit_align.modules.dpo import DPO
 
-    ckpt = torch.load(tmp_path / "ddp" / "final.ckpt", weights_only=False)
+    ckpt = torch.load(fsdp_runs / "dpo" / "final.ckpt", weights_only=False)
     fresh = DPO(beta=0.1, lora=LoRAConfig(r=4, dropout=0.0))
     fresh.configure_model()
     assert ckpt["lit_align_trainable_only"] and set(ckpt["state_dict"]) == fresh._trainable_names()
     assert float(sum(v.double().sum() for v in ckpt["state_dict"].values())) == pytest.approx(ranks[0]["param_sum"])
     # LoRAMerge gathered the shards and exported base + adapter: its logits are the trained adapter model's
     fresh.load_state_dict(ckpt["state_dict"], strict=False)
-    _assert_same_logits(tmp_path / "ddp" / "merged", fresh.model)
+    _assert_same_logits(fsdp_runs / "dpo" / "merged", fresh.model)
 
 
 def _assert_same_logits(merged_dir, model) -> None:
@@ -53,17 +67,17 @@ def _assert_same_logits(merged_dir, model) -> None:
 
 
 @pytest.mark.parametrize("placement", ["shard", "replicate"])
-def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under_fsdp(tmp_path, placement):
+def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under_fsdp(fsdp_runs, tmp_path, placement):
     """No LoRA: every weight trains and the reference is a frozen copy of the initial policy. reference_placement
     shard: a submodule FSDP shards with one unit per block; replicate: a whole copy per process, untouched by FSDP."""
-    ranks, single = _compare("dpo-full" if placement == "shard" else "dpo-full-replicated", tmp_path, strategy="fsdp",
-                             clip=CLIP)
+    name = "dpo-full" if placement == "shard" else "dpo-full-replicated"
+    ranks, single = _compare(name, fsdp_runs / name, tmp_path, strategy="fsdp", clip=CLIP)
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
     # the exported full fine-tuned policy is the trained one: its weights sum to what both processes hold
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(fsdp_runs / name / "merged")
     assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     whole = single["reference"]["local_numel"]
     assert single["reference"]["fsdp_units"] == 0
@@ -74,55 +88,47 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
             assert rank["reference"] == {"fsdp_units": 0, "partitioned": False, "local_numel": whole}
 
 
-def test_orpo_under_fsdp_matches_one_process(tmp_path):
+def test_orpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path):
     """ORPO's NLL term is a token mean over both processes' chosen tokens (the halves hold different counts)."""
-    ranks, single = _compare("orpo", tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare("orpo", fsdp_runs / "orpo", tmp_path, strategy="fsdp", clip=CLIP)
     assert any(a["tokens"] != b["tokens"] for a, b in zip(ranks[0]["steps"], ranks[1]["steps"]))
     losses = [s["loss"] for s in single["steps"]]
     assert losses[-1] < losses[0] - 0.01
 
 
-def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(tmp_path):
+def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(fsdp_runs, tmp_path):
     """2 steps, a sharded checkpoint (a directory of per-process shards), then a 2-process resume to step 4: its
     steps 3-4 are those of an uninterrupted one-process run (weights, optimizer state and data position restored)."""
-    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
-    for d in (first, resumed, single):
-        d.mkdir()
-    launch_two_processes("dpo", first, "fsdp-sharded", CLIP, steps=2)
+    first, resumed = fsdp_runs / "dpo-first", fsdp_runs / "dpo-resumed"
     ckpt = first / "final.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per process
-    launch_two_processes("dpo", resumed, "fsdp-sharded", CLIP, steps=STEPS, ckpt_path=str(ckpt))
-    one = [s["loss"] for s in run_single("dpo", single, "fsdp-sharded", CLIP)["steps"]]
+    one = [s["loss"] for s in run_single("dpo", tmp_path, "fsdp-sharded", CLIP)["steps"]]
     before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(tmp_path):
+def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(fsdp_runs, tmp_path):
     """GRPO with LoRA, 2 steps, a full checkpoint (rank 0's file, the adapter only), then a 2-process resume to step 4:
     its steps are those of an uninterrupted one-process run. Lightning's FSDP strategy loads (and removes) the state
     dict before the module's on_load_checkpoint sees the checkpoint: the module checks the names saved beside it."""
-    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
-    for d in (first, resumed, single):
-        d.mkdir()
-    launch_two_processes("grpo", first, "fsdp", CLIP, steps=2)
+    first, resumed = fsdp_runs / "grpo-first", fsdp_runs / "grpo-resumed"
     ckpt = torch.load(first / "final.ckpt", weights_only=False)
     assert ckpt["lit_align_trainable_only"] and ckpt["lit_align_trainable_names"] == sorted(ckpt["state_dict"])
-    launch_two_processes("grpo", resumed, "fsdp", CLIP, steps=STEPS, ckpt_path=str(first / "final.ckpt"))
-    one = [s["loss"] for s in run_single("grpo", single, "fsdp", CLIP)["steps"]]
+    one = [s["loss"] for s in run_single("grpo", tmp_path, "fsdp", CLIP)["steps"]]
     before, after = global_losses(first), global_losses(resumed)
     assert len(before) == 2 and len(after) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
 @pytest.mark.parametrize("objective", ["grpo", "grpo-full", "grpo-full-replicated"])
-def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
+def test_grpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path, objective):
     """Online objectives step inside training_step, so they wrap their networks in FSDP units themselves
     (OnlineModule.shard_with_fsdp: the policy, with LoRA or fully trained, and the frozen reference copy, each its own
     root; or with reference_placement replicate a whole reference per process, untouched by FSDP) and the step runs
     outside any FSDP forward. Clipping binds at every step: the norm is taken over every root's shards on both
     processes."""
-    ranks, single = _compare(objective, tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare(objective, fsdp_runs / objective, tmp_path, strategy="fsdp", clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP
     if objective == "grpo-full-replicated":
@@ -133,10 +139,10 @@ def test_grpo_under_fsdp_matches_one_process(tmp_path, objective):
         # LoRAMerge gathered the policy's shards: the export holds the trained weights
         from transformers import AutoModelForCausalLM
 
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(fsdp_runs / objective / "merged")
         assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     elif objective == "grpo":  # the full checkpoint holds the trained adapter under its unwrapped names
-        ckpt = torch.load(tmp_path / "ddp" / "final.ckpt", weights_only=False)
+        ckpt = torch.load(fsdp_runs / objective / "final.ckpt", weights_only=False)
         adapter = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
         assert ckpt["lit_align_trainable_only"] and adapter and set(adapter) == set(ckpt["state_dict"])
         assert float(sum(v.double().sum() for v in adapter.values())) == pytest.approx(ranks[0]["param_sum"])
