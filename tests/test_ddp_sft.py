@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
+import torch
 
 from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
 from worker_exit import leave_worker
@@ -47,15 +48,25 @@ def write_rows(path: Path, n: int = 40) -> Path:
 
 
 class Recorder(L.Callback):
-    """Per-step loss and row fingerprints (sum of token ids) of this process, written to ``out/rank{r}.json``."""
+    """Per-batch loss and row fingerprints (sum of token ids) of this process, and the gradient norm of each optimizer
+    step before clipping (the averaged gradient's: DDP's, or DeepSpeed's own global norm; not recorded under FSDP),
+    written to ``out/rank{r}.json``."""
 
     def __init__(self, out: Path):
-        self.out, self.losses, self.rows, self.tokens = out, [], [], []
+        self.out, self.losses, self.rows, self.tokens, self.grad_norms = out, [], [], [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.detach().double() for p in pl_module.parameters() if p.grad is not None]
+        if grads and trainer.strategy.__class__.__name__ != "CPUFSDPStrategy":  # whole gradients (DDP, one process)
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
         self.rows.append([int(r.sum()) for r in batch["input_ids"]])
         self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)  # DeepSpeed keeps gradients in its partitions
+        if engine is not None and len(self.losses) % trainer.accumulate_grad_batches == 0:  # this batch ended a step
+            self.grad_norms.append(float(engine.get_global_grad_norm()))
 
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -72,7 +83,8 @@ class Recorder(L.Callback):
         masters = getattr(getattr(trainer.strategy, "deepspeed_engine", None), "optimizer", None)
         masters = getattr(masters, "fp32_partitioned_groups_flat", None) or []  # ZeRO-3's optimizer partitions
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"losses": self.losses, "rows": self.rows, "tokens": self.tokens, "world_size": trainer.world_size,
+            {"losses": self.losses, "rows": self.rows, "tokens": self.tokens, "grad_norms": self.grad_norms,
+             "world_size": trainer.world_size,
              "param_sum": param_sum, "dtypes": sorted({str(p.dtype) for p in pl_module.parameters()}),
              "master_dtypes": sorted({str(t.dtype) for t in masters}),
              "fsdp_compute_dtype": str(getattr(getattr(root, "mixed_precision", None), "param_dtype", None)),
@@ -88,9 +100,9 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     own gradient checkpointing, norm clipping), on CPU through tests/fsdp_cpu.py; "deepspeed2"/"deepspeed3": those of
     sft_deepspeed_zero2/3.yaml (ZeRO stage 2 or 3, gradient checkpointing, clipping by DeepSpeed), on CPU through
     tests/deepspeed_cpu.py; a "-bf16" suffix: ``precision: bf16-mixed``, as those configs have; "-qlora": LoRA r=8 over
-    a 4-bit base. The single process (devices=1) runs the same settings without a strategy."""
-    import torch
-
+    a 4-bit base; "-accum": the processes' micro-batches are halved and accumulated over 2 (the same examples per
+    optimizer step), batches unsorted by length (so the single process's batch is the window's micro-batches in
+    order). The single process (devices=1) runs the same settings without a strategy or accumulation."""
     from lit_align.data_modules.sft import SFTDataModule
     from lit_align.data_modules.sources import DataSource
     from lit_align.models import LoRAConfig
@@ -101,6 +113,7 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     L.seed_everything(0, verbose=False)
     strategy, _, precision = strategy.partition("-")  # "deepspeed3-bf16" -> "deepspeed3", "bf16"
     sharded = strategy != "ddp"
+    accumulate = 2 if precision == "accum" and devices > 1 else 1
     qlora = {"lora": LoRAConfig(r=8, dropout=0.0), "quantize_4bit": True} if precision == "qlora" else {}
     module = SFT(model_name_or_path="preset:tiny", optimizer=OptimizerConfig(lr=1e-2 if qlora else 1e-3,
                                                                              schedule="constant"),
@@ -117,11 +130,11 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
 
         chosen = CPUDeepSpeedStrategy(stage=int(strategy[-1]))
     data = SFTDataModule(train_sources=[DataSource(path=str(data_file))], val_fraction=0.0, max_length=256,
-                         batch_size=batch_size, tokenizer="preset:tiny")
+                         batch_size=batch_size // accumulate, tokenizer="preset:tiny", group_by_length=precision != "accum")
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=chosen, gradient_clip_val=CLIP if sharded else None,
                         precision="bf16-mixed" if precision == "bf16" else "32-true",
-                        use_distributed_sampler=False, max_steps=STEPS, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accumulate_grad_batches=accumulate, use_distributed_sampler=False, max_steps=STEPS,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Recorder(out)])
     trainer.fit(module, datamodule=data)
 
@@ -158,10 +171,12 @@ def test_sampler_refuses_lightnings_distributed_sampler_with_advice():
 # ------------------------------------------------------------------------------------------------ DDP vs doubled batch
 DEEPSPEED3_BF16 = pytest.param("deepspeed3-bf16", marks=DEEPSPEED3.marks)
 DEEPSPEED2_QLORA = pytest.param("deepspeed2-qlora", marks=DEEPSPEED2.marks)
+DEEPSPEED2_ACCUM = pytest.param("deepspeed2-accum", marks=DEEPSPEED2.marks)
 BF16_TOLERANCE = 5e-3  # bf16 against autocast: 2e-3 (DeepSpeed's bf16 module), 2.6e-3 (FSDP's bf16 gathers) measured
 
 
-LAUNCHES = [("ddp",), ("fsdp-bf16", "fsdp-qlora"), ("deepspeed2", "deepspeed2-qlora"), ("deepspeed3-bf16",)]
+LAUNCHES = [("ddp", "ddp-accum"), ("fsdp-bf16", "fsdp-qlora"), ("deepspeed2", "deepspeed2-qlora", "deepspeed2-accum"),
+            ("deepspeed3-bf16",)]
 """The 2-process runs, one launch per strategy (a pair of processes costs ~13 s to start; later runs in it reuse it)."""
 
 
@@ -236,6 +251,30 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
         assert ranks[0]["local_numel"] == ranks[1]["local_numel"] == single["local_numel"] // share
 
 
+@pytest.mark.parametrize("strategy", ["ddp-accum", DEEPSPEED2_ACCUM])
+def test_accumulated_micro_batches_on_two_processes_step_like_one_batch(sft_runs, tmp_path, strategy):
+    """Each of 2 processes accumulates 2 micro-batches of B/2 per optimizer step, so step k trains on the same 2B
+    examples as the single process's batch k. The step's gradient equals the single process's to 1e-5 (relative):
+    SFTDataModule tags each micro-batch with its window's completion tokens over both processes, so every token of the
+    step weighs the same (averaging the micro-batches' token means instead is 1-2% off on this data). Under DeepSpeed,
+    whose engine divides the loss by the accumulation again after Lightning has, the gradient was also half of it."""
+    ddp_out, data_file = sft_runs(strategy)
+    single_out = tmp_path / "single"
+    single_out.mkdir()
+    run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
+
+    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((single_out / "rank0.json").read_text())
+    assert len(ranks[0]["rows"]) == 2 * STEPS and len(single["grad_norms"]) == len(ranks[0]["grad_norms"]) == STEPS
+    for k in range(STEPS):  # the window's micro-batches, each rank 0's half first, are the single process's batch
+        assert [row for m in (2 * k, 2 * k + 1) for r in (0, 1) for row in ranks[r]["rows"][m]] == single["rows"][k]
+    assert len(set(ranks[0]["tokens"] + ranks[1]["tokens"])) > 2  # micro-batches of different token counts
+    assert ranks[0]["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-5)
+    assert min(single["grad_norms"]) > 2 * CLIP or strategy == "ddp-accum"  # DeepSpeed's clipping binds
+    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
+    assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
+
+
 if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "--ddp":
         for name in (sys.argv[4:] or ["ddp"])[0].split(","):  # one after another in the same 2 processes
@@ -244,5 +283,5 @@ if __name__ == "__main__":
         leave_worker()
     else:
         sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [STRATEGY[,STRATEGY...]] (STRATEGY: "
-                 "ddp|fsdp|deepspeed2|deepspeed3, optionally -bf16 or -qlora; the worker of this test, each run "
+                 "ddp|fsdp|deepspeed2|deepspeed3, optionally -bf16, -qlora or -accum; the worker of this test, each run "
                  "written to OUT_DIR/STRATEGY)")

@@ -39,8 +39,9 @@ def _trainer(tmp_path, max_steps, callbacks=(), **kw):
 
 
 def _data(pairs_file, **kw):
+    kw.setdefault("batch_size", 4)
     return SFTDataModule(train_sources=[DataSource(path=pairs_file)], val_fraction=0.0, tokenizer="preset:tiny",
-                         batch_size=4, max_length=128, **kw)
+                         max_length=128, **kw)
 
 
 def _module():
@@ -105,6 +106,34 @@ def test_scheduler_steps_per_optimizer_step_under_gradient_accumulation(tmp_path
     _trainer(tmp_path, 3, accumulate_grad_batches=2).fit(module, datamodule=_data(pairs_file))
     lr = module.trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(1.0)  # 3 optimizer steps done (6 micro-batches): the 4th step's warm-up value is 4/4
+
+
+def test_accumulation_windows_follow_lightnings_steps_and_limit_train_batches(tmp_path, pairs_file):
+    """Micro-batches 0-1 step together, and micro-batch 2 alone where limit_train_batches=3 ends the epoch: each
+    carries the completion tokens of its own step's micro-batches (the trainer's accumulation and limit, read when
+    the epoch's batches are drawn), and the step's gradient is that of one batch of those micro-batches."""
+    seen, grads = [], []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((int(batch["window_tokens"]), int((batch["labels"][:, 1:] != -100).sum())))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).clone())
+
+    torch.manual_seed(0)
+    module = SFT(optimizer=OptimizerConfig(lr=0.0, schedule="constant"))  # lr 0: every step at the same weights
+    _trainer(tmp_path, -1, [Watch()], max_epochs=1, limit_train_batches=3, accumulate_grad_batches=2,
+             enable_checkpointing=False).fit(module, datamodule=_data(pairs_file, group_by_length=False, batch_size=2))
+    (w0, t0), (w1, t1), (w2, t2) = seen
+    assert w0 == w1 == t0 + t1 and w2 == t2 and t0 != t1 and len(grads) == 2
+    torch.manual_seed(0)  # the first step's two micro-batches as one batch of 4
+    whole = SFT(optimizer=OptimizerConfig(lr=0.0, schedule="constant"))
+    seen.clear()
+    _trainer(tmp_path / "whole", 1, [Watch()], enable_checkpointing=False).fit(
+        whole, datamodule=_data(pairs_file, group_by_length=False, batch_size=4))
+    assert seen == [(t0 + t1, t0 + t1)]
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
 
 
 def test_fused_adamw_when_asked_steps_like_the_default_kernels(tmp_path, pairs_file):

@@ -108,6 +108,45 @@ def test_length_grouped_sampler_is_seeded_complete_and_sharded():
     assert list(s) == first[5:] and list(s) == first  # the skip applies to one iteration only
 
 
+def test_batches_are_tagged_with_their_accumulation_windows_tokens_over_every_rank():
+    """window_tokens: the target tokens of the batch's window of 3 global batches (both ranks' shares), windows
+    from the epoch's first batch; the last window ends with the epoch, or where limit_train_batches cuts it."""
+    import pickle
+
+    from lit_align.data_modules.sampler import TaggedBatch
+
+    lengths = [(i * 37) % 101 for i in range(103)]
+    targets = [1 + i % 5 for i in range(103)]
+    plan = [(3, None)]
+
+    def ranks():
+        return [list(LengthGroupedBatchSampler(lengths, 4, seed=3, num_replicas=2, rank=r, target_tokens=targets,
+                                               accumulation=lambda: plan[0])) for r in (0, 1)]
+
+    r0, r1 = ranks()
+    assert len(r0) == 12 and all(isinstance(b, TaggedBatch) for b in r0 + r1)
+    per_step = [sum(targets[i] for i in a + b) for a, b in zip(r0, r1)]
+    expected = [sum(per_step[s:s + 3]) for s in range(0, 12, 3) for _ in range(3)]
+    assert [b.window_tokens for b in r0] == [b.window_tokens for b in r1] == expected
+    plan[0] = (5, 7)  # 5 per step, the epoch cut to 7 batches: windows [0, 5) and [5, 7)
+    r0, _ = ranks()
+    assert [b.window_tokens for b in r0[:7]] == [sum(per_step[:5])] * 5 + [sum(per_step[5:7])] * 2
+    assert pickle.loads(pickle.dumps(r0[6])).window_tokens == r0[6].window_tokens  # to DataLoader workers
+    untagged = list(LengthGroupedBatchSampler(lengths, 4, seed=3, num_replicas=2, rank=0))
+    assert untagged == [list(b) for b in r0] and not any(isinstance(b, TaggedBatch) for b in untagged)
+    with pytest.raises(ValueError, match="target_tokens has 2 entries for 103 examples"):
+        LengthGroupedBatchSampler(lengths, 4, target_tokens=[1, 2])
+
+
+def test_sft_training_batches_carry_window_tokens_through_dataloader_workers(pairs_file):
+    """Without a trainer the window is one batch: its own completion tokens. Validation batches carry no tag."""
+    dm = _dm(DataSource(path=pairs_file), val_fraction=0.2, batch_size=3, num_workers=1)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert batches and all(int(b["window_tokens"]) == int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    assert all("window_tokens" not in b for b in dm.val_dataloader())
+
+
 def test_task_suite_mixed_quality_replaces_the_given_share_with_incorrect_solutions():
     from lit_align.data_modules.task_suite import load_task_suite
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import lightning.pytorch as L
+import torch
 from torch.utils.data import DataLoader
 
-from lit_align.data_modules.sampler import LengthGroupedBatchSampler
+from lit_align.data_modules.sampler import LengthGroupedBatchSampler, TaggedBatch
 from lit_align.data_modules.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,20 @@ class ListDataset:
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's examples; a :class:`TaggedBatch` of indices gives a TaggedBatch of examples (the tag kept)."""
+        items = [self.items[i] for i in indices]
+        return TaggedBatch(items, indices.window_tokens) if isinstance(indices, TaggedBatch) else items
+
+
+def collate_with_window_tokens(collate: Callable, items: list):
+    """``collate(items)``, plus ``window_tokens`` (a 0-d int64 tensor) when the items carry an accumulation window's
+    target-token count (:class:`TaggedBatch`)."""
+    batch = collate(items)
+    if isinstance(items, TaggedBatch):
+        batch["window_tokens"] = torch.tensor(items.window_tokens)
+    return batch
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -126,19 +143,39 @@ class TokenizedDataModule(L.LightningDataModule):
     def length(self, item) -> int:
         raise NotImplementedError
 
+    def target_tokens(self, item) -> int | None:
+        """The number of tokens a token-mean loss averages over in ``item``; None (the default) when the module's
+        loss is not a token mean. Given, training batches carry ``window_tokens`` (see ``_batch_sampler``)."""
+        return None
+
     def collate(self, items: list):
         raise NotImplementedError
 
     # -- loaders --------------------------------------------------------------------------------------------------
     def _batch_sampler(self, items: list, batch_size: int, shuffle: bool) -> LengthGroupedBatchSampler:
+        """Training batches (``shuffle``) of a DataModule with ``target_tokens`` are tagged with their accumulation
+        window's token count over every process, the window being the trainer's ``accumulate_grad_batches``."""
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        targets = [self.target_tokens(x) for x in items] if shuffle and items else None
+        tagged = targets is not None and targets[0] is not None
         return LengthGroupedBatchSampler([self.length(x) for x in items], batch_size, shuffle=shuffle, seed=self.seed,
-                                         group_by_length=self.group_by_length, num_replicas=replicas, rank=rank)
+                                         group_by_length=self.group_by_length, num_replicas=replicas, rank=rank,
+                                         target_tokens=targets if tagged else None,
+                                         accumulation=self._accumulation if tagged else None)
+
+    def _accumulation(self) -> tuple[int, int | None]:
+        """(micro-batches per optimizer step, batches the epoch trains on, None for all) from the attached trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, None
+        limit = getattr(trainer, "num_training_batches", math.inf)  # limit_train_batches applied (set before iterating)
+        return int(trainer.accumulate_grad_batches), None if not math.isfinite(limit) else int(limit)
 
     def _loader(self, items: list, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
         return DataLoader(ListDataset(items), batch_sampler=self._batch_sampler(items, batch_size, shuffle),
-                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          collate_fn=partial(collate_with_window_tokens, collate), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_items:

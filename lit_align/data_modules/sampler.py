@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch.utils.data import Sampler
 
@@ -18,7 +18,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     ``batch_size * num_replicas`` examples (grouped by length at that size) and rank ``r`` takes the ``r``-th slice of
     ``batch_size`` examples of every global batch. So N processes with ``batch_size=B`` see, step for step, exactly the
     examples one process with ``batch_size=N*B`` sees, and DDP's averaged gradient is that of the doubled batch up to
-    the loss reduction (a mean of per-rank means, see docs/scaling.md). A last, incomplete global batch is dropped
+    the loss reduction (a mean of per-rank losses; token means are rescaled for it, see docs/scaling.md). A last, incomplete global batch is dropped
     when shuffling (training), so every step's global batch is full and all ranks step together; without shuffling
     (evaluation) it is split as evenly as possible between the ranks, so no example is lost (dropped only when it has
     fewer examples than ranks). Lightning must not re-wrap this sampler with its own distributed sampler:
@@ -27,11 +27,21 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Resuming mid-epoch: ``skip_batches(n)`` makes the next iteration start after the first ``n`` batches of the
     epoch's order; Lightning restores the epoch through ``set_epoch``, so a resumed run sees the same batches as an
     uninterrupted one.
+
+    Token-weighted gradient accumulation (``target_tokens``: per example, the number of tokens its loss averages
+    over): every batch is then a :class:`TaggedBatch` whose ``window_tokens`` is the target-token count of its whole
+    accumulation window, i.e. of the ``accumulation()[0]`` consecutive global batches of the epoch it belongs to (every
+    rank's share; windows start at the epoch's first batch, as Lightning's do, and the last one ends with the epoch,
+    cut to ``accumulation()[1]`` batches when given, as ``limit_train_batches`` cuts it). A token-mean loss divided
+    by it weighs every token of an optimizer step the same, however the step's tokens fall into micro-batches and
+    processes. ``accumulation`` is read at each epoch's start (Lightning's GradientAccumulationScheduler may change it).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  group_by_length: bool = True, group_window: int = 50, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0, min_batches: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, min_batches: int = 0,
+                 target_tokens: Sequence[int] | None = None,
+                 accumulation: Callable[[], tuple[int, int | None]] | None = None) -> None:
         if isinstance(lengths, Sampler):
             raise TypeError(
                 "LengthGroupedBatchSampler got a sampler instead of example lengths: Lightning tried to inject its "
@@ -53,6 +63,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.min_batches = min_batches
         """Yield empty batches after the real ones up to this many: evaluation shards of different sizes then give
         every process as many steps (needed where every forward pass is collective: FSDP, DeepSpeed ZeRO-3)."""
+        if target_tokens is not None and len(target_tokens) != len(self.lengths):
+            raise ValueError(f"target_tokens has {len(target_tokens)} entries for {len(self.lengths)} examples")
+        self.target_tokens = None if target_tokens is None else list(target_tokens)
+        self.accumulation = accumulation
         self.epoch = 0
         self._skip = 0
 
@@ -77,7 +91,21 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches.pop()
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
-        return [self._rank_slice(b) for b in batches]
+        if self.target_tokens is None:
+            return [self._rank_slice(b) for b in batches]
+        return self._tagged(batches)
+
+    def _tagged(self, batches: list[list[int]]) -> list[TaggedBatch]:
+        """This rank's slices, each tagged with the target tokens of its accumulation window (all ranks')."""
+        every, limit = self.accumulation() if self.accumulation is not None else (1, None)
+        every = max(int(every), 1)
+        trained = len(batches) if limit is None else min(len(batches), int(limit))  # batches the epoch trains on
+        tagged = []
+        for start in range(0, len(batches), every):
+            end = min(start + every, trained if start < trained else len(batches))
+            window = sum(self.target_tokens[i] for b in batches[start:end] for i in b)
+            tagged += [TaggedBatch(self._rank_slice(b), window) for b in batches[start:start + every]]
+        return tagged
 
     def _drops_remainder(self, remainder: int) -> bool:
         return self.num_replicas > 1 and (self.shuffle or remainder < self.num_replicas)
@@ -102,3 +130,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         full, remainder = divmod(len(self.lengths), self.batch_size * self.num_replicas)
         keeps_remainder = remainder > 0 and not self.drop_last and not self._drops_remainder(remainder)
         return max(full + keeps_remainder, self.min_batches)
+
+
+class TaggedBatch(list):
+    """A list (a batch's indices, then its examples) carrying ``window_tokens``: the target tokens of its accumulation
+    window over every process (see :class:`LengthGroupedBatchSampler`). ``ListDataset`` and the DataModules' collate
+    pass the tag on, so it reaches the module as ``batch["window_tokens"]``."""
+
+    def __init__(self, items, window_tokens: int) -> None:
+        super().__init__(items)
+        self.window_tokens = int(window_tokens)

@@ -8,6 +8,7 @@ import random
 from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.data_modules.collate import encode_example, pack_examples, pad_batch, pad_packed_batch
 from lit_align.data_modules.sources import DataError, DataSource, load_prompt_completions, mix
+from lit_align.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class SFTDataModule(TokenizedDataModule):
 
     def length(self, item: dict[str, list[int]]) -> int:
         return len(item["input_ids"])
+
+    def target_tokens(self, item: dict[str, list[int]]) -> int:
+        """Completion tokens SFT's loss averages over (labels after the first position, as the shifted loss sees them)."""
+        return sum(label != IGNORE_INDEX for label in item["labels"][1:])
 
     def collate(self, items: list[dict[str, list[int]]]):
         pad = self.tokenizer.pad_token_id

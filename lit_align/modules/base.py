@@ -263,7 +263,21 @@ class AlignmentModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement shared_step(batch, stage)")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        return self.shared_step(batch, "train") * self._deepspeed_accumulation_correction()
+
+    def _deepspeed_accumulation_correction(self) -> int:
+        """Under DeepSpeed with ``accumulate_grad_batches`` k > 1, both Lightning (its closure) and DeepSpeed's engine
+        (``backward`` scales by its ``gradient_accumulation_steps``, which Lightning sets to k) divide the loss by k:
+        the gradient came out k times too small, and DeepSpeed's gradient clipping let through k times the set norm.
+        The returned loss is multiplied by k there (1 elsewhere), so the step is the mean over its micro-batches."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, DeepSpeedStrategy):
+            return 1
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        steps = engine.gradient_accumulation_steps() if engine is not None else trainer.accumulate_grad_batches
+        return int(steps)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")
@@ -423,19 +437,30 @@ class AlignmentModule(L.LightningModule):
         t = torch.as_tensor(value, dtype=torch.float32, device=self.device)
         return self.trainer.strategy.reduce(t.clone(), reduce_op="mean") if self._world_size() > 1 else t
 
-    def global_token_mean(self, loss: Tensor, n_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def global_token_mean(self, loss: Tensor, n_tokens: Tensor,
+                          window_tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(loss to back-propagate, global token-mean loss, global token count) from this process's token mean.
 
         DDP averages gradients over processes, so a token mean per process would weigh a token on a process with
         fewer tokens more. With one process the loss is returned as is; with N, the loss to back-propagate is
         ``loss * N * n / total``, whose gradient averaged over processes is that of ``sum over all tokens / total``
-        (one all-reduce of two numbers)."""
+        (one all-reduce of two numbers).
+
+        ``window_tokens`` (the batch's tag from a DataModule with ``target_tokens``): the tokens of the whole
+        accumulation window over every process. The loss to back-propagate is then ``loss * N * k * n / window``
+        (k = ``accumulate_grad_batches``, which Lightning divides by), so the optimizer step's gradient is that of
+        the token mean over every token of its k micro-batches on every process, as one process with the whole
+        window as a single batch computes it; without the tag, accumulation averages the micro-batches' means."""
         world = self._world_size()
+        scale = None
+        if window_tokens is not None:
+            every = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+            scale = world * every * n_tokens / window_tokens.to(loss.device).clamp(min=1)
         if world <= 1:
-            return loss, loss.detach(), n_tokens.detach().float()
+            return loss if scale is None else loss * scale, loss.detach(), n_tokens.detach().float()
         sums = self.global_sum(torch.stack([loss.detach().float() * n_tokens, n_tokens.float()]))
         total = sums[1].clamp(min=1)
-        return loss * (world * n_tokens / total), sums[0] / total, sums[1]
+        return loss * (world * n_tokens / total if scale is None else scale), sums[0] / total, sums[1]
 
     # ------------------------------------------------------------------ logging helpers
     def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int, prog_bar: tuple[str, ...] = ("loss",)) -> None:

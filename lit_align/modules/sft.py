@@ -22,8 +22,13 @@ class SFT(AlignmentModule):
     process with the whole global batch would compute it: DDP averages gradients over processes, so each process
     scales its own token mean by ``world_size * its tokens / all tokens`` (``global_token_mean``, one all-reduce of
     two numbers per step).
-    The logged step ``loss`` and ``tokens`` are the global figures too. Gradient accumulation still averages the
-    micro-batches' token means (the tokens of later micro-batches are not known yet).
+    The logged step ``loss`` and ``tokens`` are the global figures too (of the micro-batch).
+
+    Gradient accumulation is token-weighted as well: :class:`~lit_align.data_modules.sft.SFTDataModule` tags each
+    training batch with its accumulation window's completion tokens over every process (``window_tokens``), and
+    the loss is scaled so that an optimizer step's gradient is that of the token mean over all its micro-batches, as
+    one process with the whole window in one batch computes it. With another DataModule (no tag) accumulation
+    averages the micro-batches' token means.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -40,7 +45,7 @@ class SFT(AlignmentModule):
         loss = self.compute_loss(logits, batch["labels"])
         n_tokens = (batch["labels"][:, 1:] != losses.IGNORE_INDEX).sum()
         if stage == "train":
-            loss, logged, tokens = self.global_token_mean(loss, n_tokens)
+            loss, logged, tokens = self.global_token_mean(loss, n_tokens, batch.get("window_tokens"))
             self.log_metrics(stage, {"loss": logged, "tokens": tokens}, batch_size=batch["input_ids"].size(0))
         else:
             metric = self.eval_nll[stage]  # token-weighted mean over the whole epoch, synced across processes
