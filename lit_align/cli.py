@@ -1,6 +1,7 @@
 """The ``lit_align`` command: LightningCLI's fit/validate/test/predict plus lit_align's own subcommands.
 
     lit_align fit --config configs/quickstart/sft.yaml --model.init_args.lora.r 8 --trainer.max_steps 50
+    lit_align sample --model runs/quickstart/sft-model --benchmark humaneval --n 10 --output samples.jsonl
     lit_align evaluate --benchmark humaneval --samples samples.jsonl --k 1 10
 
 Modules and DataModules are given as ``class_path``/``init_args`` (short class names work: ``class_path: SFT``).
@@ -27,6 +28,7 @@ from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("lit_align.sample:main", "sample completions for a benchmark's problems into a samples file"),
     "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
     "plan-memory": ("lit_align.memory:main", "estimate per-device memory of a config before allocating anything"),
     "merge-lora": ("lit_align.callbacks.lora_merge:main", "merge a checkpoint's LoRA adapter into a standard HF model directory"),

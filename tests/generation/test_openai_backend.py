@@ -85,6 +85,16 @@ def test_greedy_through_the_server_equals_the_hf_backend(server_url, tiny, tiny_
         assert r[0].logprobs == pytest.approx(h[0].logprobs, abs=1e-4)
 
 
+def test_lit_align_sample_through_the_server_writes_the_hf_backends_greedy_samples(server_url, tiny_dir, tmp_path):
+    from lit_align.sample import main
+
+    common = ["--benchmark", "task_suite", "--num-problems", "3", "--temperature", "0", "--max-new-tokens", "10"]
+    assert main([*common, "--backend", "openai", "--base-url", server_url, "--output", str(tmp_path / "remote")]) == 0
+    assert main([*common, "--model", tiny_dir, "--output", str(tmp_path / "local")]) == 0
+    remote, local = ((tmp_path / name).read_text().splitlines() for name in ("remote", "local"))
+    assert len(remote) == 3 and remote == local
+
+
 def test_seeded_samples_through_the_server_are_reproducible_and_match(server_url, tiny):
     client = OpenAIBackend(server_url, max_concurrency=2)  # no tokenizer: ids come from the server
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, n=3, seed=11, stop=[])
