@@ -203,6 +203,16 @@ def sft_runs(tmp_path_factory):
     return runs
 
 
+def _two_and_one(sft_runs, tmp_path: Path, strategy: str) -> tuple[list[dict], dict]:
+    """The 2-process run's records (per rank), and those of one process with the doubled batch, run here."""
+    ddp_out, data_file = sft_runs(strategy)
+    single_out = tmp_path / "single"
+    single_out.mkdir()
+    run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
+    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, json.loads((single_out / "rank0.json").read_text())
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp-bf16", "fsdp-qlora", DEEPSPEED2, DEEPSPEED2_QLORA, DEEPSPEED3_BF16])
 def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
@@ -215,13 +225,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
     matched to 3e-7 when run by hand; left out of the suite for time.)"""
-    ddp_out, data_file = sft_runs(strategy)
-    single_out = tmp_path / "single"
-    single_out.mkdir()
-    run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
-
-    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((single_out / "rank0.json").read_text())
+    ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first
         assert ranks[0]["rows"][k] + ranks[1]["rows"][k] == single["rows"][k]
@@ -258,13 +262,7 @@ def test_accumulated_micro_batches_on_two_processes_step_like_one_batch(sft_runs
     SFTDataModule tags each micro-batch with its window's completion tokens over both processes, so every token of the
     step weighs the same (averaging the micro-batches' token means instead is 1-2% off on this data). Under DeepSpeed,
     whose engine divides the loss by the accumulation again after Lightning has, the gradient was also half of it."""
-    ddp_out, data_file = sft_runs(strategy)
-    single_out = tmp_path / "single"
-    single_out.mkdir()
-    run_sft(data_file, single_out, batch_size=2 * B, devices=1, strategy=strategy)
-
-    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((single_out / "rank0.json").read_text())
+    ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert len(ranks[0]["rows"]) == 2 * STEPS and len(single["grad_norms"]) == len(ranks[0]["grad_norms"]) == STEPS
     for k in range(STEPS):  # the window's micro-batches, each rank 0's half first, are the single process's batch
         assert [row for m in (2 * k, 2 * k + 1) for r in (0, 1) for row in ranks[r]["rows"][m]] == single["rows"][k]
