@@ -17,7 +17,8 @@ Each run is two processes:
   forks the program, waits on a pidfd with the wall-clock deadline, kills on expiry or on request, and
   sends the exit report;
 - the **program** process, PID 1 of its namespace. It mounts a size-capped tmpfs on ``/tmp`` (also bound
-  over ``/dev/shm``; ``/var/tmp`` and ``/run/lock`` are read-only), works in ``/tmp/work``, starts a new
+  over ``/dev/shm``; ``/var/tmp`` and ``/run/lock`` are read-only; the interpreter's import directories that lived
+  under ``/tmp``, a virtualenv made there, are bound back into it read-only), works in ``/tmp/work``, starts a new
   session, sets rlimits (address space, CPU seconds, file size, open files, processes, no core), clears
   its environment, sets ``no_new_privs`` and drops to a fresh unprivileged uid/gid (so ``RLIMIT_NPROC``
   bites, root's files are out of reach and nothing outside the run can be signalled), and only then runs
@@ -62,6 +63,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_REMOUNT, MS_MOVE = 1, 32, 8192
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 UID_BASE = 1_600_000_000
@@ -154,11 +156,15 @@ def clone_into_new_pid_namespace() -> int:
 
 def exposure_plan() -> list[tuple[str, list[str]]]:
     """Directories an unprivileged uid cannot traverse on the way to this interpreter's files, as
-    ``(closed ancestor, [its children on the way])`` pairs (e.g. ``("/root", [".pyenv"])``)."""
+    ``(closed ancestor, [its children on the way])`` pairs (e.g. ``("/root", [".pyenv"])``). Files under /tmp are
+    left out: every run has a /tmp of its own, into which its import directories are bound (``_run_mounts``); the
+    server's stash for these exposures is a tmpfs on /tmp, which would hide them while they are bound."""
     needed = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     needed.update(p for p in sys.path if p and os.path.exists(p))
     plan: dict[str, set[str]] = {}
     for path in needed:
+        if os.path.realpath(path).startswith("/tmp/"):  # each run's own /tmp replaces these: see kept_under_tmp
+            continue
         parts = os.path.realpath(path).strip("/").split("/")
         current = "/"
         for index, part in enumerate(parts[:-1]):
@@ -195,9 +201,39 @@ def _server_mounts(exposures: list[tuple[str, list[str]]]) -> None:
     _check(_libc.umount2(b"/tmp", MNT_DETACH), "umount /tmp")
 
 
+def kept_under_tmp() -> list[str]:
+    """The interpreter's import directories that live under /tmp (a virtualenv created there: CI clones, scratch
+    machines), which the run's own /tmp would otherwise hide; each run gets them back read-only."""
+    kept = []
+    for path in sys.path:
+        real = os.path.realpath(path) if path else ""
+        if real.startswith("/tmp/") and os.path.isdir(real):
+            kept.append(real)
+    return [p for p in sorted(set(kept)) if not any(p.startswith(q + "/") for q in kept)]  # outermost ones
+
+
 def _run_mounts(disk_mb: int) -> None:
-    """Per run, in the run's mount namespace: a fresh size-capped tmpfs on /tmp, also bound over /dev/shm."""
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={max(disk_mb, 1)}m,mode=1777")
+    """Per run, in the run's mount namespace: a fresh size-capped tmpfs on /tmp, also bound over /dev/shm.
+
+    The interpreter's import directories under /tmp (``kept_under_tmp``) are bound into the fresh tmpfs at their
+    own paths, read-only, under root-owned directories: the tmpfs is prepared on a staging mount point while the
+    old /tmp is still visible, then moved onto /tmp."""
+    options = f"size={max(disk_mb, 1)}m,mode=1777"
+    kept = kept_under_tmp()
+    staging = next((d for d in ("/dev/shm", "/mnt", "/var/tmp") if os.path.isdir(d)), None) if kept else None
+    if staging is None:
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options)
+    else:
+        _mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        for path in kept:
+            target = staging + path[len("/tmp"):]
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            _mount(path, target, None, MS_BIND | MS_REC, None)
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        for root, dirs, _ in os.walk(staging):  # the directories on the way: traversable, not writable by the run
+            os.chmod(root, 0o1777 if root == staging else 0o755)
+            dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(root, d))]
+        _mount(staging, "/tmp", None, MS_MOVE, None)
     if os.path.isdir("/dev/shm"):
         _mount("/tmp", "/dev/shm", None, MS_BIND, None)
 

@@ -246,3 +246,39 @@ def test_isolation_from_host_processes_network_and_secrets(hostile):
     assert SECRET not in outcome.stderr.decode()
     # /proc shows the program its own processes only, never the host's.
     assert "foreign processes visible: False" in outcome.stderr.decode()
+
+
+def test_import_directories_under_tmp_are_read_only_and_nothing_else_of_tmp_shows(tmp_path, monkeypatch):
+    """An interpreter whose site-packages live under /tmp (a virtualenv made there, as in a CI clone): each run's
+    private /tmp would hide them, so they are bound back read-only at their own paths, and only they are."""
+    import site
+
+    site_dir = tmp_path / "venv" / "site-packages"
+    site_dir.mkdir(parents=True)
+    (site_dir / "lit_align_probe_mod.py").write_text("VALUE = 21\n")
+    (tmp_path / "venv" / "beside.txt").write_text(SECRET)
+    site_dir.chmod(0o777)  # writable by anyone: only the read-only bind keeps a run from planting a module there
+    if not str(site_dir.resolve()).startswith("/tmp/"):
+        pytest.skip("pytest's tmp_path is not under /tmp here")
+    original = site.getsitepackages
+    monkeypatch.setattr(site, "getsitepackages", lambda *a: [*original(*a), str(site_dir)])  # what the server gets
+    body = (
+        "    import os, lit_align_probe_mod\n"
+        f"    here = {str(site_dir)!r}\n"
+        "    try:\n"
+        "        open(os.path.join(here, 'planted.py'), 'w').close()\n"
+        "        raise AssertionError('the import directory is writable')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    assert not os.path.exists(os.path.join(os.path.dirname(here), 'beside.txt')), 'other files of /tmp show'\n"
+        "    return 2 * lit_align_probe_mod.VALUE * x // 21\n"
+    )
+    box = Sandbox()
+    try:
+        if not box.capabilities["mountns"]:
+            pytest.skip(f"needs a mount namespace here: {box.capabilities['errors']}")
+        (result, outcome), = run_jobs(box, [FunctionJob(DOUBLE, body)], LIMITS)
+    finally:
+        box.close()
+    assert result.status is Status.PASSED, (result, outcome.stderr.decode()[-2000:])
+    assert sorted(p.name for p in site_dir.iterdir()) == ["lit_align_probe_mod.py"]
