@@ -134,16 +134,30 @@ def test_batches_are_tagged_with_their_accumulation_windows_tokens_over_every_ra
     assert pickle.loads(pickle.dumps(r0[6])).window_tokens == r0[6].window_tokens  # to DataLoader workers
     untagged = list(LengthGroupedBatchSampler(lengths, 4, seed=3, num_replicas=2, rank=0))
     assert untagged == [list(b) for b in r0] and not any(isinstance(b, TaggedBatch) for b in untagged)
+    plan[0] = (1, None)  # one micro-batch per step: no tags (the module's all-reduce weighs the processes)
+    assert not any(isinstance(b, TaggedBatch) for b in ranks()[0])
+    counted = []
+    lazy = LengthGroupedBatchSampler(lengths, 4, target_tokens=lambda: counted.append(1) or targets,
+                                     accumulation=lambda: (2, None))
+    assert not counted and isinstance(next(iter(lazy)), TaggedBatch) and counted == [1]
+    list(lazy)
+    assert counted == [1]  # counted once
     with pytest.raises(ValueError, match="target_tokens has 2 entries for 103 examples"):
         LengthGroupedBatchSampler(lengths, 4, target_tokens=[1, 2])
 
 
 def test_sft_training_batches_carry_window_tokens_through_dataloader_workers(pairs_file):
-    """Without a trainer the window is one batch: its own completion tokens. Validation batches carry no tag."""
+    """With 2 micro-batches per step, a training batch's tag is its own and its window partner's completion tokens
+    (counted as SFT's shifted loss counts them), also through a DataLoader worker; validation batches, and training
+    batches without accumulation, carry none."""
     dm = _dm(DataSource(path=pairs_file), val_fraction=0.2, batch_size=3, num_workers=1)
     dm.setup("fit")
+    assert all("window_tokens" not in b for b in dm.train_dataloader())  # no trainer: one micro-batch per step
+    dm._accumulation = lambda: (2, None)  # what a trainer with accumulate_grad_batches=2 gives
     batches = list(dm.train_dataloader())
-    assert batches and all(int(b["window_tokens"]) == int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    own = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+    assert len(batches) >= 4 and len(set(own)) > 1
+    assert [int(b["window_tokens"]) for b in batches[:4]] == [own[0] + own[1]] * 2 + [own[2] + own[3]] * 2
     assert all("window_tokens" not in b for b in dm.val_dataloader())
 
 

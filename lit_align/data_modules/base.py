@@ -154,15 +154,18 @@ class TokenizedDataModule(L.LightningDataModule):
     # -- loaders --------------------------------------------------------------------------------------------------
     def _batch_sampler(self, items: list, batch_size: int, shuffle: bool) -> LengthGroupedBatchSampler:
         """Training batches (``shuffle``) of a DataModule with ``target_tokens`` are tagged with their accumulation
-        window's token count over every process, the window being the trainer's ``accumulate_grad_batches``."""
+        window's token count over every process, the window being the trainer's ``accumulate_grad_batches`` (when it
+        is above 1; the examples' target tokens are counted then, once)."""
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        targets = [self.target_tokens(x) for x in items] if shuffle and items else None
-        tagged = targets is not None and targets[0] is not None
+        tagged = shuffle and bool(items) and self.target_tokens(items[0]) is not None
         return LengthGroupedBatchSampler([self.length(x) for x in items], batch_size, shuffle=shuffle, seed=self.seed,
                                          group_by_length=self.group_by_length, num_replicas=replicas, rank=rank,
-                                         target_tokens=targets if tagged else None,
+                                         target_tokens=partial(self._all_target_tokens, items) if tagged else None,
                                          accumulation=self._accumulation if tagged else None)
+
+    def _all_target_tokens(self, items: list) -> list[int]:
+        return [self.target_tokens(x) for x in items]
 
     def _accumulation(self) -> tuple[int, int | None]:
         """(micro-batches per optimizer step, batches the epoch trains on, None for all) from the attached trainer."""

@@ -29,7 +29,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     uninterrupted one.
 
     Token-weighted gradient accumulation (``target_tokens``: per example, the number of tokens its loss averages
-    over): every batch is then a :class:`TaggedBatch` whose ``window_tokens`` is the target-token count of its whole
+    over, or a function giving them, called when first needed): with ``accumulation()[0]`` > 1 micro-batches per step,
+    every batch is a :class:`TaggedBatch` whose ``window_tokens`` is the target-token count of its whole
     accumulation window, i.e. of the ``accumulation()[0]`` consecutive global batches of the epoch it belongs to (every
     rank's share; windows start at the epoch's first batch, as Lightning's do, and the last one ends with the epoch,
     cut to ``accumulation()[1]`` batches when given, as ``limit_train_batches`` cuts it). A token-mean loss divided
@@ -40,7 +41,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  group_by_length: bool = True, group_window: int = 50, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0, min_batches: int = 0,
-                 target_tokens: Sequence[int] | None = None,
+                 target_tokens: Sequence[int] | Callable[[], Sequence[int]] | None = None,
                  accumulation: Callable[[], tuple[int, int | None]] | None = None) -> None:
         if isinstance(lengths, Sampler):
             raise TypeError(
@@ -63,9 +64,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.min_batches = min_batches
         """Yield empty batches after the real ones up to this many: evaluation shards of different sizes then give
         every process as many steps (needed where every forward pass is collective: FSDP, DeepSpeed ZeRO-3)."""
-        if target_tokens is not None and len(target_tokens) != len(self.lengths):
-            raise ValueError(f"target_tokens has {len(target_tokens)} entries for {len(self.lengths)} examples")
-        self.target_tokens = None if target_tokens is None else list(target_tokens)
+        self._target_tokens = target_tokens
+        if target_tokens is not None and not callable(target_tokens):
+            self._target_tokens = self._checked(target_tokens)
         self.accumulation = accumulation
         self.epoch = 0
         self._skip = 0
@@ -91,19 +92,30 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches.pop()
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
-        if self.target_tokens is None:
-            return [self._rank_slice(b) for b in batches]
-        return self._tagged(batches)
-
-    def _tagged(self, batches: list[list[int]]) -> list[TaggedBatch]:
-        """This rank's slices, each tagged with the target tokens of its accumulation window (all ranks')."""
         every, limit = self.accumulation() if self.accumulation is not None else (1, None)
-        every = max(int(every), 1)
+        if self._target_tokens is None or int(every) <= 1:  # one micro-batch per step: nothing to tag
+            return [self._rank_slice(b) for b in batches]
+        return self._tagged(batches, int(every), limit)
+
+    def _checked(self, targets: Sequence[int]) -> list[int]:
+        if len(targets) != len(self.lengths):
+            raise ValueError(f"target_tokens has {len(targets)} entries for {len(self.lengths)} examples")
+        return list(targets)
+
+    def _counted_targets(self) -> list[int]:
+        """The per-example target tokens (counted once, when first needed, if given as a function)."""
+        if callable(self._target_tokens):
+            self._target_tokens = self._checked(self._target_tokens())
+        return self._target_tokens
+
+    def _tagged(self, batches: list[list[int]], every: int, limit: int | None) -> list[TaggedBatch]:
+        """This rank's slices, each tagged with the target tokens of its accumulation window (all ranks')."""
+        targets = self._counted_targets()
         trained = len(batches) if limit is None else min(len(batches), int(limit))  # batches the epoch trains on
         tagged = []
         for start in range(0, len(batches), every):
             end = min(start + every, trained if start < trained else len(batches))
-            window = sum(self.target_tokens[i] for b in batches[start:end] for i in b)
+            window = sum(targets[i] for b in batches[start:end] for i in b)
             tagged += [TaggedBatch(self._rank_slice(b), window) for b in batches[start:start + every]]
         return tagged
 

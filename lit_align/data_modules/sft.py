@@ -76,7 +76,8 @@ class SFTDataModule(TokenizedDataModule):
 
     def target_tokens(self, item: dict[str, list[int]]) -> int:
         """Completion tokens SFT's loss averages over (labels after the first position, as the shifted loss sees them)."""
-        return sum(label != IGNORE_INDEX for label in item["labels"][1:])
+        labels = item["labels"]
+        return len(labels) - 1 - labels.count(IGNORE_INDEX) + (labels[0] == IGNORE_INDEX) if labels else 0
 
     def collate(self, items: list[dict[str, list[int]]]):
         pad = self.tokenizer.pad_token_id
