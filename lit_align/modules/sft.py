@@ -24,8 +24,9 @@ class SFT(AlignmentModule):
     two numbers per step).
     The logged step ``loss`` and ``tokens`` are the global figures too (of the micro-batch).
 
-    Gradient accumulation is token-weighted as well: :class:`~lit_align.data_modules.sft.SFTDataModule` tags each
-    training batch with its accumulation window's completion tokens over every process (``window_tokens``), and
+    Gradient accumulation is token-weighted as well: with ``accumulate_grad_batches`` > 1,
+    :class:`~lit_align.data_modules.sft.SFTDataModule` tags each training batch with its accumulation window's
+    completion tokens over every process (``window_tokens``), and
     the loss is scaled so that an optimizer step's gradient is that of the token mean over all its micro-batches, as
     one process with the whole window in one batch computes it. With another DataModule (no tag) accumulation
     averages the micro-batches' token means.
