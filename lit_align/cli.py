@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lit_align.callbacks
 import lit_align.data_modules
 import lit_align.modules
+from lit_align.callbacks.progress import ProgressBar
 from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
@@ -71,7 +72,7 @@ class LitAlignCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.monitor": None})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(ProgressBar, "progress_bar")
 
     def instantiate_trainer(self, **kwargs):
         """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar."""

@@ -86,3 +86,40 @@ def test_seed_everything_reaches_the_data_module_unless_it_has_its_own_seed(monk
     assert cli.datamodule.seed == 5
     cli = LitAlignCLI(args=["--config", CONFIG, "--seed_everything", "5", "--data.init_args.seed", "2"], run=False)
     assert cli.datamodule.seed == 2
+
+
+def test_progress_bar_counts_batches_not_optimizer_steps_when_max_steps_bounds_the_run(tmp_path):
+    """Lightning's bar took the optimizer steps left for the batches left ("6/3" with 2 micro-batches per step) and
+    read "Epoch 0/-2" under max_epochs=-1; the command line's bar counts the batches the run will take."""
+    from types import SimpleNamespace
+
+    import lightning.pytorch as L
+
+    from lit_align.callbacks.progress import ProgressBar
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataSource
+    from lit_align.modules.sft import SFT
+
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            bar = trainer.progress_bar_callback
+            seen.update(total=bar.total_train_batches, description=bar._get_train_description(0).strip())
+
+    bar = ProgressBar()
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[bar, Look()])
+    data = SFTDataModule(train_sources=[DataSource(split="train", limit=40)], val_fraction=0.0,
+                         tokenizer="preset:tiny", batch_size=2)
+    trainer.fit(SFT(), datamodule=data)
+    assert seen == {"total": 6, "description": "Epoch 0"}
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == 6
+    # an online objective: 4 optimizer steps per batch, 10 steps left -> 3 batches (the last one ends past max_steps)
+    online = SimpleNamespace(automatic_optimization=False, optimizer_steps_per_batch=lambda: 4)
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=12, global_step=2, num_training_batches=50,
+                                   accumulate_grad_batches=1, lightning_module=online)
+    assert bar.total_train_batches == 3
+    bar._trainer.max_epochs = 3  # bounded by epochs: the epoch's batches, as Lightning counts them
+    assert bar.total_train_batches == 50 and bar._get_train_description(1).startswith("Epoch 1/2")

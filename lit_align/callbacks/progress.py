@@ -1,0 +1,40 @@
+"""The command line's progress bar: Lightning's rich bar, with the training total right when ``max_steps`` bounds a run."""
+
+from __future__ import annotations
+
+import math
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar``, except for runs bounded by ``max_steps`` (``max_epochs`` unbounded, -1):
+
+    - the epoch's total is the training batches left to run, not the optimizer steps left: each step takes
+      ``accumulate_grad_batches`` batches, and an online objective's batch takes several steps
+      (``optimizer_steps_per_batch``); Lightning counts one batch per step, so a run accumulating 2 showed "6/3";
+    - the epoch reads "Epoch 0", not Lightning's "Epoch 0/-2".
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if not (trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0):
+            return trainer.num_training_batches
+        remaining = max(trainer.max_steps - trainer.global_step, 0)
+        module = trainer.lightning_module
+        steps_per_batch = getattr(module, "optimizer_steps_per_batch", None)
+        if not module.automatic_optimization and callable(steps_per_batch):
+            batches = math.ceil(remaining / max(int(steps_per_batch()), 1))
+        else:
+            batches = remaining * trainer.accumulate_grad_batches
+        return min(trainer.num_training_batches, batches)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        return f"{description:{len(self.validation_description)}}"  # as wide as the validation bar's, no flicker
+
+
+__all__ = ["ProgressBar"]
