@@ -18,10 +18,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     ``batch_size * num_replicas`` examples (grouped by length at that size) and rank ``r`` takes the ``r``-th slice of
     ``batch_size`` examples of every global batch. So N processes with ``batch_size=B`` see, step for step, exactly the
     examples one process with ``batch_size=N*B`` sees, and DDP's averaged gradient is that of the doubled batch up to
-    the loss reduction (a mean of per-rank losses; token means are rescaled for it, see docs/scaling.md). A last, incomplete global batch is dropped
-    when shuffling (training), so every step's global batch is full and all ranks step together; without shuffling
-    (evaluation) it is split as evenly as possible between the ranks, so no example is lost (dropped only when it has
-    fewer examples than ranks). Lightning must not re-wrap this sampler with its own distributed sampler:
+    the loss reduction (a mean of per-rank losses; token means are rescaled for it, see docs/scaling.md). A last,
+    incomplete global batch is dropped when shuffling (training), so every step's global batch is full and all ranks
+    step together; without shuffling (evaluation) it is split as evenly as possible between the ranks, so no example
+    is lost (dropped only when it has fewer examples than ranks). Lightning must not re-wrap this sampler with its own distributed sampler:
     train with ``trainer.use_distributed_sampler=false`` (passing a sampler as ``lengths`` is refused with that advice).
 
     Resuming mid-epoch: ``skip_batches(n)`` makes the next iteration start after the first ``n`` batches of the
