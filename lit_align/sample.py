@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.flush()
 
             drawn = sample_problems(backend, problems, args, write, done)
+    except Exception as exc:  # a server gone, out of memory (an interrupt, KeyboardInterrupt, is not caught)
+        print(f"lit_align sample: error while sampling: {type(exc).__name__}: {exc}\nthe samples drawn so far are in "
+              f"{partial}; continue with the same command and --resume", file=sys.stderr)
+        return 1
     finally:
         close = getattr(backend, "close", None)
         if close is not None:

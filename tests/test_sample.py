@@ -58,6 +58,32 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_samples(tmp_path):
     assert _read(out) == records and not partial.exists()
 
 
+def test_a_failing_backend_leaves_what_it_drew_for_resume(tmp_path, monkeypatch, capsys):
+    import lit_align.sample as sample
+
+    real = sample._build_backend
+
+    class Failing:  # the real backend, failing on its second call (a server that went away)
+        def __init__(self, args):
+            self.inner, self.calls = real(args), 0
+
+        def generate(self, prompts, params):
+            self.calls += 1
+            if self.calls == 2:
+                raise ConnectionError("server at http://127.0.0.1:9/v1 went away")
+            return self.inner.generate(prompts, params)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(sample, "_build_backend", Failing)
+    out = tmp_path / "s.jsonl"
+    assert _sample(out, "--problems-per-call", "2") == 1
+    err = capsys.readouterr().err
+    assert "ConnectionError: server at http://127.0.0.1:9/v1 went away" in err and "--resume" in err
+    assert not out.exists() and len(_read(tmp_path / "s.jsonl.partial")) == 2  # the first call's problems
+
+
 def test_stdio_problems_ask_for_a_program_in_the_language_and_have_no_stop(tmp_path):
     problems_file = tmp_path / "cc.jsonl"
     problems_file.write_text(json.dumps({"name": "sum", "description": "Print the sum of two integers.",
