@@ -175,7 +175,8 @@ def _complete_calls(partial: Path, problems: Sequence[Problem], args: argparse.N
         ids = [p.task_id for _, p in chunk]
         if all(len(by_task.get(t, [])) == args.n for t in ids):
             done.update(ids)
-    return done, [r for t in sorted(done, key=[p.task_id for p in problems].index) for r in by_task[t]]
+    kept = [t for t in dict.fromkeys(p.task_id for p in problems) if t in done]  # in the problems' order
+    return done, [r for t in kept for r in by_task[t]]
 
 
 def _load(args: argparse.Namespace) -> list[Problem]:
