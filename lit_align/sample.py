@@ -135,8 +135,8 @@ def _chunks(problems: Sequence[Problem], size: int) -> list[list[tuple[int, Prob
     return [indexed[s:s + size] for s in range(0, len(indexed), size)]
 
 
-def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespace, write, done: set[str] = frozenset(),
-                    progress: bool = True) -> int:
+def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespace, write,
+                    done: set[str] = frozenset()) -> int:
     """Draw ``args.n`` samples for every problem, ``args.problems_per_call`` problems per generation call, skipping
     the calls whose problems are all in ``done``, and hand each call's records to ``write``; returns the number of
     samples drawn. Call c is seeded with ``sampling_seed * 1000003 + c``, so a resumed run draws what an
@@ -158,9 +158,8 @@ def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespa
                 records.append(record)
         write(records)
         drawn += len(records)
-        if progress:
-            print(f"lit_align sample: {finished}/{len(problems)} problems, {drawn} samples drawn, "
-                  f"{time.time() - start:.0f}s", file=sys.stderr, flush=True)
+        print(f"lit_align sample: {finished}/{len(problems)} problems, {drawn} samples drawn, "
+              f"{time.time() - start:.0f}s", file=sys.stderr, flush=True)
     return drawn
 
 

@@ -41,6 +41,7 @@ file descriptors attached (payload memfd, stdin, stdout, stderr, report pipe, ex
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -162,10 +163,10 @@ def exposure_plan() -> list[tuple[str, list[str]]]:
     needed = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     needed.update(p for p in sys.path if p and os.path.exists(p))
     plan: dict[str, set[str]] = {}
-    for path in needed:
-        if os.path.realpath(path).startswith("/tmp/"):  # each run's own /tmp replaces these: see kept_under_tmp
+    for path in map(os.path.realpath, needed):
+        if path.startswith("/tmp/"):  # each run's own /tmp replaces these: see kept_under_tmp
             continue
-        parts = os.path.realpath(path).strip("/").split("/")
+        parts = path.strip("/").split("/")
         current = "/"
         for index, part in enumerate(parts[:-1]):
             current = os.path.join(current, part)
@@ -201,9 +202,11 @@ def _server_mounts(exposures: list[tuple[str, list[str]]]) -> None:
     _check(_libc.umount2(b"/tmp", MNT_DETACH), "umount /tmp")
 
 
+@functools.cache
 def kept_under_tmp() -> list[str]:
     """The interpreter's import directories that live under /tmp (a virtualenv created there: CI clones, scratch
-    machines), which the run's own /tmp would otherwise hide; each run gets them back read-only."""
+    machines), which the run's own /tmp would otherwise hide; each run gets them back read-only. Found once, in the
+    server (``probe``), before any run is forked."""
     kept = []
     for path in sys.path:
         real = os.path.realpath(path) if path else ""
@@ -246,6 +249,7 @@ def probe(minimal: bool = False) -> dict:
     """
     caps = {"root": os.geteuid() == 0, "netns": False, "pidns": False, "mountns": False, "setuid": False,
             "exposures": [], "errors": []}
+    kept_under_tmp()  # sys.path is final here; every run's fork inherits the answer
     if minimal:
         caps["errors"].append("minimal isolation requested")
         return caps
