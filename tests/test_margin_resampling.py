@@ -218,3 +218,40 @@ def test_datamodule_without_schedule_hook_and_module_without_margins_are_refused
 
     with pytest.raises(TypeError, match="needs a DataModule with set_train_schedule"):
         cb.setup(_T, None, "fit")
+
+
+def test_scheduled_batches_carry_the_chosen_tokens_of_their_accumulation_window_as_trained():
+    """Under accumulation the tags follow the batches actually trained: a schedule shorter than the epoch fills its
+    first batches and the rest come from the sampler's order, and each batch's window_tokens (both ranks equal) sums
+    the chosen tokens of its window of 2 global batches, the window mixing scheduled and own batches included."""
+    from types import SimpleNamespace
+
+    from lit_align.data_modules.sampler import TaggedBatch
+
+    data = _data(limit=24)
+    data.setup()
+    targets = [len(it.chosen_ids) for it in data.train_items]
+    assert targets == [data.target_tokens(it) for it in data.train_items] and len(set(targets)) > 1
+
+    def ranks(schedule):
+        data.set_train_schedule(schedule)
+        out = []
+        for rank in (0, 1):
+            data.trainer = SimpleNamespace(world_size=2, global_rank=rank, accumulate_grad_batches=2,
+                                           num_training_batches=math.inf)
+            out.append(list(data._batch_sampler(data.train_items, 2, shuffle=True)))
+        return out
+
+    own = ranks(None)
+    n = len(own[0])
+    assert n >= 5 and all(isinstance(b, TaggedBatch) for b in own[0] + own[1])
+    shortest = sorted(range(len(targets)), key=lambda i: targets[i])  # 3 global batches of 4 of the shortest pairs
+    schedule = [shortest[4 * s:4 * s + 4] for s in range(3)]  # windows: [0, 1], [2, 3], ...
+    r0, r1 = ranks(schedule)
+    assert [list(b) for b in r0[:3]] == [g[:2] for g in schedule] and [list(b) for b in r1[:3]] == [g[2:] for g in schedule]
+    assert [list(b) for b in r0[3:]] == [list(b) for b in own[0][3:]]
+    trained = [a + b for a, b in zip(r0, r1)]  # the global batches as trained
+    expected = [sum(targets[i] for g in trained[s - s % 2:s - s % 2 + 2] for i in g) for s in range(n)]
+    assert [b.window_tokens for b in r0] == [b.window_tokens for b in r1] == expected
+    assert expected[0] < own[0][0].window_tokens and expected[4:] == [b.window_tokens for b in own[0][4:]]
+    data.trainer = None

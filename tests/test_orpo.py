@@ -106,3 +106,62 @@ def test_orpo_raises_heldout_accuracy_well_above_chance(tmp_path):
     assert len(data.val_items) == 324
     assert result["val/rewards/accuracies"] > 0.65
     assert result["val/log_odds_ratio"] > 0
+
+
+@pytest.mark.parametrize("objective", ["orpo", "dpo-rpo"])
+def test_accumulated_micro_batches_weigh_every_chosen_token_of_the_step_the_same(tmp_path, objective):
+    """2 micro-batches of 2 pairs per step: the NLL term (ORPO's, DPO's rpo_alpha one) is the token mean over the
+    step's chosen tokens (each micro-batch carries its window's count), so the step's gradient is that of one batch of
+    those 4 pairs; the pair terms are pair means either way. The logged loss is the micro-batch's, not the rescaled
+    term."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_align.modules.dpo import DPO
+
+    seen, grads, logged = [], [], []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            window = batch.get("window_tokens")
+            b = batch["index"].numel()
+            seen.append((None if window is None else int(window),
+                         int((batch["completion_labels"][:b] != losses.IGNORE_INDEX).sum())))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            pair_term = 0.5 * float(m["train/or_loss"]) if objective == "orpo" else _dpo_term(pl_module, batch)
+            logged.append((float(m["train/loss"]), float(m["train/nll"]), pair_term))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]).clone())
+
+    def fit(root, batch_size, accumulate):
+        torch.manual_seed(0)
+        optimizer = OptimizerConfig(lr=0.0, schedule="constant")
+        module = (ORPO(orpo_lambda=0.5, optimizer=optimizer) if objective == "orpo"
+                  else DPO(rpo_alpha=0.5, beta=0.1, optimizer=optimizer))
+        data = PreferenceDataModule(tokenizer="preset:tiny", batch_size=batch_size, group_by_length=False,
+                                    max_pairs_per_problem=2, seed=1)
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0,
+                  accumulate_grad_batches=accumulate, callbacks=[Watch()]).fit(module, datamodule=data)
+
+    fit(tmp_path / "accumulated", 2, 2)
+    (w0, t0), (w1, t1) = seen
+    assert w0 == w1 == t0 + t1 and t0 != t1 and len(grads) == 1
+    for loss, nll, pair_term in logged:
+        assert loss == pytest.approx(pair_term + (1.0 if objective == "orpo" else 0.5) * nll, abs=1e-5)
+    seen.clear()
+    fit(tmp_path / "whole", 4, 1)
+    assert seen == [(None, t0 + t1)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def _dpo_term(module, batch) -> float:
+    """The DPO (sigmoid) loss of ``batch`` at the module's weights, recomputed."""
+    with torch.no_grad():
+        ref_chosen, ref_rejected = module.reference_logps(batch)
+        policy = module.concatenated_logps(batch)
+        per_example, _, _ = module.compute_loss(policy["chosen_logps"], policy["rejected_logps"], ref_chosen,
+                                                ref_rejected)
+    return float(per_example.mean())

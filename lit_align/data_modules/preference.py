@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -335,6 +336,11 @@ class PreferenceDataModule(TokenizedDataModule):
     def length(self, item: EncodedTriplet) -> int:
         return len(item)
 
+    def target_tokens(self, item: EncodedTriplet) -> int:
+        """The chosen completion's tokens (end-of-sequence included): what ORPO's NLL and DPO's ``rpo_alpha`` term
+        average over, so accumulated micro-batches weigh each of those tokens the same (see ``chosen_nll``)."""
+        return len(item.chosen_ids)
+
     def collate(self, items: list[EncodedTriplet]) -> dict:
         return collate_pairs(items, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
@@ -384,11 +390,28 @@ class ScheduledBatchSampler(Sampler[list[int]]):
         return len(self.base)
 
     def __iter__(self):
-        own = list(self.base)
+        own = self.base.global_batches()
+        windows = self.base.windows()  # tagged for token-weighted accumulation: windows over the batches as trained
         skip, self._skip = self._skip, 0
         for i in range(skip, len(own)):
             schedule = self.datamodule.train_schedule  # read per batch: a new schedule applies at once
-            yield self.base._rank_slice(schedule[i]) if schedule is not None and i < len(schedule) else own[i]
+            batches = own if schedule is None else _Scheduled(schedule, own)
+            yield self.base._rank_slice(batches[i]) if windows is None else self.base.tagged(batches, i, *windows)
+
+
+class _Scheduled(Sequence):
+    """The epoch's global batches with a schedule's batches in place of the first ``len(schedule)``."""
+
+    def __init__(self, schedule: list[list[int]], own: list[list[int]]) -> None:
+        self.schedule, self.own = schedule, own
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.schedule[i] if i < len(self.schedule) else self.own[i]
 
 
 def _as_source(source: PreferenceSource | dict) -> PreferenceSource:

@@ -77,7 +77,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def skip_batches(self, n: int) -> None:
         self._skip = n
 
-    def _all_batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's global batches (every rank's examples), in training order."""
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
@@ -92,10 +93,23 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches.pop()
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
+        return batches
+
+    def windows(self) -> tuple[int, int | None] | None:
+        """(micro-batches per optimizer step, batches the epoch trains on or None for all) when training batches are
+        tagged with their window's target tokens, else None (no ``target_tokens``, or one micro-batch per step)."""
         every, limit = self.accumulation() if self.accumulation is not None else (1, None)
-        if self._target_tokens is None or int(every) <= 1:  # one micro-batch per step: nothing to tag
+        if self._target_tokens is None or int(every) <= 1:
+            return None
+        return int(every), None if limit is None else int(limit)
+
+    def _all_batches(self) -> list[list[int]]:
+        batches = self.global_batches()
+        windows = self.windows()
+        if windows is None:  # one micro-batch per step: nothing to tag
             return [self._rank_slice(b) for b in batches]
-        return self._tagged(batches, int(every), limit)
+        sums: dict[int, int] = {}
+        return [self.tagged(batches, i, *windows, cache=sums) for i in range(len(batches))]
 
     def _checked(self, targets: Sequence[int]) -> list[int]:
         if len(targets) != len(self.lengths):
@@ -108,16 +122,19 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             self._target_tokens = self._checked(self._target_tokens())
         return self._target_tokens
 
-    def _tagged(self, batches: list[list[int]], every: int, limit: int | None) -> list[TaggedBatch]:
-        """This rank's slices, each tagged with the target tokens of its accumulation window (all ranks')."""
-        targets = self._counted_targets()
-        trained = len(batches) if limit is None else min(len(batches), int(limit))  # batches the epoch trains on
-        tagged = []
-        for start in range(0, len(batches), every):
+    def tagged(self, batches: Sequence[list[int]], i: int, every: int, limit: int | None,
+               cache: dict[int, int] | None = None) -> TaggedBatch:
+        """This rank's slice of global batch ``batches[i]``, tagged with the target tokens of its accumulation window
+        (every rank's): the ``every`` batches from the window's start, cut at ``limit`` batches (the epoch's
+        trained ones) when given. ``cache`` keeps window sums between calls over the same ``batches``."""
+        start = i - i % every
+        cache = {} if cache is None else cache
+        if start not in cache:
+            targets = self._counted_targets()
+            trained = len(batches) if limit is None else min(len(batches), limit)
             end = min(start + every, trained if start < trained else len(batches))
-            window = sum(targets[i] for b in batches[start:end] for i in b)
-            tagged += [TaggedBatch(self._rank_slice(b), window) for b in batches[start:start + every]]
-        return tagged
+            cache[start] = sum(targets[j] for b in batches[start:end] for j in b)
+        return TaggedBatch(self._rank_slice(batches[i]), cache[start])
 
     def _drops_remainder(self, remainder: int) -> bool:
         return self.num_replicas > 1 and (self.shuffle or remainder < self.num_replicas)

@@ -34,7 +34,7 @@ class DPO(PreferenceModule):
     Args:
         beta: inverse temperature of the implicit reward (the paper: 1.0); must be > 0.
         label_smoothing: assumed probability that a preference label is flipped (conservative DPO), in [0, 0.5).
-        rpo_alpha: weight of an added negative log-likelihood of the chosen completions (token mean over the batch's
+        rpo_alpha: weight of an added negative log-likelihood of the chosen completions (token mean over the step's
             chosen tokens, as ORPO's NLL term; RPO), >= 0; 0 (default) is plain DPO. It keeps the chosen log-probs
             from falling along with the rejected ones; logged as ``nll`` when > 0.
         reference: where the reference log-probs come from. adapter_disabled: the LoRA policy with its adapter
@@ -232,10 +232,11 @@ class DPO(PreferenceModule):
                    "logps/chosen": policy["chosen_logps"], "logps/rejected": policy["rejected_logps"]}
         metrics["loss"] = loss
         if self.hparams.rpo_alpha > 0:
-            nll, metrics["nll"] = self.chosen_nll(policy, stage)
+            nll, metrics["nll"] = self.chosen_nll(policy, stage, batch.get("window_tokens"))
+            # the NLL to back-propagate is rescaled (processes, accumulation); the logged loss is the micro-batch's
+            dpo_term = self.global_mean(loss.detach()) if stage == "train" else loss
+            metrics["loss"] = dpo_term + self.hparams.rpo_alpha * metrics["nll"]
             loss = loss + self.hparams.rpo_alpha * nll
-            # the NLL is rescaled per process under DDP: the mean over processes is the global loss
-            metrics["loss"] = self.global_mean(loss.detach()) if stage == "train" else loss
         self.log_metrics(stage, metrics, batch_size=policy["chosen_logps"].size(0))
         return loss
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lit_align import losses
@@ -24,7 +25,8 @@ class ORPO(PreferenceModule):
     computed from), so accuracy is the share of pairs whose chosen completion is the more likely one per token.
     The loss is :meth:`compute_loss`; override it alone to make a variant. Under data parallelism the NLL term is the
     token mean over every process's chosen tokens (each process's term is rescaled by its share of the tokens), and
-    the logged step ``loss`` and ``nll`` are the global figures.
+    the logged step ``loss`` and ``nll`` are the global figures. With gradient accumulation the term is the token mean
+    over every chosen token of the optimizer step (the batches carry their window's count, ``window_tokens``).
 
     Args:
         orpo_lambda: weight lambda of the odds-ratio term in Eq. 4 (the paper's "ORPO beta 0.1"); must be >= 0.
@@ -50,10 +52,14 @@ class ORPO(PreferenceModule):
     def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.concatenated_logps(batch)
         b = out["chosen_logps"].size(0)
-        chosen_nll, logged_nll = self.chosen_nll(out, stage)
+        chosen_nll, logged_nll = self.chosen_nll(out, stage, batch.get("window_tokens"))
         loss, or_losses, log_odds_ratio = self.compute_loss(chosen_nll, out["chosen_mean_logps"],
                                                             out["rejected_mean_logps"])
-        logged_loss = self.global_mean(loss.detach()) if stage == "train" else loss
+        logged_loss = loss
+        if stage == "train":  # the micro-batch's loss over every process (the NLL term above is rescaled for the step)
+            with torch.no_grad():
+                logged_loss = self.global_mean(self.compute_loss(logged_nll, out["chosen_mean_logps"],
+                                                                 out["rejected_mean_logps"])[0])
         metrics = {"loss": logged_loss, "nll": logged_nll, "or_loss": or_losses, "log_odds_ratio": log_odds_ratio,
                    **preference_metrics(out["chosen_mean_logps"], out["rejected_mean_logps"]),
                    "logps/chosen": out["chosen_logps"], "logps/rejected": out["rejected_logps"]}

@@ -79,15 +79,18 @@ class PreferenceModule(AlignmentModule):
             disable_dropout(self.model)
 
     # ------------------------------------------------------------------ the paired forward pass
-    def chosen_nll(self, out: dict[str, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+    def chosen_nll(self, out: dict[str, Tensor], stage: str,
+                   window_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(term to back-propagate, figure to log): the chosen completions' NLL as a token mean over the batch's chosen
-        tokens (ORPO's first term, DPO's RPO term); in training under DDP over every process's chosen tokens."""
+        tokens (ORPO's first term, DPO's RPO term); in training under DDP over every process's chosen tokens, and with
+        ``window_tokens`` (the batch's tag under gradient accumulation) over every chosen token of the optimizer step.
+        The figure logged is the micro-batch's (all processes')."""
         b = out["chosen_logps"].size(0)
         tokens = out["mask"][:b].sum()
         nll = -(out["chosen_logps"].sum() / tokens.clamp(min=1))
         if stage != "train":
             return nll, nll
-        nll, logged, _ = self.global_token_mean(nll, tokens)
+        nll, logged, _ = self.global_token_mean(nll, tokens, window_tokens)
         return nll, logged
 
     def concatenated_logps(self, batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
