@@ -29,3 +29,18 @@ def _no_global_seed_between_tests(monkeypatch):
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     yield
     os.environ.pop("PL_GLOBAL_SEED", None)
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory):
+    """The directory of a group's 2-process runs (tests/two_process_launches.py: "ddp", "fsdp", "deepspeed2",
+    "deepspeed3"), the group launched when a test first asks for it; a run's records are in ``<directory>/<name>``."""
+    from two_process_launches import GROUPS, launch_two_processes
+
+    launched = {}
+
+    def runs(group: str):
+        if group not in launched:
+            launched[group] = launch_two_processes(GROUPS[group], tmp_path_factory.mktemp(group))
+        return launched[group]
+    return runs

@@ -18,18 +18,14 @@ Tolerance: 1e-5 absolute on the losses (step 0 differs only by float summation o
 parameter differences that order produces) and 5e-3 relative on the trained weights' sum (Adam turns float noise
 in near-zero gradients into steps of up to lr, see the assertion).
 
-This file is also the 2-process worker script: ``python tests/test_ddp_objectives.py --plan PLAN.json``
-(:func:`launch_two_processes`: one launch runs a module's group of runs one after another).
+The 2-process runs are launched by tests/two_process_launches.py (one pair of processes per strategy for the whole
+suite), whose worker calls :func:`run`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -37,14 +33,12 @@ import pytest
 import torch
 
 from deepspeed_cpu import DEEPSPEED3, CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
-from worker_exit import leave_worker
+from two_process_launches import OBJECTIVE_STEPS as STEPS, REWARD_CLIP  # the runs' settings live with the launches
 from lit_align.models import count_parameters, is_zero3_partitioned
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4  # per process: DPO pairs, GRPO prompts
-STEPS = 4
 TOLERANCE = 1e-5
-REWARD_CLIP = 0.01
 K = 4  # GRPO samples per prompt
 ANSWERS = ["    return x\n", "    return x + 1\n", "    return 0\n", "    pass\n", "    return x * x + x - 1\n",
            "    return None\n"]
@@ -253,47 +247,6 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         trainer.save_checkpoint(out / "final.ckpt")  # every process takes part (a file, or a directory of shards)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One 2-process run of a launch: ``objective`` under ``strategy`` with batch B per process, written to
-    ``<launch root>/<name>``, resumed from the final checkpoint of the launch's earlier run ``resume`` when given."""
-
-    name: str
-    objective: str
-    strategy: str
-    clip: float | None = None
-    steps: int = STEPS
-    resume: str | None = None
-
-
-def launch_two_processes(runs: list[Launch], root: Path) -> Path:
-    """Run ``runs`` one after another in one pair of processes, this file being the worker; returns ``root``.
-
-    Starting a pair costs about 13 s on this machine (process 1 is started by Lightning's launcher once process 0 reaches
-    its first fit, and each imports torch, Lightning, transformers, peft and DeepSpeed), so a test module launches once
-    per group of runs: later trainers in the same processes find the process group made and start no process."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "plan.json").write_text(json.dumps([asdict(r) for r in runs]))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    done = [r.name for r in runs if (root / r.name / "rank0.json").exists()]
-    assert proc.returncode == 0, f"exit status {proc.returncode} (runs done: {done}): {proc.stderr[-3000:]}"
-    return root
-
-
-def run_plan(plan: Path) -> None:
-    """The worker: every run of ``plan`` (written by :func:`launch_two_processes`) on 2 processes, in order."""
-    root = plan.parent
-    for r in (Launch(**r) for r in json.loads(plan.read_text())):
-        (root / r.name).mkdir(exist_ok=True)
-        run(r.objective, root / r.name, batch_size=B, devices=2, strategy=r.strategy, clip=r.clip, steps=r.steps,
-            ckpt_path=str(root / r.resume / "final.ckpt") if r.resume else None)
-
-
 _SINGLE_RECORDS: dict[tuple, str] = {}
 
 
@@ -342,10 +295,9 @@ def _compare(objective: str, ddp_out: Path, tmp_path: Path, strategy: str = "ddp
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> Path:
-    """DPO, ORPO, the reward model and GRPO under DDP, in one launch."""
-    return launch_two_processes([Launch(o, o, "ddp") for o in ("dpo", "orpo", "reward", "grpo")],
-                                tmp_path_factory.mktemp("ddp"))
+def ddp_runs(two_process_runs) -> Path:
+    """DPO, ORPO, the reward model and GRPO under DDP (in the "ddp" launch of tests/two_process_launches.py)."""
+    return two_process_runs("ddp")
 
 
 def test_dpo_two_processes_match_one_process_with_the_doubled_batch(ddp_runs, tmp_path):
@@ -370,8 +322,7 @@ def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path,
     ``modules_to_save`` copy next to the LoRA adapter; the export (LoRAMerge, gathered under FSDP and ZeRO-3) must be a
     sequence-classification model that scores like the checkpoint's weights."""
     clip = None if strategy == "ddp" else REWARD_CLIP
-    out = (request.getfixturevalue("ddp_runs") if strategy == "ddp"
-           else launch_two_processes([Launch("reward", "reward", strategy, clip)], tmp_path / "two")) / "reward"
+    out = request.getfixturevalue("two_process_runs")(strategy) / "reward"
     ranks, single = _compare("reward", out, tmp_path, strategy=strategy, clip=clip)
     # it trains (four batches are too few for the loss to fall reliably on this tiny model): every step's gradient is
     # far from zero, and with a clip the strategy's clipping binds at every step
@@ -405,13 +356,3 @@ def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
     # the processes hold different numbers of tokens: a plain mean of their losses would not be the global loss
     assert any(a != b for a, b in weights), weights
     assert len({round(s["loss"], 6) for s in single["steps"]}) == STEPS  # the loss moves from step to step
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--plan":
-        run_plan(Path(sys.argv[2]))
-        leave_worker()
-    else:
-        sys.exit("usage: python tests/test_ddp_objectives.py --plan PLAN.json (the worker of these tests; a list of "
-                 "Launch fields: objective dpo|dpo-full|dpo-full-replicated|orpo|reward|grpo|grpo-full|"
-                 "grpo-full-replicated, strategy ddp|fsdp|fsdp-sharded|deepspeed2|deepspeed3)")

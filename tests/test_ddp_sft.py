@@ -12,16 +12,14 @@ How the comparison is made equal by construction (docs/scaling.md, "Data paralle
 Tolerance: losses agree to 1e-5 (absolute, losses ~5.6). Step 0 differs only by float summation order; later steps
 also carry the tiny parameter differences that order produces, amplified by lr=1e-3.
 
-This file is also the DDP worker script: Lightning's `strategy="ddp"` launcher re-executes ``sys.argv`` for rank 1,
-which works for ``python tests/test_ddp_sft.py --ddp OUT`` but not from inside pytest.
+The 2-process runs are launched by tests/two_process_launches.py, whose worker calls :func:`run_sft` (Lightning's
+``strategy="ddp"`` launcher re-executes ``sys.argv`` for rank 1, which works for a worker script but not from inside
+pytest).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -29,9 +27,7 @@ import pytest
 import torch
 
 from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
-from worker_exit import leave_worker
 
-REPO = Path(__file__).resolve().parents[1]
 B = 4  # micro-batch per process
 STEPS = 4
 TOLERANCE = 1e-5
@@ -175,31 +171,15 @@ DEEPSPEED2_ACCUM = pytest.param("deepspeed2-accum", marks=DEEPSPEED2.marks)
 BF16_TOLERANCE = 5e-3  # bf16 against autocast: 2e-3 (DeepSpeed's bf16 module), 2.6e-3 (FSDP's bf16 gathers) measured
 
 
-LAUNCHES = [("ddp", "ddp-accum"), ("fsdp-bf16", "fsdp-qlora"), ("deepspeed2", "deepspeed2-qlora", "deepspeed2-accum"),
-            ("deepspeed3-bf16",)]
-"""The 2-process runs, one launch per strategy (a pair of processes costs ~13 s to start; later runs in it reuse it)."""
-
-
 @pytest.fixture(scope="module")
-def sft_runs(tmp_path_factory):
-    """The directory of a strategy's 2-process run (``<launch>/<strategy>``), its launch started when first asked for;
-    the rows they train on are in ``rows.jsonl`` beside the launches."""
-    root = tmp_path_factory.mktemp("sft")
-    data_file = write_rows(root / "rows.jsonl")
-    launched: set[tuple[str, ...]] = set()
-
+def sft_runs(two_process_runs):
+    """The directory of a strategy's 2-process run and the rows it trained on: the run ``sft-<strategy>`` of the launch
+    of its strategy in tests/two_process_launches.py, launched when first asked for."""
     def runs(strategy: str) -> tuple[Path, Path]:
-        group = next(g for g in LAUNCHES if strategy in g)
-        out = root / "-".join(group)
-        if group not in launched:
-            out.mkdir()
-            env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                       TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-            proc = subprocess.run([sys.executable, __file__, "--ddp", str(out), str(data_file), ",".join(group)],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            launched.add(group)
-        return out / strategy, data_file
+        from two_process_launches import sft_rows
+
+        root = two_process_runs(strategy.split("-")[0])
+        return root / f"sft-{strategy}", sft_rows(root)
     return runs
 
 
@@ -271,15 +251,3 @@ def test_accumulated_micro_batches_on_two_processes_step_like_one_batch(sft_runs
     assert min(single["grad_norms"]) > 2 * CLIP or strategy == "ddp-accum"  # DeepSpeed's clipping binds
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"]
     assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "--ddp":
-        for name in (sys.argv[4:] or ["ddp"])[0].split(","):  # one after another in the same 2 processes
-            (Path(sys.argv[2]) / name).mkdir(exist_ok=True)
-            run_sft(Path(sys.argv[3]), Path(sys.argv[2]) / name, batch_size=B, devices=2, strategy=name)
-        leave_worker()
-    else:
-        sys.exit("usage: python tests/test_ddp_sft.py --ddp OUT_DIR DATA_FILE [STRATEGY[,STRATEGY...]] (STRATEGY: "
-                 "ddp|fsdp|deepspeed2|deepspeed3, optionally -bf16, -qlora or -accum; the worker of this test, each run "
-                 "written to OUT_DIR/STRATEGY)")

@@ -16,41 +16,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
-from test_ddp_objectives import (REPO, STEPS, TOLERANCE, Launch, _compare, global_losses, launch_two_processes,
-                                 run_single)
+from test_ddp_objectives import REPO, STEPS, TOLERANCE, _compare, global_losses, run_single
 from test_fsdp import _assert_same_logits
 from transformers import AutoModelForCausalLM
+from two_process_launches import DEEPSPEED_CLIP as CLIP
 
 pytestmark = needs_deepspeed
-CLIP = 0.05
-RUNS = {  # every 2-process run of this file: one launch per ZeRO stage
-    "deepspeed2": [Launch("dpo", "dpo", "deepspeed2", CLIP), Launch("grpo", "grpo", "deepspeed2", CLIP)],
-    "deepspeed3": [Launch(o, o, "deepspeed3", CLIP) for o in ("dpo", "dpo-full", "grpo-full")] + [
-        Launch("orpo", "orpo", "deepspeed3"),
-        Launch("dpo-first", "dpo", "deepspeed3", CLIP, steps=2),  # a ZeRO-3 checkpoint, then a resume from it
-        Launch("dpo-resumed", "dpo", "deepspeed3", CLIP, resume="dpo-first")]}
-
-
-@pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory):
-    """The launch directory of a ZeRO stage's runs ("deepspeed2" or "deepspeed3"), launched when first asked for."""
-    launched: dict[str, Path] = {}
-
-    def runs(stage: str) -> Path:
-        if stage not in launched:
-            launched[stage] = launch_two_processes(RUNS[stage], tmp_path_factory.mktemp(stage))
-        return launched[stage]
-    return runs
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed2", "deepspeed3"])
-def test_dpo_lora_under_zero_matches_one_process(zero_runs, tmp_path, strategy):
-    out = zero_runs(strategy) / "dpo"
+def test_dpo_lora_under_zero_matches_one_process(two_process_runs, tmp_path, strategy):
+    out = two_process_runs(strategy) / "dpo"
     ranks, single = _compare("dpo", out, tmp_path, strategy=strategy, clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP  # DeepSpeed's clipping binds at every step
     losses = [s["loss"] for s in single["steps"]]
@@ -75,8 +55,8 @@ def test_dpo_lora_under_zero_matches_one_process(zero_runs, tmp_path, strategy):
     _assert_same_logits(out / "merged", fresh.model)
 
 
-def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(zero_runs, tmp_path):
-    out = zero_runs("deepspeed3") / "dpo-full"
+def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(two_process_runs, tmp_path):
+    out = two_process_runs("deepspeed3") / "dpo-full"
     ranks, single = _compare("dpo-full", out, tmp_path, strategy="deepspeed3", clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP
     assert [s["loss"] for s in single["steps"]][0] == pytest.approx(0.6931, abs=1e-4)  # reference == initial policy
@@ -86,11 +66,11 @@ def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(zero_runs
     assert ranks[0]["reference"]["partitioned"] and ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
 
 
-def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(zero_runs, tmp_path):
+def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(two_process_runs, tmp_path):
     """2 steps, DeepSpeed's checkpoint (a directory: each process's weight and optimizer partitions, frozen base
     included, with Lightning's loop state), then a 2-process resume to step 4: its steps 3-4 are those of an
     uninterrupted one-process run."""
-    first, resumed = zero_runs("deepspeed3") / "dpo-first", zero_runs("deepspeed3") / "dpo-resumed"
+    first, resumed = two_process_runs("deepspeed3") / "dpo-first", two_process_runs("deepspeed3") / "dpo-resumed"
     ckpt = first / "final.ckpt"
     assert len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per process
     one = [s["loss"] for s in run_single("dpo", tmp_path, "deepspeed3", CLIP)["steps"]]
@@ -122,20 +102,20 @@ def test_what_zero3_cannot_build_is_refused_before_training(tmp_path):
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained
 
 
-def test_orpo_under_zero3_matches_one_process(zero_runs, tmp_path):
-    ranks, single = _compare("orpo", zero_runs("deepspeed3") / "orpo", tmp_path, strategy="deepspeed3")
+def test_orpo_under_zero3_matches_one_process(two_process_runs, tmp_path):
+    ranks, single = _compare("orpo", two_process_runs("deepspeed3") / "orpo", tmp_path, strategy="deepspeed3")
     losses = [s["loss"] for s in single["steps"]]
     assert losses[-1] < losses[0] - 0.01
 
 
 @pytest.mark.parametrize("strategy,objective", [("deepspeed2", "grpo"), ("deepspeed3", "grpo-full")])
-def test_grpo_under_zero_matches_one_process(zero_runs, tmp_path, strategy, objective):
+def test_grpo_under_zero_matches_one_process(two_process_runs, tmp_path, strategy, objective):
     """GRPO steps inside training_step over micro-batches: DeepSpeed is told which backward ends the accumulation
     (it refuses DDP's no_sync) and where each micro-step starts (ZeRO-3 would otherwise keep only the last
     micro-batch's gradient), and clips with the module's max_grad_norm. ZeRO-2 with LoRA (the recommended setting);
     ZeRO-3 with full fine-tuning, where the weights of the policy and of its frozen reference copy, both partitioned,
     are gathered at every forward pass inside the training step. (LoRA under ZeRO-3: the DPO test above.)"""
-    ranks, single = _compare(objective, zero_runs(strategy) / objective, tmp_path, strategy=strategy, clip=CLIP)
+    ranks, single = _compare(objective, two_process_runs(strategy) / objective, tmp_path, strategy=strategy, clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP  # DeepSpeed's clipping binds at every step
     assert ranks[0]["partitioned"] == (strategy == "deepspeed3")

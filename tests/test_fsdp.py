@@ -21,21 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ddp_objectives import STEPS, TOLERANCE, Launch, _compare, global_losses, launch_two_processes, run_single
-
-CLIP = 0.05
-RUNS = [Launch(o, o, "fsdp", CLIP) for o in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "grpo", "grpo-full",
-                                            "grpo-full-replicated")] + [
-    Launch("dpo-first", "dpo", "fsdp-sharded", CLIP, steps=2),  # sharded checkpoint, then a resume from it
-    Launch("dpo-resumed", "dpo", "fsdp-sharded", CLIP, resume="dpo-first"),
-    Launch("grpo-first", "grpo", "fsdp", CLIP, steps=2),  # an online objective's full checkpoint, then a resume
-    Launch("grpo-resumed", "grpo", "fsdp", CLIP, resume="grpo-first")]
+from test_ddp_objectives import STEPS, TOLERANCE, _compare, global_losses, run_single
+from two_process_launches import FSDP_CLIP as CLIP
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory) -> Path:
-    """Every 2-process run of this file, in one launch."""
-    return launch_two_processes(RUNS, tmp_path_factory.mktemp("fsdp"))
+def fsdp_runs(two_process_runs) -> Path:
+    """Every 2-process FSDP run (the "fsdp" launch of tests/two_process_launches.py: DPO, ORPO, GRPO, resumes)."""
+    return two_process_runs("fsdp")
 
 
 def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(fsdp_runs, tmp_path):

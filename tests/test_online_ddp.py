@@ -6,33 +6,24 @@ Half the vocabulary ends a completion, so the processes' completions end at diff
 every forward pass gathers the weights from both processes, the hf backend must keep their decoding loops in step
 (``HFBackend(synchronize=...)``), and RAFT's process that keeps nothing must run as many backward passes as the other.
 
-The tests run this file as a script (``strategy="ddp"`` relaunches the script for the second process), once per
-strategy for both objectives; each process writes what it saw to ``<out>/<objective>-rank<k>.json``.
+The runs are part of the launches of tests/two_process_launches.py (one pair of processes per strategy for the whole
+suite), whose worker calls :func:`run_objective` for PPO and for RAFT; each process writes what it saw to
+``<out>/<objective>-rank<k>.json``.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
-from worker_exit import leave_worker
 
 STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
 
 
-def run_ddp(out: Path, objectives: str, strategy: str = "ddp", reward_model: str | None = None) -> None:
-    """Train each of the comma-separated ``objectives`` in turn, in the same two processes (one launch: the start of
-    the processes and of their process group is most of a run's time here)."""
-    for objective in objectives.split(","):
-        run_objective(out, objective, strategy, reward_model)
-
-
 def run_objective(out: Path, objective: str, strategy: str, reward_model: str | None) -> None:
+    """Train ``objective`` ("ppo" or "raft") on 2 processes under ``strategy``, PPO scoring with ``reward_model``."""
     import lightning.pytorch as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -121,32 +112,20 @@ def run_objective(out: Path, objective: str, strategy: str, reward_model: str | 
          "reward_sharded": module.reward_network is not None and gathers_weights_per_forward(module.reward_network)}))
 
 
-_LAUNCHED: dict[str, tuple[Path, str]] = {}
+def _ranks(two_process_runs, strategy: str, objective: str) -> tuple[list[dict], str]:
+    """What each process saw training ``objective`` under ``strategy`` (the run ``online-<objective>`` of that
+    strategy's launch in tests/two_process_launches.py), and the reward model PPO scored with."""
+    from two_process_launches import reward_model_of
+
+    root = two_process_runs(strategy)
+    out = root / f"online-{objective}"
+    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model_of(root, strategy)
 
 
-def _ranks(tmp_path_factory, strategy: str, objective: str) -> tuple[list[dict], str]:
-    """What each process saw training ``objective`` under ``strategy``, and the reward model PPO scored with. One
-    launch per strategy trains PPO (when it runs under that strategy here) then RAFT; the tests share it."""
-    if strategy not in _LAUNCHED:
-        out = tmp_path_factory.mktemp(f"online-{strategy}")
-        objectives = "raft" if strategy == "deepspeed2" else "ppo,raft"
-        # the reward model: a directory replicated under DDP, sharded under FSDP; a checkpoint read into ZeRO-3 partitions
-        reward_model = _reward_model(out, as_checkpoint=strategy == "deepspeed3") if "ppo" in objectives else "none"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        proc = subprocess.run([sys.executable, __file__, str(out), objectives, strategy, reward_model], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        _LAUNCHED[strategy] = out, reward_model
-    out, reward_model = _LAUNCHED[strategy]
-    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model
-
-
-def _reward_model(directory: Path, as_checkpoint: bool) -> str:
+def write_reward_model(path: Path) -> None:
     """A reward model on the tiny preset whose weights differ from a freshly built one (so a load that silently kept
-    the built weights would score differently): a saved directory, or a Lightning checkpoint of the module."""
+    the built weights would score differently), at ``path``: a saved directory, or a Lightning checkpoint of the module
+    when ``path`` ends in ``.ckpt``."""
     import torch
 
     from lit_align.modules.reward import RewardModel
@@ -157,19 +136,19 @@ def _reward_model(directory: Path, as_checkpoint: bool) -> str:
     with torch.no_grad():
         for p in rm.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    if not as_checkpoint:
-        return str(rm.save_pretrained(directory / "reward-model"))
-    torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, directory / "reward.ckpt")
-    return str(directory / "reward.ckpt")
+    if path.suffix != ".ckpt":
+        rm.save_pretrained(path)
+        return
+    torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, path)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
-def test_two_processes_generate_for_different_prompts_and_log_global_statistics(tmp_path_factory, strategy):
+def test_two_processes_generate_for_different_prompts_and_log_global_statistics(two_process_runs, strategy):
     import torch
 
     from lit_align.modules.reward import load_reward_model
 
-    ranks, reward_model = _ranks(tmp_path_factory, strategy, "ppo")
+    ranks, reward_model = _ranks(two_process_runs, strategy, "ppo")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sharded"] == ranks[0]["reward_sharded"] == (strategy in ("deepspeed3", "fsdp"))
     # every process's rewards are the whole reward model's (loaded alone, here) for its prompts and completions
@@ -204,13 +183,8 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
-def test_raft_process_that_keeps_nothing_still_steps_with_the_other(tmp_path_factory, strategy):
-    ranks, _ = _ranks(tmp_path_factory, strategy, "raft")
+def test_raft_process_that_keeps_nothing_still_steps_with_the_other(two_process_runs, strategy):
+    ranks, _ = _ranks(two_process_runs, strategy, "raft")
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     assert [s["kept"] for s in ranks[0]["seen"]] == [4, 4] and [s["kept"] for s in ranks[1]["seen"]] == [0, 0]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
-
-
-if __name__ == "__main__":
-    run_ddp(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:])
-    leave_worker()

@@ -1,0 +1,142 @@
+"""Every 2-process run of the test suite, in one launch per strategy, and the worker script that runs a launch.
+
+Starting a pair of processes costs about 13 s on this machine: process 1 is started by Lightning's launcher once
+process 0 reaches its first fit, and each imports torch, Lightning, transformers, peft and DeepSpeed. So the runs of
+every test file that trains on 2 processes under one strategy (tests/test_ddp_objectives.py, test_fsdp.py,
+test_deepspeed.py, test_ddp_sft.py, test_online_ddp.py) run one after another in one pair: later trainers find the
+process group made and start no process. A launch starts when a test first asks for its group (the session fixture
+``two_process_runs`` in conftest.py), and each run writes its records to ``<launch root>/<run name>``.
+
+The worker: ``python tests/two_process_launches.py --plan PLAN.json`` (a list of :class:`Launch` fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVE_STEPS = 4  # optimizer steps of tests/test_ddp_objectives.py's runs (its STEPS)
+FSDP_CLIP = DEEPSPEED_CLIP = 0.05  # gradient-norm clips that bind at every step of the DPO/ORPO/GRPO runs
+REWARD_CLIP = 0.01  # and of the reward model's
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One 2-process run of a launch, written to ``<launch root>/<name>``.
+
+    ``objective``: one of tests/test_ddp_objectives.py's (dpo, dpo-full, orpo, reward, grpo, ...), trained with its
+    batch per process for ``steps`` steps, resumed from the final checkpoint of the launch's earlier run ``resume``
+    when given, with gradient-norm clipping ``clip``; "sft": tests/test_ddp_sft.py's SFT run, ``strategy`` carrying
+    its variant suffix (-bf16, -qlora, -accum); "online-ppo"/"online-raft": tests/test_online_ddp.py's run (PPO
+    scoring with a reward model the launcher writes into the run's directory first)."""
+
+    name: str
+    objective: str
+    strategy: str
+    clip: float | None = None
+    steps: int = OBJECTIVE_STEPS
+    resume: str | None = None
+
+
+def _sft(strategy: str) -> Launch:
+    return Launch(f"sft-{strategy}", "sft", strategy)
+
+
+def _online(objective: str, strategy: str) -> Launch:
+    return Launch(f"online-{objective}", f"online-{objective}", strategy)
+
+
+GROUPS: dict[str, list[Launch]] = {
+    "ddp": [Launch(o, o, "ddp") for o in ("dpo", "orpo", "reward", "grpo")]
+    + [_sft("ddp"), _sft("ddp-accum"), _online("ppo", "ddp"), _online("raft", "ddp")],
+    "fsdp": [Launch(o, o, "fsdp", FSDP_CLIP) for o in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "grpo",
+                                                       "grpo-full", "grpo-full-replicated")] + [
+        Launch("dpo-first", "dpo", "fsdp-sharded", FSDP_CLIP, steps=2),  # sharded checkpoint, then a resume from it
+        Launch("dpo-resumed", "dpo", "fsdp-sharded", FSDP_CLIP, resume="dpo-first"),
+        Launch("grpo-first", "grpo", "fsdp", FSDP_CLIP, steps=2),  # an online objective's full checkpoint, then a resume
+        Launch("grpo-resumed", "grpo", "fsdp", FSDP_CLIP, resume="grpo-first"),
+        Launch("reward", "reward", "fsdp", REWARD_CLIP),
+        _sft("fsdp-bf16"), _sft("fsdp-qlora"), _online("ppo", "fsdp"), _online("raft", "fsdp")],
+    "deepspeed2": [Launch("dpo", "dpo", "deepspeed2", DEEPSPEED_CLIP), Launch("grpo", "grpo", "deepspeed2", DEEPSPEED_CLIP),
+                   _sft("deepspeed2"), _sft("deepspeed2-qlora"), _sft("deepspeed2-accum"), _online("raft", "deepspeed2")],
+    "deepspeed3": [Launch(o, o, "deepspeed3", DEEPSPEED_CLIP) for o in ("dpo", "dpo-full", "grpo-full")] + [
+        Launch("orpo", "orpo", "deepspeed3"),
+        Launch("dpo-first", "dpo", "deepspeed3", DEEPSPEED_CLIP, steps=2),  # a ZeRO-3 checkpoint, then a resume from it
+        Launch("dpo-resumed", "dpo", "deepspeed3", DEEPSPEED_CLIP, resume="dpo-first"),
+        Launch("reward", "reward", "deepspeed3", REWARD_CLIP),
+        _sft("deepspeed3-bf16"), _online("ppo", "deepspeed3"), _online("raft", "deepspeed3")],
+}
+"""The launches: every test that compares a 2-process run finds it here by group (strategy) and name."""
+
+
+def sft_rows(root: Path) -> Path:
+    """The rows SFT's runs of a launch train on (written by the launcher)."""
+    return root / "sft-rows.jsonl"
+
+
+def reward_model_of(root: Path, strategy: str) -> str:
+    """The reward model the online PPO run of a launch scores with: a saved directory replicated under DDP or sharded
+    under FSDP, a Lightning checkpoint read into ZeRO-3 partitions."""
+    return str(root / ("reward.ckpt" if strategy == "deepspeed3" else "reward-model"))
+
+
+def launch_two_processes(runs: list[Launch], root: Path) -> Path:
+    """Run ``runs`` one after another in one pair of processes, this file being the worker; returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for r in runs:  # what the runs read, written here before the processes start
+        if r.objective == "sft" and not sft_rows(root).exists():
+            from test_ddp_sft import write_rows
+
+            write_rows(sft_rows(root))
+        if r.objective == "online-ppo":
+            from test_online_ddp import write_reward_model
+
+            write_reward_model(Path(reward_model_of(root, r.strategy)))
+    (root / "plan.json").write_text(json.dumps([asdict(r) for r in runs]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    done = [r.name for r in runs if any((root / r.name).glob("*rank0.json"))]
+    assert proc.returncode == 0, f"exit status {proc.returncode} (runs done: {done}): {proc.stderr[-3000:]}"
+    return root
+
+
+def run_plan(plan: Path) -> None:
+    """The worker: every run of ``plan`` (written by :func:`launch_two_processes`) on 2 processes, in order."""
+    root = plan.parent
+    for r in (Launch(**r) for r in json.loads(plan.read_text())):
+        out = root / r.name
+        out.mkdir(exist_ok=True)
+        if r.objective == "sft":
+            from test_ddp_sft import B, run_sft
+
+            run_sft(sft_rows(root), out, batch_size=B, devices=2, strategy=r.strategy)
+        elif r.objective.startswith("online-"):
+            from test_online_ddp import run_objective
+
+            objective = r.objective.removeprefix("online-")
+            run_objective(out, objective, r.strategy, reward_model_of(root, r.strategy) if objective == "ppo" else "none")
+        else:
+            from test_ddp_objectives import B, run
+
+            run(r.objective, out, batch_size=B, devices=2, strategy=r.strategy, clip=r.clip, steps=r.steps,
+                ckpt_path=str(root / r.resume / "final.ckpt") if r.resume else None)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--plan":
+        run_plan(Path(sys.argv[2]))
+        from worker_exit import leave_worker
+
+        leave_worker()
+    else:
+        sys.exit("usage: python tests/two_process_launches.py --plan PLAN.json (the worker of the 2-process tests; a "
+                 "list of Launch fields, see GROUPS)")
