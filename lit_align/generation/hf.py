@@ -7,8 +7,9 @@ text and tokens in one place (:func:`lit_align.generation.base.cut_at_stop`).
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +32,28 @@ def _as_id_list(value) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]
+
+
+def rust_decoder(tokenizer) -> Callable[..., str] | None:
+    """The tokenizers library's ``decode`` of a fast tokenizer whose ``decode`` is exactly that call (the Hugging Face
+    fast tokenizer classes', not overridden by a model's tokenizer class), else None. Decoding at every generation
+    step goes through it: transformers' wrapper converts the id list element by element first, which here costs
+    three times the decoding itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    for module, name in (("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),  # transformers 5
+                         ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")):  # transformers 4
+        try:
+            base = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        cls = type(tokenizer)
+        if isinstance(tokenizer, base) and cls._decode is base._decode and cls.decode is PreTrainedTokenizerBase.decode:
+            return backend.decode
+    return None
 
 
 def model_eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -105,9 +128,12 @@ class HFBackend(GenerationBackend):
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._rust_decode = rust_decoder(tokenizer)
 
     def decode(self, token_ids: list[int]) -> str:
         """Completion text of ``token_ids``: special tokens dropped, no whitespace clean-up (code must stay intact)."""
+        if self._rust_decode is not None:
+            return self._rust_decode(token_ids, skip_special_tokens=True)
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def encode_prompt(self, prompt: str) -> list[int]:

@@ -161,3 +161,46 @@ def test_build_backend_hf(tiny):
     backend.sync_weights(model)  # the hf backend already uses the live policy: nothing to do
     out = backend.generate(["x"], greedy(4))
     assert len(out) == 1 and len(out[0][0].token_ids) == 4
+
+
+def _sentencepiece_like_tokenizer():
+    """A fast tokenizer trained here: BPE with SentencePiece's metaspace (word-leading spaces are part of tokens and
+    dropped at the start of a decoding), a byte fallback, and special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    lines = ["def add(a, b):\n    return a + b\n", "    if x > 0:\n        print('héllo')\n"] * 20
+    raw.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_decoding_through_the_tokenizers_library_equals_the_tokenizers_decode(tiny):
+    """Generation decodes every step through the Rust tokenizer directly; the text is the tokenizer's own decode
+    (special tokens skipped, no clean-up) for any ids, on the tiny preset and on a SentencePiece-like tokenizer. A
+    tokenizer class that overrides decoding keeps its own."""
+    from lit_align.generation.hf import rust_decoder
+
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    for tokenizer in (tiny[1], _sentencepiece_like_tokenizer()):
+        backend = HFBackend(model, tokenizer)
+        assert backend._rust_decode is not None
+        vocab = len(tokenizer)
+        for length in (0, 1, 2, 7, 40):
+            for _ in range(20):
+                ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
+                assert backend.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True,
+                                                               clean_up_tokenization_spaces=False), ids
+        assert backend.decode([tokenizer.eos_token_id]) == ""  # special tokens are skipped
+
+    class Shouting(type(tiny[1])):
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper()
+
+    shouting = Shouting.from_pretrained(tiny[1].name_or_path)
+    assert rust_decoder(shouting) is None
+    ids = tiny[1]("def add(a, b):", add_special_tokens=False)["input_ids"]
+    assert HFBackend(model, shouting).decode(ids) == "DEF ADD(A, B):"
