@@ -33,7 +33,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
     "plan-memory": ("lit_align.memory:main", "estimate per-device memory of a config before allocating anything"),
     "merge-lora": ("lit_align.callbacks.lora_merge:main", "merge a checkpoint's LoRA adapter into a standard HF model directory"),
-    "iadpo": ("lit_align.iadpo:main", "iterative adversarial DPO: student/oracle rounds with margin resampling"),
+    "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
 }
 
 DEFAULT_LOGGER = {

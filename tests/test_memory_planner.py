@@ -338,3 +338,24 @@ def test_multi_gpu_configs_parse_and_plan():
     lora_in, lora = plans["sft_lora_ddp"]
     assert lora_in.lora_r == 32 and lora.params["trainable"] == 24 * 32 * (4 * 4096 + 3 * (2048 + 5504))
     assert fsdp.peak_bytes < ddp.peak_bytes / 3 and lora.peak_bytes < ddp.peak_bytes / 3
+
+
+def test_the_papers_model_id_is_planned_from_the_built_in_config_when_the_hub_is_unreachable(monkeypatch):
+    """Offline (HF_HUB_OFFLINE, as in the tests) the built-in copy of DeepSeek-Coder 1.3B's config.json is used and
+    said so; where the hub failed without HF_HUB_OFFLINE set, the note also says how to skip the hub's retries."""
+    from lit_align.memory.shapes import load_model_config
+
+    notes: list[str] = []
+    config = load_model_config("deepseek-ai/deepseek-coder-1.3b-base", notes)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (2048, 24, 32256)
+    assert notes == ["deepseek-ai/deepseek-coder-1.3b-base: hub unreachable, used lit_align's built-in copy of its "
+                     "config.json"]
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    notes.clear()
+    load_model_config("deepseek-ai/deepseek-coder-1.3b-base", notes)
+    assert notes[0].endswith("(on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)")

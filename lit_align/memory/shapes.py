@@ -156,7 +156,12 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     except (OSError, ValueError) as err:
         if name_or_path in KNOWN_CONFIGS and not path.exists():
             if notes is not None:
-                notes.append(f"{name_or_path}: hub unreachable, used lit_align's built-in copy of its config.json")
+                import os
+
+                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+                notes.append(f"{name_or_path}: hub unreachable, used lit_align's built-in copy of its config.json"
+                             + ("" if offline else " (on a machine without internet, HF_HUB_OFFLINE=1 skips the "
+                                                   "hub's retries)"))
             return _known_config(name_or_path)
         if path.exists():
             raise PlanError(f"model.init_args.model_name_or_path: {name_or_path!r} exists but has no readable "
