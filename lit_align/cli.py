@@ -113,11 +113,26 @@ def run_extra_command(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise."""
+    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise.
+
+    From the command line, bad input found after parsing (a model that cannot be loaded, bad data, an output
+    directory holding another run) ends with a one-line error and exit status 2 instead of a traceback; called from
+    Python, the exception propagates."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
-    LitAlignCLI(args=argv)
+    if argv is not None:
+        LitAlignCLI(args=argv)
+        return 0
+    from lit_align.data_modules.sources import DataError
+    from lit_align.models import ModelLoadError
+
+    try:
+        LitAlignCLI(args=argv)
+    except (ModelLoadError, DataError, OutputDirectoryError) as err:
+        command = next((f"lit_align {a}" for a in args if a in ("fit", "validate", "test", "predict")), "lit_align")
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

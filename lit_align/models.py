@@ -154,9 +154,18 @@ def materialize_preset(name_or_path: str) -> str:
     return str(target)
 
 
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether a model name can only mean a local directory: it starts with ".", "/" or "~", or has more than one
+    "/" (a hub id is "name" or "namespace/name")."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
 def _load_error(name_or_path: str, err: Exception) -> ModelLoadError:
     if Path(name_or_path).expanduser().exists():
         what = f"{name_or_path!r} exists but is not a loadable model directory"
+    elif looks_like_local_path(name_or_path):
+        return ModelLoadError(f"cannot load model: local model directory {name_or_path!r} does not exist (train and "
+                              "export the stage that writes it first, or point at a model directory)")
     else:
         what = (f"{name_or_path!r} is not a local directory and could not be loaded from the Hugging Face hub "
                 "(no such id, or the hub is unreachable/offline)")

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import yaml
 from lit_align.cli import OutputDirectoryError, main
 
 CONFIG = "configs/quickstart/sft.yaml"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fit_args(tmp_path, pairs_file, *extra):
@@ -70,6 +72,23 @@ def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pai
     with pytest.raises(OutputDirectoryError, match="already holds checkpoints"):
         main(_fit_args(tmp_path, pairs_file, "--checkpoint.dirpath", str(tmp_path / "ck")))
     assert (tmp_path / "ck" / "last.ckpt").read_bytes() == before
+
+
+def test_from_the_command_line_a_missing_previous_stage_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """configs/quickstart/dpo.yaml before its SFT stage: the command line gets the model directory at fault and what
+    to do, in one line, no traceback; no checkpoint is written. From Python the exception propagates."""
+    from lit_align.models import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)  # runs/quickstart/sft-model, relative, does not exist here
+    args = ["fit", "--config", str(REPO / "configs/quickstart/dpo.yaml"), "--trainer.enable_progress_bar", "false"]
+    monkeypatch.setattr(sys, "argv", ["lit_align", *args])
+    assert main() == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lit_align fit: error: cannot load model: local model directory 'runs/quickstart/sft-model' does "
+                   "not exist (train and export the stage that writes it first, or point at a model directory)")
+    assert not list(tmp_path.rglob("*.ckpt"))
+    with pytest.raises(ModelLoadError, match="local model directory 'runs/quickstart/sft-model' does not exist"):
+        main(args)
 
 
 def test_console_script_help_lists_subcommands():

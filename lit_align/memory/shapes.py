@@ -136,7 +136,7 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     """The config of a preset, a local model directory or a hub id (config.json only; never the weights)."""
     from pathlib import Path
 
-    from lit_align.models import ModelLoadError, parse_preset
+    from lit_align.models import ModelLoadError, looks_like_local_path, parse_preset
 
     try:
         parsed = parse_preset(name_or_path)
@@ -147,8 +147,7 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     from transformers import AutoConfig
 
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.exists():
+    if looks_like_local_path(name_or_path) and not path.exists():
         raise PlanError(f"model.init_args.model_name_or_path: local model directory {name_or_path!r} does not exist "
                         "(train and export the previous stage first, or point at a model directory)")
     try:
