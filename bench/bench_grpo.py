@@ -13,6 +13,10 @@ thread, CPU.
   median over ``--steps`` steps after the first.
 
     python bench/bench_grpo.py --model runs/quickstart/sft-model --prompts 16 --k 4 --max-new-tokens 64
+
+``--stop``: lit_align's generation alone, stopping at the stop strings GRPO trains with by default (``DEFAULT_STOP``,
+looked for in each row's decoded text at every step); TRL's generate is not given stop strings here, so this measures
+lit_align's generation against itself (for example before and after a change), not against TRL.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ def _prompt_items(n: int):
     return load_prompt_items(PromptSource(split="train", limit=n))
 
 
-def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int,
+                               stop: list[str] = ()) -> dict:
     from lit_align.generation import HFBackend, SamplingParams
     from lit_align.models import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
     backend = HFBackend(model, tok, batch_size=len(items) * k)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=list(stop), seed=0)
     prompts = [i.prompt for i in items]
     backend.generate(prompts, params)  # warm-up
     times, tokens = [], []
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="training steps per side (the first is not timed)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--stop", action="store_true",
+                        help="lit_align's generation alone, with GRPO's default stop strings (no TRL, no steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and not args.model.startswith("preset:"):
@@ -161,13 +168,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     items = _prompt_items(args.prompts)
     a = (args.model, items, args.k, args.max_new_tokens)
-    results = {
-        "setup": {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
-                  "threads": args.threads, "torch": torch.__version__},
-        "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats),
-                       "trl": bench_trl_generation(*a, args.repeats)},
-        "grpo_step": {"lit_align": bench_lit_align_step(*a, args.steps), "trl": bench_trl_step(*a, args.steps)},
-    }
+    setup = {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
+             "threads": args.threads, "torch": torch.__version__}
+    if args.stop:
+        from lit_align.generation import DEFAULT_STOP
+
+        results = {"setup": {**setup, "stop": DEFAULT_STOP},
+                   "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats, DEFAULT_STOP)}}
+    else:
+        results = {
+            "setup": setup,
+            "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats),
+                           "trl": bench_trl_generation(*a, args.repeats)},
+            "grpo_step": {"lit_align": bench_lit_align_step(*a, args.steps), "trl": bench_trl_step(*a, args.steps)},
+        }
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
