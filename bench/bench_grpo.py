@@ -15,8 +15,9 @@ thread, CPU.
     python bench/bench_grpo.py --model runs/quickstart/sft-model --prompts 16 --k 4 --max-new-tokens 64
 
 ``--stop``: lit_align's generation alone, stopping at the stop strings GRPO trains with by default (``DEFAULT_STOP``,
-looked for in each row's decoded text at every step); TRL's generate is not given stop strings here, so this measures
-lit_align's generation against itself (for example before and after a change), not against TRL.
+looked for in each row's decoded text at every step), timed in one process with each of the two decode paths of that
+check, alternating (the tokenizers library's ``decode`` called directly, as the backend does, and transformers'
+``tokenizer.decode``); TRL's generate is not given stop strings here, so this is not a comparison with TRL.
 """
 
 from __future__ import annotations
@@ -43,14 +44,13 @@ def _prompt_items(n: int):
     return load_prompt_items(PromptSource(split="train", limit=n))
 
 
-def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int,
-                               stop: list[str] = ()) -> dict:
+def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
     from lit_align.generation import HFBackend, SamplingParams
     from lit_align.models import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
     backend = HFBackend(model, tok, batch_size=len(items) * k)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=list(stop), seed=0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[], seed=0)
     prompts = [i.prompt for i in items]
     backend.generate(prompts, params)  # warm-up
     times, tokens = [], []
@@ -61,6 +61,31 @@ def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: i
         tokens.append(sum(len(c.token_ids) for group in out for c in group))
     t = statistics.median(times)
     return {"seconds": t, "completions_per_s": len(prompts) * k / t, "tokens_per_s": statistics.median(tokens) / t}
+
+
+def bench_stop_check(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+    """Generation with GRPO's default stop strings, each decode path of the per-step stop check timed alternately
+    in this process (``repeats`` rounds of 3 calls per path; medians)."""
+    from lit_align.generation import DEFAULT_STOP, HFBackend, SamplingParams
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
+    backend = HFBackend(model, tok, batch_size=len(items) * k)
+    direct = backend._rust_decode
+    assert direct is not None, "this tokenizer's decode is its own: there is no direct path to compare"
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=list(DEFAULT_STOP), seed=0)
+    prompts = [i.prompt for i in items]
+    backend.generate(prompts, params)  # warm-up
+    times: dict[str, list[float]] = {"tokenizers_decode": [], "transformers_decode": []}
+    for _ in range(repeats):
+        for path in times:
+            backend._rust_decode = direct if path == "tokenizers_decode" else None
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = backend.generate(prompts, params)
+                times[path].append(time.perf_counter() - t0)
+    tokens = sum(len(c.token_ids) for group in out for c in group)
+    return {path: {"seconds": statistics.median(ts), "tokens": tokens} for path, ts in times.items()}
 
 
 def _trl_trainer(model_path: str, items, k: int, max_new_tokens: int, steps: int, out_dir: str, callbacks=()):
@@ -160,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--stop", action="store_true",
-                        help="lit_align's generation alone, with GRPO's default stop strings (no TRL, no steps)")
+                        help="lit_align's generation with GRPO's default stop strings, by decode path of the stop check "
+                             "(no TRL, no steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and not args.model.startswith("preset:"):
@@ -171,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
              "threads": args.threads, "torch": torch.__version__}
     if args.stop:
-        from lit_align.generation import DEFAULT_STOP
-
-        results = {"setup": {**setup, "stop": DEFAULT_STOP},
-                   "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats, DEFAULT_STOP)}}
+        results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
     else:
         results = {
             "setup": setup,
