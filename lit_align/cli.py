@@ -83,7 +83,30 @@ class LitAlignCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_fit(self) -> None:
+        refuse_missing_model_paths(self.model)
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        refuse_missing_model_paths(self.model)
+
+    def before_test(self) -> None:
+        refuse_missing_model_paths(self.model)
+
+
+MODEL_PATH_FIELDS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model")
+"""Module options that name a model to load: a hub id, a preset, or a local directory (or checkpoint) path."""
+
+
+def refuse_missing_model_paths(module) -> None:
+    """A model option given as a local path (``models.looks_like_local_path``) that does not exist is refused before
+    the trainer starts, so no run directory is made for a run that cannot load its model."""
+    from lit_align.models import ModelLoadError, looks_like_local_path
+
+    for field in MODEL_PATH_FIELDS:
+        value = module.hparams.get(field)
+        if isinstance(value, str) and looks_like_local_path(value) and not Path(value).expanduser().exists():
+            raise ModelLoadError(f"model.init_args.{field}: {value!r} does not exist (train and export the stage that "
+                                 "writes it first, or point at an existing model)")
 
 
 def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:

@@ -75,8 +75,8 @@ def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pai
 
 
 def test_from_the_command_line_a_missing_previous_stage_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
-    """configs/quickstart/dpo.yaml before its SFT stage: the command line gets the model directory at fault and what
-    to do, in one line, no traceback; no checkpoint is written. From Python the exception propagates."""
+    """configs/quickstart/dpo.yaml before its SFT stage: the command line gets the option and the model directory at
+    fault and what to do, in one line, no traceback, and nothing is written. From Python the exception propagates."""
     from lit_align.models import ModelLoadError
 
     monkeypatch.chdir(tmp_path)  # runs/quickstart/sft-model, relative, does not exist here
@@ -84,11 +84,16 @@ def test_from_the_command_line_a_missing_previous_stage_is_one_line_and_exit_sta
     monkeypatch.setattr(sys, "argv", ["lit_align", *args])
     assert main() == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == ("lit_align fit: error: cannot load model: local model directory 'runs/quickstart/sft-model' does "
-                   "not exist (train and export the stage that writes it first, or point at a model directory)")
-    assert not list(tmp_path.rglob("*.ckpt"))
-    with pytest.raises(ModelLoadError, match="local model directory 'runs/quickstart/sft-model' does not exist"):
+    assert err == ("lit_align fit: error: model.init_args.model_name_or_path: 'runs/quickstart/sft-model' does not "
+                   "exist (train and export the stage that writes it first, or point at an existing model)")
+    assert not any(tmp_path.iterdir())  # refused before the logger made a run directory
+    with pytest.raises(ModelLoadError, match="model_name_or_path: 'runs/quickstart/sft-model' does not exist"):
         main(args)
+    ppo = ["fit", "--config", str(REPO / "configs/quickstart/ppo_rm.yaml"), "--model.init_args.model_name_or_path",
+           "preset:tiny"]  # the policy given: the reward model, also written by an earlier stage, is missing
+    with pytest.raises(ModelLoadError, match="model.init_args.reward_model: 'runs/quickstart/reward-model' does not"):
+        main(ppo)
+    assert not any(tmp_path.iterdir())
 
 
 def test_console_script_help_lists_subcommands():
