@@ -83,14 +83,21 @@ class LitAlignCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_fit(self) -> None:
-        refuse_missing_model_paths(self.model)
+        self.refuse_missing_inputs()
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 
     def before_validate(self) -> None:
-        refuse_missing_model_paths(self.model)
+        self.refuse_missing_inputs()
 
     def before_test(self) -> None:
+        self.refuse_missing_inputs()
+
+    def refuse_missing_inputs(self) -> None:
+        """Model and data paths that do not exist are refused before the trainer starts (Lightning's setup hook starts
+        the logger, which makes the run directory, before the DataModule reads anything)."""
         refuse_missing_model_paths(self.model)
+        if hasattr(self.datamodule, "check_source_paths"):
+            self.datamodule.check_source_paths()
 
 
 MODEL_PATH_FIELDS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model")

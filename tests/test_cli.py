@@ -74,9 +74,11 @@ def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pai
     assert (tmp_path / "ck" / "last.ckpt").read_bytes() == before
 
 
-def test_from_the_command_line_a_missing_previous_stage_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+def test_missing_model_and_data_paths_are_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """configs/quickstart/dpo.yaml before its SFT stage: the command line gets the option and the model directory at
-    fault and what to do, in one line, no traceback, and nothing is written. From Python the exception propagates."""
+    fault and what to do, in one line with exit status 2, no traceback. From Python the exception propagates. A
+    missing reward model and a mistyped data file are refused the same way, and nothing is written."""
+    from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 
     monkeypatch.chdir(tmp_path)  # runs/quickstart/sft-model, relative, does not exist here
@@ -93,6 +95,10 @@ def test_from_the_command_line_a_missing_previous_stage_is_one_line_and_exit_sta
            "preset:tiny"]  # the policy given: the reward model, also written by an earlier stage, is missing
     with pytest.raises(ModelLoadError, match="model.init_args.reward_model: 'runs/quickstart/reward-model' does not"):
         main(ppo)
+    sft = ["fit", "--config", str(REPO / CONFIG), "--data.init_args.train_sources", "[{path: task_suite}, {path: "
+           "data/train.jsonl}]"]  # a data file mistyped: refused before the DataModule reads anything
+    with pytest.raises(DataError, match=r"data.init_args.train_sources\[1\].path: 'data/train.jsonl' does not exist"):
+        main(sft)
     assert not any(tmp_path.iterdir())
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler, TaggedBatch
-from lit_align.data_modules.sources import DataError
+from lit_align.data_modules.sources import DataError, missing_local_path
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,15 @@ class TokenizedDataModule(L.LightningDataModule):
         if built:  # Lightning restores state after setup(): rebuild the splits and mixture with the saved seed
             self.train_items, self.val_items = [], []
             self.setup("fit")
+
+    def check_source_paths(self) -> None:
+        """Refuse, before anything is read, a ``train_sources``/``val_sources`` entry whose ``path`` names a local file
+        or directory that does not exist (the command line calls this before the trainer starts)."""
+        for name in ("train_sources", "val_sources"):
+            for i, source in enumerate(getattr(self, name, None) or []):
+                path = source.get("path") if isinstance(source, dict) else getattr(source, "path", None)
+                if isinstance(path, str) and missing_local_path(path):
+                    raise DataError(f"data.init_args.{name}[{i}].path: {path!r} does not exist")
 
     def format_prompt(self, prompt: str) -> str:
         """The prompt as the model sees it: ``prompt_template`` applied."""

@@ -49,6 +49,12 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in FILE_BUILDERS
 
 
+def missing_local_path(path: str) -> bool:
+    """Whether ``path`` can only name a local file or directory (it starts with ".", "/" or "~", or ends in a data
+    file's extension) and none exists there: every source loader refuses such a path."""
+    return _looks_like_path(path) and not Path(path).expanduser().exists()
+
+
 def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
     """Rows of ``source`` as dicts holding at least ``columns``; clear errors for missing files and columns."""
     import datasets
