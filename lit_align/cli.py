@@ -151,15 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
-    if argv is not None:
-        LitAlignCLI(args=argv)
-        return 0
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 
     try:
         LitAlignCLI(args=argv)
     except (ModelLoadError, DataError, OutputDirectoryError) as err:
+        if argv is not None:
+            raise
         command = next((f"lit_align {a}" for a in args if a in ("fit", "validate", "test", "predict")), "lit_align")
         print(f"{command}: error: {err}", file=sys.stderr)
         return 2

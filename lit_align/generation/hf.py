@@ -44,13 +44,13 @@ def rust_decoder(tokenizer) -> Callable[..., str] | None:
         return None
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+    cls = type(tokenizer)
     for module, name in (("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),  # transformers 5
                          ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")):  # transformers 4
         try:
             base = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             continue
-        cls = type(tokenizer)
         if isinstance(tokenizer, base) and cls._decode is base._decode and cls.decode is PreTrainedTokenizerBase.decode:
             return backend.decode
     return None
