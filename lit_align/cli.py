@@ -25,6 +25,7 @@ import lit_align.callbacks
 import lit_align.data_modules
 import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
+from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
@@ -83,21 +84,22 @@ class LitAlignCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_fit(self) -> None:
-        self.refuse_missing_inputs()
+        self.refuse_bad_inputs("fit")
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 
     def before_validate(self) -> None:
-        self.refuse_missing_inputs()
+        self.refuse_bad_inputs("validate")
 
     def before_test(self) -> None:
-        self.refuse_missing_inputs()
+        self.refuse_bad_inputs("test")
 
-    def refuse_missing_inputs(self) -> None:
-        """Model and data paths that do not exist are refused before the trainer starts (Lightning's setup hook starts
-        the logger, which makes the run directory, before the DataModule reads anything)."""
+    def refuse_bad_inputs(self, stage: str) -> None:
+        """Model and data paths that do not exist, and data that cannot be trained on, are refused before the trainer
+        starts: Lightning's setup hook starts the logger, which makes the run directory, before the DataModule's
+        ``setup``, so lit_align's DataModules read their data here (once: their ``setup`` keeps what is built)."""
         refuse_missing_model_paths(self.model)
-        if hasattr(self.datamodule, "check_source_paths"):
-            self.datamodule.check_source_paths()
+        if isinstance(self.datamodule, TokenizedDataModule):
+            self.datamodule.read_before_trainer(self.model, stage)
 
 
 MODEL_PATH_FIELDS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model")

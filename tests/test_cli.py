@@ -102,6 +102,27 @@ def test_missing_model_and_data_paths_are_refused_in_one_line_before_anything_is
     assert not any(tmp_path.iterdir())
 
 
+def test_data_that_cannot_be_trained_on_is_refused_before_the_run_directory_is_made(tmp_path, pairs_file, monkeypatch):
+    """The data is read before Lightning's setup hook starts the logger: a missing column and a max_length every
+    example exceeds are refused with no runs/<name>/version_N left behind; good data is read once, not twice."""
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataError
+
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match="has no column 'solution'"):
+        main(_fit_args(tmp_path, pairs_file, "--data.init_args.train_sources",
+                       f"[{{path: {pairs_file}, completion_column: solution}}]"))
+    with pytest.raises(DataError, match="all 36 examples are longer than max_length=4 tokens"):
+        main(_fit_args(tmp_path, pairs_file, "--data.init_args.max_length", "4"))
+    assert not runs.exists()
+
+    calls = []
+    read = SFTDataModule._pairs
+    monkeypatch.setattr(SFTDataModule, "_pairs", lambda self, sources: calls.append(1) or read(self, sources))
+    main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "1"))
+    assert len(calls) == 1 and (runs / "quickstart-sft" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
 def test_console_script_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "lit_align.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0

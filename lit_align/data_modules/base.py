@@ -110,12 +110,24 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def check_source_paths(self) -> None:
         """Refuse, before anything is read, a ``train_sources``/``val_sources`` entry whose ``path`` names a local file
-        or directory that does not exist (the command line calls this before the trainer starts)."""
+        or directory that does not exist (before anything is read, by ``read_before_trainer``)."""
         for name in ("train_sources", "val_sources"):
             for i, source in enumerate(getattr(self, name, None) or []):
                 path = source.get("path") if isinstance(source, dict) else getattr(source, "path", None)
                 if isinstance(path, str) and missing_local_path(path):
                     raise DataError(f"data.init_args.{name}[{i}].path: {path!r} does not exist")
+
+    def read_before_trainer(self, module, stage: str) -> None:
+        """Read, tokenize and filter the data before the trainer starts (the command line calls this), so data that
+        cannot be trained on (a missing column, every example over ``max_length``) is refused before Lightning's setup
+        hook starts the logger and makes a run directory. The tokenizer is the module's unless one is set; the
+        trainer's own ``setup`` call then finds the data built."""
+        self.check_source_paths()
+        if self.tokenizer is None and self.tokenizer_name is None and getattr(module, "tokenizer_source", None):
+            from lit_align.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(module.tokenizer_source)
+        self.setup(stage)
 
     def format_prompt(self, prompt: str) -> str:
         """The prompt as the model sees it: ``prompt_template`` applied."""
