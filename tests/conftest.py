@@ -33,14 +33,20 @@ def _no_global_seed_between_tests(monkeypatch):
 
 @pytest.fixture(scope="session")
 def two_process_runs(tmp_path_factory):
-    """The directory of a group's 2-process runs (tests/two_process_launches.py: "ddp", "fsdp", "deepspeed2",
-    "deepspeed3"), the group launched when a test first asks for it; a run's records are in ``<directory>/<name>``."""
-    from two_process_launches import GROUPS, launch_two_processes
+    """``two_process_runs(group, name)``: the directory holding the records of the 2-process run ``name`` of ``group``
+    (tests/two_process_launches.py: "ddp", "fsdp", "deepspeed2", "deepspeed3"), the group launched when a test first
+    asks for it. A launch stops at its first failing run: the tests of the runs it finished still pass, those of the
+    runs it did not finish fail with the launch's error (all of them fail when it failed after its last run)."""
+    from two_process_launches import GROUPS, finished, launch_two_processes
 
     launched = {}
 
-    def runs(group: str):
+    def run(group: str, name: str):
         if group not in launched:
             launched[group] = launch_two_processes(GROUPS[group], tmp_path_factory.mktemp(group))
-        return launched[group]
-    return runs
+        root, error = launched[group]
+        out = root / name
+        if error is not None and (not finished(out) or all(finished(root / r.name) for r in GROUPS[group])):
+            pytest.fail(f"the 2-process run {group}/{name}: {error}", pytrace=False)
+        return out
+    return run

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -295,20 +296,21 @@ def _compare(objective: str, ddp_out: Path, tmp_path: Path, strategy: str = "ddp
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(two_process_runs) -> Path:
-    """DPO, ORPO, the reward model and GRPO under DDP (in the "ddp" launch of tests/two_process_launches.py)."""
-    return two_process_runs("ddp")
+def ddp_runs(two_process_runs):
+    """``ddp_runs(name)``: the directory of DPO's, ORPO's or GRPO's run under DDP (in the "ddp" launch of
+    tests/two_process_launches.py)."""
+    return partial(two_process_runs, "ddp")
 
 
 def test_dpo_two_processes_match_one_process_with_the_doubled_batch(ddp_runs, tmp_path):
-    _, single = _compare("dpo", ddp_runs / "dpo", tmp_path)
+    _, single = _compare("dpo", ddp_runs("dpo"), tmp_path)
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # LoRA starts as the identity: policy == reference
     assert losses[-1] < losses[0] - 0.01  # it trains: the comparison is not of constants
 
 
 def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted_nll(ddp_runs, tmp_path):
-    ranks, single = _compare("orpo", ddp_runs / "orpo", tmp_path)
+    ranks, single = _compare("orpo", ddp_runs("orpo"), tmp_path)
     tokens = [(a["tokens"], b["tokens"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
     assert any(a != b for a, b in tokens), tokens  # a plain mean of the processes' NLLs would not be the global one
     losses = [s["loss"] for s in single["steps"]]
@@ -322,7 +324,7 @@ def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path,
     ``modules_to_save`` copy next to the LoRA adapter; the export (LoRAMerge, gathered under FSDP and ZeRO-3) must be a
     sequence-classification model that scores like the checkpoint's weights."""
     clip = None if strategy == "ddp" else REWARD_CLIP
-    out = request.getfixturevalue("two_process_runs")(strategy) / "reward"
+    out = request.getfixturevalue("two_process_runs")(strategy, "reward")
     ranks, single = _compare("reward", out, tmp_path, strategy=strategy, clip=clip)
     # it trains (four batches are too few for the loss to fall reliably on this tiny model): every step's gradient is
     # far from zero, and with a clip the strategy's clipping binds at every step
@@ -351,7 +353,7 @@ def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path,
 
 
 def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(ddp_runs, tmp_path):
-    ranks, single = _compare("grpo", ddp_runs / "grpo", tmp_path)
+    ranks, single = _compare("grpo", ddp_runs("grpo"), tmp_path)
     weights = [(a["weight"], b["weight"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
     # the processes hold different numbers of tokens: a plain mean of their losses would not be the global loss
     assert any(a != b for a, b in weights), weights

@@ -178,8 +178,8 @@ def sft_runs(two_process_runs):
     def runs(strategy: str) -> tuple[Path, Path]:
         from two_process_launches import sft_rows
 
-        root = two_process_runs(strategy.split("-")[0])
-        return root / f"sft-{strategy}", sft_rows(root)
+        out = two_process_runs(strategy.split("-")[0], f"sft-{strategy}")
+        return out, sft_rows(out.parent)
     return runs
 
 

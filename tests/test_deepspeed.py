@@ -30,7 +30,7 @@ pytestmark = needs_deepspeed
 
 @pytest.mark.parametrize("strategy", ["deepspeed2", "deepspeed3"])
 def test_dpo_lora_under_zero_matches_one_process(two_process_runs, tmp_path, strategy):
-    out = two_process_runs(strategy) / "dpo"
+    out = two_process_runs(strategy, "dpo")
     ranks, single = _compare("dpo", out, tmp_path, strategy=strategy, clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP  # DeepSpeed's clipping binds at every step
     losses = [s["loss"] for s in single["steps"]]
@@ -56,7 +56,7 @@ def test_dpo_lora_under_zero_matches_one_process(two_process_runs, tmp_path, str
 
 
 def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(two_process_runs, tmp_path):
-    out = two_process_runs("deepspeed3") / "dpo-full"
+    out = two_process_runs("deepspeed3", "dpo-full")
     ranks, single = _compare("dpo-full", out, tmp_path, strategy="deepspeed3", clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP
     assert [s["loss"] for s in single["steps"]][0] == pytest.approx(0.6931, abs=1e-4)  # reference == initial policy
@@ -70,7 +70,7 @@ def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(two_process_r
     """2 steps, DeepSpeed's checkpoint (a directory: each process's weight and optimizer partitions, frozen base
     included, with Lightning's loop state), then a 2-process resume to step 4: its steps 3-4 are those of an
     uninterrupted one-process run."""
-    first, resumed = two_process_runs("deepspeed3") / "dpo-first", two_process_runs("deepspeed3") / "dpo-resumed"
+    first, resumed = two_process_runs("deepspeed3", "dpo-first"), two_process_runs("deepspeed3", "dpo-resumed")
     ckpt = first / "final.ckpt"
     assert len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per process
     one = [s["loss"] for s in run_single("dpo", tmp_path, "deepspeed3", CLIP)["steps"]]
@@ -103,7 +103,7 @@ def test_what_zero3_cannot_build_is_refused_before_training(tmp_path):
 
 
 def test_orpo_under_zero3_matches_one_process(two_process_runs, tmp_path):
-    ranks, single = _compare("orpo", two_process_runs("deepspeed3") / "orpo", tmp_path, strategy="deepspeed3")
+    ranks, single = _compare("orpo", two_process_runs("deepspeed3", "orpo"), tmp_path, strategy="deepspeed3")
     losses = [s["loss"] for s in single["steps"]]
     assert losses[-1] < losses[0] - 0.01
 
@@ -115,7 +115,7 @@ def test_grpo_under_zero_matches_one_process(two_process_runs, tmp_path, strateg
     micro-batch's gradient), and clips with the module's max_grad_norm. ZeRO-2 with LoRA (the recommended setting);
     ZeRO-3 with full fine-tuning, where the weights of the policy and of its frozen reference copy, both partitioned,
     are gathered at every forward pass inside the training step. (LoRA under ZeRO-3: the DPO test above.)"""
-    ranks, single = _compare(objective, two_process_runs(strategy) / objective, tmp_path, strategy=strategy, clip=CLIP)
+    ranks, single = _compare(objective, two_process_runs(strategy, objective), tmp_path, strategy=strategy, clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP  # DeepSpeed's clipping binds at every step
     assert ranks[0]["partitioned"] == (strategy == "deepspeed3")

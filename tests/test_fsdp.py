@@ -16,8 +16,7 @@ RAFT in tests/test_online_ddp.py).
 
 from __future__ import annotations
 
-
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -26,13 +25,14 @@ from two_process_launches import FSDP_CLIP as CLIP
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(two_process_runs) -> Path:
-    """Every 2-process FSDP run (the "fsdp" launch of tests/two_process_launches.py: DPO, ORPO, GRPO, resumes)."""
-    return two_process_runs("fsdp")
+def fsdp_runs(two_process_runs):
+    """``fsdp_runs(name)``: the directory of a 2-process FSDP run (the "fsdp" launch of tests/two_process_launches.py:
+    DPO, ORPO, GRPO, resumes)."""
+    return partial(two_process_runs, "fsdp")
 
 
 def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(fsdp_runs, tmp_path):
-    ranks, single = _compare("dpo", fsdp_runs / "dpo", tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare("dpo", fsdp_runs("dpo"), tmp_path, strategy="fsdp", clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP  # clipping binds at every step: the norm over all shards matters
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
@@ -40,14 +40,14 @@ def test_dpo_lora_under_fsdp_matches_one_process_and_saves_the_adapter(fsdp_runs
     from lit_align.models import LoRAConfig
     from lit_align.modules.dpo import DPO
 
-    ckpt = torch.load(fsdp_runs / "dpo" / "final.ckpt", weights_only=False)
+    ckpt = torch.load(fsdp_runs("dpo") / "final.ckpt", weights_only=False)
     fresh = DPO(beta=0.1, lora=LoRAConfig(r=4, dropout=0.0))
     fresh.configure_model()
     assert ckpt["lit_align_trainable_only"] and set(ckpt["state_dict"]) == fresh._trainable_names()
     assert float(sum(v.double().sum() for v in ckpt["state_dict"].values())) == pytest.approx(ranks[0]["param_sum"])
     # LoRAMerge gathered the shards and exported base + adapter: its logits are the trained adapter model's
     fresh.load_state_dict(ckpt["state_dict"], strict=False)
-    _assert_same_logits(fsdp_runs / "dpo" / "merged", fresh.model)
+    _assert_same_logits(fsdp_runs("dpo") / "merged", fresh.model)
 
 
 def _assert_same_logits(merged_dir, model) -> None:
@@ -64,13 +64,13 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
     """No LoRA: every weight trains and the reference is a frozen copy of the initial policy. reference_placement
     shard: a submodule FSDP shards with one unit per block; replicate: a whole copy per process, untouched by FSDP."""
     name = "dpo-full" if placement == "shard" else "dpo-full-replicated"
-    ranks, single = _compare(name, fsdp_runs / name, tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare(name, fsdp_runs(name), tmp_path, strategy="fsdp", clip=CLIP)
     losses = [s["loss"] for s in single["steps"]]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
     # the exported full fine-tuned policy is the trained one: its weights sum to what both processes hold
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(fsdp_runs / name / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(fsdp_runs(name) / "merged")
     assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     whole = single["reference"]["local_numel"]
     assert single["reference"]["fsdp_units"] == 0
@@ -83,7 +83,7 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
 
 def test_orpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path):
     """ORPO's NLL term is a token mean over both processes' chosen tokens (the halves hold different counts)."""
-    ranks, single = _compare("orpo", fsdp_runs / "orpo", tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare("orpo", fsdp_runs("orpo"), tmp_path, strategy="fsdp", clip=CLIP)
     assert any(a["tokens"] != b["tokens"] for a, b in zip(ranks[0]["steps"], ranks[1]["steps"]))
     losses = [s["loss"] for s in single["steps"]]
     assert losses[-1] < losses[0] - 0.01
@@ -92,7 +92,7 @@ def test_orpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path):
 def test_a_run_resumed_from_a_sharded_checkpoint_continues_the_curve(fsdp_runs, tmp_path):
     """2 steps, a sharded checkpoint (a directory of per-process shards), then a 2-process resume to step 4: its
     steps 3-4 are those of an uninterrupted one-process run (weights, optimizer state and data position restored)."""
-    first, resumed = fsdp_runs / "dpo-first", fsdp_runs / "dpo-resumed"
+    first, resumed = fsdp_runs("dpo-first"), fsdp_runs("dpo-resumed")
     ckpt = first / "final.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per process
     one = [s["loss"] for s in run_single("dpo", tmp_path, "fsdp-sharded", CLIP)["steps"]]
@@ -105,7 +105,7 @@ def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(f
     """GRPO with LoRA, 2 steps, a full checkpoint (rank 0's file, the adapter only), then a 2-process resume to step 4:
     its steps are those of an uninterrupted one-process run. Lightning's FSDP strategy loads (and removes) the state
     dict before the module's on_load_checkpoint sees the checkpoint: the module checks the names saved beside it."""
-    first, resumed = fsdp_runs / "grpo-first", fsdp_runs / "grpo-resumed"
+    first, resumed = fsdp_runs("grpo-first"), fsdp_runs("grpo-resumed")
     ckpt = torch.load(first / "final.ckpt", weights_only=False)
     assert ckpt["lit_align_trainable_only"] and ckpt["lit_align_trainable_names"] == sorted(ckpt["state_dict"])
     one = [s["loss"] for s in run_single("grpo", tmp_path, "fsdp", CLIP)["steps"]]
@@ -121,7 +121,7 @@ def test_grpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path, objective):
     root; or with reference_placement replicate a whole reference per process, untouched by FSDP) and the step runs
     outside any FSDP forward. Clipping binds at every step: the norm is taken over every root's shards on both
     processes."""
-    ranks, single = _compare(objective, fsdp_runs / objective, tmp_path, strategy="fsdp", clip=CLIP)
+    ranks, single = _compare(objective, fsdp_runs(objective), tmp_path, strategy="fsdp", clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP
     if objective == "grpo-full-replicated":
@@ -132,10 +132,10 @@ def test_grpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path, objective):
         # LoRAMerge gathered the policy's shards: the export holds the trained weights
         from transformers import AutoModelForCausalLM
 
-        merged = AutoModelForCausalLM.from_pretrained(fsdp_runs / objective / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(fsdp_runs(objective) / "merged")
         assert float(sum(p.detach().double().sum() for p in merged.parameters())) == pytest.approx(ranks[0]["param_sum"])
     elif objective == "grpo":  # the full checkpoint holds the trained adapter under its unwrapped names
-        ckpt = torch.load(fsdp_runs / objective / "final.ckpt", weights_only=False)
+        ckpt = torch.load(fsdp_runs(objective) / "final.ckpt", weights_only=False)
         adapter = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
         assert ckpt["lit_align_trainable_only"] and adapter and set(adapter) == set(ckpt["state_dict"])
         assert float(sum(v.double().sum() for v in adapter.values())) == pytest.approx(ranks[0]["param_sum"])

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_align import losses
 from lit_align.data_modules.prompts import PromptBatch, PromptSource, PromptsDataModule, load_prompt_items
 from lit_align.generation import Completion
 from lit_align.models import LoRAConfig

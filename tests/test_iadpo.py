@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from lit_align.data_modules.task_suite import CodeTask, load_task_suite, read_jsonl
 from lit_align.iadpo import (

@@ -117,9 +117,8 @@ def _ranks(two_process_runs, strategy: str, objective: str) -> tuple[list[dict],
     strategy's launch in tests/two_process_launches.py), and the reward model PPO scored with."""
     from two_process_launches import reward_model_of
 
-    root = two_process_runs(strategy)
-    out = root / f"online-{objective}"
-    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model_of(root, strategy)
+    out = two_process_runs(strategy, f"online-{objective}")
+    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model_of(out.parent, strategy)
 
 
 def write_reward_model(path: Path) -> None:

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 OBJECTIVE_STEPS = 4  # optimizer steps of tests/test_ddp_objectives.py's runs (its STEPS)
 FSDP_CLIP = DEEPSPEED_CLIP = 0.05  # gradient-norm clips that bind at every step of the DPO/ORPO/GRPO runs
 REWARD_CLIP = 0.01  # and of the reward model's
+LAUNCH_TIMEOUT = 1200  # seconds a launch may take before its tests fail
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,15 @@ def reward_model_of(root: Path, strategy: str) -> str:
     return str(root / ("reward.ckpt" if strategy == "deepspeed3" else "reward-model"))
 
 
-def launch_two_processes(runs: list[Launch], root: Path) -> Path:
-    """Run ``runs`` one after another in one pair of processes, this file being the worker; returns ``root``."""
+def finished(out: Path) -> bool:
+    """Whether a run wrote its records (every kind of run writes them per rank when its fit ends)."""
+    return any(out.glob("*rank0.json")) and any(out.glob("*rank1.json"))
+
+
+def launch_two_processes(runs: list[Launch], root: Path) -> tuple[Path, str | None]:
+    """Run ``runs`` one after another in one pair of processes, this file being the worker, which stops at the first
+    failing run. Returns ``root`` and None, or the launch's error: its exit status or timeout, the runs it finished
+    and the end of its standard error."""
     root.mkdir(parents=True, exist_ok=True)
     for r in runs:  # what the runs read, written here before the processes start
         if r.objective == "sft" and not sft_rows(root).exists():
@@ -102,11 +110,18 @@ def launch_two_processes(runs: list[Launch], root: Path) -> Path:
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    done = [r.name for r in runs if any((root / r.name).glob("*rank0.json"))]
-    assert proc.returncode == 0, f"exit status {proc.returncode} (runs done: {done}): {proc.stderr[-3000:]}"
-    return root
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        status, stderr = f"exit status {proc.returncode}", proc.stderr
+    except subprocess.TimeoutExpired as err:
+        status, stderr = f"timed out after {LAUNCH_TIMEOUT} s", err.stderr or ""
+        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    else:
+        if proc.returncode == 0:
+            return root, None
+    done = [r.name for r in runs if finished(root / r.name)]
+    return root, f"{status} (runs done: {done}): {stderr[-3000:]}"
 
 
 def run_plan(plan: Path) -> None:
