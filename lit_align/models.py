@@ -10,6 +10,8 @@ QLoRA, ``save_pretrained`` and an inference server all treat it as a real model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -322,6 +324,27 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword argument by which ``model``'s forward takes a KV cache: ``cache`` in the transformers versions that
+    deprecate ``past_key_values`` (removed in 5.40), ``past_key_values`` before them. ``model`` may be wrapped (peft,
+    FSDP, DeepSpeed): its outermost transformers model decides."""
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return "past_key_values" if hf is None else _cache_keyword_of(type(hf))
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a transformers forward pass returned (its ``cache``, or ``past_key_values`` in earlier versions),
+    None when it returned none; read without the deprecation warning of the old name."""
+    return getattr(output, "cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values", None)
 
 
 def lora_to_dict(lora: LoRAConfig | None) -> dict | None:

@@ -226,6 +226,7 @@ def test_gradient_checkpointing_falls_back_to_full_sequences(batch):
     assert rows == [10, 10]  # policy and adapter-disabled reference, each over the 10 full sequences
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")  # the KV cache goes by its current name
 def test_shared_prompt_pass_gives_the_full_sequence_numbers_and_gradients(batch):
     module = _built(lora=_lora())
     gen = torch.Generator().manual_seed(0)  # not the global RNG: other tests' draws must not change this one's weights

@@ -24,6 +24,7 @@ from lit_align.generation.base import (
     find_stop,
 )
 from lit_align.generation.sampling import sample_next_tokens, token_logprobs
+from lit_align.models import cache_keyword, gathers_weights_per_forward, returned_cache
 
 
 def _as_id_list(value) -> list[int]:
@@ -128,6 +129,7 @@ class HFBackend(GenerationBackend):
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._cache_keyword = cache_keyword(model)
         self._rust_decode = rust_decoder(tokenizer)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -172,8 +174,6 @@ class HFBackend(GenerationBackend):
             return False
         if self.synchronize is not None:
             return self.synchronize
-        from lit_align.models import gathers_weights_per_forward
-
         return gathers_weights_per_forward(self.model)
 
     @staticmethod
@@ -209,7 +209,7 @@ class HFBackend(GenerationBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
-        past, logits = out.past_key_values, out.logits[:, -1, :]
+        past, logits = returned_cache(out), out.logits[:, -1, :]
         del out
         next_position = positions[:, -1:] + 1
 
@@ -242,8 +242,9 @@ class HFBackend(GenerationBackend):
             done = torch.tensor([r is not None for r in reasons], device=device)
             feed = tokens.masked_fill(done, self.pad_token_id).unsqueeze(-1)
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
-            out = self._forward(input_ids=feed, attention_mask=mask, position_ids=next_position, past_key_values=past)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            out = self._forward(input_ids=feed, attention_mask=mask, position_ids=next_position,
+                                **{self._cache_keyword: past})
+            past, logits = returned_cache(out), out.logits[:, -1, :]
             del out
             next_position = next_position + 1
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_align import losses
-from lit_align.models import disable_dropout
+from lit_align.models import cache_keyword, disable_dropout, returned_cache
 from lit_align.modules.base import AlignmentModule
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
     prompts (B, P) and right-padded completions (2B, C), chosen rows first. The prompt cache is repeated for both
     completions of each prompt (``rows`` maps completion row -> prompt row) and every position continues from its own
     prompt's length, so the result equals a pass over the full sequences. ``net`` is any HF decoder (causal LM or
-    bare backbone) that accepts ``past_key_values``; ``prompt_kwargs`` go to the prompt pass (``logits_to_keep=1``).
+    bare backbone) that takes a KV cache (:func:`~lit_align.models.cache_keyword`); ``prompt_kwargs`` go to the prompt pass (``logits_to_keep=1``).
     Raises NotImplementedError when the model returns no cache.
     """
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
@@ -47,13 +47,13 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     prompt_out = net(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
                      **prompt_kwargs)
-    cache = prompt_out.past_key_values
+    cache = returned_cache(prompt_out)
     if cache is None:
         raise NotImplementedError("the model returned no KV cache")
     cache.batch_select_indices(rows)
     positions = prompt_mask.sum(-1)[rows].unsqueeze(-1) + torch.arange(ids.size(1), device=ids.device)
     out = net(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], dim=-1), position_ids=positions,
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **{cache_keyword(net): cache})
     return prompt_out, out, rows
 
 

@@ -1,5 +1,7 @@
 """The hf backend on the tiny preset: batching, stop strings, ordering, seeding, log-probabilities, LoRA."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -112,6 +114,7 @@ def test_eos_token_ends_the_completion_and_is_not_returned(tiny):
     assert HFBackend(model, tokenizer).eos_token_ids == {tokenizer.eos_token_id}
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")  # the KV cache goes by its current name
 def test_lora_policy_generates_with_its_adapter_and_keeps_its_modes(tiny_dir, tokenizer_of_tiny, rescore):
     torch.manual_seed(0)  # peft draws the A matrices from the global RNG
     policy = apply_lora(load_causal_lm(tiny_dir), LoRAConfig(r=4))
@@ -135,6 +138,24 @@ def test_lora_policy_generates_with_its_adapter_and_keeps_its_modes(tiny_dir, to
     for prompt, result in zip(PROMPTS, first):
         scored = rescore(policy, backend.encode_prompt(prompt), result[0].token_ids)
         assert torch.allclose(torch.tensor(result[0].logprobs), scored, atol=1e-4)
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes(tiny_dir):
+    """transformers deprecated ``past_key_values`` for ``cache`` (the old name goes in 5.40): the name is read from the
+    model's forward, through peft's wrapper, and a module that is not a transformers model gets the old one."""
+    from transformers import LlamaForCausalLM
+
+    from lit_align.models import cache_keyword, returned_cache
+
+    takes = inspect.signature(LlamaForCausalLM.forward).parameters
+    name = "cache" if "cache" in takes else "past_key_values"
+    assert name in takes
+    policy = apply_lora(load_causal_lm(tiny_dir), LoRAConfig(r=4))
+    assert cache_keyword(policy) == cache_keyword(policy.get_base_model()) == name
+    assert cache_keyword(torch.nn.Linear(2, 2)) == "past_key_values"
+    out = policy(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert returned_cache(out) is out[name] and returned_cache(out).get_seq_length() == 3
+    assert returned_cache(policy(input_ids=torch.tensor([[1, 2]]), use_cache=False)) is None
 
 
 @pytest.fixture
