@@ -218,6 +218,7 @@ def test_frozen_copy_runs_policy_and_reference_once_each(batch):
     assert all(p.grad is None for p in module.reference_model.parameters())
 
 
+@pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable:FutureWarning")  # enabled by its current name
 def test_gradient_checkpointing_falls_back_to_full_sequences(batch):
     module = _built(lora=_lora(), gradient_checkpointing=True).train()  # checkpointed layers drop KV caches
     rows = ForwardCounter(module.model).rows
