@@ -139,6 +139,7 @@ class AlignmentModule(L.LightningModule):
         # Adapter-only checkpoints lack the frozen base by design; on_load_checkpoint checks every trainable weight is there.
         self.strict_loading = False
         self._rng_state_to_restore: dict[str, Any] | None = None
+        self._loading_trainable_only = False
 
     # ------------------------------------------------------------------ construction
     @property
@@ -391,7 +392,19 @@ class AlignmentModule(L.LightningModule):
             if self.model is not None and missing:
                 raise ValueError(f"checkpoint lacks {len(missing)} trainable weights of this module (first: {missing[0]}); "
                                  "it was saved with a different LoRA/model configuration")
+        self._loading_trainable_only = bool(checkpoint.get("lit_align_trainable_only"))
         self._rng_state_to_restore = checkpoint.get("lit_align_rng")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As torch's; after :meth:`on_load_checkpoint` of a trainable-only checkpoint, the frozen weights and buffers
+        it lacks by design (rebuilt by :meth:`configure_model`) are not reported missing, so ``load_from_checkpoint``
+        warns only about weights that are really absent."""
+        keys = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._loading_trainable_only:
+            self._loading_trainable_only = False
+            trainable = self._trainable_names()
+            keys.missing_keys[:] = [k for k in keys.missing_keys if k in trainable]
+        return keys
 
     def on_train_start(self) -> None:
         if self._rng_state_to_restore is not None:
