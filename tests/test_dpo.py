@@ -95,7 +95,18 @@ def test_auto_reference_is_adapter_disabled_with_lora_and_a_frozen_copy_without(
     full = _built()
     assert full.reference_mode == "frozen_copy"
     assert all(not p.requires_grad for p in full.reference_model.parameters())
-    assert not full.reference_model.training
+
+
+def test_frozen_copy_scores_in_eval_mode_and_lightning_finds_no_module_in_eval_mode(tmp_path, batch, recwarn):
+    """The copy stays in train mode, as the policy, so Lightning's "Found N module(s) in eval mode at the start of
+    training" warning has nothing to report; its passes run in eval mode (dropout kept on, so the mode matters)."""
+    module = _built(reference="frozen_copy", disable_dropout=False).train()
+    modes = []
+    module.reference_model.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    module.reference_logps(batch)
+    assert modes == [False] * len(modes) and modes and module.reference_model.training
+    _trainer(tmp_path, 1, enable_checkpointing=False).fit(DPO(reference="frozen_copy"), datamodule=_small(batch_size=2))
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]
 
 
 # ---------------------------------------------------------------- step 0 and reference equivalence

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align import losses
+from lit_align.generation.hf import inference_mode
 from lit_align.models import is_zero3_partitioned
 from lit_align.modules.preference import PreferenceModule, preference_metrics
 
@@ -94,7 +95,9 @@ class DPO(PreferenceModule):
                 reference = self.build_policy()  # full fine-tuning: the initial policy is the loaded model again
             else:
                 reference = copy.deepcopy(self.model)
-            reference = reference.eval().requires_grad_(False)
+            # frozen; scored in eval mode (_compute_reference). Kept in train mode otherwise, as the online objectives'
+            # reference copy, so that Lightning does not warn about modules in eval mode at the start of training
+            reference = reference.train().requires_grad_(False)
             if self.hparams.reference_placement == "replicate":
                 self.keep_replicated(reference)
             else:
@@ -105,12 +108,6 @@ class DPO(PreferenceModule):
         """The frozen reference copy (a submodule, or the replicated copy moved to this process's device), if any."""
         replica = self.replicated_network
         return replica if replica is not None else self.reference_model
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reference_model is not None:
-            self.reference_model.eval()
-        return self
 
     def reference_logps(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Reference sequence log-probs (chosen, rejected), each (B,), without gradient."""
@@ -123,7 +120,8 @@ class DPO(PreferenceModule):
     def _compute_reference(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         reference = self.reference_network
         if reference is not None:
-            return self.concatenated_logps(batch, model=reference)
+            with inference_mode(reference):
+                return self.concatenated_logps(batch, model=reference)
         if self.lora_config is not None:
             with self.model.disable_adapter():
                 return self.concatenated_logps(batch)
