@@ -48,8 +48,9 @@ def _module():
     return SFT(lora=LoRAConfig(r=4, dropout=0.1), optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2))
 
 
-def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, pairs_file):
-    # 48 examples / batch 4 = 12 batches per epoch; stop at step 7 (mid-epoch), run to 15 (into epoch 2)
+def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, pairs_file, recwarn):
+    """48 examples / batch 4 = 12 batches per epoch; stop at step 7 (mid-epoch), run to 15 (into epoch 2). The loader's
+    position is in the checkpoint (TrainLoader's state), so Lightning has no "dataloader is not resumable" to warn."""
     L.seed_everything(0)
     full = RecordLosses()
     _trainer(tmp_path / "a", 15, [full], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file))
@@ -58,8 +59,10 @@ def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
     _trainer(tmp_path / "b", 15, [ckpt, StopAt(7)]).fit(_module(), datamodule=_data(pairs_file))
     path = tmp_path / "ckpt" / "epoch=0-step=7.ckpt"
-    state = torch.load(path, weights_only=False)["state_dict"]
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["state_dict"]
     assert state and all("lora_" in k for k in state)  # adapter only: the frozen base is rebuilt from its id
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_done": 7}]
 
     L.seed_everything(123)  # a different global seed: the checkpoint's RNG state must win
     resumed = RecordLosses()
@@ -67,6 +70,7 @@ def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp
     assert sorted(resumed.losses) == list(range(8, 16))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], abs=1e-6), step
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
 def test_packing_gives_the_same_per_token_logps_as_separate_sequences():

@@ -45,6 +45,25 @@ def collate_with_window_tokens(collate: Callable, items: list):
     return batch
 
 
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable in Lightning's sense (``state_dict``/``load_state_dict``): its state, saved
+    with the fit loop's in every checkpoint, is the number of batches of the current epoch already trained on
+    (``batches_done``, read when the checkpoint is written); loading it makes the batch sampler start after them, so a
+    mid-epoch resume takes the batch an uninterrupted run would have taken next."""
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return {"batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        done = int(state_dict.get("batches_done", 0))
+        if 0 < done < len(self.batch_sampler):  # an end-of-epoch checkpoint resumes at the next epoch's start
+            self.batch_sampler.skip_batches(done)
+
+
 class TokenizedDataModule(L.LightningDataModule):
     """Base DataModule: subclasses build ``self.train_items``/``self.val_items`` and define ``collate`` and ``length``.
 
@@ -197,16 +216,17 @@ class TokenizedDataModule(L.LightningDataModule):
         return int(trainer.accumulate_grad_batches), None if not math.isfinite(limit) else int(limit)
 
     def _loader(self, items: list, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
-        return DataLoader(ListDataset(items), batch_sampler=self._batch_sampler(items, batch_size, shuffle),
-                          collate_fn=partial(collate_with_window_tokens, collate), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        """A training loader (``shuffle``: a :class:`TrainLoader`) or an evaluation one over ``items``."""
+        kwargs = dict(batch_sampler=self._batch_sampler(items, batch_size, shuffle), num_workers=self.num_workers,
+                      collate_fn=partial(collate_with_window_tokens, collate), persistent_workers=self.num_workers > 0)
+        if shuffle:
+            return TrainLoader(ListDataset(items), batches_done=self._batches_done, **kwargs)
+        return DataLoader(ListDataset(items), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_items:
             raise DataError("the training set is empty")
-        loader = self._loader(self.train_items, self.batch_size, True, self.collate)
-        self._skip_consumed_batches(loader.batch_sampler)
-        return loader
+        return self._loader(self.train_items, self.batch_size, True, self.collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_items:
@@ -216,12 +236,8 @@ class TokenizedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
 
-    def _skip_consumed_batches(self, sampler: LengthGroupedBatchSampler) -> None:
-        """On a mid-epoch resume, start after the batches the restored run already trained on."""
+    def _batches_done(self) -> int:
+        """Batches of the current epoch trained on (a checkpoint is written in on_train_batch_end, before the loop's
+        ``completed`` count moves: ``processed`` counts that batch)."""
         trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
-            return
-        # the checkpoint is written in on_train_batch_end, before `completed` moves: `processed` counts that batch
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if 0 < done < len(sampler):
-            sampler.skip_batches(done)
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
