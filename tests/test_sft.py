@@ -72,6 +72,14 @@ def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp
         assert loss == pytest.approx(full.losses[step], abs=1e-6), step
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
+    # a checkpoint without the loader's state (written before loaders had one) resumes at the same batch
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    again = RecordLosses()
+    _trainer(tmp_path / "d", 9, [again], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file),
+                                                                         ckpt_path=tmp_path / "old.ckpt")
+    assert again.losses == pytest.approx({step: resumed.losses[step] for step in (8, 9)}, abs=1e-6)
+
 
 def test_packing_gives_the_same_per_token_logps_as_separate_sequences():
     tok = load_tokenizer("preset:tiny")

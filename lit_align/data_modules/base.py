@@ -226,7 +226,13 @@ class TokenizedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_items:
             raise DataError("the training set is empty")
-        return self._loader(self.train_items, self.batch_size, True, self.collate)
+        loader = self._loader(self.train_items, self.batch_size, True, self.collate)
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # a checkpoint written before loaders had a state: the restored loop progress (not yet reset for the
+            # restart) gives the same position; a checkpoint's loader state, loaded after this, says the same
+            loader.load_state_dict({"batches_done": self._batches_done()})
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_items:
