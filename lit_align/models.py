@@ -233,15 +233,17 @@ def load_causal_lm(
     if quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
-        # non-reentrant checkpointing, as without quantization (torch warns that reentrant must be chosen explicitly)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+        # checkpointing enabled below: peft would call transformers' deprecated gradient_checkpointing_enable
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        # non-reentrant (torch warns that reentrant must be chosen explicitly), which needs no input that requires
+        # grad; full-precision models have always been given one, a 4-bit base is prepared as peft does it
         if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name (the old one goes in v6)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if not quantize_4bit:
+            model.enable_input_require_grads()
     model.config.use_cache = not gradient_checkpointing
     return model
 

@@ -72,10 +72,13 @@ def test_lora_target_list_and_unknown_target():
         apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(target_modules=["query"]))
 
 
-def test_qlora_4bit_base_is_frozen_and_adapter_trains():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+@pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable:FutureWarning")  # enabled by its current name
+def test_qlora_4bit_base_is_frozen_and_adapter_trains(checkpointing):
     bnb = pytest.importorskip("bitsandbytes")
-    model = load_causal_lm("preset:tiny", quantize_4bit=True)
+    model = load_causal_lm("preset:tiny", quantize_4bit=True, gradient_checkpointing=checkpointing)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
     model = apply_lora(model, LoRAConfig(r=4, dropout=0.0))
     probe = torch.tensor([[5, 70, 80, 90, 100]])
 
