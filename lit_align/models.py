@@ -349,7 +349,8 @@ def _cache_keyword_of(cls: type) -> str:
 def returned_cache(output):
     """The KV cache a transformers forward pass returned (its ``cache``, or ``past_key_values`` in earlier versions),
     None when it returned none; read without the deprecation warning of the old name."""
-    return getattr(output, "cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values", None)
+    name = "cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values"
+    return getattr(output, name, None)
 
 
 def lora_to_dict(lora: LoRAConfig | None) -> dict | None:

@@ -344,7 +344,8 @@ def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path,
     trained.configure_model()
     head = {k for k in state if "modules_to_save" in k and "score" in k}
     assert head and head <= trained._trainable_names()  # the trained copy of the head is saved, not the initial one
-    assert float(sum(state[k].detach().double().sum() for k in trained._trainable_names())) == pytest.approx(ranks[0]["param_sum"])
+    trained_sum = sum(state[k].detach().double().sum() for k in trained._trainable_names())
+    assert float(trained_sum) == pytest.approx(ranks[0]["param_sum"])
     trained.load_state_dict(state, strict=False)
     exported = load_reward_model(out / "merged")  # the merged directory, read back as a reward model
     prompts, completions = ["def f(x):\n", "def g():\n"], ["    return x\n", "    pass\n"]

@@ -118,7 +118,8 @@ def _ranks(two_process_runs, strategy: str, objective: str) -> tuple[list[dict],
     from two_process_launches import reward_model_of
 
     out = two_process_runs(strategy, f"online-{objective}")
-    return [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)], reward_model_of(out.parent, strategy)
+    ranks = [json.loads((out / f"{objective}-rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, reward_model_of(out.parent, strategy)
 
 
 def write_reward_model(path: Path) -> None:

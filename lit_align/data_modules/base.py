@@ -129,7 +129,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def check_source_paths(self) -> None:
         """Refuse, before anything is read, a ``train_sources``/``val_sources`` entry whose ``path`` names a local file
-        or directory that does not exist (before anything is read, by ``read_before_trainer``)."""
+        or directory that does not exist (called by ``read_before_trainer``)."""
         for name in ("train_sources", "val_sources"):
             for i, source in enumerate(getattr(self, name, None) or []):
                 path = source.get("path") if isinstance(source, dict) else getattr(source, "path", None)

@@ -38,7 +38,8 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
     prompts (B, P) and right-padded completions (2B, C), chosen rows first. The prompt cache is repeated for both
     completions of each prompt (``rows`` maps completion row -> prompt row) and every position continues from its own
     prompt's length, so the result equals a pass over the full sequences. ``net`` is any HF decoder (causal LM or
-    bare backbone) that takes a KV cache (:func:`~lit_align.models.cache_keyword`); ``prompt_kwargs`` go to the prompt pass (``logits_to_keep=1``).
+    bare backbone) that takes a KV cache (:func:`~lit_align.models.cache_keyword`); ``prompt_kwargs`` go to the prompt
+    pass (``logits_to_keep=1``).
     Raises NotImplementedError when the model returns no cache.
     """
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
