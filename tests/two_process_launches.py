@@ -113,13 +113,13 @@ def launch_two_processes(runs: list[Launch], root: Path) -> tuple[Path, str | No
     try:
         proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-        status, stderr = f"exit status {proc.returncode}", proc.stderr
     except subprocess.TimeoutExpired as err:
         status, stderr = f"timed out after {LAUNCH_TIMEOUT} s", err.stderr or ""
         stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     else:
         if proc.returncode == 0:
             return root, None
+        status, stderr = f"exit status {proc.returncode}", proc.stderr
     done = [r.name for r in runs if finished(root / r.name)]
     return root, f"{status} (runs done: {done}): {stderr[-3000:]}"
 

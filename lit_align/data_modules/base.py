@@ -142,10 +142,7 @@ class TokenizedDataModule(L.LightningDataModule):
         hook starts the logger and makes a run directory. The tokenizer is the module's unless one is set; the
         trainer's own ``setup`` call then finds the data built."""
         self.check_source_paths()
-        if self.tokenizer is None and self.tokenizer_name is None and getattr(module, "tokenizer_source", None):
-            from lit_align.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(module.tokenizer_source)
+        self.resolve_tokenizer(module)
         self.setup(stage)
 
     def format_prompt(self, prompt: str) -> str:
@@ -153,13 +150,15 @@ class TokenizedDataModule(L.LightningDataModule):
         return self.prompt_template.format(prompt=prompt)
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
-    def resolve_tokenizer(self):
+    def resolve_tokenizer(self, module=None):
+        """The tokenizer: ``tokenizer`` if set, else the module's (``module``, or the attached trainer's)."""
         if self.tokenizer is not None:
             return self.tokenizer
         from lit_align.models import load_tokenizer
 
         name = self.tokenizer_name
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None and self.trainer is not None:
+            module = self.trainer.lightning_module
         if name is None and module is not None:
             name = getattr(module, "tokenizer_source", None)
         if name is None:
