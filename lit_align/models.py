@@ -136,7 +136,12 @@ def materialize_preset(name_or_path: str) -> str:
     if parsed is None:
         return name_or_path
     name, seed = parsed
-    target = cache_dir() / "presets" / f"{name}-seed{seed}-v{PRESET_FORMAT_VERSION}"
+    # One copy per transformers major version: a directory saved by transformers 5 names its tokenizer class
+    # "TokenizersBackend", which transformers 4 cannot load (two virtualenvs share this cache)
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    target = cache_dir() / "presets" / f"{name}-seed{seed}-v{PRESET_FORMAT_VERSION}-transformers{major}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)

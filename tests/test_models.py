@@ -116,6 +116,14 @@ def test_materialized_preset_is_a_standard_hf_directory(tmp_path, monkeypatch):
     ref, _ = build_preset_model("tiny", seed=5)
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
     assert materialize_preset("preset:tiny:5") == path  # cached, not rebuilt
+    # Each transformers major version has its own copy: transformers 4 cannot load a tokenizer saved by 5
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    assert path.endswith(f"-transformers{major}")
+    monkeypatch.setattr(transformers, "__version__", f"{major - 1}.57.6")
+    other = materialize_preset("preset:tiny:5")
+    assert other != path and other.endswith(f"-transformers{major - 1}")
 
 
 def test_lora_weights_stay_float32_over_a_bfloat16_base():
