@@ -18,6 +18,10 @@ thread, CPU.
 looked for in each row's decoded text at every step), timed in one process with each of the two decode paths of that
 check, alternating (the tokenizers library's ``decode`` called directly, as the backend does, and transformers'
 ``tokenizer.decode``); TRL's generate is not given stop strings here, so this is not a comparison with TRL.
+
+``--kv-cache``: lit_align's generation alone, with each KV cache of the hf backend timed alternately in one process:
+the reserved cache (:mod:`lit_align.generation.kv_cache`, the default) and transformers' default cache; both must
+return the same completions.
 """
 
 from __future__ import annotations
@@ -86,6 +90,34 @@ def bench_stop_check(model_path: str, items, k: int, max_new_tokens: int, repeat
                 times[path].append(time.perf_counter() - t0)
     tokens = sum(len(c.token_ids) for group in out for c in group)
     return {path: {"seconds": statistics.median(ts), "tokens": tokens} for path, ts in times.items()}
+
+
+def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+    """Generation with each KV cache of the hf backend, timed alternately in this process (``repeats`` rounds of 3 calls
+    per cache; medians): the reserved cache (the default) and transformers' default cache. Every call is seeded the
+    same, so both must return the same completions; that is checked."""
+    from lit_align.generation import HFBackend, SamplingParams
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
+    backend = HFBackend(model, tok, batch_size=len(items) * k)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[], seed=0)
+    prompts = [i.prompt for i in items]
+    backend.generate(prompts, params)  # warm-up
+    times: dict[str, list[float]] = {"reserved": [], "transformers_default": []}
+    outputs = {}
+    for _ in range(repeats):
+        for cache in times:
+            backend.reserve_cache = cache == "reserved"
+            for _ in range(3):
+                t0 = time.perf_counter()
+                outputs[cache] = backend.generate(prompts, params)
+                times[cache].append(time.perf_counter() - t0)
+    ids = {cache: [c.token_ids for group in out for c in group] for cache, out in outputs.items()}
+    assert ids["reserved"] == ids["transformers_default"], "the two caches decoded different tokens"
+    tokens = sum(len(t) for t in ids["reserved"])
+    return {cache: {"seconds": statistics.median(ts), "tokens": tokens, "tokens_per_s": tokens / statistics.median(ts)}
+            for cache, ts in times.items()}
 
 
 def _trl_trainer(model_path: str, items, k: int, max_new_tokens: int, steps: int, out_dir: str, callbacks=()):
@@ -187,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="store_true",
                         help="lit_align's generation with GRPO's default stop strings, by decode path of the stop check "
                              "(no TRL, no steps)")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="lit_align's generation by KV cache: reserved buffers against transformers' default "
+                             "(no TRL, no steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and not args.model.startswith("preset:"):
@@ -198,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
              "threads": args.threads, "torch": torch.__version__}
     if args.stop:
         results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
+    elif args.kv_cache:
+        results = {"setup": setup, "kv_cache": bench_kv_cache(*a, args.repeats)}
     else:
         results = {
             "setup": setup,

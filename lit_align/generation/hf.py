@@ -23,6 +23,7 @@ from lit_align.generation.base import (
     cut_at_stop,
     find_stop,
 )
+from lit_align.generation.kv_cache import reserved_cache
 from lit_align.generation.sampling import sample_next_tokens, token_logprobs
 from lit_align.models import cache_keyword, gathers_weights_per_forward, returned_cache
 
@@ -101,6 +102,7 @@ class HFBackend(GenerationBackend):
         eos_token_ids: list[int] | None = None,
         add_special_tokens: bool = True,
         synchronize: bool | None = None,
+        reserve_cache: bool = True,
     ) -> None:
         """
         Args:
@@ -115,6 +117,9 @@ class HFBackend(GenerationBackend):
                 all processes (DeepSpeed ZeRO-3, FSDP), where a process that stopped early would leave the others
                 waiting forever. Null (default): on exactly when the model's weights are ZeRO-3 partitioned or in FSDP
                 units and more than one process runs.
+            reserve_cache: decode into a KV cache whose buffers are reserved once per batch for the prompt and
+                every token the batch can generate (:mod:`lit_align.generation.kv_cache`), where the model allows it;
+                off: transformers' default cache, which copies itself at every step (same tokens, slower).
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
@@ -124,6 +129,7 @@ class HFBackend(GenerationBackend):
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else model_eos_ids(model, tokenizer))
         self.add_special_tokens = add_special_tokens
         self.synchronize = synchronize
+        self.reserve_cache = reserve_cache
         self._synced = False  # this generate() call's decision (see _synchronized)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
@@ -208,6 +214,10 @@ class HFBackend(GenerationBackend):
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        # every position this loop can feed
+        cache = reserved_cache(self.model, width + params.max_new_tokens) if self.reserve_cache else None
+        if cache is not None:
+            extra[self._cache_keyword] = cache
         out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
         past, logits = returned_cache(out), out.logits[:, -1, :]
         del out
