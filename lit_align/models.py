@@ -230,11 +230,13 @@ def load_causal_lm(
     if head == "score":
         kwargs["num_labels"] = 1
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
-    if head == "score" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    if head == "score":
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        _initialize_partitioned_new_head(model, loading["missing_keys"])
     if quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -304,6 +306,36 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and not hasattr(p, "ds_id"):
             p.data = p.data.float()
     return model
+
+
+def _initialize_partitioned_new_head(model: nn.Module, missing_keys) -> None:
+    """Draw a new score head (absent from the checkpoint) that DeepSpeed ZeRO-3 partitioned as it was created.
+
+    transformers 4 initializes missing weights under ZeRO-3 by gathering the tensors of ``state_dict()``, which are
+    detached copies DeepSpeed does not gather: the head kept the uninitialized memory of its allocation (the
+    2-process reward test's losses were 1e31 with transformers 4.57). It is drawn here as transformers draws a linear layer's weight, normal
+    with the config's ``initializer_range``, bias zero, while gathered, rank 0's draw given to every process. It is
+    drawn right after loading, where transformers draws it in an unpartitioned build: with transformers 4.57 both
+    draws are equal (the 2-process ZeRO-3 reward test matches the one-process run). transformers 5 initializes the
+    head correctly itself and is left to it."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return
+    head = getattr(model, "score", None)
+    partitioned = [p for name, p in (head.named_parameters() if head is not None else ())
+                   if f"score.{name}" in missing_keys and hasattr(p, "ds_id")]
+    if not partitioned:
+        return
+    import deepspeed
+
+    std = getattr(model.config, "initializer_range", 0.02)
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        for p in partitioned:
+            if p.dim() > 1:
+                nn.init.normal_(p.data, std=std)
+            else:
+                p.data.zero_()
 
 
 def _zero_partitioned_lora_b(model: nn.Module) -> None:
