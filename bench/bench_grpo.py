@@ -20,8 +20,8 @@ check, alternating (the tokenizers library's ``decode`` called directly, as the 
 ``tokenizer.decode``); TRL's generate is not given stop strings here, so this is not a comparison with TRL.
 
 ``--kv-cache``: lit_align's generation alone, with each KV cache of the hf backend timed alternately in one process:
-the reserved cache (:mod:`lit_align.generation.kv_cache`, the default) and transformers' default cache; both must
-return the same completions.
+the reserved cache (:mod:`lit_align.generation.kv_cache`, ``reserve_cache=True``) and transformers' default cache;
+both must return the same completions.
 """
 
 from __future__ import annotations
@@ -92,14 +92,22 @@ def bench_stop_check(model_path: str, items, k: int, max_new_tokens: int, repeat
     return {path: {"seconds": statistics.median(ts), "tokens": tokens} for path, ts in times.items()}
 
 
-def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
+def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats: int, device: str = "cpu",
+                   dtype: str = "float32") -> dict:
     """Generation with each KV cache of the hf backend, timed alternately in this process (``repeats`` rounds of 3 calls
-    per cache; medians): the reserved cache (the default) and transformers' default cache. Every call is seeded the
-    same, so both must return the same completions; that is checked."""
+    per cache; medians): the reserved cache (``reserve_cache=True``) and transformers' default cache. Every call is
+    seeded the same, so both must return the same completions; that is checked (exactly in float32; in half precision
+    the two may differ in the last bit of a logit, so only the token counts are reported there)."""
     from lit_align.generation import HFBackend, SamplingParams
     from lit_align.models import load_causal_lm, load_tokenizer
 
-    model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
+    if model_path.startswith("shape:"):  # a random model of bench_gpu_scale.py's shapes (generates to the budget)
+        from bench_gpu_scale import build_model_dir
+
+        target = Path(tempfile.mkdtemp()) / "model"
+        build_model_dir(model_path.removeprefix("shape:"), target, dtype)
+        model_path = str(target)
+    model, tok = load_causal_lm(model_path, dtype=dtype).to(device), load_tokenizer(model_path)
     backend = HFBackend(model, tok, batch_size=len(items) * k)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[], seed=0)
     prompts = [i.prompt for i in items]
@@ -112,12 +120,17 @@ def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats:
             for _ in range(3):
                 t0 = time.perf_counter()
                 outputs[cache] = backend.generate(prompts, params)
+                if device != "cpu":
+                    torch.cuda.synchronize()
                 times[cache].append(time.perf_counter() - t0)
     ids = {cache: [c.token_ids for group in out for c in group] for cache, out in outputs.items()}
-    assert ids["reserved"] == ids["transformers_default"], "the two caches decoded different tokens"
-    tokens = sum(len(t) for t in ids["reserved"])
-    return {cache: {"seconds": statistics.median(ts), "tokens": tokens, "tokens_per_s": tokens / statistics.median(ts)}
-            for cache, ts in times.items()}
+    if dtype == "float32":
+        assert ids["reserved"] == ids["transformers_default"], "the two caches decoded different tokens"
+    result = {}
+    for cache, ts in times.items():
+        tokens = sum(len(t) for t in ids[cache])
+        result[cache] = {"seconds": statistics.median(ts), "tokens": tokens, "tokens_per_s": tokens / statistics.median(ts)}
+    return result
 
 
 def _trl_trainer(model_path: str, items, k: int, max_new_tokens: int, steps: int, out_dir: str, callbacks=()):
@@ -221,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(no TRL, no steps)")
     parser.add_argument("--kv-cache", action="store_true",
                         help="lit_align's generation by KV cache: reserved buffers against transformers' default "
-                             "(no TRL, no steps)")
+                             "(no TRL, no steps); --model may be shape:NAME, a random model of bench_gpu_scale.py")
+    parser.add_argument("--device", default="cpu", help="--kv-cache only: where the model runs (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", help="--kv-cache only: the model's dtype")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not Path(args.model).exists() and not args.model.startswith("preset:"):
+    if not Path(args.model).exists() and not args.model.startswith(("preset:", "shape:")):
         print(f"model {args.model!r} not found; run the SFT quickstart first or pass --model", file=sys.stderr)
         return 2
     items = _prompt_items(args.prompts)
@@ -234,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
     elif args.kv_cache:
-        results = {"setup": setup, "kv_cache": bench_kv_cache(*a, args.repeats)}
+        setup.update(device=args.device, dtype=args.dtype)
+        results = {"setup": setup, "kv_cache": bench_kv_cache(*a, args.repeats, args.device, args.dtype)}
     else:
         results = {
             "setup": setup,

@@ -6,11 +6,13 @@
 #
 # It installs the carried wheels (TRL, datasets) beside the machine's own PyTorch stack, prints the versions, then
 # runs bench/bench_gpu_scale.py: SFT and DPO of lit_align and TRL on a random DeepSeek-Coder-1.3B-shaped model at 4096
-# tokens in bf16, with gradient checkpointing (the issue's setting), then without it when time is left. Results land in
-# $OUT (or ./gpu-session-out): gpu_scale*.json and .txt, and the worker logs as logs.tar.gz.
+# tokens in bf16, with gradient checkpointing (the issue's setting), then without it when time is left, then the hf
+# backend's KV caches (bench/bench_grpo.py --kv-cache). Results land in $OUT (or ./gpu-session-out): gpu_scale*.json,
+# gpu_kv_cache.json and their .txt, and the worker logs as logs.tar.gz.
 #
 # Environment: PYTHON (default python3), WHEELS (the wheel folder, default .whl), BUDGET_S (seconds for the whole script, default 540), BENCH_ARGS (added to
-# every bench run, e.g. "--shape tiny --seq-len 256 --steps 4 --warmup 1 --device cpu" for a CPU rehearsal).
+# every bench run, e.g. "--shape tiny --seq-len 256 --steps 4 --warmup 1 --device cpu" for a CPU rehearsal), KV_SHAPE
+# and KV_DEVICE (the KV-cache run's model shape and device; tiny and cpu for a rehearsal).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-session-out}
@@ -50,5 +52,16 @@ run_bench() {  # name, extra args...; skipped when less than 150 s of the budget
 }
 run_bench gpu_scale
 run_bench gpu_scale_no_ckpt --no-gradient-checkpointing
+# then, with 120 s left: the hf backend's reserved KV cache against transformers' default on the same random model
+# (64 rows, up to 512 new tokens, bf16), which decides whether reserve_cache should default to on for GPUs
+left=$((budget - (SECONDS - start)))
+if [ "$left" -ge 120 ]; then
+    echo "== gpu_kv_cache ($left s left)"
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$((left - 10))" "$python" bench/bench_grpo.py --kv-cache \
+        --model "shape:${KV_SHAPE:-deepseek-1.3b}" --device "${KV_DEVICE:-cuda}" --dtype bfloat16 --prompts 16 --k 4 --max-new-tokens 512 --repeats 1 \
+        --out "$out/gpu_kv_cache.json" 2>&1 | tail -30 | tee "$out/gpu_kv_cache.txt"
+else
+    echo "skipped gpu_kv_cache: ${left}s of the budget left"
+fi
 tar -czf "$out/logs.tar.gz" -C "$work" logs 2>/dev/null
 echo "done in $((SECONDS - start)) s"

@@ -102,7 +102,7 @@ class HFBackend(GenerationBackend):
         eos_token_ids: list[int] | None = None,
         add_special_tokens: bool = True,
         synchronize: bool | None = None,
-        reserve_cache: bool = True,
+        reserve_cache: bool = False,
     ) -> None:
         """
         Args:
@@ -118,8 +118,10 @@ class HFBackend(GenerationBackend):
                 waiting forever. Null (default): on exactly when the model's weights are ZeRO-3 partitioned or in FSDP
                 units and more than one process runs.
             reserve_cache: decode into a KV cache whose buffers are reserved once per batch for the prompt and
-                every token the batch can generate (:mod:`lit_align.generation.kv_cache`), where the model allows it;
-                off: transformers' default cache, which copies itself at every step (same tokens, slower).
+                every token the batch can generate (:mod:`lit_align.generation.kv_cache`), where the model allows it,
+                instead of transformers' default cache, which copies itself at every step. The same tokens either way.
+                Off by default: on CPU, attention over the reserved buffers' strided views is slower, and the copies
+                saved pay for that only in long completions (BENCHMARKS.md); on a GPU it has not been measured yet.
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")

@@ -1,9 +1,14 @@
 """A KV cache for the hf backend's decoding loop whose keys and values are written into buffers reserved once.
 
 transformers' default cache grows each layer's keys and values by concatenation, which copies the whole cache at every
-generated token: quadratic in the completion length, and on CPU about a third of the decoding time of a small model.
-:func:`reserved_cache` gives the same cache with buffers sized for the prompt and every token the loop can generate;
-each step writes its token's keys and values in place and attention reads a view of the positions filled so far.
+generated token: traffic quadratic in the completion length. :func:`reserved_cache` gives the same cache with buffers
+sized for the prompt and every token the loop can generate; each step writes its token's keys and values in place and
+attention reads a view of the positions filled so far (the prefill reads its own contiguous states).
+
+The view is strided along the positions, which CPU attention reads more slowly than a contiguous tensor: on the tiny
+preset the copies saved outweigh that from about a hundred generated tokens, and short completions are a little
+slower (BENCHMARKS.md). ``HFBackend(reserve_cache=True)`` turns it on; it is off by default until it is measured on
+a GPU, where attention kernels are expected to read strided keys and values without a copy.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ if DynamicLayer is not None:
             self._key_buffer[:, :, start:end].copy_(key_states)
             self._value_buffer[:, :, start:end].copy_(value_states)
             self.length = end
-            self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+            if start == 0:  # the prefill attends over its own states, contiguous as the default cache's (faster)
+                self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+            else:
+                self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
             return self.keys, self.values
 
         def _grow(self, positions: int) -> None:

@@ -28,8 +28,8 @@ def caches_handed_to(model) -> list:
 def test_reserved_cache_decodes_the_tokens_of_the_default_cache_in_place(tiny):
     model, tokenizer = tiny
     params = SamplingParams(max_new_tokens=40, temperature=1.0, n=3, seed=7, stop=["\n\n"])
-    reserved = HFBackend(model, tokenizer, batch_size=4)  # 9 rows: mixed prompt lengths and padding in each batch
-    default = HFBackend(model, tokenizer, batch_size=4, reserve_cache=False)
+    reserved = HFBackend(model, tokenizer, batch_size=4, reserve_cache=True)  # 9 rows: mixed prompt lengths and padding in each batch
+    default = HFBackend(model, tokenizer, batch_size=4)  # off by default
     seen = caches_handed_to(model)
     try:
         got = reserved.generate(PROMPTS, params)
