@@ -158,13 +158,35 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         LitAlignCLI(args=argv)
-    except (ModelLoadError, DataError, OutputDirectoryError) as err:
-        if argv is not None:
+    except (ModelLoadError, DataError, OutputDirectoryError, ValueError, TypeError) as err:
+        refused = err if isinstance(err, (ModelLoadError, DataError, OutputDirectoryError)) else argument_error(err)
+        if argv is not None or refused is None:
             raise
         command = next((f"lit_align {a}" for a in args if a in ("fit", "validate", "test", "predict")), "lit_align")
-        print(f"{command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {refused}", file=sys.stderr)
         return 2
     return 0
+
+
+def argument_error(err: BaseException) -> BaseException | None:
+    """The error a lit_align class raised over a bad argument while jsonargparse built it from the command line
+    (``err`` is jsonargparse's, "Does not validate against any of the Union subtypes", and carries the class's own
+    as its context), or None when ``err`` is something else, whose traceback must then be shown."""
+    import traceback
+
+    def raised_in(exc: BaseException, root: Path) -> bool:
+        frames = traceback.extract_tb(exc.__traceback__)
+        return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(root)
+
+    if not raised_in(err, Path(importlib.import_module("jsonargparse").__file__).parent.resolve()):
+        return None
+    package = Path(__file__).parent.resolve()
+    inner = err.__cause__ or err.__context__
+    while inner is not None:
+        if isinstance(inner, (ValueError, TypeError)) and raised_in(inner, package):
+            return inner
+        inner = inner.__cause__ or inner.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -220,6 +220,15 @@ def test_bad_arguments_are_named():
         PPO(kl_estimator="k4")
     with pytest.raises(ValueError, match="samples_per_prompt must be a positive integer"):
         PPO(samples_per_prompt=0)
+    # a mistyped backend option is named when the module is built, not at the first generation mid-run
+    with pytest.raises(ValueError, match=r"generation_kwargs has 'reserve_cach', which the hf backend does not take; "
+                                         r"it takes: batch_size, .*reserve_cache"):
+        PPO(generation_kwargs={"reserve_cach": True})
+    with pytest.raises(ValueError, match="generation_kwargs has 'batch', which the openai backend does not take"):
+        PPO(generation_backend="openai", generation_kwargs={"batch": 4})
+    module = PPO(generation_kwargs={"reserve_cache": True, "batch_size": 2})
+    module.configure_model()
+    assert module.generator.reserve_cache and module.generator.batch_size == 2
 
 
 class FirstByteReward(PPO):

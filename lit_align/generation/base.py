@@ -144,18 +144,38 @@ def cut_at_stop(token_ids: Sequence[int], decode: Callable[[list[int]], str], st
     return full[:cut], covering_prefix(ids, decode, full[:cut]), True
 
 
-def build_backend(name: BackendName, **kwargs) -> GenerationBackend:
-    """The backend called ``name`` ("hf", "vllm" or "openai"), built from that backend's keyword arguments."""
+def backend_class(name: BackendName) -> type[GenerationBackend]:
+    """The class of the backend called ``name`` ("hf", "vllm" or "openai"); importing it needs no optional package."""
     if name == "hf":
         from lit_align.generation.hf import HFBackend
 
-        return HFBackend(**kwargs)
+        return HFBackend
     if name == "vllm":
         from lit_align.generation.vllm import VLLMBackend
 
-        return VLLMBackend(**kwargs)
+        return VLLMBackend
     if name == "openai":
         from lit_align.generation.openai import OpenAIBackend
 
-        return OpenAIBackend(**kwargs)
+        return OpenAIBackend
     raise ValueError(f"unknown generation backend {name!r}; choose one of 'hf', 'vllm', 'openai'")
+
+
+def check_backend_kwargs(name: BackendName, kwargs: dict, option: str, supplied: tuple[str, ...] = ()) -> None:
+    """Refuse keyword arguments that the backend called ``name`` does not take, naming ``option`` (where the user set
+    them), before anything is built; ``supplied`` are the arguments the caller passes itself (not the user's)."""
+    import inspect
+
+    params = inspect.signature(backend_class(name).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [p for p in params if p != "self" and p not in supplied]
+    unknown = sorted(set(kwargs) - set(takes))
+    if unknown:
+        raise ValueError(f"{option} has {', '.join(map(repr, unknown))}, which the {name} backend does not take; "
+                         f"it takes: {', '.join(takes)}")
+
+
+def build_backend(name: BackendName, **kwargs) -> GenerationBackend:
+    """The backend called ``name`` ("hf", "vllm" or "openai"), built from that backend's keyword arguments."""
+    return backend_class(name)(**kwargs)

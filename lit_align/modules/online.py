@@ -43,7 +43,7 @@ from lit_align.execution.rewards import ExecutionReward, UnitTestReward
 from lit_align.execution.sandbox import Limits
 from lit_align.execution.status import ExecutionResult, Status
 from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, SamplingParams, build_backend
-from lit_align.generation.base import BackendName, find_stop
+from lit_align.generation.base import BackendName, check_backend_kwargs, find_stop
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
 from lit_align.modules.base import AlignmentModule
@@ -213,7 +213,8 @@ class OnlineModule(AlignmentModule):
         stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...);
             use [] for whole programs (CodeContests).
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
-        generation_kwargs: extra arguments of the backend (vllm: gpu_memory_utilization...; openai: base_url...).
+        generation_kwargs: extra arguments of the backend (hf: reserve_cache, synchronize; vllm:
+            gpu_memory_utilization...; openai: base_url...).
         generation_batch_size: sequences decoded together by the hf backend.
         micro_batch_size: rollouts per forward/backward pass; gradients of a minibatch are accumulated over these.
         val_temperature: sampling temperature on held-out prompts (0: greedy, the usual pass@1).
@@ -287,6 +288,8 @@ class OnlineModule(AlignmentModule):
             raise ValueError(f"max_grad_norm must be > 0 or null, got {max_grad_norm}")
         if execution_timeout_s <= 0:
             raise ValueError(f"execution_timeout_s must be > 0, got {execution_timeout_s}")
+        check_backend_kwargs(generation_backend, generation_kwargs or {}, "generation_kwargs",
+                             supplied=("model", "tokenizer") if generation_backend == "hf" else ())
         self.reward_scale = UnitTestReward(**reward_scale) if isinstance(reward_scale, dict) else (reward_scale or UnitTestReward())
         self.eval_metrics = ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("val", "test")
                                         for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")})
