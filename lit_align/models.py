@@ -368,13 +368,19 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def outermost_transformers_model(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers ``PreTrainedModel`` in ``model``, which may be wrapped (peft, FSDP, DeepSpeed);
+    None when there is none."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The keyword argument by which ``model``'s forward takes a KV cache: ``cache`` in the transformers versions that
     deprecate ``past_key_values`` (removed in 5.40), ``past_key_values`` before them. ``model`` may be wrapped (peft,
     FSDP, DeepSpeed): its outermost transformers model decides."""
-    from transformers import PreTrainedModel
-
-    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    hf = outermost_transformers_model(model)
     return "past_key_values" if hf is None else _cache_keyword_of(type(hf))
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lit_align.models import outermost_transformers_model
+
 try:  # transformers >= 4.56: caches made of per-layer objects
     from transformers.cache_utils import DynamicCache, DynamicLayer
 except ImportError:  # earlier transformers: its default cache is used
@@ -74,14 +76,8 @@ if DynamicLayer is not None:
         def reset(self) -> None:
             super().reset()
             self.length = 0
-            self._key_buffer = self._value_buffer = None
-
-
-def _config(model: nn.Module):
-    from transformers import PreTrainedModel
-
-    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    return getattr(hf, "config", None)
+            self._key_buffer = self._value_buffer = self.keys = self.values = None
+            self.is_initialized = False  # the next update reserves anew (transformers 4's reset keeps the flag)
 
 
 def reserved_cache(model: nn.Module, capacity: int):
@@ -91,7 +87,7 @@ def reserved_cache(model: nn.Module, capacity: int):
     linear-attention or shared-KV layers), which that default handles."""
     if DynamicLayer is None:
         return None
-    config = _config(model)
+    config = getattr(outermost_transformers_model(model), "config", None)
     if config is None:
         return None
     try:
