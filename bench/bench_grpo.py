@@ -129,7 +129,8 @@ def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats:
     result = {}
     for cache, ts in times.items():
         tokens = sum(len(t) for t in ids[cache])
-        result[cache] = {"seconds": statistics.median(ts), "tokens": tokens, "tokens_per_s": tokens / statistics.median(ts)}
+        seconds = statistics.median(ts)
+        result[cache] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
     return result
 
 

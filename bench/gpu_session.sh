@@ -52,13 +52,14 @@ run_bench() {  # name, extra args...; skipped when less than 150 s of the budget
 }
 run_bench gpu_scale
 run_bench gpu_scale_no_ckpt --no-gradient-checkpointing
-# then, with 120 s left: the hf backend's reserved KV cache against transformers' default on the same random model
+# then, with 180 s left: the hf backend's reserved KV cache against transformers' default on the same random model
 # (64 rows, up to 512 new tokens, bf16), which decides whether reserve_cache should default to on for GPUs
 left=$((budget - (SECONDS - start)))
-if [ "$left" -ge 120 ]; then
+if [ "$left" -ge 180 ]; then
     echo "== gpu_kv_cache ($left s left)"
     PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$((left - 10))" "$python" bench/bench_grpo.py --kv-cache \
-        --model "shape:${KV_SHAPE:-deepseek-1.3b}" --device "${KV_DEVICE:-cuda}" --dtype bfloat16 --prompts 16 --k 4 --max-new-tokens 512 --repeats 1 \
+        --model "shape:${KV_SHAPE:-deepseek-1.3b}" --device "${KV_DEVICE:-cuda}" --dtype bfloat16 \
+        --prompts 16 --k 4 --max-new-tokens 512 --repeats 1 \
         --out "$out/gpu_kv_cache.json" 2>&1 | tail -30 | tee "$out/gpu_kv_cache.txt"
 else
     echo "skipped gpu_kv_cache: ${left}s of the budget left"

@@ -130,6 +130,13 @@ def build_preset_model(name: str, seed: int = 0):
     return model, tokenizer
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def materialize_preset(name_or_path: str) -> str:
     """Return a local directory for a model spec: presets are built and cached on first use, others pass through."""
     parsed = parse_preset(name_or_path)
@@ -138,9 +145,7 @@ def materialize_preset(name_or_path: str) -> str:
     name, seed = parsed
     # One copy per transformers major version: a directory saved by transformers 5 names its tokenizer class
     # "TokenizersBackend", which transformers 4 cannot load (two virtualenvs share this cache)
-    import transformers
-
-    major = transformers.__version__.split(".")[0]
+    major = transformers_major()
     target = cache_dir() / "presets" / f"{name}-seed{seed}-v{PRESET_FORMAT_VERSION}-transformers{major}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return str(target)
@@ -312,15 +317,13 @@ def _initialize_partitioned_new_head(model: nn.Module, missing_keys) -> None:
     """Draw a new score head (absent from the checkpoint) that DeepSpeed ZeRO-3 partitioned as it was created.
 
     transformers 4 initializes missing weights under ZeRO-3 by gathering the tensors of ``state_dict()``, which are
-    detached copies DeepSpeed does not gather: the head kept the uninitialized memory of its allocation (the
-    2-process reward test's losses were 1e31 with transformers 4.57). It is drawn here as transformers draws a linear layer's weight, normal
-    with the config's ``initializer_range``, bias zero, while gathered, rank 0's draw given to every process. It is
-    drawn right after loading, where transformers draws it in an unpartitioned build: with transformers 4.57 both
-    draws are equal (the 2-process ZeRO-3 reward test matches the one-process run). transformers 5 initializes the
-    head correctly itself and is left to it."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    detached copies DeepSpeed does not gather: the head kept the uninitialized memory of its allocation (the 2-process
+    reward test's losses were 1e31 with transformers 4.57). It is drawn here as transformers draws a linear layer's
+    weight, normal with the config's ``initializer_range``, bias zero, while gathered, rank 0's draw given to every
+    process. It is drawn right after loading, where transformers draws it in an unpartitioned build: with transformers
+    4.57 both draws are equal (the 2-process ZeRO-3 reward test matches the one-process run). transformers 5
+    initializes the head correctly itself and is left to it."""
+    if transformers_major() >= 5:
         return
     head = getattr(model, "score", None)
     partitioned = [p for name, p in (head.named_parameters() if head is not None else ())

@@ -30,7 +30,8 @@ def caches_handed_to(model) -> list:
 def test_reserved_cache_decodes_the_tokens_of_the_default_cache_in_place(tiny):
     model, tokenizer = tiny
     params = SamplingParams(max_new_tokens=40, temperature=1.0, n=3, seed=7, stop=["\n\n"])
-    reserved = HFBackend(model, tokenizer, batch_size=4, reserve_cache=True)  # 9 rows: mixed prompt lengths and padding in each batch
+    # 9 rows in batches of 4: mixed prompt lengths and padding in each batch
+    reserved = HFBackend(model, tokenizer, batch_size=4, reserve_cache=True)
     default = HFBackend(model, tokenizer, batch_size=4)  # off by default
     seen = caches_handed_to(model)
     try:
