@@ -37,6 +37,12 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
 }
 
+SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path PATH]\n"
+                    "  [--seed_everything SEED] [--trainer.OPTION VALUE] [--checkpoint.OPTION VALUE]\n"
+                    "  [--model CLASS] [--model.init_args.OPTION VALUE] [--data CLASS] [--data.init_args.OPTION VALUE]\n"
+                    "  [--lr_monitor.OPTION VALUE] [--progress_bar.OPTION VALUE]")
+"""Usage line of fit/validate/test/predict (``--help`` lists every option below it)."""
+
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lit_align"},
@@ -65,7 +71,10 @@ class LitAlignCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         # our batch samplers shard across ranks themselves; Lightning's replacement sampler would break them
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER, "use_distributed_sampler": False})
-        kwargs.setdefault("parser_kwargs", {"description": _description()})
+        # the trainer subcommands' usage line names the option groups: argparse's own lists all ~80 options, and
+        # jsonargparse prints it before every error (a wrong-typed override, an unknown option)
+        kwargs.setdefault("parser_kwargs", {"description": _description(),
+                                            **{name: {"usage": SUBCOMMAND_USAGE} for name in self.subcommands()}})
         super().__init__(AlignmentModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

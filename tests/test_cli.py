@@ -40,6 +40,20 @@ def test_unknown_option_is_rejected_before_training(capsys):
     assert "lora.rank" in capsys.readouterr().err
 
 
+def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
+    """jsonargparse prints the usage line before every parsing error; lit_align's names the option groups instead of
+    listing the ~80 options, so the error naming the key stays on the screen."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, "--data.init_args.batch_size", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: ") and "fit [-h] [-c CONFIG]" in err[0]
+    usage = err[:next(i for i, line in enumerate(err) if line.startswith("tip: "))]
+    assert len(usage) == 4 and "--trainer.OPTION VALUE" in usage[1]
+    assert any('Parser key "batch_size"' in line for line in err)
+    assert any("Expected a <class 'int'>. Got value: abc" in line for line in err)
+
+
 def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file):
     main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4"))
     run0 = tmp_path / "runs" / "quickstart-sft" / "version_0"
