@@ -15,78 +15,70 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lit_align.models import outermost_transformers_model
 
-try:  # transformers >= 4.56: caches made of per-layer objects
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-except ImportError:  # earlier transformers: its default cache is used
-    DynamicCache = DynamicLayer = None
 
+class ReservedLayer(DynamicLayer):
+    """One full-attention layer's keys and values, (batch, heads, positions, head_dim), in buffers of ``capacity``
+    positions allocated at the first update. An update past the capacity moves them into larger buffers."""
 
-if DynamicLayer is not None:
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
 
-    class ReservedLayer(DynamicLayer):
-        """One full-attention layer's keys and values, (batch, heads, positions, head_dim), in buffers of ``capacity``
-        positions allocated at the first update. An update past the capacity moves them into larger buffers."""
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._key_buffer = self._reserve(key_states, self.capacity)
+        self._value_buffer = self._reserve(value_states, self.capacity)
+        self.is_initialized = True
 
-        def __init__(self, capacity: int) -> None:
-            super().__init__()
-            self.capacity = capacity
-            self.length = 0
-            self._key_buffer: torch.Tensor | None = None
-            self._value_buffer: torch.Tensor | None = None
+    @staticmethod
+    def _reserve(states: torch.Tensor, positions: int) -> torch.Tensor:
+        batch, heads, _, dim = states.shape
+        return states.new_empty((batch, heads, positions, dim))
 
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            self.device = key_states.device
-            self._key_buffer = self._reserve(key_states, self.capacity)
-            self._value_buffer = self._reserve(value_states, self.capacity)
-            self.is_initialized = True
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            self._grow(max(end, 2 * self._key_buffer.shape[-2]))
+        self._key_buffer[:, :, start:end].copy_(key_states)
+        self._value_buffer[:, :, start:end].copy_(value_states)
+        self.length = end
+        if start == 0:  # the prefill attends over its own states, contiguous as the default cache's (faster)
+            self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+        else:
+            self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
 
-        @staticmethod
-        def _reserve(states: torch.Tensor, positions: int) -> torch.Tensor:
-            batch, heads, _, dim = states.shape
-            return states.new_empty((batch, heads, positions, dim))
+    def _grow(self, positions: int) -> None:
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = self._reserve(old, positions)
+            new[:, :, :self.length].copy_(old[:, :, :self.length])
+            setattr(self, name, new)
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, end = self.length, self.length + key_states.shape[-2]
-            if end > self._key_buffer.shape[-2]:
-                self._grow(max(end, 2 * self._key_buffer.shape[-2]))
-            self._key_buffer[:, :, start:end].copy_(key_states)
-            self._value_buffer[:, :, start:end].copy_(value_states)
-            self.length = end
-            if start == 0:  # the prefill attends over its own states, contiguous as the default cache's (faster)
-                self.keys, self.values = key_states.contiguous(), value_states.contiguous()
-            else:
-                self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-            return self.keys, self.values
+    def get_seq_length(self) -> int:
+        return self.length
 
-        def _grow(self, positions: int) -> None:
-            for name in ("_key_buffer", "_value_buffer"):
-                old = getattr(self, name)
-                new = self._reserve(old, positions)
-                new[:, :, :self.length].copy_(old[:, :, :self.length])
-                setattr(self, name, new)
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def reset(self) -> None:
-            super().reset()
-            self.length = 0
-            self._key_buffer = self._value_buffer = self.keys = self.values = None
-            self.is_initialized = False  # the next update reserves anew (transformers 4's reset keeps the flag)
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+        self._key_buffer = self._value_buffer = self.keys = self.values = None
+        self.is_initialized = False  # the next update reserves anew (transformers 4's reset keeps the flag)
 
 
 def reserved_cache(model: nn.Module, capacity: int):
     """A cache for ``model`` (a transformers causal LM, possibly wrapped by peft, FSDP or DeepSpeed) whose layers
     reserve ``capacity`` positions, to pass to its first forward pass; None where transformers' own default cache must
-    be used: transformers before 4.56, or a model with any layer other than plain full attention (sliding-window,
-    linear-attention or shared-KV layers), which that default handles."""
-    if DynamicLayer is None:
-        return None
+    be used: a model with any layer other than plain full attention (sliding-window, linear-attention or shared-KV
+    layers), which that default handles."""
     config = getattr(outermost_transformers_model(model), "config", None)
     if config is None:
         return None

@@ -9,8 +9,6 @@ from lit_align.generation import HFBackend, SamplingParams
 from lit_align.generation import kv_cache
 from lit_align.models import LoRAConfig, apply_lora, load_causal_lm
 
-pytestmark = pytest.mark.skipif(kv_cache.DynamicLayer is None, reason="transformers < 4.56 has no per-layer caches")
-
 PROMPTS = ["x", "def add(a, b):\n    return", "import os\nimport sys\n\n"]
 
 
