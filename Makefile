@@ -5,7 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test test-oldest install clean
+
+# The same suite on the oldest dependency releases pyproject.toml allows (.ci/oldest-constraints.txt), in its own
+# virtualenv; not part of `make test`, run it when a floor changes.
+OLDEST := .venv-oldest
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +27,12 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" tests
 
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet torch==2.13.0
+	$(OLDEST)/bin/pip install --quiet -e ".[test]" -c .ci/oldest-constraints.txt
+	$(OLDEST)/bin/python -m pytest -q -m "" tests
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OLDEST) runs
