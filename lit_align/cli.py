@@ -39,7 +39,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 
 SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path PATH]\n"
                     "  [--seed_everything SEED] [--trainer.OPTION VALUE] [--checkpoint.OPTION VALUE]\n"
-                    "  [--model CLASS] [--model.init_args.OPTION VALUE] [--data CLASS] [--data.init_args.OPTION VALUE]\n"
+                    "  [--model CLASS] [--model.init_args.OPTION VALUE]\n"
+                    "  [--data CLASS] [--data.init_args.OPTION VALUE]\n"
                     "  [--lr_monitor.OPTION VALUE] [--progress_bar.OPTION VALUE]")
 """Usage line of fit/validate/test/predict (``--help`` lists every option below it)."""
 

@@ -49,7 +49,7 @@ def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("usage: ") and "fit [-h] [-c CONFIG]" in err[0]
     usage = err[:next(i for i, line in enumerate(err) if line.startswith(("tip: ", "error: ")))]
-    assert len(usage) == 4 and "--trainer.OPTION VALUE" in usage[1]
+    assert len(usage) == 5 and "--trainer.OPTION VALUE" in usage[1]
     assert any('Parser key "batch_size"' in line for line in err)
     assert any("Expected a <class 'int'>. Got value: abc" in line for line in err)
 
