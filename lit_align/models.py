@@ -204,6 +204,25 @@ def _torch_dtype(dtype: DType):
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
+def import_model_classes(name_or_path: str) -> None:
+    """Import the transformers module that defines the model classes of ``name_or_path``'s architecture, if it can
+    be found (errors are left to the load itself, which names them).
+
+    Call it before DeepSpeed's ``zero.Init`` is entered. ``zero.Init`` patches the ``__init__`` of every module class
+    defined while it is active and, on exit, puts back the ``__init__`` the class had when it was defined. Since
+    transformers 5.25 the attention classes' ``__init__`` is wrapped right after their definition (the ``kernels``
+    package's ``use_kernelized_func``), so a class first imported inside ``zero.Init`` loses that wrapper on exit and
+    every model built later fails its first forward pass ("'LlamaAttention' object has no attribute
+    '_kernel_funcs'")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(materialize_preset(name_or_path))
+        AutoModelForCausalLM._model_mapping[type(config)]  # the lazy mapping imports the defining module
+    except (OSError, ValueError, KeyError):
+        pass
+
+
 def load_causal_lm(
     name_or_path: str,
     dtype: DType = "float32",

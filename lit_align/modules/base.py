@@ -21,7 +21,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lit_align import losses
-from lit_align.models import DType, LoRAConfig, apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from lit_align.models import (DType, LoRAConfig, apply_lora, count_parameters, import_model_classes, load_causal_lm,
+                              load_tokenizer)
 
 
 @dataclass
@@ -155,6 +156,12 @@ class AlignmentModule(L.LightningModule):
             model = apply_lora(model, self.lora_config)
         return model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
 
+    def setup(self, stage: str) -> None:
+        """Lightning calls this before ``configure_model``, outside DeepSpeed's ``zero.Init``: under ZeRO-3 the model's
+        classes are imported here (``models.import_model_classes``)."""
+        if self._deepspeed_zero3() is not None:
+            import_model_classes(self.hparams.model_name_or_path)
+
     def configure_model(self) -> None:
         """Build tokenizer and policy once (Lightning calls this on fit/validate and in ``load_from_checkpoint``)."""
         if self.model is not None:
@@ -171,10 +178,8 @@ class AlignmentModule(L.LightningModule):
         only when it knows ZeRO-3 is on, which it reads from a global ``HfDeepSpeedConfig`` (through a weak reference):
         one is held while the networks are built, and dropped after (a model built later, outside Lightning's
         ``zero.Init``, such as LoRAMerge's export copy, is an ordinary one)."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy = getattr(self._trainer, "strategy", None)
-        if not isinstance(strategy, DeepSpeedStrategy) or not strategy.zero_stage_3:
+        strategy = self._deepspeed_zero3()
+        if strategy is None:
             yield
             return
         if self.hparams.quantize_4bit:  # (ZeRO-2 and FSDP take it: tests/test_ddp_sft.py)
@@ -188,6 +193,13 @@ class AlignmentModule(L.LightningModule):
             yield
         finally:
             del announced
+
+    def _deepspeed_zero3(self):
+        """The trainer's DeepSpeed strategy when it runs ZeRO-3, else None."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        return strategy if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 else None
 
     def configure_extra_models(self) -> None:
         """Hook for objectives that need more networks (a frozen reference copy, a value head)."""

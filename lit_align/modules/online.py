@@ -401,6 +401,7 @@ class OnlineModule(AlignmentModule):
 
     def setup(self, stage: str) -> None:
         """Give DeepSpeed this module's clip before the model is built (see docs/scaling.md, "Online objectives")."""
+        super().setup(stage)
         if stage == "fit" and self._trainer is not None and _is_deepspeed(self.trainer.strategy):
             self._configure_deepspeed(self.trainer.strategy)
 
