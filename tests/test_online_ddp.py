@@ -104,6 +104,12 @@ def run_objective(out: Path, objective: str, strategy: str, reward_model: str | 
 
     with gathered(trainer, module):  # FSDP, ZeRO-3: this process's shards until gathered
         checksum = float(sum(p.double().sum() for p in module.parameters() if p.requires_grad))
+    if objective == "ppo":  # the whole reward model, loaded alone in this process once the run is over
+        from lit_align.modules.reward import load_reward_model
+
+        scorer = load_reward_model(reward_model)
+        for scored in module.scored:
+            scored["rescored"] = scorer.score(scored["prompts"], scored["texts"]).tolist()
     (out / f"{objective}-rank{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
          "global_step": trainer.global_step, "validated": module.validated,
@@ -123,15 +129,17 @@ def _ranks(two_process_runs, strategy: str, objective: str) -> tuple[list[dict],
 
 
 def write_reward_model(path: Path) -> None:
-    """A reward model on the tiny preset whose weights differ from a freshly built one (so a load that silently kept
-    the built weights would score differently), at ``path``: a saved directory, or a Lightning checkpoint of the module
-    when ``path`` ends in ``.ckpt``."""
+    """A reward model whose weights differ from a freshly built one (so a load that silently kept the built weights
+    would score differently), at ``path``: a saved directory on the tiny preset, or, when ``path`` ends in ``.ckpt``,
+    a Lightning checkpoint of the module on a Qwen2 twin of the preset (the policy is Llama: under ZeRO-3 the reward
+    model's own classes must be imported before DeepSpeed's ``zero.Init``, see ``OnlineModule.setup``)."""
     import torch
 
     from lit_align.modules.reward import RewardModel
 
+    base = "preset:tiny" if path.suffix != ".ckpt" else str(write_qwen2_twin(path.parent / "qwen2-tiny"))
     torch.manual_seed(0)
-    rm = RewardModel(model_name_or_path="preset:tiny")
+    rm = RewardModel(model_name_or_path=base)
     rm.configure_model()
     with torch.no_grad():
         for p in rm.parameters():
@@ -140,6 +148,23 @@ def write_reward_model(path: Path) -> None:
         rm.save_pretrained(path)
         return
     torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, path)
+
+
+def write_qwen2_twin(path: Path) -> Path:
+    """A causal LM directory of the Qwen2 architecture with the tiny preset's sizes and tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lit_align.models import PRESETS, build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **PRESETS["tiny"])
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
@@ -151,10 +176,14 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     ranks, reward_model = _ranks(two_process_runs, strategy, "ppo")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sharded"] == ranks[0]["reward_sharded"] == (strategy in ("deepspeed3", "fsdp"))
-    # every process's rewards are the whole reward model's (loaded alone, here) for its prompts and completions
+    # every process's rewards are the whole reward model's for its prompts and completions: loaded alone, after the run,
+    # in the same process (under ZeRO-3 on another architecture than the policy's, whose classes outlive zero.Init)
+    # and here
     scorer = load_reward_model(reward_model)
     for r in ranks:
         for scored in r["scored"]:
+            torch.testing.assert_close(torch.tensor(scored["rewards"]), torch.tensor(scored["rescored"]),
+                                       atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(torch.tensor(scored["rewards"]), scorer.score(scored["prompts"], scored["texts"]),
                                        atol=1e-5, rtol=1e-4)
     # validation: the same number of steps on both processes, the second's last one empty; one global reward mean

@@ -191,6 +191,25 @@ def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, rew
     assert "train/status/passed" not in trainer.callback_metrics
 
 
+def test_a_sharded_reward_models_architecture_is_among_the_models_built_in_configure_model(tmp_path, reward_dir):
+    # (their classes are imported before DeepSpeed ZeRO-3's zero.Init: tests/test_online_ddp.py, a Qwen2 reward model)
+    ckpt = tmp_path / "rm.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model_name_or_path": "preset:tiny-base"}}, ckpt)
+    assert _ppo(reward="reward_model", reward_model=str(ckpt), reward_placement="shard").model_sources() == [
+        "preset:tiny", "preset:tiny-base"]
+    assert _ppo(reward="reward_model", reward_model=reward_dir, reward_placement="shard").model_sources() == [
+        "preset:tiny", reward_dir]
+    # a replicated one is loaded later, outside zero.Init; an unreadable one is left to the load, which names it
+    assert _ppo(reward="reward_model", reward_model=reward_dir).model_sources() == ["preset:tiny"]
+    import argparse
+
+    (tmp_path / "broken.ckpt").write_text("not a checkpoint")
+    torch.save({"hyper_parameters": argparse.Namespace(model_name_or_path="preset:tiny-base")}, tmp_path / "pickled.ckpt")
+    for missing in (tmp_path / "broken.ckpt", tmp_path / "pickled.ckpt", tmp_path / "absent.ckpt"):
+        assert _ppo(reward="reward_model", reward_model=str(missing), reward_placement="shard").model_sources() == [
+            "preset:tiny"]
+
+
 @pytest.mark.parametrize("placement", ["replicate", "shard"])
 def test_reward_model_with_another_tokenizer_is_refused_before_training(tmp_path, reward_dir, placement):
     import shutil

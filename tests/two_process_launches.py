@@ -82,7 +82,7 @@ def sft_rows(root: Path) -> Path:
 
 def reward_model_of(root: Path, strategy: str) -> str:
     """The reward model the online PPO run of a launch scores with: a saved directory replicated under DDP or sharded
-    under FSDP, a Lightning checkpoint read into ZeRO-3 partitions."""
+    under FSDP, a Lightning checkpoint of one on another architecture (Qwen2) read into ZeRO-3 partitions."""
     return str(root / ("reward.ckpt" if strategy == "deepspeed3" else "reward-model"))
 
 

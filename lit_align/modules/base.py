@@ -157,10 +157,16 @@ class AlignmentModule(L.LightningModule):
         return model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here on
 
     def setup(self, stage: str) -> None:
-        """Lightning calls this before ``configure_model``, outside DeepSpeed's ``zero.Init``: under ZeRO-3 the model's
-        classes are imported here (``models.import_model_classes``)."""
+        """Lightning calls this before ``configure_model``, outside DeepSpeed's ``zero.Init``: under ZeRO-3 the classes
+        of every model in :meth:`model_sources` are imported here (``models.import_model_classes``)."""
         if self._deepspeed_zero3() is not None:
-            import_model_classes(self.hparams.model_name_or_path)
+            for source in self.model_sources():
+                import_model_classes(source)
+
+    def model_sources(self) -> list[str]:
+        """The models (hub ids, directories, presets) whose networks ``configure_model`` builds: the policy's, and in
+        subclasses any other architecture they build there."""
+        return [self.hparams.model_name_or_path]
 
     def configure_model(self) -> None:
         """Build tokenizer and policy once (Lightning calls this on fit/validate and in ``load_from_checkpoint``)."""

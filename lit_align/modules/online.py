@@ -47,7 +47,7 @@ from lit_align.generation.base import BackendName, check_backend_kwargs, find_st
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
 from lit_align.modules.base import AlignmentModule
-from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches
+from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches, reward_model_base
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
@@ -382,6 +382,16 @@ class OnlineModule(AlignmentModule):
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
         check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
         return rm.requires_grad_(False)
+
+    def model_sources(self) -> list[str]:
+        """The policy's, and the sharded reward model's base (built in ``configure_model`` too; its architecture may
+        differ from the policy's)."""
+        sources = super().model_sources()
+        if self.hparams.reward == "reward_model" and self.hparams.reward_placement == "shard":
+            base = reward_model_base(self.hparams.reward_model)
+            if base is not None:
+                sources.append(base)
+        return sources
 
     def setup_reward(self) -> None:
         """Load and check the replicated reward model; fail before training when the run cannot be scored."""

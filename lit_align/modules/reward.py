@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -265,6 +266,21 @@ def _from_checkpoint(path: Path, map_location: str | torch.device) -> RewardMode
     return module.to(map_location)
 
 
+def reward_model_base(path_or_ckpt: str | Path) -> str | None:
+    """The model whose architecture :func:`load_reward_model` builds for ``path_or_ckpt``: a saved directory itself, or
+    the ``model_name_or_path`` a checkpoint's RewardModel was trained from (read without loading its weights). None
+    when neither can be read (the load itself then names the problem)."""
+    path = Path(path_or_ckpt).expanduser()
+    if path.is_dir():
+        return str(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    base = (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path") if isinstance(checkpoint, dict) else None
+    return base if isinstance(base, str) else None
+
+
 @contextmanager
 def _writable(module: nn.Module) -> Iterator[None]:
     """Whole weights to load a state dict into. Built inside DeepSpeed's ``zero.Init`` (an online objective's sharded
@@ -306,4 +322,4 @@ def load_reward_model(path_or_ckpt: str | Path, map_location: str | torch.device
     return module.eval()
 
 
-__all__ = ["RewardModel", "RewardNetwork", "load_reward_model", "reward_batches", "sequence_rewards"]
+__all__ = ["RewardModel", "RewardNetwork", "load_reward_model", "reward_batches", "reward_model_base", "sequence_rewards"]
