@@ -7,7 +7,8 @@ never with ``exec`` in the training process.
   duration, truncated stderr, the harness's reason).
 - ``sandbox.py`` / ``_server.py``: a small trusted server process that starts each run as PID 1 of fresh
   PID/mount/IPC namespaces (no network), with a private uid, rlimits, a size-capped tmpfs as its only
-  writable place and a wall-clock deadline; when a run ends, the kernel has killed and reaped every
+  writable place and a wall-clock deadline that does not count the time a run waits for a CPU (so load and
+  the number of workers do not decide verdicts); when a run ends, the kernel has killed and reaped every
   process it started. Degrades (with a logged warning) where privileges or the kernel do not allow it.
 - ``_harness.py`` / ``_rewrite.py``: how a function problem's pass is earned (HumanEval protocol): per-assert
   outcomes over a nonce-tagged pipe, early exits fail, completion-written ``__eq__`` & co. are rejected.

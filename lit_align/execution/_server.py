@@ -14,7 +14,8 @@ bound back, so the interpreter stays importable and the rest (keys, caches, cred
 Each run is two processes:
 
 - a **supervisor** (trusted) forked from the server, which enters fresh PID, mount and IPC namespaces,
-  forks the program, waits on a pidfd with the wall-clock deadline, kills on expiry or on request, and
+  forks the program, waits on a pidfd until its deadline (the wall-clock limit, not counting the time a program of
+  one process and thread waited for a CPU held by other processes), kills on expiry or on request, and
   sends the exit report;
 - the **program** process, PID 1 of its namespace. It mounts a size-capped tmpfs on ``/tmp`` (also bound
   over ``/dev/shm``; ``/var/tmp`` and ``/run/lock`` are read-only; the interpreter's import directories that lived
@@ -69,6 +70,9 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 UID_BASE = 1_600_000_000
 UID_SPAN = 1 << 24
+# A run's deadline moves by the time its process was runnable but waited for a CPU held by others, up to this many
+# times its limit (keep in sync with sandbox.py); see _extension
+MAX_CPU_WAIT_FACTOR = 3.0
 WORKDIR_IN_NS = "/tmp/work"
 RESULT_FD = 3
 EXTRA_FD = 4
@@ -495,8 +499,40 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _wait_until(child: int, deadline: float, killed: list[str]) -> None:
-    """Return once ``child`` has exited (still unreaped) or was killed at ``deadline``."""
+def _cpu_wait(pid: int) -> float:
+    """Seconds ``pid`` (its main thread) has spent runnable but waiting for a CPU: the run delay the kernel keeps in
+    ``/proc/<pid>/schedstat`` (still readable while the process is an unreaped zombie); 0.0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _alone(pid: int) -> bool:
+    """Whether ``pid`` is one thread without child processes."""
+    try:
+        if len(os.listdir(f"/proc/{pid}/task")) != 1:
+            return False
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+            return not fh.read().strip()
+    except OSError:
+        return False
+
+
+def _extension(pid: int, wall: float) -> float:
+    """Seconds a run with a ``wall``-second limit gets past it, asked when the limit (or the last extension) is up: the
+    time its process ``pid`` was runnable but waited for a CPU held by other processes (other runs, a training job),
+    at most ``MAX_CPU_WAIT_FACTOR * wall``, so that how loaded the machine is does not decide a verdict. Only while
+    the run is one single-threaded process: one with threads or child processes may be waiting for the CPUs its own
+    processes hold (a fork bomb), and gets its bare wall-clock limit."""
+    return min(_cpu_wait(pid), MAX_CPU_WAIT_FACTOR * wall) if _alone(pid) else 0.0
+
+
+def _wait_until(child: int, start: float, wall: float, killed: list[str]) -> float:
+    """Return once ``child`` has exited (still unreaped) or was killed at its deadline: ``start + wall`` plus the
+    :func:`_extension` it was granted, which is returned."""
+    extension = 0.0
     try:
         pidfd = os.pidfd_open(child)
     except (AttributeError, OSError):
@@ -506,25 +542,29 @@ def _wait_until(child: int, deadline: float, killed: list[str]) -> None:
         poller.register(pidfd, select.POLLIN)
     try:
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = start + wall + extension - time.monotonic()
             if remaining <= 0:
+                extension = _extension(child, wall)
+                if start + wall + extension > time.monotonic():
+                    continue
                 if not killed:
                     killed.append("timeout")
                 os.kill(child, signal.SIGKILL)
-                return
+                return extension
             if pidfd >= 0:
                 if poller.poll(int(remaining * 1000) + 1):
-                    return
+                    return extension
             else:  # kernels before 5.3
                 if os.waitid(os.P_PID, child, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    return
+                    return extension
                 time.sleep(min(remaining, 0.002))
     finally:
         if pidfd >= 0:
             os.close(pidfd)
 
 
-def _exit_message(run_id: int, uid: int | None, status: int, usage, wall: float, killed: str | None) -> dict:
+def _exit_message(run_id: int, uid: int | None, status: int, usage, wall: float, cpu_wait: float,
+                  extension: float, killed: str | None) -> dict:
     return {
         "op": "exit",
         "id": run_id,
@@ -532,6 +572,8 @@ def _exit_message(run_id: int, uid: int | None, status: int, usage, wall: float,
         "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         "wall": wall,
+        "cpu_wait": cpu_wait,
+        "extension": extension,
         "cpu": usage.ru_utime + usage.ru_stime,
         "maxrss_kb": usage.ru_maxrss,
         "killed": killed,
@@ -603,8 +645,9 @@ def _supervise(server: "Server", header: dict, payload: dict, fds: list[int], ui
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        _wait_until(child, start + float(header["limits"]["wall_s"]), killed)
+        extension = _wait_until(child, start, float(header["limits"]["wall_s"]), killed)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        cpu_wait = _cpu_wait(child)  # before the reap takes its /proc entry
         _pid, status, usage = os.wait4(child, 0)
         wall = time.monotonic() - start
         if not caps["pidns"]:  # no namespace to take the rest down: find and kill what is left
@@ -626,7 +669,7 @@ def _supervise(server: "Server", header: dict, payload: dict, fds: list[int], ui
                 time.sleep(0.002)
         if not caps["mountns"]:
             _remove_tree(workdir)
-        message = _exit_message(run_id, uid if caps["setuid"] else None, status, usage, wall,
+        message = _exit_message(run_id, uid if caps["setuid"] else None, status, usage, wall, cpu_wait, extension,
                                 killed[0] if killed else None)
     except BaseException as exc:  # noqa: BLE001
         message = {"op": "error", "id": run_id, "error": f"supervisor: {type(exc).__name__}: {exc}"}
@@ -643,15 +686,17 @@ def _supervise(server: "Server", header: dict, payload: dict, fds: list[int], ui
 class Run:
     """A program started directly by the server (PID namespace mode)."""
 
-    __slots__ = ("id", "pid", "pidfd", "uid", "start", "deadline", "killed")
+    __slots__ = ("id", "pid", "pidfd", "uid", "start", "wall", "extension", "deadline", "killed")
 
-    def __init__(self, run_id: int, pid: int, pidfd: int, uid: int, start: float, deadline: float) -> None:
+    def __init__(self, run_id: int, pid: int, pidfd: int, uid: int, start: float, wall: float) -> None:
         self.id = run_id
         self.pid = pid
         self.pidfd = pidfd
         self.uid = uid
         self.start = start
-        self.deadline = deadline
+        self.wall = wall
+        self.extension = 0.0  # as last granted (_extension)
+        self.deadline = start + wall
         self.killed: str | None = None
 
 
@@ -727,7 +772,7 @@ class Server:
             finally:
                 os._exit(115)
         pidfd = os.pidfd_open(pid)
-        run = Run(header["id"], pid, pidfd, uid, start, start + float(header["limits"]["wall_s"]))
+        run = Run(header["id"], pid, pidfd, uid, start, float(header["limits"]["wall_s"]))
         self.runs[run.id] = run
         self.by_pidfd[pidfd] = run
         self.poller.register(pidfd, select.POLLIN)
@@ -741,13 +786,15 @@ class Server:
             pass
 
     def finish_direct(self, run: Run) -> None:
+        cpu_wait = _cpu_wait(run.pid)  # before the reap takes its /proc entry
         _pid, status, usage = os.wait4(run.pid, 0)
         wall = time.monotonic() - run.start
         self.poller.unregister(run.pidfd)
         os.close(run.pidfd)
         del self.by_pidfd[run.pidfd]
         del self.runs[run.id]
-        self.send(_exit_message(run.id, run.uid if self.caps["setuid"] else None, status, usage, wall, run.killed))
+        self.send(_exit_message(run.id, run.uid if self.caps["setuid"] else None, status, usage, wall, cpu_wait,
+                                run.extension, run.killed))
 
     # -- requests
     def start_run(self, header: dict, fds: list[int]) -> None:
@@ -860,7 +907,10 @@ class Server:
                 now = time.monotonic()
                 for run in list(self.runs.values()):
                     if run.killed is None and now >= run.deadline:
-                        self.kill_direct(run, "timeout")
+                        run.extension = _extension(run.pid, run.wall)
+                        run.deadline = run.start + run.wall + run.extension
+                        if now >= run.deadline:
+                            self.kill_direct(run, "timeout")
             if self.supervisors:
                 self.reap_supervisors()
 

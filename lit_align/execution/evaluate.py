@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="n of n@k for CodeContests-schema problems (AlphaCode's 10@k); default 10")
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="wall-clock seconds per run (a whole HumanEval test; one stdin/stdout test case "
-                             "unless the problem states its own limit); default 3")
+                             "unless the problem states its own limit), not counting time spent waiting for a CPU "
+                             "(up to 3x more); default 3")
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per process; default 1024")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs; default two per CPU")
     parser.add_argument("--all-tests", action="store_true",

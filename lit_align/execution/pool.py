@@ -40,8 +40,10 @@ def default_workers() -> int:
 
     A run's work is split across three processes (this one pumps its pipes, the sandbox server starts and
     reaps it, the program runs), so with one run per CPU the cores idle between runs; two keep them busy
-    (on a 2-CPU machine: ~1.4x the executions per second). Programs stuck in loops are bounded by their own
-    wall-clock limit either way.
+    (on a 2-CPU machine: ~1.4x the executions per second). A run's time limit does not count the time it
+    waits for a CPU (see ``Limits.timeout_s``), so the number of workers does not change verdicts: a correct
+    program that takes 0.65 s alone passes a 1 s limit with 4 workers on 2 CPUs too (it timed out while the
+    limit was plain wall-clock time). Programs stuck in loops are bounded by their own limit either way.
     """
     return 2 * usable_cpus()
 

@@ -72,7 +72,8 @@ def _signal_name(number: int) -> str:
 def killed_status(outcome: RunOutcome, limits: Limits, cpu_limit: float) -> tuple[Status, str] | None:
     """Status for a run that ended without a verdict of its own (killed, crashed, exited early)."""
     if outcome.killed == "timeout":
-        return Status.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g}s exceeded"
+        waited = f" (not counting {outcome.extension_s:.2f}s spent waiting for a CPU)" if outcome.extension_s >= 0.01 else ""
+        return Status.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g}s exceeded{waited}"
     if outcome.killed == "deadline":
         return Status.TIMEOUT, "stopped at the batch deadline"
     if outcome.killed == "output":

@@ -32,6 +32,7 @@ log = logging.getLogger("lit_align.execution")
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 UID_BASE = 1_600_000_000  # keep in sync with _server.py
 UID_SPAN = 1 << 24
+MAX_CPU_WAIT_FACTOR = 3.0  # keep in sync with _server.py: a run's deadline moves by its CPU wait, up to 3 x its limit
 _MIB = 1 << 20
 _READ_CHUNK = 1 << 16
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "SYSTEMROOT")
@@ -46,7 +47,11 @@ class Limits:
     """Resource limits of sandboxed runs (one run = one process tree)."""
 
     timeout_s: float = 3.0
-    """Wall-clock seconds per run: a function problem's whole test code, or one stdin/stdout test case."""
+    """Wall-clock seconds per run: a function problem's whole test code, or one stdin/stdout test case. The time the
+    run spent runnable but waiting for a CPU held by other processes (other runs, a training job) is not counted, up
+    to 3 x ``timeout_s`` of it, so that a verdict does not depend on the machine's load or the number of workers;
+    this holds for runs of one process and thread (a program with threads or child processes gets the bare
+    wall-clock limit)."""
     cpu_time_s: float | None = None
     """CPU seconds per run (RLIMIT_CPU, whole seconds); default: ``timeout_s`` rounded up."""
     memory_mb: int = 1024
@@ -151,6 +156,11 @@ class RunOutcome:
     """Compiled executable (``cppcompile`` runs that succeeded)."""
     uid: int | None = None
     """The private uid the run had (None without root)."""
+    cpu_wait_s: float = 0.0
+    """Seconds the run's first process was runnable but waited for a CPU held by other processes (0.0 where the
+    kernel does not report it)."""
+    extension_s: float = 0.0
+    """Seconds its deadline was moved past its limit for that wait (see ``Limits.timeout_s``)."""
 
 
 class _Run:
@@ -175,7 +185,7 @@ class _Run:
         self.extra_fd = -1
         self.kill_sent: str | None = None
         wall = spec.limits.wire(spec.compile_step)["wall_s"]
-        self.backstop = time.monotonic() + wall + 15.0
+        self.backstop = time.monotonic() + wall * (1 + MAX_CPU_WAIT_FACTOR) + 15.0
         self.prefix = (spec.nonce + " ").encode()
 
 
@@ -600,6 +610,8 @@ class Sandbox:
                 signal=exit_info.get("signal"),
                 killed=killed,
                 wall_s=float(exit_info.get("wall", 0.0)),
+                cpu_wait_s=float(exit_info.get("cpu_wait", 0.0)),
+                extension_s=float(exit_info.get("extension", 0.0)),
                 cpu_s=float(exit_info.get("cpu", 0.0)),
                 maxrss_kb=int(exit_info.get("maxrss_kb", 0)),
                 stdout=bytes(run.stdout),
