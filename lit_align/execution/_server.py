@@ -509,27 +509,33 @@ def _cpu_wait(pid: int) -> float:
         return 0.0
 
 
-def _alone(pid: int) -> bool:
-    """Whether ``pid`` is one thread without child processes."""
+def _children(pid: int) -> list[bytes]:
+    """The child processes of ``pid``'s main thread."""
+    with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+        return fh.read().split()
+
+
+def _alone(pid: int, reaper: int | None = None) -> bool:
+    """Whether ``pid`` is one thread without child processes; and, given the ``reaper`` that the run's orphans go to
+    when it is not the PID 1 of a namespace of its own (a subreaper supervisor), whether that has no other child."""
     try:
-        if len(os.listdir(f"/proc/{pid}/task")) != 1:
+        if len(os.listdir(f"/proc/{pid}/task")) != 1 or _children(pid):
             return False
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
-            return not fh.read().strip()
+        return reaper is None or _children(reaper) == [str(pid).encode()]
     except OSError:
         return False
 
 
-def _extension(pid: int, wall: float) -> float:
+def _extension(pid: int, wall: float, reaper: int | None = None) -> float:
     """Seconds a run with a ``wall``-second limit gets past it, asked when the limit (or the last extension) is up: the
     time its process ``pid`` was runnable but waited for a CPU held by other processes (other runs, a training job),
     at most ``MAX_CPU_WAIT_FACTOR * wall``, so that how loaded the machine is does not decide a verdict. Only while
     the run is one single-threaded process: one with threads or child processes may be waiting for the CPUs its own
-    processes hold (a fork bomb), and gets its bare wall-clock limit."""
-    return min(_cpu_wait(pid), MAX_CPU_WAIT_FACTOR * wall) if _alone(pid) else 0.0
+    processes hold (a fork bomb), and gets its bare wall-clock limit (``reaper``: see :func:`_alone`)."""
+    return min(_cpu_wait(pid), MAX_CPU_WAIT_FACTOR * wall) if _alone(pid, reaper) else 0.0
 
 
-def _wait_until(child: int, start: float, wall: float, killed: list[str]) -> float:
+def _wait_until(child: int, start: float, wall: float, killed: list[str], reaper: int | None) -> float:
     """Return once ``child`` has exited (still unreaped) or was killed at its deadline: ``start + wall`` plus the
     :func:`_extension` it was granted, which is returned."""
     extension = 0.0
@@ -544,7 +550,7 @@ def _wait_until(child: int, start: float, wall: float, killed: list[str]) -> flo
         while True:
             remaining = start + wall + extension - time.monotonic()
             if remaining <= 0:
-                extension = _extension(child, wall)
+                extension = _extension(child, wall, reaper)
                 if start + wall + extension > time.monotonic():
                     continue
                 if not killed:
@@ -645,7 +651,8 @@ def _supervise(server: "Server", header: dict, payload: dict, fds: list[int], ui
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        extension = _wait_until(child, start, float(header["limits"]["wall_s"]), killed)
+        extension = _wait_until(child, start, float(header["limits"]["wall_s"]), killed,
+                                None if caps["pidns"] else os.getpid())  # without a PID namespace, orphans come here
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         cpu_wait = _cpu_wait(child)  # before the reap takes its /proc entry
         _pid, status, usage = os.wait4(child, 0)

@@ -35,6 +35,14 @@ CPU_BOUND = ("    import time\n"
              "    return 2 * x\n")
 LOOP = "    while True:\n        pass\n"
 SLEEP = "    import time\n    time.sleep(3 * seconds)\n    return 2 * x\n"
+ORPHAN = ("    import os\n"
+          "    if os.fork() == 0:\n"
+          "        os.setsid()\n"
+          "        if os.fork() == 0:\n"
+          "            while True:\n"
+          "                pass\n"
+          "        os._exit(0)\n"
+          "    os.wait()\n") + CPU_BOUND  # its busy grandchild, an orphan, goes to PID 1 or to the subreaper supervisor
 THREADED = ("    import threading\n"
             "    def spin():\n"
             "        while True:\n"
@@ -91,4 +99,10 @@ def test_a_run_with_a_busy_thread_gets_its_bare_limit(loaded_sandbox):
     result, outcome = _run(loaded_sandbox, THREADED)
     assert result.status is Status.TIMEOUT and outcome.extension_s == 0
     assert result.message == "wall-clock limit of 1s exceeded"
+    assert LIMIT <= outcome.wall_s < LIMIT + 0.5
+
+
+def test_a_run_with_a_busy_orphan_gets_its_bare_limit(loaded_sandbox):
+    result, outcome = _run(loaded_sandbox, ORPHAN)
+    assert result.status is Status.TIMEOUT and outcome.extension_s == 0
     assert LIMIT <= outcome.wall_s < LIMIT + 0.5
