@@ -103,7 +103,7 @@ class PassAtK(L.Callback):
         temperature: sampling temperature (0: greedy).
         top_p: nucleus sampling threshold.
         seed: sampling seed (the same seed and weights give the same completions).
-        timeout_s: wall-clock seconds per program run.
+        timeout_s: wall-clock seconds per program run, not counting time it waits for a CPU (``Limits.timeout_s``).
         batch_deadline_s: wall-clock seconds for executing one evaluation's samples.
         max_workers: parallel runs (null: two per CPU).
         prefix: prepended to every logged name (e.g. ``"val/"``).

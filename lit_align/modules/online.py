@@ -204,7 +204,8 @@ class OnlineModule(AlignmentModule):
             only trainable weights. DDP and ZeRO-2 keep a whole copy per process either way.
         reward_scale: the unit-test reward scale (timeout -2, syntax -1, runtime -0.6, failed -0.3, pass +4,
             optional partial credit and trivial-body penalty).
-        execution_timeout_s: wall-clock seconds each program may run (per test for stdin/stdout problems).
+        execution_timeout_s: wall-clock seconds each program may run (per test for stdin/stdout problems), not
+            counting time it waits for a CPU (``Limits.timeout_s``).
         execution_workers: programs run in parallel; null: one per CPU.
         samples_per_prompt: completions generated for each prompt per training batch.
         max_new_tokens: longest completion, in tokens.
