@@ -12,9 +12,14 @@ already holds checkpoints is refused unless the run resumes with ``--ckpt_path``
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import inspect
 import pkgutil
+import re
 import sys
+import typing
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
@@ -60,6 +65,62 @@ for _package in (lit_align.modules, lit_align.data_modules, lit_align.callbacks)
     import_submodules(_package)
 
 
+def init_options(cls: type) -> list[str]:
+    """The dotted ``init_args`` options of ``cls``: its constructor's parameters and those of the classes it passes
+    ``**kwargs`` to, with a dataclass parameter's fields under its name (``optimizer.lr``, ``lora.r``)."""
+    options: list[str] = []
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None or klass.__module__.startswith(("lightning.", "torch.")):
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: names only
+            hints = {}
+        params = inspect.signature(init).parameters.values()
+        for param in params:
+            if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            options.append(param.name)
+            for kind in typing.get_args(hints.get(param.name)) or (hints.get(param.name),):
+                if dataclasses.is_dataclass(kind):
+                    options += [f"{param.name}.{f.name}" for f in dataclasses.fields(kind)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(options))
+
+
+def unknown_option_hint(message: str) -> str | None:
+    """For jsonargparse's "Option 'X' is not accepted" about a ``--model``/``--data`` class: the options of that
+    class whose name ends like X or is close to it (``lr`` -> ``--model.init_args.optimizer.lr``)."""
+    found = re.search(r'Parser key "(\w+)"[\s\S]*?class_path \'([\w.]+)\'[\s\S]*?Option \'([\w.]+)\' is not accepted',
+                      message)
+    if found is None:
+        return None
+    key, class_path, option = found.groups()
+    given = re.findall(r"NestedArg\(key='([\w.]+)'", message)
+    option = given[-1] if given else option  # the outermost: the whole dotted option under init_args
+    try:
+        module, _, name = class_path.rpartition(".")
+        options = init_options(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return None
+    last = {o: o.rpartition(".")[2] for o in options}
+    matches = [o for o in options if last[o] == option.rpartition(".")[2] and o != option]
+    matches += [o for o in difflib.get_close_matches(option, options, n=3, cutoff=0.75) if o not in matches]
+    if not matches:
+        return None
+    return "did you mean " + " or ".join(f"--{key}.init_args.{o}" for o in matches[:3]) + "?"
+
+
+class LitAlignParser(LightningArgumentParser):
+    """LightningCLI's parser, whose error for an unknown module or data option suggests the nearest real ones."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        hint = unknown_option_hint(message)
+        super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
+
+
 class OutputDirectoryError(RuntimeError):
     """The run would write into a directory that already holds another run's checkpoints."""
 
@@ -69,6 +130,7 @@ class LitAlignCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", LitAlignParser)
         kwargs.setdefault("auto_configure_optimizers", False)
         # our batch samplers shard across ranks themselves; Lightning's replacement sampler would break them
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER, "use_distributed_sampler": False})

@@ -54,6 +54,21 @@ def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
     assert any("Expected a <class 'int'>. Got value: abc" in line for line in err)
 
 
+@pytest.mark.parametrize("option, hint", [
+    ("--model.init_args.lr", "did you mean --model.init_args.optimizer.lr?"),  # a dataclass option's field
+    ("--model.init_args.lora.rank", "did you mean --model.init_args.lora.r?"),  # inside the dataclass
+    ("--data.init_args.batchsize", "did you mean --data.init_args.batch_size or --data.init_args.eval_batch_size?"),
+    ("--model.init_args.zzz", None),
+])
+def test_an_unknown_module_or_data_option_gets_the_nearest_real_ones(capsys, option, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, option, "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"Option '{option.rpartition('.')[2]}' is not accepted" in err
+    assert (err.splitlines()[-1] == f"  hint: {hint}") if hint else "hint:" not in err
+
+
 def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file):
     main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4"))
     run0 = tmp_path / "runs" / "quickstart-sft" / "version_0"
