@@ -204,6 +204,13 @@ def _torch_dtype(dtype: DType):
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
+def checkpoint_hyperparameters(path: str | Path) -> dict:
+    """The hyperparameters a Lightning checkpoint was saved with, read memory-mapped (its weights stay on disk).
+    Raises what ``torch.load`` raises for a missing, torn or foreign file."""
+    checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+
+
 def import_model_classes(name_or_path: str) -> None:
     """Import the transformers module that defines the model classes of ``name_or_path``'s architecture, if it can
     be found (errors are left to the load itself, which names them).
@@ -471,7 +478,7 @@ def count_parameters(model: nn.Module, wrapper: nn.Module | None = None) -> tupl
 
 
 __all__ = [
-    "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "block_linear_names", "build_byte_tokenizer",
+    "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "checkpoint_hyperparameters", "block_linear_names", "build_byte_tokenizer",
     "build_preset_model", "count_parameters", "disable_dropout", "is_zero3_partitioned", "load_causal_lm", "load_tokenizer",
     "materialize_preset", "parameter_shape", "parse_preset", "whole_shapes",
 ]

@@ -183,15 +183,14 @@ def reward_model_weights(path: str) -> tuple[ModelShape, str, int, bool]:
     option = "model.init_args.reward_model"
     if not path.endswith(".ckpt"):
         return ModelShape.from_hf_config(load_model_config(path)), "float32", 0, False
-    import torch
+    from lit_align.models import checkpoint_hyperparameters
 
     if not Path(path).expanduser().is_file():
         raise PlanError(f"{option}: checkpoint {path!r} does not exist")
     try:
-        checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+        hp = checkpoint_hyperparameters(path)
     except Exception as err:  # noqa: BLE001  (a torn or foreign file: name it)
         raise PlanError(f"{option}: cannot read the checkpoint {path!r} ({type(err).__name__}: {err})") from err
-    hp = dict(checkpoint.get("hyper_parameters") or {})
     base = str(hp.get("model_name_or_path") or "")
     if not base:
         raise PlanError(f"{option}: {path!r} has no model_name_or_path hyperparameter: it is not a RewardModel checkpoint")

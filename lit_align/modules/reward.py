@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from lit_align import losses
 from lit_align.data_modules.collate import encode_completion, encode_prompt
-from lit_align.models import apply_lora, load_causal_lm
+from lit_align.models import apply_lora, checkpoint_hyperparameters, load_causal_lm
 from lit_align.modules.base import AlignmentModule
 from lit_align.models import disable_dropout
 from lit_align.modules.preference import shared_prompt_forward
@@ -274,10 +274,9 @@ def reward_model_base(path_or_ckpt: str | Path) -> str | None:
     if path.is_dir():
         return str(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        base = checkpoint_hyperparameters(path).get("model_name_or_path")
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
         return None
-    base = (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path") if isinstance(checkpoint, dict) else None
     return base if isinstance(base, str) else None
 
 
