@@ -19,9 +19,11 @@ import inspect
 import pkgutil
 import re
 import sys
+import traceback
 import typing
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -105,24 +107,61 @@ def unknown_option_hint(message: str) -> str | None:
         options = init_options(getattr(importlib.import_module(module), name))
     except (ImportError, AttributeError, ValueError):
         return None
-    last = {o: o.rpartition(".")[2] for o in options}
-    matches = [o for o in options if last[o] == option.rpartition(".")[2] and o != option]
-    matches += [o for o in difflib.get_close_matches(option, options, n=3, cutoff=0.75) if o not in matches]
+    matches = nearest_options(option, options)
     if not matches:
         return None
-    return "did you mean " + " or ".join(f"--{key}.init_args.{o}" for o in matches[:3]) + "?"
+    return "did you mean " + " or ".join(f"--{key}.init_args.{o}" for o in matches) + "?"
+
+
+def nearest_options(option: str, options: list[str]) -> list[str]:
+    """The dotted ``options`` a mistyped ``option`` most likely meant, at most three: those with its last name
+    (``lr`` -> ``optimizer.lr``), else the closest spellings (``trainr.max_steps`` -> ``trainer.max_steps``, not also
+    ``trainer.min_steps``: only spellings about as close as the closest are kept)."""
+    matches = [o for o in options if o.rpartition(".")[2] == option.rpartition(".")[2] and o != option]
+    if matches:
+        return matches[:3]
+    scored = sorted(((difflib.SequenceMatcher(None, option, o).ratio(), o) for o in options), reverse=True)
+    return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03]
+
+
+def unknown_argument_hint(message: str, known: list[str]) -> str | None:
+    """For argparse's "unrecognized arguments: --X ..." (the command line) and jsonargparse's "does not accept option
+    'X'" (a config file's key): the ``known`` options (dotted, without ``--``) whose name ends like X or is close to it
+    (``trainer.precission`` -> ``--trainer.precision``, ``max_steps`` -> ``--trainer.max_steps``)."""
+    found = re.search(r"unrecognized arguments: (.*)", message)
+    if found:
+        unknown = [token[2:].partition("=")[0] for token in found.group(1).split() if token.startswith("--")]
+    else:
+        unknown = re.findall(r"does not accept option '([\w.]+)'", message)
+    hints = []
+    for option in unknown:
+        if matches := nearest_options(option, known):
+            suggestion = " or ".join(f"--{o}" for o in matches)
+            hints.append(f"did you mean {suggestion}?" if len(unknown) == 1 else f"--{option}: did you mean {suggestion}?")
+    return "; ".join(hints) or None
 
 
 class LitAlignParser(LightningArgumentParser):
-    """LightningCLI's parser, whose error for an unknown module or data option suggests the nearest real ones."""
+    """LightningCLI's parser, whose error for an unknown option (of a module, a DataModule, the trainer, a callback)
+    suggests the nearest real ones."""
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        hint = unknown_option_hint(message)
+        parser = self
+        subcommand = re.match(r"Subcommand '(\w+)' does not accept", message)  # a config file's key, found by the root
+        if subcommand and getattr(self, "_subcommands_action", None) is not None:
+            parser = self._subcommands_action._name_parser_map.get(subcommand.group(1), self)
+        known = [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
+        hint = unknown_option_hint(message) or unknown_argument_hint(message, known)
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
 
 
 class OutputDirectoryError(RuntimeError):
     """The run would write into a directory that already holds another run's checkpoints."""
+
+
+class LightningOptionError(RuntimeError):
+    """Lightning refused a trainer or callback option (``--trainer.*``, ``--checkpoint.*``, ...) while the trainer and
+    its callbacks were built, before anything ran: ``save_top_k`` without ``monitor``, an unknown strategy name."""
 
 
 class LitAlignCLI(LightningCLI):
@@ -146,6 +185,17 @@ class LitAlignCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, except that an option Lightning's own classes refuse while being built (the trainer, the
+        checkpoint and other callbacks) raises a ``LightningOptionError``, shown without a traceback."""
+        try:
+            super().instantiate_classes()
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            if not raised_in(err, Path(importlib.import_module("lightning").__file__).parent.resolve()):
+                raise
+            raise LightningOptionError(f"{err} (a --trainer or callback option; 'lit_align {self.subcommand} --help' "
+                                       "lists them)") from err
 
     def instantiate_trainer(self, **kwargs):
         """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar."""
@@ -230,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         LitAlignCLI(args=argv)
-    except (ModelLoadError, DataError, OutputDirectoryError, ValueError, TypeError) as err:
-        refused = err if isinstance(err, (ModelLoadError, DataError, OutputDirectoryError)) else argument_error(err)
+    except (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ValueError, TypeError) as err:
+        refusals = (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError)
+        refused = err if isinstance(err, refusals) else argument_error(err)
         if argv is not None or refused is None:
             raise
         command = next((f"lit_align {a}" for a in args if a in ("fit", "validate", "test", "predict")), "lit_align")
@@ -240,16 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def raised_in(exc: BaseException, root: Path) -> bool:
+    """Whether ``exc`` was raised by code under the directory ``root`` (the innermost frame of its traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(root)
+
+
 def argument_error(err: BaseException) -> BaseException | None:
     """The error a lit_align class raised over a bad argument while jsonargparse built it from the command line
     (``err`` is jsonargparse's, "Does not validate against any of the Union subtypes", and carries the class's own
     as its context), or None when ``err`` is something else, whose traceback must then be shown."""
-    import traceback
-
-    def raised_in(exc: BaseException, root: Path) -> bool:
-        frames = traceback.extract_tb(exc.__traceback__)
-        return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(root)
-
     if not raised_in(err, Path(importlib.import_module("jsonargparse").__file__).parent.resolve()):
         return None
     package = Path(__file__).parent.resolve()

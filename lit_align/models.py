@@ -54,6 +54,14 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None
     """Modules trained fully and saved beside the adapter (for example a reward model's "score" head)."""
 
+    def __post_init__(self) -> None:  # refused while the CLI builds the module, before a run directory exists
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be a positive rank, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
 
 class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message names what and why."""
@@ -324,8 +332,6 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM")
             raise ModelLoadError(f"lora.target_modules {missing} match no linear layer of the model; "
                                  f"the transformer blocks have: {sorted(suffixes)}")
         targets = wanted
-    if lora.r <= 0:
-        raise ModelLoadError(f"lora.r must be a positive rank, got {lora.r}")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=lora.modules_to_save, task_type=task_type, bias="none")
     model = get_peft_model(model, config)

@@ -57,7 +57,7 @@ def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
 @pytest.mark.parametrize("option, hint", [
     ("--model.init_args.lr", "did you mean --model.init_args.optimizer.lr?"),  # a dataclass option's field
     ("--model.init_args.lora.rank", "did you mean --model.init_args.lora.r?"),  # inside the dataclass
-    ("--data.init_args.batchsize", "did you mean --data.init_args.batch_size or --data.init_args.eval_batch_size?"),
+    ("--data.init_args.batchsize", "did you mean --data.init_args.batch_size?"),  # not also eval_batch_size: farther
     ("--model.init_args.zzz", None),
 ])
 def test_an_unknown_module_or_data_option_gets_the_nearest_real_ones(capsys, option, hint):
@@ -67,6 +67,70 @@ def test_an_unknown_module_or_data_option_gets_the_nearest_real_ones(capsys, opt
     err = capsys.readouterr().err
     assert f"Option '{option.rpartition('.')[2]}' is not accepted" in err
     assert (err.splitlines()[-1] == f"  hint: {hint}") if hint else "hint:" not in err
+
+
+@pytest.mark.parametrize("option, hint", [
+    ("--trainer.precission", "did you mean --trainer.precision?"),
+    ("--trainr.max_steps", "did you mean --trainer.max_steps?"),  # not also min_steps or max_epochs: farther
+    ("--max_steps", "did you mean --trainer.max_steps?"),  # the group left out
+    ("--checkpoint.save_topk", "did you mean --checkpoint.save_top_k?"),
+    ("--zzz", None),
+])
+def test_an_unknown_trainer_or_callback_option_gets_the_nearest_real_ones(capsys, option, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, option, "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"error: unrecognized arguments: {option} 4" in err
+    assert (err[-1] == f"  hint: {hint}") if hint else not any("hint:" in line for line in err)
+
+
+def test_an_unknown_key_in_a_config_file_gets_the_nearest_real_option(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_step: 3\ncheckpoint:\n  every_n_train_step: 2\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, "--config", str(bad)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == ["error: Subcommand 'fit' does not accept option 'trainer.max_step'",
+                        "  hint: did you mean --trainer.max_steps?"]
+
+
+def test_an_option_lightning_refuses_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Lightning's own checks of trainer and callback options (a top-k checkpoint with nothing to monitor, a strategy
+    name that does not exist) reach the command line as Lightning's message with exit status 2, not a traceback."""
+    from lit_align.cli import LightningOptionError
+
+    monkeypatch.chdir(tmp_path)
+    for option, message in ((["--checkpoint.save_top_k", "2"], "ModelCheckpoint(save_top_k=2, monitor=None) is not a "
+                             "valid configuration"),
+                            (["--trainer.strategy", "deepspeed_stage_9"], "You selected an invalid strategy name: "
+                             "`strategy='deepspeed_stage_9'`")):
+        args = ["fit", "--config", str(REPO / CONFIG), *option]
+        monkeypatch.setattr(sys, "argv", ["lit_align", *args])
+        assert main() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"lit_align fit: error: {message}") and not any("Traceback" in line for line in err)
+        assert err[-1].endswith("(a --trainer or callback option; 'lit_align fit --help' lists them)")
+        with pytest.raises(LightningOptionError):  # from Python the exception propagates
+            main(args)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--model.init_args.lora.r", "0"], "lora.r must be a positive rank, got 0"),
+    (["--model.init_args.lora.dropout", "1.5"], "lora.dropout must be in [0, 1), got 1.5"),
+    (["--model.init_args.optimizer.lr", "-1"], "optimizer.lr must be >= 0, got -1.0"),
+    (["--model.init_args.optimizer.betas", "[0.9, 1.2]"], "optimizer.betas must be in [0, 1), got (0.9, 1.2)"),
+    (["--model.init_args.optimizer.min_lr_ratio", "2"], "optimizer.min_lr_ratio must be in [0, 1], got 2.0"),
+])
+def test_lora_and_optimizer_settings_are_checked_before_a_run_directory_is_made(tmp_path, monkeypatch, capsys,
+                                                                                option, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit_align", "fit", "--config", str(REPO / CONFIG), *option])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"lit_align fit: error: {message}"
+    assert not any(tmp_path.iterdir())
 
 
 def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file):

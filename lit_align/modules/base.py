@@ -47,6 +47,14 @@ class OptimizerConfig:
     """torch's fused AdamW kernel (one kernel per step for all parameters); null: on when every trainable parameter is
     on a CUDA device and DeepSpeed does not wrap the optimizer, else torch's default (the foreach kernels)."""
 
+    def __post_init__(self) -> None:  # refused while the CLI builds the module, before a run directory exists
+        checks = [("lr", self.lr >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eps", self.eps > 0, "> 0"),
+                  ("betas", all(0.0 <= b < 1.0 for b in self.betas), "in [0, 1)"),
+                  ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"optimizer.{name} must be {expected}, got {getattr(self, name)}")
+
 
 def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
     """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then cosine/linear decay or constant."""
