@@ -208,9 +208,12 @@ def test_reward_model_heldout_accuracy_beats_chance(tmp_path):
                        ).validate(module, datamodule=data, verbose=False)[0]
     assert len(data.val_items) == 324
     assert result["val/rewards/accuracies"] > 0.65
-    heldout = data.val_items[:40]
+    heldout = data.val_items
     tok = module.tokenizer
     prompts = [tok.decode(it.prompt_ids.tolist()) for it in heldout]
     chosen = module.score(prompts, [tok.decode(it.chosen_ids[:-1].tolist()) for it in heldout])
     rejected = module.score(prompts, [tok.decode(it.rejected_ids[:-1].tolist()) for it in heldout])
-    assert (chosen > rejected).float().mean() > 0.6  # score() ranks held-out pairs too
+    # score() (text in, re-tokenized, batched differently) ranks the held-out pairs as the validation step does: the
+    # two accuracies differ by at most two near-tied pairs whose order rounding flips (one on torch 2.13)
+    accuracy = float((chosen > rejected).float().mean())
+    assert accuracy == pytest.approx(result["val/rewards/accuracies"], abs=2 / len(heldout) + 1e-6)
