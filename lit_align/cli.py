@@ -121,7 +121,7 @@ def nearest_options(option: str, options: list[str]) -> list[str]:
     if matches:
         return matches[:3]
     scored = sorted(((difflib.SequenceMatcher(None, option, o).ratio(), o) for o in options), reverse=True)
-    return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03]
+    return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03] if scored else []
 
 
 def unknown_argument_hint(message: str, known: list[str]) -> str | None:

@@ -85,6 +85,15 @@ def test_an_unknown_trainer_or_callback_option_gets_the_nearest_real_ones(capsys
     assert (err[-1] == f"  hint: {hint}") if hint else not any("hint:" in line for line in err)
 
 
+def test_nearest_options_ranks_by_last_name_then_by_spelling():
+    from lit_align.cli import nearest_options
+
+    options = ["optimizer.lr", "lora.r", "trainer.max_steps", "trainer.min_steps", "trainer.max_epochs"]
+    assert nearest_options("lr", options) == ["optimizer.lr"]
+    assert nearest_options("trainr.max_steps", options) == ["trainer.max_steps"]
+    assert nearest_options("zzz", options) == [] and nearest_options("lr", []) == []
+
+
 def test_an_unknown_key_in_a_config_file_gets_the_nearest_real_option(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_step: 3\ncheckpoint:\n  every_n_train_step: 2\n")
