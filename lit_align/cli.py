@@ -220,6 +220,7 @@ class LitAlignCLI(LightningCLI):
         starts: Lightning's setup hook starts the logger, which makes the run directory, before the DataModule's
         ``setup``, so lit_align's DataModules read their data here (once: their ``setup`` keeps what is built)."""
         refuse_missing_model_paths(self.model)
+        refuse_unmatched_lora_targets(self.model)
         if isinstance(self.datamodule, TokenizedDataModule):
             self.datamodule.read_before_trainer(self.model, stage)
 
@@ -238,6 +239,16 @@ def refuse_missing_model_paths(module) -> None:
         if isinstance(value, str) and looks_like_local_path(value) and not Path(value).expanduser().exists():
             raise ModelLoadError(f"model.init_args.{field}: {value!r} does not exist (train and export the stage that "
                                  "writes it first, or point at an existing model)")
+
+
+def refuse_unmatched_lora_targets(module) -> None:
+    """A ``lora.target_modules`` entry that names no linear layer of the policy's architecture is refused before the
+    trainer starts (``models.check_lora_targets`` builds the network on the meta device, reading only its config)."""
+    from lit_align.models import check_lora_targets
+
+    lora = getattr(module, "lora_config", None)
+    if lora is not None and isinstance(module.hparams.get("model_name_or_path"), str):
+        check_lora_targets(module.hparams.model_name_or_path, lora)
 
 
 def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:

@@ -317,21 +317,42 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def lora_targets(model: nn.Module, lora: LoRAConfig) -> list[str]:
+    """The module names peft adapts for ``lora.target_modules``; a name matching no linear layer of the transformer
+    blocks is a ``ModelLoadError`` naming the layers there are."""
+    candidates = block_linear_names(model)
+    if lora.target_modules == "all-linear":
+        return sorted({n.split(".")[-1] for n in candidates})
+    wanted = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in candidates)]
+    if missing:
+        raise ModelLoadError(f"lora.target_modules {missing} match no linear layer of the model; "
+                             f"the transformer blocks have: {sorted({n.split('.')[-1] for n in candidates})}")
+    return wanted
+
+
+def check_lora_targets(name_or_path: str, lora: LoRAConfig) -> None:
+    """Refuse ``lora.target_modules`` that match no linear layer of ``name_or_path``'s architecture, from its config
+    alone: the network is built on the meta device, so no weight is read or allocated. A config that cannot be read
+    here (an unreachable hub id) is left to the load itself, which names the problem."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if lora.target_modules == "all-linear":
+        return
+    try:
+        config = AutoConfig.from_pretrained(materialize_preset(name_or_path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return
+    lora_targets(model, lora)
+
+
 def apply_lora(model: nn.Module, lora: LoRAConfig, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with a LoRA adapter; a target list that matches no module is an error naming the choices."""
     from peft import LoraConfig, get_peft_model
 
-    candidates = block_linear_names(model)
-    if lora.target_modules == "all-linear":
-        targets = sorted({n.split(".")[-1] for n in candidates})
-    else:
-        wanted = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        suffixes = {n.split(".")[-1] for n in candidates}
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in candidates)]
-        if missing:
-            raise ModelLoadError(f"lora.target_modules {missing} match no linear layer of the model; "
-                                 f"the transformer blocks have: {sorted(suffixes)}")
-        targets = wanted
+    targets = lora_targets(model, lora)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=lora.modules_to_save, task_type=task_type, bias="none")
     model = get_peft_model(model, config)
@@ -484,7 +505,7 @@ def count_parameters(model: nn.Module, wrapper: nn.Module | None = None) -> tupl
 
 
 __all__ = [
-    "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "checkpoint_hyperparameters", "block_linear_names", "build_byte_tokenizer",
+    "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "check_lora_targets", "checkpoint_hyperparameters", "block_linear_names", "build_byte_tokenizer",
     "build_preset_model", "count_parameters", "disable_dropout", "is_zero3_partitioned", "load_causal_lm", "load_tokenizer",
     "materialize_preset", "parameter_shape", "parse_preset", "whole_shapes",
 ]

@@ -132,6 +132,9 @@ def test_an_option_lightning_refuses_is_one_line_before_anything_is_written(tmp_
     (["--model.init_args.optimizer.lr", "-1"], "optimizer.lr must be >= 0, got -1.0"),
     (["--model.init_args.optimizer.betas", "[0.9, 1.2]"], "optimizer.betas must be in [0, 1), got (0.9, 1.2)"),
     (["--model.init_args.optimizer.min_lr_ratio", "2"], "optimizer.min_lr_ratio must be in [0, 1], got 2.0"),
+    (["--model.init_args.lora.target_modules", "[q_proj, wq]"],
+     "lora.target_modules ['wq'] match no linear layer of the model; the transformer blocks have: "
+     "['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
 ])
 def test_lora_and_optimizer_settings_are_checked_before_a_run_directory_is_made(tmp_path, monkeypatch, capsys,
                                                                                 option, message):

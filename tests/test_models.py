@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lit_align.models import (LoRAConfig, ModelLoadError, apply_lora, build_preset_model, load_causal_lm,
-                              load_tokenizer, materialize_preset, parse_preset)
+from lit_align.models import (LoRAConfig, ModelLoadError, apply_lora, build_preset_model, check_lora_targets,
+                              load_causal_lm, load_tokenizer, materialize_preset, parse_preset)
 
 
 def _one_step(model, steps: int = 1):
@@ -70,6 +70,29 @@ def test_lora_target_list_and_unknown_target():
     assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     with pytest.raises(ModelLoadError, match=r"\['query'\] match no linear layer.*q_proj"):
         apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(target_modules=["query"]))
+
+
+def test_lora_targets_are_checked_from_the_config_alone(monkeypatch):
+    """check_lora_targets refuses what apply_lora would refuse, with the same message, without loading a weight."""
+    check_lora_targets("preset:tiny", LoRAConfig(target_modules=["q_proj", "layers.1.mlp.down_proj"]))
+    check_lora_targets("preset:tiny", LoRAConfig(target_modules="all-linear"))
+    with pytest.raises(ModelLoadError) as from_config:
+        check_lora_targets("preset:tiny", LoRAConfig(target_modules=["q_proj", "wq"]))
+    with pytest.raises(ModelLoadError) as from_weights:
+        apply_lora(load_causal_lm("preset:tiny"), LoRAConfig(target_modules=["q_proj", "wq"]))
+    assert str(from_config.value) == str(from_weights.value)
+    assert str(from_config.value).startswith("lora.target_modules ['wq'] match no linear layer of the model; "
+                                             "the transformer blocks have: ['down_proj', 'gate_proj', 'k_proj', ")
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the check must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ModelLoadError, match="wq"):
+        check_lora_targets("preset:tiny", LoRAConfig(target_modules=["wq"]))
+    # a config that cannot be read (no such hub id, offline) is left to the load, which names the problem
+    check_lora_targets("no-such-org/no-such-model-xyz", LoRAConfig(target_modules=["wq"]))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
