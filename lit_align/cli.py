@@ -13,7 +13,6 @@ already holds checkpoints is refused unless the run resumes with ``--ckpt_path``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import pkgutil
@@ -33,6 +32,7 @@ import lit_align.data_modules
 import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
 from lit_align.data_modules.base import TokenizedDataModule
+from lit_align.hints import did_you_mean, nearest_options, unknown_argument_hint
 from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
@@ -110,35 +110,7 @@ def unknown_option_hint(message: str) -> str | None:
     matches = nearest_options(option, options)
     if not matches:
         return None
-    return "did you mean " + " or ".join(f"--{key}.init_args.{o}" for o in matches) + "?"
-
-
-def nearest_options(option: str, options: list[str]) -> list[str]:
-    """The dotted ``options`` a mistyped ``option`` most likely meant, at most three: those with its last name
-    (``lr`` -> ``optimizer.lr``), else the closest spellings (``trainr.max_steps`` -> ``trainer.max_steps``, not also
-    ``trainer.min_steps``: only spellings about as close as the closest are kept)."""
-    matches = [o for o in options if o.rpartition(".")[2] == option.rpartition(".")[2] and o != option]
-    if matches:
-        return matches[:3]
-    scored = sorted(((difflib.SequenceMatcher(None, option, o).ratio(), o) for o in options), reverse=True)
-    return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03] if scored else []
-
-
-def unknown_argument_hint(message: str, known: list[str]) -> str | None:
-    """For argparse's "unrecognized arguments: --X ..." (the command line) and jsonargparse's "does not accept option
-    'X'" (a config file's key): the ``known`` options (dotted, without ``--``) whose name ends like X or is close to it
-    (``trainer.precission`` -> ``--trainer.precision``, ``max_steps`` -> ``--trainer.max_steps``)."""
-    found = re.search(r"unrecognized arguments: (.*)", message)
-    if found:
-        unknown = [token[2:].partition("=")[0] for token in found.group(1).split() if token.startswith("--")]
-    else:
-        unknown = re.findall(r"does not accept option '([\w.]+)'", message)
-    hints = []
-    for option in unknown:
-        if matches := nearest_options(option, known):
-            suggestion = " or ".join(f"--{o}" for o in matches)
-            hints.append(f"did you mean {suggestion}?" if len(unknown) == 1 else f"--{option}: did you mean {suggestion}?")
-    return "; ".join(hints) or None
+    return did_you_mean([f"{key}.init_args.{o}" for o in matches])
 
 
 class LitAlignParser(LightningArgumentParser):

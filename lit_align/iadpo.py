@@ -27,7 +27,6 @@ prompt it gets). Registered as ``lit_align iadpo`` through ``lit_align.iadpo:mai
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -41,6 +40,7 @@ from typing import Any, Literal, Protocol, Sequence
 import torch
 
 from lit_align.data_modules.task_suite import CodeTask, load_task_suite, read_jsonl, write_jsonl
+from lit_align.hints import HintingArgumentParser
 from lit_align.models import ModelLoadError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -512,7 +512,7 @@ def run_rounds(config: IADPOConfig, output: str | Path, merge: bool = True, orac
 # ------------------------------------------------------------------------------------------------------ command
 def main(argv: list[str] | None = None) -> int:
     """``lit_align iadpo --config FILE --rounds N --output DIR``: run or resume IADPO; prints each round's metrics."""
-    parser = argparse.ArgumentParser(prog="lit_align iadpo", description=__doc__.split("\n\n")[0])
+    parser = HintingArgumentParser(prog="lit_align iadpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="IADPO YAML file (see configs/quickstart/iadpo.yaml)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds to run (overrides the config's `rounds`)")
     parser.add_argument("--output", required=True, help="run directory; an existing one is resumed at its next round")

@@ -14,7 +14,6 @@ continues where the last one stopped and never overwrites a finished stage.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,6 +21,8 @@ import time
 from dataclasses import dataclass
 from unittest import mock
 from pathlib import Path
+
+from lit_align.hints import HintingArgumentParser
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 
@@ -100,7 +101,7 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_align.quickstart", description=__doc__.split("\n")[0])
+    parser = HintingArgumentParser(prog="python -m lit_align.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/quickstart", help="where stage models, runs and the summary go")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--max-steps", type=int, default=None, help="override each stage's training steps (smoke runs)")

@@ -12,7 +12,6 @@ the seed-to-seed standard deviation of every column, and each method's pass@1 di
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lit_align.execution.metrics import pass_at_k
+from lit_align.hints import HintingArgumentParser
 
 
 def evaluate_model(model_path: str, problems, n_samples: int = 10, ks: Sequence[int] = (1, 10),
@@ -141,7 +141,7 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_align.report",
+    parser = HintingArgumentParser(prog="python -m lit_align.report",
                                      description="One Table 1 over several seeds' quickstart outputs (mean ± sd).")
     parser.add_argument("runs", nargs="+", help="quickstart output directories (or results.json files), one per seed")
     parser.add_argument("--output", default=None, help="also write the table to this Markdown file")

@@ -29,13 +29,14 @@ from typing import Any, Sequence
 
 from lit_align.execution.benchmarks import BENCHMARKS, Problem, load_benchmark, load_problems_file, read_jsonl
 from lit_align.execution.problems import FunctionProblem
+from lit_align.hints import HintingArgumentParser
 
 __all__ = ["build_parser", "main", "problem_prompt", "sample_problems"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    parser = argparse.ArgumentParser(
+    parser = HintingArgumentParser(
         prog="lit_align sample",
         description="Sample completions for a benchmark's problems and write a samples file for `lit_align evaluate`.")
     source = parser.add_mutually_exclusive_group(required=True)

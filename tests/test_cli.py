@@ -86,7 +86,7 @@ def test_an_unknown_trainer_or_callback_option_gets_the_nearest_real_ones(capsys
 
 
 def test_nearest_options_ranks_by_last_name_then_by_spelling():
-    from lit_align.cli import nearest_options
+    from lit_align.hints import nearest_options
 
     options = ["optimizer.lr", "lora.r", "trainer.max_steps", "trainer.min_steps", "trainer.max_epochs"]
     assert nearest_options("lr", options) == ["optimizer.lr"]

@@ -174,9 +174,9 @@ def merge_checkpoint(ckpt_path: str | Path, output_dir: str | Path, dtype: str =
 
 def main(argv: list[str] | None = None) -> int:
     """``lit_align merge-lora --ckpt_path CKPT --output_dir DIR``."""
-    import argparse
+    from lit_align.hints import HintingArgumentParser
 
-    parser = argparse.ArgumentParser(prog="lit_align merge-lora", description="Merge a checkpoint's LoRA adapter into "
+    parser = HintingArgumentParser(prog="lit_align merge-lora", description="Merge a checkpoint's LoRA adapter into "
                                      "its base model and save a standard Hugging Face model directory (+ the adapter).")
     parser.add_argument("--ckpt_path", required=True, help="a lit_align Lightning checkpoint trained with LoRA")
     parser.add_argument("--output_dir", required=True, help="new directory to write (must not exist or be empty)")

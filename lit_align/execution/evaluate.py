@@ -25,6 +25,7 @@ from lit_align.execution.pool import ExecutionPool
 from lit_align.execution.problems import FunctionJob, FunctionProblem, Job, StdioJob, parse_stdio_language
 from lit_align.execution.sandbox import Limits
 from lit_align.execution.status import ExecutionResult, Status
+from lit_align.hints import HintingArgumentParser
 
 __all__ = ["main", "build_parser", "evaluate_samples", "results_path"]
 
@@ -33,7 +34,7 @@ _PROGRESS_MIN = 50
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    parser = argparse.ArgumentParser(
+    parser = HintingArgumentParser(
         prog="lit_align evaluate",
         description="Run generated samples against a benchmark's tests in the sandbox and report pass@k.",
     )

@@ -16,7 +16,6 @@ with HTTP 400 rather than ignored.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import socket
@@ -30,6 +29,7 @@ from typing import Any
 
 from lit_align.generation.base import SamplingParams
 from lit_align.generation.hf import HFBackend
+from lit_align.hints import HintingArgumentParser
 
 MAX_BODY_BYTES = 16 * 2**20
 
@@ -276,7 +276,7 @@ def build_service(model: str, dtype: str = "float32", device: str = "auto", batc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_align.generation.serve", description=__doc__.split("\n\n")[0])
+    parser = HintingArgumentParser(prog="python -m lit_align.generation.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory, hub id or preset (e.g. preset:tiny)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (printed at start)")

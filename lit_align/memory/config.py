@@ -9,6 +9,7 @@ import warnings
 from dataclasses import asdict
 from typing import Any
 
+from lit_align.hints import HintingArgumentParser
 from lit_align.memory.estimate import PlanInputs, _fmt, estimate, format_plan, normalize_precision, normalize_strategy
 from lit_align.memory.shapes import (BLOCK_LINEARS, DTYPE_BYTES, LLAMA_LIKE, OBJECTIVES, ONLINE, PAIRWISE, GiB, ModelShape,
                                      PlanError, _namespace_to_dict, load_model_config)
@@ -213,7 +214,7 @@ def reward_model_weights(path: str) -> tuple[ModelShape, str, int, bool]:
 
 # ---------------------------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = HintingArgumentParser(
         prog="lit_align plan-memory",
         description="Estimate per-device memory of a training config without allocating the model. Takes the same "
                     "--config and dotted overrides as `lit_align fit` (e.g. --model.init_args.lora.r 8 "
