@@ -304,3 +304,16 @@ def test_progress_bar_counts_batches_not_optimizer_steps_when_max_steps_bounds_t
     assert bar.total_train_batches == 3
     bar._trainer.max_epochs = 3  # bounded by epochs: the epoch's batches, as Lightning counts them
     assert bar.total_train_batches == 50 and bar._get_train_description(1).startswith("Epoch 1/2")
+
+
+def test_progress_bar_shows_the_run_version_as_a_whole_number():
+    """The rich bar formats every number with three decimals: Lightning's "v_num" read "v_num: 0.000"."""
+    from types import SimpleNamespace
+
+    from lit_align.callbacks.progress import ProgressBar
+
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(version=3)], progress_bar_metrics={"loss": torch.tensor(0.25)})
+    metrics = ProgressBar().get_metrics(trainer, None)
+    assert metrics == {"v_num": "3", "loss": 0.25}
+    trainer.loggers = [SimpleNamespace(version="nightly-run")]  # a named version keeps Lightning's last four characters
+    assert ProgressBar().get_metrics(trainer, None)["v_num"] == "-run"

@@ -14,7 +14,16 @@ class ProgressBar(RichProgressBar):
       ``accumulate_grad_batches`` batches, and an online objective's batch takes several steps
       (``optimizer_steps_per_batch``); Lightning counts one batch per step, so a run accumulating 2 showed "6/3";
     - the epoch reads "Epoch 0", not Lightning's "Epoch 0/-2".
+
+    And for every run, the logger's version reads "v_num: 3", not "v_num: 3.000" (the rich bar formats every number as
+    a float).
     """
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        if isinstance(metrics.get("v_num"), int):
+            metrics["v_num"] = str(metrics["v_num"])
+        return metrics
 
     @property
     def total_train_batches(self) -> int | float:
