@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
 import pkgutil
 import re
 import sys
 import traceback
 import typing
+import warnings
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -249,6 +251,17 @@ def run_extra_command(name: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
 
 
+def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_unactionable_output() -> None:
+    """Drop two lines every run printed that a lit_align user cannot act on: Lightning's advertisement for its cloud
+    logger, and torch's deprecation warning about an ``isinstance`` check inside Lightning's own pytree helper."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_lightning_tip)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise.
 
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 
+    quiet_unactionable_output()
     try:
         LitAlignCLI(args=argv)
     except (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ValueError, TypeError) as err:

@@ -317,3 +317,28 @@ def test_progress_bar_shows_the_run_version_as_a_whole_number():
     assert metrics == {"v_num": "3", "loss": 0.25}
     trainer.loggers = [SimpleNamespace(version="nightly-run")]  # a named version keeps Lightning's last four characters
     assert ProgressBar().get_metrics(trainer, None)["v_num"] == "-run"
+
+
+def test_lightning_cloud_tip_and_pytree_deprecation_are_not_printed():
+    """Every run printed Lightning's advertisement for its cloud logger and a torch deprecation warning raised inside
+    Lightning; the command line drops those two and nothing else."""
+    import logging
+    import warnings
+
+    from lit_align.cli import quiet_unactionable_output
+
+    quiet_unactionable_output()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("💡 Tip: For seamless cloud logging and experiment tracking, try installing ..."))
+    assert logger.filter(record("GPU available: False, used: False"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_unactionable_output()  # the filter goes first again
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.",
+                      FutureWarning)
+        warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another deprecation"]
