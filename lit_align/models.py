@@ -208,6 +208,23 @@ def load_tokenizer(name_or_path: str, padding_side: Literal["left", "right"] = "
     return tokenizer
 
 
+LOAD_TIME_TOKENIZER_KEYS = ("local_files_only", "is_local")
+"""Keys transformers 5 copies from how a tokenizer was loaded into the ``tokenizer_config.json`` it saves (offline:
+``"local_files_only": true``); they describe that load, not the tokenizer."""
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)``, without the keys of :data:`LOAD_TIME_TOKENIZER_KEYS`, so an exported
+    model does not carry this machine's loading options to wherever it is published."""
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    if path.exists():
+        config = json.loads(path.read_text())
+        if any(key in config for key in LOAD_TIME_TOKENIZER_KEYS):
+            kept = {k: v for k, v in config.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+
+
 def _torch_dtype(dtype: DType):
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
@@ -507,5 +524,5 @@ def count_parameters(model: nn.Module, wrapper: nn.Module | None = None) -> tupl
 __all__ = [
     "LoRAConfig", "ModelLoadError", "PRESETS", "apply_lora", "check_lora_targets", "checkpoint_hyperparameters", "block_linear_names", "build_byte_tokenizer",
     "build_preset_model", "count_parameters", "disable_dropout", "is_zero3_partitioned", "load_causal_lm", "load_tokenizer",
-    "materialize_preset", "parameter_shape", "parse_preset", "whole_shapes",
+    "materialize_preset", "parameter_shape", "parse_preset", "save_tokenizer", "whole_shapes",
 ]

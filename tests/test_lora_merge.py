@@ -1,5 +1,7 @@
 """LoRA merge/export: the merged model computes what the adapter model computes, QLoRA included; nothing is overwritten."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,6 +34,9 @@ def test_merged_model_logits_equal_adapter_model_logits(tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     assert AutoTokenizer.from_pretrained(out).decode([104, 105, 106]) == "def"
+    # transformers 5 wrote how the tokenizer was loaded here (offline: local_files_only) into the exported config
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and "is_local" not in saved and saved["eos_token"] == "</s>"
     # the training model still has its adapter (merging worked on a reloaded copy)
     assert any("lora_A" in n for n, _ in model.named_parameters())
 

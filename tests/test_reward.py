@@ -154,6 +154,7 @@ def test_save_pretrained_and_load_back_from_the_directory(trained, tmp_path):
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     assert (path / "tokenizer.json").exists() and not (path / "adapter_config.json").exists()  # merged
+    assert "local_files_only" not in json.loads((path / "tokenizer_config.json").read_text())  # a load option
     loaded = load_reward_model(path)
     assert torch.allclose(loaded.score(PROMPTS, COMPLETIONS), module.score(PROMPTS, COMPLETIONS), atol=1e-5)
     assert module.lora_config is not None and hasattr(module.model, "disable_adapter")  # the module kept its adapter

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
-from lit_align.models import is_zero3_partitioned
+from lit_align.models import is_zero3_partitioned, save_tokenizer
 
 
 class ExportError(RuntimeError):
@@ -59,7 +59,7 @@ def export_merged_model(model, tokenizer, output_dir: str | Path, base_model: st
         if dtype != "float32":
             merged = merged.to(getattr(torch, dtype))
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if target.exists():
             target.rmdir()  # empty (checked above)
         tmp.rename(target)

@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from lit_align import losses
 from lit_align.data_modules.collate import encode_completion, encode_prompt
-from lit_align.models import apply_lora, checkpoint_hyperparameters, load_causal_lm
+from lit_align.models import apply_lora, checkpoint_hyperparameters, load_causal_lm, save_tokenizer
 from lit_align.modules.base import AlignmentModule
 from lit_align.models import disable_dropout
 from lit_align.modules.preference import shared_prompt_forward
@@ -177,7 +177,7 @@ class RewardModel(AlignmentModule):
                                  "model with lit_align's LoRA merge callback instead")
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
         return directory
 
 
