@@ -46,6 +46,9 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
 }
 
+ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,predict," + ",".join(EXTRA_COMMANDS) + "} ..."
+"""Usage line of ``lit_align`` itself: argparse's names only the trainer subcommands its parser holds."""
+
 SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path PATH]\n"
                     "  [--seed_everything SEED] [--trainer.OPTION VALUE] [--checkpoint.OPTION VALUE]\n"
                     "  [--model CLASS] [--model.init_args.OPTION VALUE]\n"
@@ -153,6 +156,12 @@ class LitAlignCLI(LightningCLI):
                                             **{name: {"usage": SUBCOMMAND_USAGE} for name in self.subcommands()}})
         super().__init__(AlignmentModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """As LightningCLI's, then the root usage line names every command (set afterwards: argparse derives each
+        subcommand's program name from the root's usage when the subcommand parser is made)."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.usage = ROOT_USAGE
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.monitor": None})
@@ -245,6 +254,24 @@ def _description() -> str:
             f"Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
 
 
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def refuse_unknown_command(name: str | None) -> typing.NoReturn:
+    """No command, or one that is neither a trainer subcommand nor one of :data:`EXTRA_COMMANDS`: a usage line naming
+    every command, the nearest one to what was typed, and exit status 2 (LightningCLI's own message named only the
+    trainer subcommands, so ``lit_align evalute`` was told to choose from fit, validate, test and predict)."""
+    commands = [*TRAINER_COMMANDS, *EXTRA_COMMANDS]
+    lines = [f"usage: {ROOT_USAGE % {'prog': 'lit_align'}}",
+             f"lit_align: error: unknown command {name!r}" if name is not None else "lit_align: error: no command given"]
+    if name is not None and (matches := nearest_options(name, commands)):
+        lines.append("  hint: did you mean " + " or ".join(repr(m) for m in matches) + "?")
+    lines.append(f"  commands: {', '.join(TRAINER_COMMANDS)} (training runs, each with --config FILE.yaml) and "
+                 f"{', '.join(EXTRA_COMMANDS)}; 'lit_align --help' describes them")
+    print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_extra_command(name: str, argv: list[str]) -> int:
     target, _ = EXTRA_COMMANDS[name]
     module_name, func_name = target.split(":")
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
+    if not args or not (args[0].startswith("-") or args[0] in TRAINER_COMMANDS):
+        refuse_unknown_command(args[0] if args else None)
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 

@@ -342,3 +342,33 @@ def test_lightning_cloud_tip_and_pytree_deprecation_are_not_printed():
                       FutureWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
+
+
+@pytest.mark.parametrize("argv, error, hint", [
+    ([], "lit_align: error: no command given", None),
+    (["evalute", "--samples", "s.jsonl"], "lit_align: error: unknown command 'evalute'", "did you mean 'evaluate'?"),
+    (["fitt", "--config", "x.yaml"], "lit_align: error: unknown command 'fitt'", "did you mean 'fit'?"),
+    (["zzz"], "lit_align: error: unknown command 'zzz'", None),
+])
+def test_a_missing_or_unknown_command_lists_every_command(capsys, argv, error, hint):
+    """LightningCLI's own message named only fit/validate/test/predict, so 'lit_align evalute' was told to choose
+    among those four."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    commands = "{fit,validate,test,predict,sample,evaluate,plan-memory,merge-lora,iadpo}"
+    assert lines[0] == f"usage: lit_align [-h] [-c CONFIG] {commands} ..." and lines[1] == error
+    assert lines[2:-1] == ([f"  hint: {hint}"] if hint else [])
+    assert lines[-1].startswith("  commands: fit, validate, test, predict (training runs, each with --config FILE.yaml) "
+                                "and sample, evaluate, plan-memory, merge-lora, iadpo;")
+
+
+def test_help_names_every_command_and_subcommand_usage_stays_short(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lit_align"])  # the program name argparse shows
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: lit_align [-h] [-c CONFIG] {fit,validate,test,predict,sample,")
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: lit_align [options] fit [-h] [-c CONFIG] [--print_config")
