@@ -278,7 +278,7 @@ def test_command_parses_the_fit_config_with_overrides(capsys):
     assert "does NOT fit in 0.01 GiB" in table and "activations" in table and "peak per device" in table
 
 
-def test_command_errors_name_the_field(capsys, tmp_path):
+def test_command_errors_name_the_field(capsys, tmp_path, monkeypatch):
     assert memory.main(["--config", "configs/quickstart/sft.yaml", "--model.init_args.model_name_or_path",
                         "nobody/no-such-model-xyz"]) == 2
     err = capsys.readouterr().err
@@ -289,6 +289,18 @@ def test_command_errors_name_the_field(capsys, tmp_path):
     with pytest.raises(SystemExit):
         memory.main(["--json"])
     assert "--config FILE.yaml is required" in capsys.readouterr().err
+    # a later stage planned before the stage it starts from was trained: the model it can be planned with instead
+    monkeypatch.chdir(tmp_path)  # where runs/iotacode/sft-model cannot exist
+    dpo = str(REPO / "configs" / "iotacode" / "dpo.yaml")
+    assert memory.main(["--config", dpo]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lit_align plan-memory: error: model.init_args.model_name_or_path: local model directory "
+        "'runs/iotacode/sft-model' does not exist (train and export the previous stage first; to plan before it exists, "
+        "give the model that stage starts from, which has the same architecture: --model.init_args.model_name_or_path "
+        "ID_OR_DIR, for configs/iotacode deepseek-ai/deepseek-coder-1.3b-base)")
+    assert memory.main(["--config", dpo, "--model.init_args.model_name_or_path",
+                        "deepseek-ai/deepseek-coder-1.3b-base"]) == 0
+    assert "peak per device" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------- measured

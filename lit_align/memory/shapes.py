@@ -149,7 +149,9 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     path = Path(name_or_path).expanduser()
     if looks_like_local_path(name_or_path) and not path.exists():
         raise PlanError(f"model.init_args.model_name_or_path: local model directory {name_or_path!r} does not exist "
-                        "(train and export the previous stage first, or point at a model directory)")
+                        "(train and export the previous stage first; to plan before it exists, give the model that "
+                        "stage starts from, which has the same architecture: --model.init_args.model_name_or_path "
+                        "ID_OR_DIR, for configs/iotacode deepseek-ai/deepseek-coder-1.3b-base)")
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
