@@ -106,7 +106,10 @@ def unknown_option_hint(message: str) -> str | None:
         return None
     key, class_path, option = found.groups()
     given = re.findall(r"NestedArg\(key='([\w.]+)'", message)
-    option = given[-1] if given else option  # the outermost: the whole dotted option under init_args
+    # the whole dotted option under init_args: from the command line the outermost NestedArg; from a config file the
+    # keys jsonargparse descended through after the class's own ("lora" for lora: {rr: 3})
+    nested = re.findall(r'Parser key "(\w+)"', message)[1:]
+    option = given[-1] if given else ".".join([*nested, option])
     try:
         module, _, name = class_path.rpartition(".")
         options = init_options(getattr(importlib.import_module(module), name))
@@ -116,6 +119,34 @@ def unknown_option_hint(message: str) -> str | None:
     if not matches:
         return None
     return did_you_mean([f"{key}.init_args.{o}" for o in matches])
+
+
+def lit_align_classes(base: type) -> list[str]:
+    """The names of lit_align's classes that a config's ``class_path`` can name for ``base`` (AlignmentModule or
+    LightningDataModule): its subclasses defined in lit_align that no other lit_align class derives from."""
+    found, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        inner = [c for c in cls.__subclasses__() if c.__module__.startswith("lit_align.")]
+        if cls.__module__.startswith("lit_align.") and not inner and cls.__name__ not in found:
+            found.append(cls.__name__)
+    return sorted(found)
+
+
+def unknown_class_hint(message: str) -> str | None:
+    """For a ``--model``/``--data`` class that does not exist (``SFTT``, ``lit_align.modules.sft.SFTT``, a config's
+    ``class_path``): the nearest of lit_align's classes for that key, and all of them."""
+    key = re.search(r'Parser key "(model|data)"', message)
+    name = re.search(r"Expected a dot import path string: (\S+)|module '[\w.]+' has no attribute '(\w+)'", message)
+    if key is None or name is None:
+        return None
+    typed = (name.group(1) or name.group(2)).rpartition(".")[2]
+    model = key.group(1) == "model"
+    names = lit_align_classes(AlignmentModule if model else LightningDataModule)
+    listed = f"lit_align's {'modules' if model else 'DataModules'}: {', '.join(names)}"
+    matches = nearest_options(typed, names)
+    return f"did you mean {' or '.join(matches)}? ({listed})" if matches else listed
 
 
 class LitAlignParser(LightningArgumentParser):
@@ -128,7 +159,7 @@ class LitAlignParser(LightningArgumentParser):
         if subcommand and getattr(self, "_subcommands_action", None) is not None:
             parser = self._subcommands_action._name_parser_map.get(subcommand.group(1), self)
         known = [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
-        hint = unknown_option_hint(message) or unknown_argument_hint(message, known)
+        hint = unknown_option_hint(message) or unknown_class_hint(message) or unknown_argument_hint(message, known)
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
 
 

@@ -85,6 +85,29 @@ def test_an_unknown_trainer_or_callback_option_gets_the_nearest_real_ones(capsys
     assert (err[-1] == f"  hint: {hint}") if hint else not any("hint:" in line for line in err)
 
 
+MODULES = "lit_align's modules: DPO, GRPO, ORPO, PPO, RAFT, RewardModel, SFT"
+
+
+@pytest.mark.parametrize("args, config, hint", [
+    (["--model", "SFTT"], None, f"did you mean SFT? ({MODULES})"),
+    (["--model", "lit_align.modules.sft.SFTT"], None, f"did you mean SFT? ({MODULES})"),
+    (["--model", "Zebra"], None, MODULES),
+    (["--data", "SFTDataModul"], None,
+     "did you mean SFTDataModule? (lit_align's DataModules: PreferenceDataModule, PromptsDataModule, SFTDataModule)"),
+    ([], "model:\n  class_path: SFTT\n", f"did you mean SFT? ({MODULES})"),
+    # a config file's key inside a dataclass option: the keys descended through make the dotted option
+    ([], "model:\n  class_path: SFT\n  init_args:\n    lora:\n      rr: 3\n", "did you mean --model.init_args.lora.r?"),
+])
+def test_an_unknown_class_or_nested_config_key_gets_a_hint(tmp_path, capsys, args, config, hint):
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        args = ["--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"  hint: {hint}"
+
+
 def test_nearest_options_ranks_by_last_name_then_by_spelling():
     from lit_align.hints import nearest_options
 
