@@ -34,7 +34,7 @@ import lit_align.data_modules
 import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
 from lit_align.data_modules.base import TokenizedDataModule
-from lit_align.hints import did_you_mean, nearest_options, unknown_argument_hint
+from lit_align.hints import did_you_mean, long_options, nearest_options, unknown_argument_hint
 from lit_align.modules.base import AlignmentModule
 
 # Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
@@ -46,7 +46,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
 }
 
-ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {fit,validate,test,predict," + ",".join(EXTRA_COMMANDS) + "} ..."
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+"""LightningCLI's subcommands: training runs, each taking ``--config FILE.yaml``."""
+
+ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {" + ",".join([*TRAINER_COMMANDS, *EXTRA_COMMANDS]) + "} ..."
 """Usage line of ``lit_align`` itself: argparse's names only the trainer subcommands its parser holds."""
 
 SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path PATH]\n"
@@ -158,8 +161,8 @@ class LitAlignParser(LightningArgumentParser):
         subcommand = re.match(r"Subcommand '(\w+)' does not accept", message)  # a config file's key, found by the root
         if subcommand and getattr(self, "_subcommands_action", None) is not None:
             parser = self._subcommands_action._name_parser_map.get(subcommand.group(1), self)
-        known = [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
-        hint = unknown_option_hint(message) or unknown_class_hint(message) or unknown_argument_hint(message, known)
+        hint = (unknown_option_hint(message) or unknown_class_hint(message)
+                or unknown_argument_hint(message, long_options(parser)))
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
 
 
@@ -285,9 +288,6 @@ def _description() -> str:
             f"Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
 
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
-
 def refuse_unknown_command(name: str | None) -> typing.NoReturn:
     """No command, or one that is neither a trainer subcommand nor one of :data:`EXTRA_COMMANDS`: a usage line naming
     every command, the nearest one to what was typed, and exit status 2 (LightningCLI's own message named only the
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         refused = err if isinstance(err, refusals) else argument_error(err)
         if argv is not None or refused is None:
             raise
-        command = next((f"lit_align {a}" for a in args if a in ("fit", "validate", "test", "predict")), "lit_align")
+        command = next((f"lit_align {a}" for a in args if a in TRAINER_COMMANDS), "lit_align")
         print(f"{command}: error: {refused}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,11 @@ def nearest_options(option: str, options: list[str]) -> list[str]:
     return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03] if scored else []
 
 
+def long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The ``--options`` of ``parser``, without the dashes (``trainer.max_steps``, ``ckpt_path``)."""
+    return [s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
 def did_you_mean(matches: list[str]) -> str:
     return "did you mean " + " or ".join(f"--{o}" for o in matches) + "?"
 
@@ -52,12 +57,9 @@ class HintingArgumentParser(argparse.ArgumentParser):
         self._given = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
-    def known_options(self) -> list[str]:
-        return [s[2:] for action in self._actions for s in action.option_strings if s.startswith("--")]
-
     def unknown_options(self) -> list[str]:
         """The ``--options`` given that are none of this parser's, nor (with ``allow_abbrev``) a prefix of one."""
-        known = self.known_options()
+        known = long_options(self)
         unknown = []
         for token in self._given:
             if token == "--":
@@ -69,7 +71,7 @@ class HintingArgumentParser(argparse.ArgumentParser):
         return list(dict.fromkeys(unknown))
 
     def error(self, message: str) -> typing.NoReturn:
-        known = self.known_options()
+        known = long_options(self)
         if "unrecognized arguments:" in message:
             hints = [hint] if (hint := unknown_argument_hint(message, known)) else []
         else:  # an option the user mistyped is not named by argparse's message: name it

@@ -142,7 +142,7 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = HintingArgumentParser(prog="python -m lit_align.report",
-                                     description="One Table 1 over several seeds' quickstart outputs (mean ± sd).")
+                                   description="One Table 1 over several seeds' quickstart outputs (mean ± sd).")
     parser.add_argument("runs", nargs="+", help="quickstart output directories (or results.json files), one per seed")
     parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)

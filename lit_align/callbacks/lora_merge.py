@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from lit_align.hints import HintingArgumentParser
 
     parser = HintingArgumentParser(prog="lit_align merge-lora", description="Merge a checkpoint's LoRA adapter into "
-                                     "its base model and save a standard Hugging Face model directory (+ the adapter).")
+                                   "its base model and save a standard Hugging Face model directory (+ the adapter).")
     parser.add_argument("--ckpt_path", required=True, help="a lit_align Lightning checkpoint trained with LoRA")
     parser.add_argument("--output_dir", required=True, help="new directory to write (must not exist or be empty)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved weight dtype")
