@@ -1,11 +1,13 @@
 """Every 2-process run of the test suite, in one launch per strategy, and the worker script that runs a launch.
 
-Starting a pair of processes costs about 13 s on this machine: process 1 is started by Lightning's launcher once
-process 0 reaches its first fit, and each imports torch, Lightning, transformers, peft and DeepSpeed. So the runs of
-every test file that trains on 2 processes under one strategy (tests/test_ddp_objectives.py, test_fsdp.py,
-test_deepspeed.py, test_ddp_sft.py, test_online_ddp.py) run one after another in one pair: later trainers find the
-process group made and start no process. A launch starts when a test first asks for its group (the session fixture
-``two_process_runs`` in conftest.py), and each run writes its records to ``<launch root>/<run name>``.
+Starting a pair of processes costs about 10 s on this machine: each imports torch, Lightning, transformers, peft and
+DeepSpeed. So the runs of every test file that trains on 2 processes under one strategy (tests/test_ddp_objectives.py,
+test_fsdp.py, test_deepspeed.py, test_ddp_sft.py, test_online_ddp.py) run one after another in one pair: later
+trainers find the process group made. The launcher starts both processes at once with LOCAL_RANK set (as torchrun
+would), so Lightning joins them rather than starting process 1 only once process 0 reaches its first fit, and the two
+import side by side. A launch starts when a test first asks for its group (the session fixture ``two_process_runs``
+in conftest.py), and each run writes its records to ``<launch root>/<run name>``, each process its output to
+``<launch root>/worker<rank>.log``.
 
 The worker: ``python tests/two_process_launches.py --plan PLAN.json`` (a list of :class:`Launch` fields).
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,21 +111,50 @@ def launch_two_processes(runs: list[Launch], root: Path) -> tuple[Path, str | No
             write_reward_model(Path(reward_model_of(root, r.strategy)))
     (root / "plan.json").write_text(json.dumps([asdict(r) for r in runs]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        status, stderr = f"timed out after {LAUNCH_TIMEOUT} s", err.stderr or ""
-        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-    else:
-        if proc.returncode == 0:
-            return root, None
-        status, stderr = f"exit status {proc.returncode}", proc.stderr
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0")
+    env.pop("WORLD_SIZE", None)
+    procs = []
+    for rank in (0, 1):  # LOCAL_RANK set: Lightning joins the processes started here instead of starting its own
+        log = (root / f"worker{rank}.log").open("w")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--plan", str(root / "plan.json")], cwd=REPO,
+                                      env=dict(env, LOCAL_RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    status = _wait(procs)
+    if status is None:
+        return root, None
     done = [r.name for r in runs if finished(root / r.name)]
-    return root, f"{status} (runs done: {done}): {stderr[-3000:]}"
+    tails = "\n".join(f"--- process {rank}: {(root / f'worker{rank}.log').read_text(errors='replace')[-2500:]}"
+                      for rank in (0, 1))
+    return root, f"{status} (runs done: {done}):\n{tails}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(procs: list[subprocess.Popen]) -> str | None:
+    """Wait for both processes of a launch: None when both exit with status 0, else what went wrong. One that fails
+    leaves the other waiting in a collective, so it is stopped after a short grace period."""
+    deadline, failed_at = time.monotonic() + LAUNCH_TIMEOUT, None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + 20):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            if failed_at is None:
+                return f"timed out after {LAUNCH_TIMEOUT} s"
+            break
+        time.sleep(0.2)
+    if all(p.returncode == 0 for p in procs):
+        return None
+    return ", ".join(f"process {rank}: exit status {p.returncode}" for rank, p in enumerate(procs))
 
 
 def run_plan(plan: Path) -> None:
