@@ -1,7 +1,7 @@
 """`make quickstart`: IotaCode's Table 1 in miniature, offline on CPU, through the same CLI and configs a user runs.
 
     python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--samples 10]
-                                   [--max-steps N --val-limit N]   # smoke runs
+                                   [--max-steps N --val-limit N --eval-limit N]   # smoke runs
 
 Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
 model the reward model, DPO, ORPO, PPO with the reward model's reward, PPO and GRPO with the unit-test reward, and RAFT.
@@ -108,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-limit", type=int, default=None,
                         help="held-out problems each stage validates on during training (smoke runs; the final "
                              "evaluation always uses all of them)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate every policy on the first N held-out problems only (smoke runs; default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model is fastest on one)")
     parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
                         help="stages to run (sft is needed by all others)")
     parser.add_argument("--samples", type=int, default=10, help="samples per held-out problem in the evaluation")
     args = parser.parse_args(argv)
+    for option in ("max_steps", "val_limit", "eval_limit", "samples", "threads"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -144,12 +149,12 @@ def evaluate_policies(summary: dict, output: Path, args) -> dict[str, Path]:
     from lit_align.execution.benchmarks import load_task_suite_problems
     from lit_align.report import evaluate_model, write_report
 
-    problems = load_task_suite_problems("heldout")
+    problems = load_task_suite_problems("heldout")[:args.eval_limit]
     evals = summary.setdefault("evaluations", {})
     policies = {"untrained": "preset:tiny"} | {
         s.name: str(s.model_dir(output)) for s in STAGES if s.name not in NOT_POLICIES and s.model_dir(output).exists()}
     for name, path in policies.items():
-        if name in evals and evals[name]["n_samples"] == args.samples:
+        if name in evals and (evals[name]["n_samples"], evals[name]["num_problems"]) == (args.samples, len(problems)):
             continue
         print(f"lit_align quickstart: evaluating {name} ({args.samples} samples x {len(problems)} held-out problems)")
         evals[name] = evaluate_model(path, problems, n_samples=args.samples, seed=args.seed)

@@ -42,13 +42,30 @@ def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(
     assert "stage sft already done" in printed and "evaluating" not in printed
     assert (out / "sft-model" / "model.safetensors").read_bytes() == before
 
+    # fewer problems than the stored evaluations: both policies evaluated again, on the first 3
+    assert main(["--output", str(out), "--stages", "sft", "--samples", "2", "--eval-limit", "3"]) == 0
+    assert capsys.readouterr().out.count("(2 samples x 3 held-out problems)") == 2
+    results = json.loads((out / "results.json").read_text())
+    assert [row["num_problems"] for row in results["methods"].values()] == [3, 3]
+    assert (out / "table.md").read_text().startswith("| method | solved (of 3, 2 samples) |")
+
+
+@pytest.mark.parametrize("option", ["--samples", "--eval-limit", "--max-steps"])
+def test_quickstart_refuses_a_count_below_one_before_anything_runs(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--output", str(tmp_path / "qs"), option, "0"])
+    assert exit_.value.code == 2
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
+
 
 @pytest.mark.slow
 def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys):
     from lit_align.quickstart import METHOD_NAMES, NOT_POLICIES, STAGES
 
     out = tmp_path / "qs"
-    assert main(["--output", str(out), "--max-steps", "2", "--val-limit", "3", "--samples", "1", "--seed", "3"]) == 0
+    assert main(["--output", str(out), "--max-steps", "2", "--val-limit", "3", "--samples", "1", "--seed", "3",
+                 "--eval-limit", "12"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 3 and list(summary["stages"]) == [s.name for s in STAGES]
     for stage in STAGES:
@@ -72,8 +89,8 @@ def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys)
     policies = ["untrained"] + [s.name for s in STAGES if s.name not in NOT_POLICIES]
     assert results["seed"] == 3 and list(results["methods"]) == [METHOD_NAMES[p] for p in policies]
     for name, row in zip(policies, results["methods"].values()):
-        assert row["n_samples"] == 1 and row["num_problems"] == 75 and len(row["correct_per_problem"]) == 75
-        assert row["pass@1"] == pytest.approx(sum(row["correct_per_problem"]) / 75)
+        assert row["n_samples"] == 1 and row["num_problems"] == 12 and len(row["correct_per_problem"]) == 12
+        assert row["pass@1"] == pytest.approx(sum(row["correct_per_problem"]) / 12)
         assert 0.0 <= row["compile_rate"] <= 1.0 and row["eval_seconds"] > 0
         assert row["train_seconds"] == (0.0 if name == "untrained" else summary["stages"][name]["wall_seconds"])
     table = (out / "table.md").read_text().splitlines()
