@@ -26,8 +26,6 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
-DEEPSPEED2 = pytest.param("deepspeed2", marks=needs_deepspeed)
-DEEPSPEED3 = pytest.param("deepspeed3", marks=needs_deepspeed)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -33,8 +33,8 @@ import lightning.pytorch as L
 import pytest
 import torch
 
-from deepspeed_cpu import DEEPSPEED3, CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
-from two_process_launches import OBJECTIVE_STEPS as STEPS, REWARD_CLIP  # the runs' settings live with the launches
+from deepspeed_cpu import CPUDeepSpeedStrategy, zero3_gathered  # tests/ is on sys.path (pytest, or the worker script run from it)
+from two_process_launches import OBJECTIVE_STEPS as STEPS, REWARD_CLIP, on_two_processes  # the runs' settings live with the launches
 from lit_align.models import count_parameters, is_zero3_partitioned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,6 +302,7 @@ def ddp_runs(two_process_runs):
     return partial(two_process_runs, "ddp")
 
 
+@pytest.mark.two_process("ddp")
 def test_dpo_two_processes_match_one_process_with_the_doubled_batch(ddp_runs, tmp_path):
     _, single = _compare("dpo", ddp_runs("dpo"), tmp_path)
     losses = [s["loss"] for s in single["steps"]]
@@ -309,6 +310,7 @@ def test_dpo_two_processes_match_one_process_with_the_doubled_batch(ddp_runs, tm
     assert losses[-1] < losses[0] - 0.01  # it trains: the comparison is not of constants
 
 
+@pytest.mark.two_process("ddp")
 def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted_nll(ddp_runs, tmp_path):
     ranks, single = _compare("orpo", ddp_runs("orpo"), tmp_path)
     tokens = [(a["tokens"], b["tokens"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]
@@ -317,7 +319,7 @@ def test_orpo_two_processes_match_one_process_with_the_doubled_batch_token_weigh
     assert losses[-1] < losses[0] - 0.01
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # (ZeRO-2 does not touch the model's build)
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp", "deepspeed3"))  # (ZeRO-2 does not touch the model's build)
 def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path, strategy):
     """The Bradley-Terry loss is a mean over equal slices of pairs, as DPO's. What is new: the score head is created
     with the model (under ZeRO-3 inside ``zero.Init``, partitioned at birth) and trained fully through peft's
@@ -353,6 +355,7 @@ def test_reward_model_under_each_strategy_matches_one_process(request, tmp_path,
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.two_process("ddp")
 def test_grpo_two_processes_match_one_process_with_the_doubled_batch_token_weighted(ddp_runs, tmp_path):
     ranks, single = _compare("grpo", ddp_runs("grpo"), tmp_path)
     weights = [(a["weight"], b["weight"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"])]

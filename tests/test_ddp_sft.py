@@ -25,8 +25,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from two_process_launches import on_two_processes
 
-from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
 
 B = 4  # micro-batch per process
 STEPS = 4
@@ -165,9 +165,6 @@ def test_sampler_refuses_lightnings_distributed_sampler_with_advice():
 
 
 # ------------------------------------------------------------------------------------------------ DDP vs doubled batch
-DEEPSPEED3_BF16 = pytest.param("deepspeed3-bf16", marks=DEEPSPEED3.marks)
-DEEPSPEED2_QLORA = pytest.param("deepspeed2-qlora", marks=DEEPSPEED2.marks)
-DEEPSPEED2_ACCUM = pytest.param("deepspeed2-accum", marks=DEEPSPEED2.marks)
 BF16_TOLERANCE = 5e-3  # bf16 against autocast: 2e-3 (DeepSpeed's bf16 module), 2.6e-3 (FSDP's bf16 gathers) measured
 
 
@@ -193,7 +190,8 @@ def _two_and_one(sft_runs, tmp_path: Path, strategy: str) -> tuple[list[dict], d
     return ranks, json.loads((single_out / "rank0.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp-bf16", "fsdp-qlora", DEEPSPEED2, DEEPSPEED2_QLORA, DEEPSPEED3_BF16])
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp-bf16", "fsdp-qlora", "deepspeed2", "deepspeed2-qlora",
+                                                      "deepspeed3-bf16"))
 def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
@@ -235,7 +233,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
         assert ranks[0]["local_numel"] == ranks[1]["local_numel"] == single["local_numel"] // share
 
 
-@pytest.mark.parametrize("strategy", ["ddp-accum", DEEPSPEED2_ACCUM])
+@pytest.mark.parametrize("strategy", on_two_processes("ddp-accum", "deepspeed2-accum"))
 def test_accumulated_micro_batches_on_two_processes_step_like_one_batch(sft_runs, tmp_path, strategy):
     """Each of 2 processes accumulates 2 micro-batches of B/2 per optimizer step, so step k trains on the same 2B
     examples as the single process's batch k. The step's gradient equals the single process's to 1e-5 (relative):

@@ -23,12 +23,12 @@ from deepspeed_cpu import CPUDeepSpeedStrategy, needs_deepspeed
 from test_ddp_objectives import REPO, STEPS, TOLERANCE, _compare, global_losses, run_single
 from test_fsdp import _assert_same_logits
 from transformers import AutoModelForCausalLM
-from two_process_launches import DEEPSPEED_CLIP as CLIP
+from two_process_launches import DEEPSPEED_CLIP as CLIP, on_two_processes
 
 pytestmark = needs_deepspeed
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed2", "deepspeed3"])
+@pytest.mark.parametrize("strategy", on_two_processes("deepspeed2", "deepspeed3"))
 def test_dpo_lora_under_zero_matches_one_process(two_process_runs, tmp_path, strategy):
     out = two_process_runs(strategy, "dpo")
     ranks, single = _compare("dpo", out, tmp_path, strategy=strategy, clip=CLIP)
@@ -55,6 +55,7 @@ def test_dpo_lora_under_zero_matches_one_process(two_process_runs, tmp_path, str
     _assert_same_logits(out / "merged", fresh.model)
 
 
+@pytest.mark.two_process("deepspeed3")
 def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(two_process_runs, tmp_path):
     out = two_process_runs("deepspeed3", "dpo-full")
     ranks, single = _compare("dpo-full", out, tmp_path, strategy="deepspeed3", clip=CLIP)
@@ -66,6 +67,7 @@ def test_dpo_full_finetuning_under_zero3_loads_a_partitioned_reference(two_proce
     assert ranks[0]["reference"]["partitioned"] and ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
 
 
+@pytest.mark.two_process("deepspeed3")
 def test_a_run_resumed_from_a_zero3_checkpoint_continues_the_curve(two_process_runs, tmp_path):
     """2 steps, DeepSpeed's checkpoint (a directory: each process's weight and optimizer partitions, frozen base
     included, with Lightning's loop state), then a 2-process resume to step 4: its steps 3-4 are those of an
@@ -102,13 +104,15 @@ def test_what_zero3_cannot_build_is_refused_before_training(tmp_path):
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained
 
 
+@pytest.mark.two_process("deepspeed3")
 def test_orpo_under_zero3_matches_one_process(two_process_runs, tmp_path):
     ranks, single = _compare("orpo", two_process_runs("deepspeed3", "orpo"), tmp_path, strategy="deepspeed3")
     losses = [s["loss"] for s in single["steps"]]
     assert losses[-1] < losses[0] - 0.01
 
 
-@pytest.mark.parametrize("strategy,objective", [("deepspeed2", "grpo"), ("deepspeed3", "grpo-full")])
+@pytest.mark.parametrize("strategy,objective", [pytest.param(s, o, marks=pytest.mark.two_process(s))
+                                                for s, o in (("deepspeed2", "grpo"), ("deepspeed3", "grpo-full"))])
 def test_grpo_under_zero_matches_one_process(two_process_runs, tmp_path, strategy, objective):
     """GRPO steps inside training_step over micro-batches: DeepSpeed is told which backward ends the accumulation
     (it refuses DDP's no_sync) and where each micro-step starts (ZeRO-3 would otherwise keep only the last

@@ -23,6 +23,8 @@ import torch
 from test_ddp_objectives import STEPS, TOLERANCE, _compare, global_losses, run_single
 from two_process_launches import FSDP_CLIP as CLIP
 
+pytestmark = pytest.mark.two_process("fsdp")  # every test reads the "fsdp" group's runs
+
 
 @pytest.fixture(scope="module")
 def fsdp_runs(two_process_runs):

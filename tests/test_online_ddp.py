@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 import pytest
+from two_process_launches import on_two_processes
 
-from deepspeed_cpu import DEEPSPEED2, DEEPSPEED3
 
 STEPS_PER_BATCH = 2  # ppo_epochs x num_minibatches
 BATCHES = 2
@@ -167,7 +167,7 @@ def write_qwen2_twin(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED3])  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp", "deepspeed3"))  # ZeRO-2's updates: GRPO in tests/test_deepspeed.py
 def test_two_processes_generate_for_different_prompts_and_log_global_statistics(two_process_runs, strategy):
     import torch
 
@@ -211,7 +211,7 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", DEEPSPEED2, DEEPSPEED3])
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp", "deepspeed2", "deepspeed3"))
 def test_raft_process_that_keeps_nothing_still_steps_with_the_other(two_process_runs, strategy):
     ranks, _ = _ranks(two_process_runs, strategy, "raft")
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2

@@ -1,13 +1,14 @@
-"""Every 2-process run of the test suite, in one launch per strategy, and the worker script that runs a launch.
+"""Every 2-process run of the test suite, grouped by strategy, all run in one launch, and the worker script that runs it.
 
 Starting a pair of processes costs about 10 s on this machine: each imports torch, Lightning, transformers, peft and
-DeepSpeed. So the runs of every test file that trains on 2 processes under one strategy (tests/test_ddp_objectives.py,
-test_fsdp.py, test_deepspeed.py, test_ddp_sft.py, test_online_ddp.py) run one after another in one pair: later
-trainers find the process group made. The launcher starts both processes at once with LOCAL_RANK set (as torchrun
-would), so Lightning joins them rather than starting process 1 only once process 0 reaches its first fit, and the two
-import side by side. A launch starts when a test first asks for its group (the session fixture ``two_process_runs``
-in conftest.py), and each run writes its records to ``<launch root>/<run name>``, each process its output to
-``<launch root>/worker<rank>.log``.
+DeepSpeed. So the runs of every test file that trains on 2 processes (tests/test_ddp_objectives.py, test_fsdp.py,
+test_deepspeed.py, test_ddp_sft.py, test_online_ddp.py) run one after another in one pair: later trainers find the
+process group made, whatever their strategy. The launcher starts both processes at once with LOCAL_RANK set (as
+torchrun would), so Lightning joins them rather than starting process 1 only once process 0 reaches its first fit,
+and the two import side by side. The launch starts when a test first asks for a run (the session fixture
+``two_process_runs`` in conftest.py) and holds the groups of every selected test (each test is marked
+``two_process(group)``), so a run of one test file starts only its groups' runs. Each run writes its records to
+``<launch root>/<group>/<run name>``, each process its output to ``<launch root>/worker<rank>.log``.
 
 The worker: ``python tests/two_process_launches.py --plan PLAN.json`` (a list of :class:`Launch` fields).
 """
@@ -32,10 +33,10 @@ LAUNCH_TIMEOUT = 1200  # seconds a launch may take before its tests fail
 
 @dataclass(frozen=True)
 class Launch:
-    """One 2-process run of a launch, written to ``<launch root>/<name>``.
+    """One 2-process run of a group, written to ``<launch root>/<group>/<name>``.
 
     ``objective``: one of tests/test_ddp_objectives.py's (dpo, dpo-full, orpo, reward, grpo, ...), trained with its
-    batch per process for ``steps`` steps, resumed from the final checkpoint of the launch's earlier run ``resume``
+    batch per process for ``steps`` steps, resumed from the final checkpoint of the group's earlier run ``resume``
     when given, with gradient-norm clipping ``clip``; "sft": tests/test_ddp_sft.py's SFT run, ``strategy`` carrying
     its variant suffix (-bf16, -qlora, -accum); "online-ppo"/"online-raft": tests/test_online_ddp.py's run (PPO
     scoring with a reward model the launcher writes into the run's directory first)."""
@@ -76,16 +77,17 @@ GROUPS: dict[str, list[Launch]] = {
         Launch("reward", "reward", "deepspeed3", REWARD_CLIP),
         _sft("deepspeed3-bf16"), _online("ppo", "deepspeed3"), _online("raft", "deepspeed3")],
 }
-"""The launches: every test that compares a 2-process run finds it here by group (strategy) and name."""
+"""The runs by group (strategy), in launch order (DeepSpeed's last): every test that compares a 2-process run finds it
+here by group and name."""
 
 
 def sft_rows(root: Path) -> Path:
-    """The rows SFT's runs of a launch train on (written by the launcher)."""
+    """The rows SFT's runs of a group train on (written by the launcher)."""
     return root / "sft-rows.jsonl"
 
 
 def reward_model_of(root: Path, strategy: str) -> str:
-    """The reward model the online PPO run of a launch scores with: a saved directory replicated under DDP or sharded
+    """The reward model the online PPO run of a group scores with: a saved directory replicated under DDP or sharded
     under FSDP, a Lightning checkpoint of one on another architecture (Qwen2) read into ZeRO-3 partitions."""
     return str(root / ("reward.ckpt" if strategy == "deepspeed3" else "reward-model"))
 
@@ -95,21 +97,24 @@ def finished(out: Path) -> bool:
     return any(out.glob("*rank0.json")) and any(out.glob("*rank1.json"))
 
 
-def launch_two_processes(runs: list[Launch], root: Path) -> tuple[Path, str | None]:
-    """Run ``runs`` one after another in one pair of processes, this file being the worker, which stops at the first
-    failing run. Returns ``root`` and None, or the launch's error: its exit status or timeout, the runs it finished
-    and the end of its standard error."""
-    root.mkdir(parents=True, exist_ok=True)
-    for r in runs:  # what the runs read, written here before the processes start
-        if r.objective == "sft" and not sft_rows(root).exists():
-            from test_ddp_sft import write_rows
+def launch_two_processes(groups: list[str], root: Path) -> tuple[Path, str | None]:
+    """Run every run of ``groups`` (keys of :data:`GROUPS`, in that order) one after another in one pair of processes,
+    this file being the worker, which stops at the first failing run; a group's runs write to ``root/<group>/<name>``.
+    Returns ``root`` and None, or the launch's error: the processes' exit statuses or the timeout, the runs finished
+    and the end of each process's output."""
+    for group in groups:  # what the runs read, written here before the processes start
+        (root / group).mkdir(parents=True, exist_ok=True)
+        for r in GROUPS[group]:
+            if r.objective == "sft" and not sft_rows(root / group).exists():
+                from test_ddp_sft import write_rows
 
-            write_rows(sft_rows(root))
-        if r.objective == "online-ppo":
-            from test_online_ddp import write_reward_model
+                write_rows(sft_rows(root / group))
+            if r.objective == "online-ppo":
+                from test_online_ddp import write_reward_model
 
-            write_reward_model(Path(reward_model_of(root, r.strategy)))
-    (root / "plan.json").write_text(json.dumps([asdict(r) for r in runs]))
+                write_reward_model(Path(reward_model_of(root / group, r.strategy)))
+    runs = [(group, r) for group in groups for r in GROUPS[group]]
+    (root / "plan.json").write_text(json.dumps([dict(asdict(r), group=group) for group, r in runs]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0")
@@ -123,7 +128,7 @@ def launch_two_processes(runs: list[Launch], root: Path) -> tuple[Path, str | No
     status = _wait(procs)
     if status is None:
         return root, None
-    done = [r.name for r in runs if finished(root / r.name)]
+    done = [f"{group}/{r.name}" for group, r in runs if finished(root / group / r.name)]
     tails = "\n".join(f"--- process {rank}: {(root / f'worker{rank}.log').read_text(errors='replace')[-2500:]}"
                       for rank in (0, 1))
     return root, f"{status} (runs done: {done}):\n{tails}"
@@ -159,8 +164,9 @@ def _wait(procs: list[subprocess.Popen]) -> str | None:
 
 def run_plan(plan: Path) -> None:
     """The worker: every run of ``plan`` (written by :func:`launch_two_processes`) on 2 processes, in order."""
-    root = plan.parent
-    for r in (Launch(**r) for r in json.loads(plan.read_text())):
+    for entry in json.loads(plan.read_text()):
+        root = plan.parent / entry.pop("group")  # the group's runs, and what they read
+        r = Launch(**entry)
         out = root / r.name
         out.mkdir(exist_ok=True)
         if r.objective == "sft":
@@ -177,6 +183,18 @@ def run_plan(plan: Path) -> None:
 
             run(r.objective, out, batch_size=B, devices=2, strategy=r.strategy, clip=r.clip, steps=r.steps,
                 ckpt_path=str(root / r.resume / "final.ckpt") if r.resume else None)
+
+
+def on_two_processes(*strategies: str) -> list:
+    """pytest parameters for a test parametrized over ``strategies`` (a group, or a group and a variant such as
+    "fsdp-bf16"), each marked with the group whose runs it reads (``two_process``, see tests/conftest.py) and skipped
+    without DeepSpeed where it needs it."""
+    import pytest
+
+    from deepspeed_cpu import needs_deepspeed
+
+    return [pytest.param(s, marks=[pytest.mark.two_process(s.split("-")[0])]
+                         + ([needs_deepspeed] if s.startswith("deepspeed") else [])) for s in strategies]
 
 
 if __name__ == "__main__":
