@@ -340,7 +340,7 @@ def test_dpo_raises_heldout_accuracy_well_above_chance(tmp_path):
     L.seed_everything(0)
     module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=5e-3, warmup_steps=5))
     data = PreferenceDataModule(tokenizer="preset:tiny", batch_size=8, eval_batch_size=64)
-    _trainer(tmp_path, 60, enable_checkpointing=False).fit(module, datamodule=data)
+    _trainer(tmp_path, 40, enable_checkpointing=False).fit(module, datamodule=data)  # accuracy ~0.76 from step 35 on
     result = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                        ).validate(module, datamodule=data, verbose=False)[0]
     assert len(data.val_items) == 324  # every pair of the held-out tasks

@@ -268,7 +268,7 @@ def test_ppo_raises_the_mean_reward_of_a_learnable_reward():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rewards.append(float(trainer.callback_metrics["train/reward_mean"]))
 
-    _trainer(4 * 30, [Rewards()]).fit(module, _data(n=8))
+    _trainer(4 * 15, [Rewards()]).fit(module, _data(n=8))  # reward ~0.15 over the first 5 batches, ~0.85 over 11-15
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.3 and last > first + 0.3, rewards
     assert math.isfinite(last)
