@@ -34,23 +34,9 @@ import lit_align.data_modules
 import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
 from lit_align.data_modules.base import TokenizedDataModule
+from lit_align.commands import EXTRA_COMMANDS, ROOT_USAGE, TRAINER_COMMANDS, main  # noqa: F401 (main: python -m lit_align.cli, tests)
 from lit_align.hints import did_you_mean, long_options, nearest_options, unknown_argument_hint
 from lit_align.modules.base import AlignmentModule
-
-# Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "sample": ("lit_align.sample:main", "sample completions for a benchmark's problems into a samples file"),
-    "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
-    "plan-memory": ("lit_align.memory:main", "estimate per-device memory of a config before allocating anything"),
-    "merge-lora": ("lit_align.callbacks.lora_merge:main", "merge a checkpoint's LoRA adapter into a standard HF model directory"),
-    "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
-}
-
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-"""LightningCLI's subcommands: training runs, each taking ``--config FILE.yaml``."""
-
-ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {" + ",".join([*TRAINER_COMMANDS, *EXTRA_COMMANDS]) + "} ..."
-"""Usage line of ``lit_align`` itself: argparse's names only the trainer subcommands its parser holds."""
 
 SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_path PATH]\n"
                     "  [--seed_everything SEED] [--trainer.OPTION VALUE] [--checkpoint.OPTION VALUE]\n"
@@ -288,27 +274,6 @@ def _description() -> str:
             f"Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
 
 
-def refuse_unknown_command(name: str | None) -> typing.NoReturn:
-    """No command, or one that is neither a trainer subcommand nor one of :data:`EXTRA_COMMANDS`: a usage line naming
-    every command, the nearest one to what was typed, and exit status 2 (LightningCLI's own message named only the
-    trainer subcommands, so ``lit_align evalute`` was told to choose from fit, validate, test and predict)."""
-    commands = [*TRAINER_COMMANDS, *EXTRA_COMMANDS]
-    lines = [f"usage: {ROOT_USAGE % {'prog': 'lit_align'}}",
-             f"lit_align: error: unknown command {name!r}" if name is not None else "lit_align: error: no command given"]
-    if name is not None and (matches := nearest_options(name, commands)):
-        lines.append("  hint: did you mean " + " or ".join(repr(m) for m in matches) + "?")
-    lines.append(f"  commands: {', '.join(TRAINER_COMMANDS)} (training runs, each with --config FILE.yaml) and "
-                 f"{', '.join(EXTRA_COMMANDS)}; 'lit_align --help' describes them")
-    print("\n".join(lines), file=sys.stderr)
-    raise SystemExit(2)
-
-
-def run_extra_command(name: str, argv: list[str]) -> int:
-    target, _ = EXTRA_COMMANDS[name]
-    module_name, func_name = target.split(":")
-    return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
-
-
 def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip:")
 
@@ -320,17 +285,11 @@ def quiet_unactionable_output() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_lightning_tip)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise.
-
-    From the command line, bad input found after parsing (a model that cannot be loaded, bad data, an output
-    directory holding another run) ends with a one-line error and exit status 2 instead of a traceback; called from
-    Python, the exception propagates."""
+def run_trainer_command(argv: list[str] | None = None) -> int:
+    """``lit_align fit|validate|test|predict ...`` or ``lit_align --help`` (through :func:`lit_align.commands.main`,
+    the console entry point, which is also this module's ``main``): LitAlignCLI, with bad input found after parsing
+    refused in one line and exit status 2 from the command line; called from Python, the exception propagates."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in EXTRA_COMMANDS:
-        return run_extra_command(args[0], args[1:])
-    if not args or not (args[0].startswith("-") or args[0] in TRAINER_COMMANDS):
-        refuse_unknown_command(args[0] if args else None)
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 

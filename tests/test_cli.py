@@ -277,9 +277,25 @@ def test_data_that_cannot_be_trained_on_is_refused_before_the_run_directory_is_m
 
 
 def test_console_script_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "lit_align.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "lit_align.commands", "--help"], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0
     assert "fit" in out.stdout and "lit_align evaluate" in out.stdout
+
+
+def test_commands_that_train_nothing_answer_without_importing_lightning():
+    """The console script (pyproject's lit_align = lit_align.commands:main) runs evaluate and sample, and refuses a
+    mistyped command, before anything imports Lightning (seconds of torch's compiler stack and torchmetrics)."""
+    script = ("import sys\nfrom lit_align.commands import main\n"
+              "for argv in (['evaluate', '--help'], ['sample', '--help'], ['evalute']):\n"
+              "    try:\n        main(argv)\n    except SystemExit as exit_:\n        print('EXIT', exit_.code)\n"
+              "print(sorted(m for m in ('lightning', 'lightning.pytorch', 'torchmetrics') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line for line in lines if line.startswith("EXIT")] == ["EXIT 0", "EXIT 0", "EXIT 2"]
+    assert lines[-1] == "[]"
+    assert "usage: lit_align evaluate" in out.stdout and "hint: did you mean 'evaluate'?" in out.stderr
 
 
 def test_seed_everything_reaches_the_data_module_unless_it_has_its_own_seed(monkeypatch):

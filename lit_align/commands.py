@@ -1,0 +1,71 @@
+"""The ``lit_align`` console command: its commands and their dispatch, importable without Lightning.
+
+``lit_align evaluate``, ``sample``, ``plan-memory``, ``merge-lora`` and ``iadpo`` run their own modules, and a missing
+or mistyped command is answered here, so none of them waits for Lightning's import (several seconds: it pulls in
+torch's compiler stack and torchmetrics). The trainer commands (fit, validate, test, predict) and ``--help`` go to
+:func:`lit_align.cli.run_trainer_command`, LightningCLI's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import typing
+
+from lit_align.hints import nearest_options
+
+# Subcommands that are not trainer runs: name -> "module:function" taking argv and returning an exit code.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("lit_align.sample:main", "sample completions for a benchmark's problems into a samples file"),
+    "evaluate": ("lit_align.execution.evaluate:main", "score a samples file against a benchmark: pass@k, statuses"),
+    "plan-memory": ("lit_align.memory:main", "estimate per-device memory of a config before allocating anything"),
+    "merge-lora": ("lit_align.callbacks.lora_merge:main", "merge a checkpoint's LoRA adapter into a standard HF model directory"),
+    "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
+}
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+"""LightningCLI's subcommands: training runs, each taking ``--config FILE.yaml``."""
+
+ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {" + ",".join([*TRAINER_COMMANDS, *EXTRA_COMMANDS]) + "} ..."
+"""Usage line of ``lit_align`` itself: argparse's names only the trainer subcommands its parser holds."""
+
+
+def refuse_unknown_command(name: str | None) -> typing.NoReturn:
+    """No command, or one that is neither a trainer subcommand nor one of :data:`EXTRA_COMMANDS`: a usage line naming
+    every command, the nearest one to what was typed, and exit status 2 (LightningCLI's own message named only the
+    trainer subcommands, so ``lit_align evalute`` was told to choose from fit, validate, test and predict)."""
+    commands = [*TRAINER_COMMANDS, *EXTRA_COMMANDS]
+    lines = [f"usage: {ROOT_USAGE % {'prog': 'lit_align'}}",
+             f"lit_align: error: unknown command {name!r}" if name is not None else "lit_align: error: no command given"]
+    if name is not None and (matches := nearest_options(name, commands)):
+        lines.append("  hint: did you mean " + " or ".join(repr(m) for m in matches) + "?")
+    lines.append(f"  commands: {', '.join(TRAINER_COMMANDS)} (training runs, each with --config FILE.yaml) and "
+                 f"{', '.join(EXTRA_COMMANDS)}; 'lit_align --help' describes them")
+    print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_extra_command(name: str, argv: list[str]) -> int:
+    target, _ = EXTRA_COMMANDS[name]
+    module_name, func_name = target.split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise.
+
+    From the command line, bad input found after parsing (a model that cannot be loaded, bad data, an output
+    directory holding another run) ends with a one-line error and exit status 2 instead of a traceback; called from
+    Python, the exception propagates."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        return run_extra_command(args[0], args[1:])
+    if not args or not (args[0].startswith("-") or args[0] in TRAINER_COMMANDS):
+        refuse_unknown_command(args[0] if args else None)
+    from lit_align.cli import run_trainer_command
+
+    return run_trainer_command(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
