@@ -94,6 +94,7 @@ def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys)
         assert 0.0 <= row["compile_rate"] <= 1.0 and row["eval_seconds"] > 0
         assert row["train_seconds"] == (0.0 if name == "untrained" else summary["stages"][name]["wall_seconds"])
     table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| method | solved (of 12, 1 sample) |")
     assert len(table) == 2 + len(policies) and all(f"| {METHOD_NAMES[p]} |" in t for p, t in zip(policies, table[2:]))
     assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
