@@ -55,7 +55,7 @@ def pass_at_k_curve(correct_per_problem: Sequence[int], n: int) -> list[float]:
 def markdown_table(rows: dict[str, dict], n_samples: int, num_problems: int, baseline: str = "SFT") -> str:
     """Table 1's layout: method, solved problems at n samples, pass@1, pass@10, compile rate, wall time; and each
     method's pass@1 minus the baseline's (SFT), so an objective that does not help shows it in its own row."""
-    lines = [f"| method | solved (of {num_problems}, {n_samples} sample{"s" * (n_samples != 1)}) | pass@1 | pass@10 | compile rate | train time (s) "
+    lines = [f"| method | solved (of {num_problems}, {n_samples} sample{'s' * (n_samples != 1)}) | pass@1 | pass@10 | compile rate | train time (s) "
              f"| pass@1 - {baseline} |", "|---|---|---|---|---|---|---|"]
     for method, r in rows.items():
         p10 = f"{100 * r['pass@10']:.1f}" if "pass@10" in r else "-"
