@@ -33,6 +33,7 @@ import lit_align.callbacks
 import lit_align.data_modules
 import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
+from lit_align.callbacks.summary import ModelSummary
 from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.commands import EXTRA_COMMANDS, ROOT_USAGE, TRAINER_COMMANDS, main  # noqa: F401 (main: python -m lit_align.cli, tests)
 from lit_align.hints import did_you_mean, long_options, nearest_options, unknown_argument_hint
@@ -42,7 +43,7 @@ SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_
                     "  [--seed_everything SEED] [--trainer.OPTION VALUE] [--checkpoint.OPTION VALUE]\n"
                     "  [--model CLASS] [--model.init_args.OPTION VALUE]\n"
                     "  [--data CLASS] [--data.init_args.OPTION VALUE]\n"
-                    "  [--lr_monitor.OPTION VALUE] [--progress_bar.OPTION VALUE]")
+                    "  [--lr_monitor.OPTION VALUE] [--progress_bar.OPTION VALUE] [--model_summary.OPTION VALUE]")
 """Usage line of fit/validate/test/predict (``--help`` lists every option below it)."""
 
 DEFAULT_LOGGER = {
@@ -188,6 +189,7 @@ class LitAlignCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
+        parser.add_lightning_class_args(ModelSummary, "model_summary")
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, except that an option Lightning's own classes refuse while being built (the trainer, the
@@ -201,11 +203,14 @@ class LitAlignCLI(LightningCLI):
                                        "lists them)") from err
 
     def instantiate_trainer(self, **kwargs):
-        """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar."""
+        """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar,
+        and ``--trainer.enable_model_summary false`` the default model summary (Lightning refuses either beside it)."""
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if trainer_config.get("enable_progress_bar") is False:
             extra = [cb for cb in extra if not isinstance(cb, RichProgressBar)]
+        if trainer_config.get("enable_model_summary") is False:
+            extra = [cb for cb in extra if not isinstance(cb, ModelSummary)]
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_fit(self) -> None:

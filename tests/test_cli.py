@@ -194,6 +194,26 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
           "--data.init_args.val_fraction", "0.25"])
 
 
+def test_the_model_summary_has_no_column_of_zero_flops_and_can_be_turned_off(tmp_path, pairs_file, capsys):
+    """Lightning counts FLOPs only from an example_input_array (lit_align's modules have none) and printed zeros; the
+    summary's depth is an option (--model_summary.max_depth), and --trainer.enable_model_summary false drops it
+    (Lightning refuses the flag beside a summary callback, so the command line leaves its own out)."""
+    main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "1", "--model_summary.max_depth", "2"))
+    out = capsys.readouterr().out
+    assert "Total params" in out and "model.lm_head" in out and "FLOPs" not in out
+    main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "1", "--trainer.enable_model_summary", "false"))
+    assert "Total params" not in capsys.readouterr().out
+
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from lit_align.callbacks.summary import ModelSummary
+
+    summary = summarize(LightningModule(), max_depth=1)
+    ModelSummary().summarize(summary._get_summary_data(), 10, 4, 0.1, {"train": 1, "eval": 0}, total_flops=2048)
+    assert "Total FLOPs: 2.0 K" in capsys.readouterr().out  # counted: Lightning's table as it is
+
+
 def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pairs_file):
     main(_fit_args(tmp_path, pairs_file, "--checkpoint.dirpath", str(tmp_path / "ck")))
     before = (tmp_path / "ck" / "last.ckpt").read_bytes()
