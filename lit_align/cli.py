@@ -35,7 +35,7 @@ import lit_align.modules
 from lit_align.callbacks.progress import ProgressBar
 from lit_align.callbacks.summary import ModelSummary
 from lit_align.data_modules.base import TokenizedDataModule
-from lit_align.commands import EXTRA_COMMANDS, ROOT_USAGE, TRAINER_COMMANDS, main  # noqa: F401 (main: python -m lit_align.cli, tests)
+from lit_align.commands import DESCRIPTION, EXTRA_COMMANDS, ROOT_USAGE, TRAINER_COMMANDS, main  # noqa: F401 (main: python -m lit_align.cli, tests)
 from lit_align.hints import did_you_mean, long_options, nearest_options, unknown_argument_hint
 from lit_align.modules.base import AlignmentModule
 
@@ -275,8 +275,7 @@ def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:
 
 def _description() -> str:
     extra = "; ".join(f"'lit_align {name}' to {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
-    return ("Align code-generation language models with SFT, reward models, DPO, ORPO, PPO, GRPO and RAFT. "
-            f"Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
+    return (f"{DESCRIPTION} Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
 
 
 def _not_a_lightning_tip(record: logging.LogRecord) -> bool:

@@ -1,9 +1,9 @@
 """The ``lit_align`` console command: its commands and their dispatch, importable without Lightning.
 
-``lit_align evaluate``, ``sample``, ``plan-memory``, ``merge-lora`` and ``iadpo`` run their own modules, and a missing
-or mistyped command is answered here, so none of them waits for Lightning's import (several seconds: it pulls in
-torch's compiler stack and torchmetrics). The trainer commands (fit, validate, test, predict) and ``--help`` go to
-:func:`lit_align.cli.run_trainer_command`, LightningCLI's.
+``lit_align evaluate``, ``sample``, ``plan-memory``, ``merge-lora`` and ``iadpo`` run their own modules, and
+``lit_align --help`` and a missing or mistyped command are answered here, so none of them waits for Lightning's
+import (several seconds: it pulls in torch's compiler stack and torchmetrics). The trainer commands (fit, validate,
+test, predict) go to :func:`lit_align.cli.run_trainer_command`, LightningCLI's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 """LightningCLI's subcommands: training runs, each taking ``--config FILE.yaml``."""
 
+TRAINER_HELP = {"fit": "train (and validate) a model; --ckpt_path resumes a run",
+                "validate": "one pass over the validation data, reporting its metrics",
+                "test": "one pass over the test data, reporting its metrics",
+                "predict": "run the model over prediction data"}
+
+DESCRIPTION = "Align code-generation language models with SFT, reward models, DPO, ORPO, PPO, GRPO and RAFT."
+
 ROOT_USAGE = "%(prog)s [-h] [-c CONFIG] {" + ",".join([*TRAINER_COMMANDS, *EXTRA_COMMANDS]) + "} ..."
 """Usage line of ``lit_align`` itself: argparse's names only the trainer subcommands its parser holds."""
 
@@ -45,6 +52,22 @@ def refuse_unknown_command(name: str | None) -> typing.NoReturn:
     raise SystemExit(2)
 
 
+def root_help() -> str:
+    """``lit_align --help``: every command, one line each (LightningCLI's own described only its four, cut mid-sentence
+    from their docstrings)."""
+    width = max(map(len, [*TRAINER_COMMANDS, *EXTRA_COMMANDS])) + 2
+    lines = [f"usage: {ROOT_USAGE % {'prog': 'lit_align'}}", "", DESCRIPTION, "",
+             "training runs (each takes --config FILE.yaml; 'lit_align fit --help' lists every option):"]
+    lines += [f"  {name:<{width}}{TRAINER_HELP[name]}" for name in TRAINER_COMMANDS]
+    lines += ["", "other commands (each takes --help):"]
+    lines += [f"  {name:<{width}}{help_}" for name, (_, help_) in EXTRA_COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help       show this help and exit",
+              "  -c, --config     a config file holding each command's settings under its name (fit: {trainer: ...})",
+              "",
+              "example: lit_align fit --config configs/quickstart/dpo.yaml --trainer.max_steps 50"]
+    return "\n".join(lines)
+
+
 def run_extra_command(name: str, argv: list[str]) -> int:
     target, _ = EXTRA_COMMANDS[name]
     module_name, func_name = target.split(":")
@@ -60,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
+    if args in (["-h"], ["--help"]):
+        print(root_help())
+        raise SystemExit(0)  # as argparse's --help does, here and in every command
     if not args or not (args[0].startswith("-") or args[0] in TRAINER_COMMANDS):
         refuse_unknown_command(args[0] if args else None)
     from lit_align.cli import run_trainer_command

@@ -300,20 +300,24 @@ def test_console_script_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "lit_align.commands", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    assert "fit" in out.stdout and "lit_align evaluate" in out.stdout
+    from lit_align.commands import EXTRA_COMMANDS, TRAINER_COMMANDS
+
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert listed[:9] == [*TRAINER_COMMANDS, *EXTRA_COMMANDS]  # every command, one line each
 
 
 def test_commands_that_train_nothing_answer_without_importing_lightning():
-    """The console script (pyproject's lit_align = lit_align.commands:main) runs evaluate and sample, and refuses a
-    mistyped command, before anything imports Lightning (seconds of torch's compiler stack and torchmetrics)."""
+    """The console script (pyproject's lit_align = lit_align.commands:main) runs evaluate and sample, answers --help
+    and refuses a mistyped command before anything imports Lightning (seconds of torch's compiler stack and
+    torchmetrics)."""
     script = ("import sys\nfrom lit_align.commands import main\n"
-              "for argv in (['evaluate', '--help'], ['sample', '--help'], ['evalute']):\n"
-              "    try:\n        main(argv)\n    except SystemExit as exit_:\n        print('EXIT', exit_.code)\n"
+              "for argv in (['evaluate', '--help'], ['sample', '--help'], ['evalute'], ['--help']):\n"
+              "    try:\n        print('EXIT', main(argv))\n    except SystemExit as exit_:\n        print('EXIT', exit_.code)\n"
               "print(sorted(m for m in ('lightning', 'lightning.pytorch', 'torchmetrics') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert [line for line in lines if line.startswith("EXIT")] == ["EXIT 0", "EXIT 0", "EXIT 2"]
+    assert [line for line in lines if line.startswith("EXIT")] == ["EXIT 0", "EXIT 0", "EXIT 2", "EXIT 0"]
     assert lines[-1] == "[]"
     assert "usage: lit_align evaluate" in out.stdout and "hint: did you mean 'evaluate'?" in out.stderr
 
