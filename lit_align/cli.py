@@ -166,6 +166,7 @@ class LitAlignCLI(LightningCLI):
     """LightningCLI with lit_align's defaults: always-on checkpointing, LR monitor and progress bar, versioned runs."""
 
     def __init__(self, *args, **kwargs) -> None:
+        quiet_unactionable_output()  # also for the runs the quickstart and iadpo make through this class
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("parser_class", LitAlignParser)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -278,15 +279,30 @@ def _description() -> str:
     return (f"{DESCRIPTION} Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
 
 
-def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("💡 Tip:")
+UNACTIONABLE = {
+    # Lightning's advertisement for its cloud logger, and its note that the command line's own summary is in use
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:", "Trainer already configured with model summary callbacks"),
+    # DeepSpeed's import (transformers' save_pretrained imports it through accelerate wherever it is installed) on a
+    # machine without a GPU: CPU is what such a machine has
+    "DeepSpeed": ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",),
+}
+"""Log lines every run printed that a lit_align user cannot act on, by logger: the beginnings of their messages."""
+
+
+def _actionable(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(UNACTIONABLE.get(record.name, ()))
 
 
 def quiet_unactionable_output() -> None:
-    """Drop two lines every run printed that a lit_align user cannot act on: Lightning's advertisement for its cloud
-    logger, and torch's deprecation warning about an ``isinstance`` check inside Lightning's own pytree helper."""
+    """Drop what every run printed that a lit_align user cannot act on: the log lines of :data:`UNACTIONABLE`, torch's
+    deprecation warning about an ``isinstance`` check inside Lightning's own pytree helper, and transformers' about
+    ``is_gradient_checkpointing``, which peft reads when it wraps a model in LoRA."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_lightning_tip)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+    for name in UNACTIONABLE:
+        logger = logging.getLogger(name)
+        if _actionable not in logger.filters:
+            logger.addFilter(_actionable)
 
 
 def run_trainer_command(argv: list[str] | None = None) -> int:
@@ -297,7 +313,6 @@ def run_trainer_command(argv: list[str] | None = None) -> int:
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
 
-    quiet_unactionable_output()
     try:
         LitAlignCLI(args=argv)
     except (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ValueError, TypeError) as err:

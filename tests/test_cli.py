@@ -382,9 +382,10 @@ def test_progress_bar_shows_the_run_version_as_a_whole_number():
     assert ProgressBar().get_metrics(trainer, None)["v_num"] == "-run"
 
 
-def test_lightning_cloud_tip_and_pytree_deprecation_are_not_printed():
-    """Every run printed Lightning's advertisement for its cloud logger and a torch deprecation warning raised inside
-    Lightning; the command line drops those two and nothing else."""
+def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_printed():
+    """Every run printed Lightning's advertisement for its cloud logger, DeepSpeed's note that a machine without a GPU
+    runs on its CPU (at every export), and deprecation warnings raised inside Lightning (torch's) and peft
+    (transformers'); the command line drops those and nothing else."""
     import logging
     import warnings
 
@@ -397,12 +398,21 @@ def test_lightning_cloud_tip_and_pytree_deprecation_are_not_printed():
         return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, (), None)
 
     assert not logger.filter(record("💡 Tip: For seamless cloud logging and experiment tracking, try installing ..."))
+    assert not logger.filter(record("Trainer already configured with model summary callbacks: [<class 'lit_align."
+                                    "callbacks.summary.ModelSummary'>]. Skipping setting a default `ModelSummary` callback."))
     assert logger.filter(record("GPU available: False, used: False"))
+    deepspeed = logging.getLogger("DeepSpeed")
+    assert not deepspeed.filter(deepspeed.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to "
+                                                     "CPU. If you have GPU or other accelerator, we were unable to "
+                                                     "detect it.", (), None))
+    assert deepspeed.filter(deepspeed.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "another warning", (), None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_unactionable_output()  # the filter goes first again
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.",
                       FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                      "`is_activation_checkpointing` instead.", FutureWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
 
