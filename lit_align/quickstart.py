@@ -156,7 +156,7 @@ def evaluate_policies(summary: dict, output: Path, args) -> dict[str, Path]:
     for name, path in policies.items():
         if name in evals and (evals[name]["n_samples"], evals[name]["num_problems"]) == (args.samples, len(problems)):
             continue
-        print(f"lit_align quickstart: evaluating {name} ({args.samples} samples x {len(problems)} held-out problems)")
+        print(f"lit_align quickstart: evaluating {name} ({args.samples} sample{'s' * (args.samples != 1)} x {len(problems)} held-out problems)")
         evals[name] = evaluate_model(path, problems, n_samples=args.samples, seed=args.seed)
         evals[name]["train_seconds"] = summary["stages"].get(name, {}).get("wall_seconds", 0.0)
     rows = {METHOD_NAMES[name]: evals[name] for name in policies}
