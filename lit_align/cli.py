@@ -306,9 +306,10 @@ def quiet_unactionable_output() -> None:
 
 
 def run_trainer_command(argv: list[str] | None = None) -> int:
-    """``lit_align fit|validate|test|predict ...`` or ``lit_align --help`` (through :func:`lit_align.commands.main`,
-    the console entry point, which is also this module's ``main``): LitAlignCLI, with bad input found after parsing
-    refused in one line and exit status 2 from the command line; called from Python, the exception propagates."""
+    """``lit_align fit|validate|test|predict ...`` and root options other than a bare ``--help`` (``-c CONFIG``), reached
+    through :func:`lit_align.commands.main`, the console entry point, which is also this module's ``main``:
+    LitAlignCLI, with bad input found after parsing refused in one line and exit status 2 from the command line;
+    called from Python, the exception propagates."""
     args = sys.argv[1:] if argv is None else list(argv)
     from lit_align.data_modules.sources import DataError
     from lit_align.models import ModelLoadError
