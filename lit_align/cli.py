@@ -217,6 +217,7 @@ class LitAlignCLI(LightningCLI):
     def before_fit(self) -> None:
         self.refuse_bad_inputs("fit")
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        refuse_existing_exports(self.trainer)
 
     def before_validate(self) -> None:
         self.refuse_bad_inputs("validate")
@@ -274,6 +275,23 @@ def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:
                 f"--ckpt_path {Path(dirpath) / 'last.ckpt'}, or choose another --checkpoint.dirpath / logger version")
 
 
+def refuse_existing_exports(trainer) -> None:
+    """A run whose ``LoRAMerge`` export directory already holds something is refused before the trainer starts (the
+    callback checks again when fit starts, for runs built without the command line): exports never overwrite."""
+    from lit_align.callbacks.lora_merge import ExportError, LoRAMerge, check_output_dir
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, LoRAMerge):
+            target = cb.export_dir(trainer)
+            try:
+                check_output_dir(target)
+            except ExportError:
+                raise OutputDirectoryError(
+                    f"LoRAMerge output_dir {target} already exists and is not empty (exports never overwrite): remove "
+                    "it, or export elsewhere with --trainer.callbacks.init_args.output_dir DIR (when LoRAMerge is the "
+                    "last of trainer.callbacks; otherwise in the config)") from None
+
+
 def _description() -> str:
     extra = "; ".join(f"'lit_align {name}' to {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
     return (f"{DESCRIPTION} Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
@@ -295,10 +313,15 @@ def _actionable(record: logging.LogRecord) -> bool:
 
 def quiet_unactionable_output() -> None:
     """Drop what every run printed that a lit_align user cannot act on: the log lines of :data:`UNACTIONABLE`, torch's
-    deprecation warning about an ``isinstance`` check inside Lightning's own pytree helper, and transformers' about
-    ``is_gradient_checkpointing``, which peft reads when it wraps a model in LoRA."""
+    deprecation warning about an ``isinstance`` check inside Lightning's own pytree helper, transformers' about
+    ``is_gradient_checkpointing``, which peft reads when it wraps a model in LoRA, and Lightning's 15-line advice to
+    keep pre-optimization states for manually optimized modules' checkpoints."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+    # every online objective (manual optimization) with checkpoint.every_n_train_steps: a checkpoint holds the weights
+    # after the optimizer steps its global_step counts, which is what resuming continues from (tests/test_fsdp.py's
+    # online resume reproduces the uninterrupted curve); Lightning's alternative needs a `layer` attribute we lack
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     for name in UNACTIONABLE:
         logger = logging.getLogger(name)
         if _actionable not in logger.filters:

@@ -222,6 +222,29 @@ def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pai
     assert (tmp_path / "ck" / "last.ckpt").read_bytes() == before
 
 
+def test_an_export_directory_that_holds_something_is_refused_before_the_run_directory_is_made(
+        tmp_path, pairs_file, monkeypatch, capsys):
+    """LoRAMerge's output_dir (here a finished stage's export) is checked with the other outputs, before the logger
+    makes a run directory: one line naming the option, exit status 2, the export untouched."""
+    export = tmp_path / "sft-model"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"weights of an earlier run")
+    args = _fit_args(tmp_path, pairs_file, "--trainer.callbacks.init_args.output_dir", str(export))
+    monkeypatch.setattr(sys, "argv", ["lit_align", *args])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lit_align fit: error: LoRAMerge output_dir {export} already exists and is not empty (exports never "
+        "overwrite): remove it, or export elsewhere with --trainer.callbacks.init_args.output_dir DIR (when LoRAMerge "
+        "is the last of trainer.callbacks; otherwise in the config)")
+    assert not (tmp_path / "runs").exists()
+    assert (export / "model.safetensors").read_bytes() == b"weights of an earlier run"
+    with pytest.raises(OutputDirectoryError, match="LoRAMerge output_dir"):
+        main(args)
+    main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "1", "--trainer.callbacks.init_args.output_dir",
+                   str(tmp_path / "elsewhere")))  # the override the message names exports there
+    assert (tmp_path / "elsewhere" / "config.json").exists()
+
+
 def test_missing_model_and_data_paths_are_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """configs/quickstart/dpo.yaml before its SFT stage: the command line gets the option and the model directory at
     fault and what to do, in one line with exit status 2, no traceback. From Python the exception propagates. A
@@ -384,8 +407,9 @@ def test_progress_bar_shows_the_run_version_as_a_whole_number():
 
 def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_printed():
     """Every run printed Lightning's advertisement for its cloud logger, DeepSpeed's note that a machine without a GPU
-    runs on its CPU (at every export), and deprecation warnings raised inside Lightning (torch's) and peft
-    (transformers'); the command line drops those and nothing else."""
+    runs on its CPU (at every export), deprecation warnings raised inside Lightning (torch's) and peft
+    (transformers'), and, in every online run, advice on checkpointing pre-optimization states; the command line drops
+    those and nothing else."""
     import logging
     import warnings
 
@@ -413,6 +437,8 @@ def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_p
                       FutureWarning)
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
                       "`is_activation_checkpointing` instead.", FutureWarning)
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization "
+                      "state was saved. The checkpoint will contain the model state AFTER optimization.", UserWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
 

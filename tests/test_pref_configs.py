@@ -75,6 +75,25 @@ def test_iotacode_configs_hold_the_paper_settings(capsys):
     assert model["model_name_or_path"] == "runs/iotacode/sft-model"  # after domain adaptation on contest code
 
 
+def test_iotacode_stages_export_where_the_next_stage_loads(capsys):
+    """Each IotaCode stage exports to runs/iotacode/<stage>-model, and every model path a stage loads from runs/ is
+    the export of another stage: the chain runs with no copying between stages."""
+    configs = sorted((ROOT / "configs" / "iotacode").rglob("*.yaml"))
+    exports, loads = set(), []
+    for config in configs:
+        cfg = _printed(capsys, config)
+        stage = cfg["model"]["class_path"].rsplit(".", 1)[-1].lower().removesuffix("model")  # RewardModel: reward
+        merges = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("LoRAMerge")]
+        assert len(merges) == 1, config
+        exports.add(merges[0]["init_args"]["output_dir"])
+        assert merges[0]["init_args"]["output_dir"] == f"runs/iotacode/{stage}-model", config
+        init = cfg["model"]["init_args"]
+        loads += [(config, init[key]) for key in ("model_name_or_path", "reward_model")
+                  if str(init.get(key, "")).startswith("runs/")]
+    assert {path for _, path in loads} == {"runs/iotacode/sft-model", "runs/iotacode/reward-model"}
+    assert all(path in exports for _, path in loads), loads
+
+
 @pytest.mark.parametrize("stage", ["reward", "dpo", "orpo"])
 def test_preference_quickstarts_run_from_an_sft_model(stage, tmp_path, capsys):
     config = ROOT / "configs" / "quickstart" / f"{stage}.yaml"

@@ -82,7 +82,8 @@ class LoRAMerge(L.Callback):
         self.dtype = dtype
         self.exported_to: Path | None = None
 
-    def _target(self, trainer: L.Trainer) -> Path:
+    def export_dir(self, trainer: L.Trainer) -> Path:
+        """Where this run exports: ``output_dir``, or ``<log_dir>/model``."""
         if self.output_dir is not None:
             return Path(self.output_dir)
         root = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
@@ -90,7 +91,7 @@ class LoRAMerge(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            check_output_dir(self._target(trainer))  # fail before training, not after hours of it
+            check_output_dir(self.export_dir(trainer))  # fail before training, not after hours of it
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
@@ -107,7 +108,7 @@ class LoRAMerge(L.Callback):
         head = "score" if type(model).__name__.endswith("ForSequenceClassification") or (
             _is_peft(model) and type(model.get_base_model()).__name__.endswith("ForSequenceClassification")) else "lm"
         with torch.no_grad():
-            self.exported_to = export_merged_model(model, pl_module.tokenizer, self._target(trainer),
+            self.exported_to = export_merged_model(model, pl_module.tokenizer, self.export_dir(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
         pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
 
