@@ -180,6 +180,16 @@ def looks_like_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
+def hub_retries_hint() -> str:
+    """What to add to a message about an unreachable hub: the environment variable that skips huggingface_hub's
+    retries (about 20 s of them per file) on a machine without internet, unless it is already set."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return ""
+    return " (on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)"
+
+
 def _load_error(name_or_path: str, err: Exception) -> ModelLoadError:
     if Path(name_or_path).expanduser().exists():
         what = f"{name_or_path!r} exists but is not a loadable model directory"
@@ -188,7 +198,7 @@ def _load_error(name_or_path: str, err: Exception) -> ModelLoadError:
                               "export the stage that writes it first, or point at a model directory)")
     else:
         what = (f"{name_or_path!r} is not a local directory and could not be loaded from the Hugging Face hub "
-                "(no such id, or the hub is unreachable/offline)")
+                f"(no such id, or the hub is unreachable/offline{hub_retries_hint()})")
     return ModelLoadError(f"cannot load model: {what}. Use a local path, a reachable hub id or a built-in preset "
                           f"({', '.join(PRESET_PREFIX + p for p in PRESETS)}). Cause: {type(err).__name__}: {err}")
 

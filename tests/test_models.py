@@ -120,9 +120,15 @@ def test_qlora_4bit_base_is_frozen_and_adapter_trains(checkpointing):
         assert not torch.allclose(model(input_ids=probe).logits, base_before)  # the adapter now changes the output
 
 
-def test_unknown_model_id_offline_and_missing_directory_are_clear_errors(tmp_path):
-    with pytest.raises(ModelLoadError, match="could not be loaded from the Hugging Face hub"):
+def test_unknown_model_id_offline_and_missing_directory_are_clear_errors(tmp_path, monkeypatch):
+    from lit_align.models import hub_retries_hint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries: the message does not suggest what is already set
+    with pytest.raises(ModelLoadError, match=r"could not be loaded from the Hugging Face hub \(no such id, or the hub "
+                                             r"is unreachable/offline\)\. Use a local path"):
         load_causal_lm("no-such-org/no-such-model-xyz")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, or retrying an unreachable hub for ~20 s: the message says how not to
+    assert hub_retries_hint() == " (on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)"
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="exists but is not a loadable model directory"):
         load_causal_lm(str(tmp_path / "empty"))

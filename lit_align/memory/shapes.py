@@ -136,7 +136,7 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     """The config of a preset, a local model directory or a hub id (config.json only; never the weights)."""
     from pathlib import Path
 
-    from lit_align.models import ModelLoadError, looks_like_local_path, parse_preset
+    from lit_align.models import ModelLoadError, hub_retries_hint, looks_like_local_path, parse_preset
 
     try:
         parsed = parse_preset(name_or_path)
@@ -157,12 +157,8 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     except (OSError, ValueError) as err:
         if name_or_path in KNOWN_CONFIGS and not path.exists():
             if notes is not None:
-                import os
-
-                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
                 notes.append(f"{name_or_path}: hub unreachable, used lit_align's built-in copy of its config.json"
-                             + ("" if offline else " (on a machine without internet, HF_HUB_OFFLINE=1 skips the "
-                                                   "hub's retries)"))
+                             f"{hub_retries_hint()}")
             return _known_config(name_or_path)
         if path.exists():
             raise PlanError(f"model.init_args.model_name_or_path: {name_or_path!r} exists but has no readable "
