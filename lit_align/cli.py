@@ -1,4 +1,4 @@
-"""The ``lit_align`` command: LightningCLI's fit/validate/test/predict plus lit_align's own subcommands.
+"""The ``lit_align`` command: LightningCLI's fit/validate/test plus lit_align's own subcommands.
 
     lit_align fit --config configs/quickstart/sft.yaml --model.init_args.lora.r 8 --trainer.max_steps 50
     lit_align sample --model runs/quickstart/sft-model --benchmark humaneval --n 10 --output samples.jsonl
@@ -44,7 +44,7 @@ SUBCOMMAND_USAGE = ("%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--ckpt_
                     "  [--model CLASS] [--model.init_args.OPTION VALUE]\n"
                     "  [--data CLASS] [--data.init_args.OPTION VALUE]\n"
                     "  [--lr_monitor.OPTION VALUE] [--progress_bar.OPTION VALUE] [--model_summary.OPTION VALUE]")
-"""Usage line of fit/validate/test/predict (``--help`` lists every option below it)."""
+"""Usage line of fit/validate/test (``--help`` lists every option below it)."""
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -178,6 +178,11 @@ class LitAlignCLI(LightningCLI):
                                             **{name: {"usage": SUBCOMMAND_USAGE} for name in self.subcommands()}})
         super().__init__(AlignmentModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's, without predict (``commands.NOT_COMMANDS`` says what to use instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
+
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         """As LightningCLI's, then the root usage line names every command (set afterwards: argparse derives each
         subcommand's program name from the root's usage when the subcommand parser is made)."""
@@ -294,7 +299,7 @@ def refuse_existing_exports(trainer) -> None:
 
 def _description() -> str:
     extra = "; ".join(f"'lit_align {name}' to {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
-    return (f"{DESCRIPTION} Trainer subcommands: fit, validate, test, predict (each takes --config FILE.yaml). Also {extra}.")
+    return (f"{DESCRIPTION} Trainer subcommands: {', '.join(TRAINER_COMMANDS)} (each takes --config FILE.yaml). Also {extra}.")
 
 
 UNACTIONABLE = {
@@ -329,7 +334,7 @@ def quiet_unactionable_output() -> None:
 
 
 def run_trainer_command(argv: list[str] | None = None) -> int:
-    """``lit_align fit|validate|test|predict ...`` and root options other than a bare ``--help`` (``-c CONFIG``), reached
+    """``lit_align fit|validate|test ...`` and root options other than a bare ``--help`` (``-c CONFIG``), reached
     through :func:`lit_align.commands.main`, the console entry point, which is also this module's ``main``:
     LitAlignCLI, with bad input found after parsing refused in one line and exit status 2 from the command line;
     called from Python, the exception propagates."""

@@ -3,7 +3,8 @@
 ``lit_align evaluate``, ``sample``, ``plan-memory``, ``merge-lora`` and ``iadpo`` run their own modules, and
 ``lit_align --help`` and a missing or mistyped command are answered here, so none of them waits for Lightning's
 import (several seconds: it pulls in torch's compiler stack and torchmetrics). The trainer commands (fit, validate,
-test, predict) go to :func:`lit_align.cli.run_trainer_command`, LightningCLI's.
+test) go to :func:`lit_align.cli.run_trainer_command`, LightningCLI's. LightningCLI's fourth, predict, is not one: no
+lit_align module has a prediction step, and drawing completions from a trained model is ``lit_align sample``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "iadpo": ("lit_align.iadpo:main", "run iterative adversarial DPO: student/oracle rounds with margin resampling"),
 }
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-"""LightningCLI's subcommands: training runs, each taking ``--config FILE.yaml``."""
+TRAINER_COMMANDS = ("fit", "validate", "test")
+"""LightningCLI's subcommands that lit_align keeps: training runs, each taking ``--config FILE.yaml``."""
 
 TRAINER_HELP = {"fit": "train (and validate) a model; --ckpt_path resumes a run",
                 "validate": "one pass over the validation data, reporting its metrics",
-                "test": "one pass over the test data, reporting its metrics",
-                "predict": "run the model over prediction data"}
+                "test": "one pass over the test data, reporting its metrics"}
+
+NOT_COMMANDS = {"predict": "lit_align has no predict command (no module has a prediction step): draw completions from "
+                           "a trained model with 'lit_align sample --model DIR --benchmark NAME --output samples.jsonl', "
+                           "score them with 'lit_align evaluate', or add the PassAtK callback to a fit"}
+"""LightningCLI subcommands lit_align does not offer, and what to use instead."""
 
 DESCRIPTION = "Align code-generation language models with SFT, reward models, DPO, ORPO, PPO, GRPO and RAFT."
 
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
+    if args and args[0] in NOT_COMMANDS:
+        print(f"lit_align: error: {NOT_COMMANDS[args[0]]}", file=sys.stderr)
+        raise SystemExit(2)
     if args in (["-h"], ["--help"]):
         print(root_help())
         raise SystemExit(0)  # as argparse's --help does, here and in every command

@@ -326,7 +326,8 @@ def test_console_script_help_lists_subcommands():
     from lit_align.commands import EXTRA_COMMANDS, TRAINER_COMMANDS
 
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and not line.startswith("   ")]
-    assert listed[:9] == [*TRAINER_COMMANDS, *EXTRA_COMMANDS]  # every command, one line each
+    commands = [*TRAINER_COMMANDS, *EXTRA_COMMANDS]
+    assert listed[:len(commands)] == commands and listed[len(commands)] == "-h,"  # every command, one line each
 
 
 def test_commands_that_train_nothing_answer_without_importing_lightning():
@@ -450,24 +451,40 @@ def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_p
     (["zzz"], "lit_align: error: unknown command 'zzz'", None),
 ])
 def test_a_missing_or_unknown_command_lists_every_command(capsys, argv, error, hint):
-    """LightningCLI's own message named only fit/validate/test/predict, so 'lit_align evalute' was told to choose
-    among those four."""
+    """LightningCLI's own message named only its trainer subcommands, so 'lit_align evalute' was told to choose
+    among fit, validate, test and predict."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    commands = "{fit,validate,test,predict,sample,evaluate,plan-memory,merge-lora,iadpo}"
+    commands = "{fit,validate,test,sample,evaluate,plan-memory,merge-lora,iadpo}"
     assert lines[0] == f"usage: lit_align [-h] [-c CONFIG] {commands} ..." and lines[1] == error
     assert lines[2:-1] == ([f"  hint: {hint}"] if hint else [])
-    assert lines[-1].startswith("  commands: fit, validate, test, predict (training runs, each with --config FILE.yaml) "
+    assert lines[-1].startswith("  commands: fit, validate, test (training runs, each with --config FILE.yaml) "
                                 "and sample, evaluate, plan-memory, merge-lora, iadpo;")
+
+
+def test_predict_is_refused_with_what_draws_completions_instead(capsys):
+    """No lit_align module has a prediction step: LightningCLI's predict subcommand ended in Lightning's traceback
+    "`predict_dataloader` must be implemented". It is refused in one line pointing at lit_align sample, before
+    Lightning is imported, and LitAlignCLI's parser does not offer it."""
+    from lit_align.cli import LitAlignCLI
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", CONFIG])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lit_align: error: lit_align has no predict command (no module has a prediction step): draw completions from "
+        "a trained model with 'lit_align sample --model DIR --benchmark NAME --output samples.jsonl', score them with "
+        "'lit_align evaluate', or add the PassAtK callback to a fit"]
+    assert list(LitAlignCLI.subcommands()) == ["fit", "validate", "test"]
 
 
 def test_help_names_every_command_and_subcommand_usage_stays_short(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit_align"])  # the program name argparse shows
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: lit_align [-h] [-c CONFIG] {fit,validate,test,predict,sample,")
+    assert capsys.readouterr().out.startswith("usage: lit_align [-h] [-c CONFIG] {fit,validate,test,sample,")
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert capsys.readouterr().out.startswith("usage: lit_align [options] fit [-h] [-c CONFIG] [--print_config")
