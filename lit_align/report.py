@@ -88,15 +88,37 @@ def plot_pass_at_k(rows: dict[str, dict], path: Path) -> Path:
     return path
 
 
+RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "lightning", "peft", "numpy")
+"""Packages whose release can move a run's numbers (kernels, initialisation, tokenization, training loop), recorded
+in ``results.json`` beside the seed."""
+
+
+def environment() -> dict:
+    """Python's version and those of :data:`RESULT_PACKAGES` ("not installed" for one that is absent): the same seed
+    gives the same table only with the same releases (and CPU kind: float kernels differ between instruction sets)."""
+    import importlib.metadata as metadata
+    import platform
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "packages": {name: version(name) for name in RESULT_PACKAGES}}
+
+
 def write_report(rows: dict[str, dict], output: Path, seed: int) -> dict[str, Path]:
-    """Write ``table.md``, ``pass_at_k.png`` and ``results.json`` under ``output``; returns their paths."""
+    """Write ``table.md``, ``pass_at_k.png`` and ``results.json`` under ``output``; returns their paths. ``results.json``
+    holds the seed, the :func:`environment` and every method's row."""
     output.mkdir(parents=True, exist_ok=True)
     any_row = next(iter(rows.values()))
     table = markdown_table(rows, any_row["n_samples"], any_row["num_problems"])
     paths = {"table": output / "table.md", "plot": output / "pass_at_k.png", "json": output / "results.json"}
     paths["table"].write_text(table)
     plot_pass_at_k(rows, paths["plot"])
-    paths["json"].write_text(json.dumps({"seed": seed, "methods": rows}, indent=2))
+    paths["json"].write_text(json.dumps({"seed": seed, "environment": environment(), "methods": rows}, indent=2))
     return paths
 
 
@@ -137,7 +159,30 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     note = (f"Mean ± standard deviation over seeds {seeds}; pass@k, compile rate and the difference in percent, "
             "solved in problems, train time in seconds.")
+    if mixed := mixed_environments(results):
+        note += f" Runs made with different releases, so seeds are not the only difference: {mixed}."
     return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def mixed_environments(results: Sequence[dict]) -> str:
+    """The packages (and Python) whose recorded version differs between ``results``, each version with its seeds
+    ("transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2)"); "" when all agree. Results written before versions were
+    recorded count as "unrecorded"."""
+    def versions(result: dict) -> dict[str, str]:
+        env = result.get("environment") or {}
+        return {"python": env.get("python", "unrecorded"),
+                **{name: (env.get("packages") or {}).get(name, "unrecorded") for name in RESULT_PACKAGES}}
+
+    recorded = [versions(r) for r in results]
+    parts = []
+    for name in recorded[0]:
+        seeds_by_version: dict[str, list[str]] = {}
+        for result, found in zip(results, recorded):
+            seeds_by_version.setdefault(found[name], []).append(str(result["seed"]))
+        if len(seeds_by_version) > 1:
+            parts.append(f"{name} " + ", ".join(f"{v} (seed{'s' if len(k) > 1 else ''} {', '.join(k)})"
+                                                for v, k in seeds_by_version.items()))
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,34 @@ def test_seed_table_reports_mean_sd_and_the_paired_difference_to_sft(tmp_path, c
     assert "no results.json there" in capsys.readouterr().err
 
 
+def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(tmp_path):
+    """The same seed gives the same table only with the same releases: results.json records them, and a table over
+    runs made with different ones says which, with the seeds of each version."""
+    from lit_align.report import RESULT_PACKAGES, environment, write_report
+
+    runs = [_results(0, 0.20, 0.30), _results(1, 0.30, 0.42), _results(2, 0.25, 0.33)]
+    rows = {name: {**row, "correct_per_problem": [3] * 25 + [0] * 50} for name, row in runs[0]["methods"].items()}
+    write_report(rows, tmp_path, seed=0)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["seed"] == 0 and written["methods"] == rows
+    assert written["environment"] == environment() and list(written["environment"]["packages"]) == list(RESULT_PACKAGES)
+    import torch
+
+    assert written["environment"]["packages"]["torch"] == torch.__version__
+
+    for r in runs:
+        r["environment"] = json.loads(json.dumps(written["environment"]))
+    assert "different releases" not in seeds_table(runs)
+    for r in runs[1:]:
+        r["environment"]["packages"]["transformers"] = "5.25.0"
+    runs[0]["environment"]["packages"]["transformers"] = "5.24.0"
+    del runs[2]["environment"]["python"]
+    note = seeds_table(runs).splitlines()[-1]
+    assert note.endswith(f" Runs made with different releases, so seeds are not the only difference: python "
+                         f"{environment()['python']} (seeds 0, 1), unrecorded (seed 2); transformers 5.24.0 (seed 0), "
+                         "5.25.0 (seeds 1, 2).")
+
+
 def test_seed_table_refuses_runs_with_different_methods():
     other = _results(1, 0.3, 0.3)
     other["methods"].pop("SFT")
