@@ -80,7 +80,23 @@ def run_extra_command(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; ``argv`` is for calls from Python (tests), the command line is read otherwise.
+    """Console entry point (:func:`dispatch`), quiet when its reader goes away (``lit_align --help | head``): the
+    rest of the output is dropped and the exit status is 141, a shell's for a broken pipe, without Python's
+    BrokenPipeError traceback."""
+    try:
+        try:
+            return dispatch(argv)
+        finally:
+            sys.stdout.flush()  # here, not at the interpreter's exit, where a broken pipe can only be reported
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail
+        return 141
+
+
+def dispatch(argv: list[str] | None = None) -> int:
+    """The command ``argv`` names; ``argv`` is for calls from Python (tests), the command line is read otherwise.
 
     From the command line, bad input found after parsing (a model that cannot be loaded, bad data, an output
     directory holding another run) ends with a one-line error and exit status 2 instead of a traceback; called from

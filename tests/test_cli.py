@@ -330,6 +330,16 @@ def test_console_script_help_lists_subcommands():
     assert listed[:len(commands)] == commands and listed[len(commands)] == "-h,"  # every command, one line each
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``lit_align --help | head -1``: the rest of the output is dropped, exit status 141, no BrokenPipeError
+    traceback (the reader here closes the pipe before anything is written)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lit_align.commands", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_commands_that_train_nothing_answer_without_importing_lightning():
     """The console script (pyproject's lit_align = lit_align.commands:main) runs evaluate and sample, answers --help
     and refuses a mistyped command before anything imports Lightning (seconds of torch's compiler stack and
