@@ -95,7 +95,8 @@ in ``results.json`` beside the seed."""
 
 def environment() -> dict:
     """Python's version and those of :data:`RESULT_PACKAGES` ("not installed" for one that is absent): the same seed
-    gives the same table only with the same releases (and CPU kind: float kernels differ between instruction sets)."""
+    gives the same table only with the same releases. Not recorded: the CPU's instruction sets, which also change
+    float results."""
     import importlib.metadata as metadata
     import platform
 
@@ -105,8 +106,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    return {"python": platform.python_version(), "machine": platform.machine(),
-            "packages": {name: version(name) for name in RESULT_PACKAGES}}
+    return {"python": platform.python_version(), "packages": {name: version(name) for name in RESULT_PACKAGES}}
 
 
 def write_report(rows: dict[str, dict], output: Path, seed: int) -> dict[str, Path]:
