@@ -10,9 +10,11 @@ QLoRA, ``save_pretrained`` and an inference server all treat it as a real model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -296,9 +298,16 @@ def load_causal_lm(
     if head == "score":
         kwargs["num_labels"] = 1
     try:
-        model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        with _held_load_warnings() as held:
+            model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
+    if head == "score" and _is_new_score_head(loading):
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"lit_align: {name_or_path} has no score head: a new one is drawn (its lm_head is not loaded)")
+    else:
+        held.release()
     if head == "score":
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
@@ -319,6 +328,54 @@ def load_causal_lm(
             model.enable_input_require_grads()
     model.config.use_cache = not gradient_checkpointing
     return model
+
+
+class _HeldRecords(logging.Filter):
+    """Warnings of transformers' loading logger, kept back until the load's outcome says whether they are news."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        for record in self.records:
+            logger.handle(record)
+        self.records.clear()
+
+
+@contextlib.contextmanager
+def _held_load_warnings():
+    """Hold transformers' load report (transformers 5's "LOAD REPORT" table, transformers 4's "Some weights of ...")
+    for the caller to print or drop; an error inside releases them, since they may explain it."""
+    held = _HeldRecords()
+    logger = logging.getLogger(_HeldRecords.LOGGER)
+    logger.addFilter(held)
+    try:
+        yield held
+    except BaseException:
+        logger.removeFilter(held)
+        held.release()
+        raise
+    logger.removeFilter(held)
+
+
+def _is_new_score_head(loading: dict) -> bool:
+    """Whether a scalar-headed model was loaded from a causal LM and nothing else differed: the checkpoint's
+    ``lm_head`` unused and the ``score`` head missing, which is how every reward model starts from an SFT model
+    (transformers reports both as a table of UNEXPECTED and MISSING keys, as for a checkpoint that does not fit)."""
+    missing, unexpected = set(loading.get("missing_keys", ())), set(loading.get("unexpected_keys", ()))
+    return (bool(missing) and all(k.split(".")[0] == "score" for k in missing)
+            and all(k.split(".")[0] == "lm_head" for k in unexpected)
+            and not loading.get("mismatched_keys") and not loading.get("error_msgs"))
 
 
 def _linear_types() -> tuple[type, ...]:

@@ -165,3 +165,26 @@ def test_lora_weights_stay_float32_over_a_bfloat16_base():
         out = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+def test_a_new_score_head_is_one_line_and_other_load_reports_still_show(tmp_path, caplog):
+    """A reward model drawn from a causal LM (lm_head unused, score missing) is what every reward stage does: one
+    lit_align line instead of transformers' table; a causal LM loaded from a scorer is a real mismatch and keeps it."""
+    import logging
+
+    sft = materialize_preset("preset:tiny")
+    transformers_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    transformers_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            scorer = load_causal_lm(sft, head="score")
+            assert f"lit_align: {sft} has no score head: a new one is drawn (its lm_head is not loaded)" in caplog.text
+            assert "UNEXPECTED" not in caplog.text and "Some weights" not in caplog.text
+            scorer.save_pretrained(tmp_path / "scorer")
+            caplog.clear()
+            load_causal_lm(str(tmp_path / "scorer"), head="score")  # has its head: nothing to say
+            load_causal_lm(str(tmp_path / "scorer"), head="lm")
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
+    assert "no score head" not in caplog.text
+    assert "MISSING" in caplog.text or "newly initialized" in caplog.text  # transformers 5's table, 4's sentence
