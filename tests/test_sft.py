@@ -1,5 +1,7 @@
 """SFT module: exact resume, packing without cross-attention, adapter-only checkpoints, learning on the task suite."""
 
+from functools import partial
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -48,16 +50,20 @@ def _module():
     return SFT(lora=LoRAConfig(r=4, dropout=0.1), optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2))
 
 
-def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, pairs_file, recwarn):
+@pytest.mark.parametrize("max_epochs", [None, 2], ids=["max_steps", "max_epochs_too"])
+def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, pairs_file, recwarn, max_epochs):
     """48 examples / batch 4 = 12 batches per epoch; stop at step 7 (mid-epoch), run to 15 (into epoch 2). The loader's
-    position is in the checkpoint (TrainLoader's state), so Lightning has no "dataloader is not resumable" to warn."""
+    position is in the checkpoint (TrainLoader's state), so Lightning has no "dataloader is not resumable" to warn.
+    With max_epochs set too, the schedule's length is epochs x batches, which needs the training loader: built before
+    Lightning restores the loop state, the loader would start the epoch again from its first batch."""
+    make_trainer = partial(_trainer, max_epochs=max_epochs)
     L.seed_everything(0)
     full = RecordLosses()
-    _trainer(tmp_path / "a", 15, [full], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file))
+    make_trainer(tmp_path / "a", 15, [full], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file))
 
     L.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
-    _trainer(tmp_path / "b", 15, [ckpt, StopAt(7)]).fit(_module(), datamodule=_data(pairs_file))
+    make_trainer(tmp_path / "b", 15, [ckpt, StopAt(7)]).fit(_module(), datamodule=_data(pairs_file))
     path = tmp_path / "ckpt" / "epoch=0-step=7.ckpt"
     checkpoint = torch.load(path, weights_only=False)
     state = checkpoint["state_dict"]
@@ -66,7 +72,7 @@ def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp
 
     L.seed_everything(123)  # a different global seed: the checkpoint's RNG state must win
     resumed = RecordLosses()
-    _trainer(tmp_path / "c", 15, [resumed], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file), ckpt_path=path)
+    make_trainer(tmp_path / "c", 15, [resumed], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file), ckpt_path=path)
     assert sorted(resumed.losses) == list(range(8, 16))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], abs=1e-6), step
@@ -76,7 +82,7 @@ def test_resume_mid_epoch_gives_the_same_next_losses_as_an_uninterrupted_run(tmp
     del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     again = RecordLosses()
-    _trainer(tmp_path / "d", 9, [again], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file),
+    make_trainer(tmp_path / "d", 9, [again], enable_checkpointing=False).fit(_module(), datamodule=_data(pairs_file),
                                                                          ckpt_path=tmp_path / "old.ckpt")
     assert again.losses == pytest.approx({step: resumed.losses[step] for step in (8, 9)}, abs=1e-6)
 
@@ -111,6 +117,14 @@ def test_warmup_cosine_schedule_values():
     assert warmup_decay(10, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert warmup_decay(7, 4, 10, "linear", 0.0) == pytest.approx(0.5)
     assert warmup_decay(9, 4, 10, "constant", 0.0) == 1.0
+    asked = []  # a run sized in epochs reads its length once the training loader exists: not before it decays
+
+    def total() -> int:
+        asked.append(True)
+        return 10
+
+    assert [warmup_decay(s, 4, total, "cosine", 0.0) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0] and not asked
+    assert warmup_decay(7, 4, total, "cosine", 0.0) == pytest.approx(0.5) and asked
 
 
 def test_scheduler_steps_per_optimizer_step_under_gradient_accumulation(tmp_path, pairs_file):

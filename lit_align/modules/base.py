@@ -9,11 +9,12 @@ parameters; the frozen base is rebuilt from ``model_name_or_path``.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as L
 import torch
@@ -56,13 +57,15 @@ class OptimizerConfig:
                 raise ValueError(f"optimizer.{name} must be {expected}, got {getattr(self, name)}")
 
 
-def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then cosine/linear decay or constant."""
+def warmup_decay(step: int, warmup_steps: int, total_steps: int | Callable[[], int], schedule: str,
+                 min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then cosine/linear decay or constant.
+    ``total_steps`` may be a function, called only at the steps whose multiplier depends on it (after the first)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
+    if schedule == "constant" or step == warmup_steps:
         return 1.0
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, (total_steps() if callable(total_steps) else total_steps) - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
@@ -357,7 +360,14 @@ class AlignmentModule(L.LightningModule):
         fused = {"fused": True} if self._fused_adamw(decay + no_decay) else {}
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       **fused)
-        total = self.total_optimizer_steps()
+        trainer = self.trainer
+        if trainer.max_epochs == -1 or trainer.train_dataloader is not None:
+            total = self.total_optimizer_steps()  # known without building the training data (max_steps alone)
+        else:
+            # epochs x batches: read at the first step that decays, once the fit loop has built its training loader.
+            # Asking now would build it before Lightning restores a resumed run's loop state, and the loader would
+            # start the epoch from its first batch instead of the checkpoint's position.
+            total = functools.cache(self.total_optimizer_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_decay(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
