@@ -9,7 +9,8 @@ Each trained model is published to ``<output>/<stage>-model`` (a standard Huggin
 start from. Then every policy (and the untrained model) is sampled n times per held-out problem and its samples are
 run against the hidden tests: ``table.md`` (Table 1's layout), ``pass_at_k.png`` and ``results.json`` are written
 under ``<output>``. A stage whose model is already there, and a model already evaluated, are skipped, so a rerun
-continues where the last one stopped and never overwrites a finished stage.
+continues where the last one stopped and never overwrites a finished stage; a stage stopped part way resumes from its
+run's ``last.ckpt`` (into a new version directory, as ``lit_align fit --ckpt_path`` does).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass
 from unittest import mock
 from pathlib import Path
+
+import yaml
 
 from lit_align.hints import HintingArgumentParser
 
@@ -59,8 +62,19 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"quickstart config {name} not found in ./configs/quickstart or {CONFIG_DIR}")
 
 
-def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_limit: int | None = None) -> dict:
-    """Fit one stage; returns its summary (held-out loss before/after, paths, wall time)."""
+def interrupted_checkpoint(stage: Stage, output: Path) -> Path | None:
+    """The ``last.ckpt`` a stopped run of ``stage`` left under ``<output>/runs``: the newest one in a run directory that
+    exported no model (a run that exported one finished; its model is published, or it was made by hand)."""
+    logger = yaml.safe_load(_config_path(stage.config).read_text())["trainer"]["logger"]["init_args"]["name"]
+    stopped = [last for last in (output / "runs" / logger).glob("version_*/checkpoints/last.ckpt")
+               if not (last.parents[1] / "model").exists()]
+    return max(stopped, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_limit: int | None = None,
+              resume: Path | None = None) -> dict:
+    """Fit one stage, from the checkpoint ``resume`` when given; returns its summary (held-out loss before/after,
+    paths, wall time of this fit)."""
     from lit_align.callbacks.lora_merge import LoRAMerge
     from lit_align.cli import LitAlignCLI
 
@@ -82,7 +96,7 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     start = time.time()
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
     export = next((cb.exported_to for cb in trainer.callbacks if isinstance(cb, LoRAMerge)), None)
     if export is None:
@@ -97,6 +111,7 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
         "checkpoint": trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
         "model": str(published),
         "wall_seconds": round(time.time() - start, 1),
+        "resumed_from": str(resume) if resume else None,
     }
 
 
@@ -119,8 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(args.threads)
+    # transformers' "Loading weights" / "Writing model shards" bars: dozens per pipeline, each done in milliseconds for
+    # the tiny model; Lightning's progress bars and the lines below say what the pipeline is doing
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return run_pipeline(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def run_pipeline(args) -> int:
+    """The stages ``args.stages`` not yet done, then the evaluation of every policy there is; prints where it all is."""
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     summary_path = output / "summary.json"
@@ -129,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         if stage.model_dir(output).exists():
             print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping")
             continue
-        print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})")
-        summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps, args.val_limit)
+        resume = interrupted_checkpoint(stage, output)
+        print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})"
+              + (f", resuming the stopped run from {resume}" if resume else ""))
+        summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps, args.val_limit, resume)
         summary_path.write_text(json.dumps(summary, indent=2))
     paths = evaluate_policies(summary, output, args)
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -14,6 +14,12 @@ from lit_align.quickstart import main
 def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["--output", str(out), "--stages", "sft", "--max-steps", "12", "--samples", "2"]) == 0
+    captured = capsys.readouterr()
+    # transformers' per-load progress bars are off for the tiny model's pipeline, and back on afterwards
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
     summary = json.loads((out / "summary.json").read_text())
     sft = summary["stages"]["sft"]
     assert summary["seed"] == 0
@@ -33,8 +39,7 @@ def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(
     assert table.startswith("| method | solved (of 75, 2 samples) | pass@1 | pass@10 | compile rate |")
     assert "| SFT |" in table and "| untrained (preset:tiny) |" in table
     assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
-    assert str(out / "table.md") in printed and str(out / "pass_at_k.png") in printed
+    assert str(out / "table.md") in captured.out and str(out / "pass_at_k.png") in captured.out
 
     before = (out / "sft-model" / "model.safetensors").read_bytes()
     assert main(["--output", str(out), "--stages", "sft", "--max-steps", "12", "--samples", "2"]) == 0
@@ -48,6 +53,49 @@ def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(
     results = json.loads((out / "results.json").read_text())
     assert [row["num_problems"] for row in results["methods"].values()] == [3, 3]
     assert (out / "table.md").read_text().startswith("| method | solved (of 3, 2 samples) |")
+
+
+def test_a_stage_stopped_part_way_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(
+        tmp_path, monkeypatch, capsys):
+    from lit_align.modules.base import AlignmentModule
+    from lit_align.quickstart import CONFIG_DIR
+
+    # ./configs/quickstart comes first: the SFT config, checkpointing every 2 steps
+    (tmp_path / "configs" / "quickstart").mkdir(parents=True)
+    config = yaml.safe_load((CONFIG_DIR / "sft.yaml").read_text())
+    config["checkpoint"]["every_n_train_steps"] = 2
+    (tmp_path / "configs" / "quickstart" / "sft.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    args = ["--stages", "sft", "--max-steps", "4", "--val-limit", "2", "--eval-limit", "2", "--samples", "1"]
+    assert main(["--output", "whole"] + args) == 0
+
+    step = AlignmentModule.training_step
+
+    def stopped_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("the machine went away")
+        return step(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AlignmentModule, "training_step", stopped_at_step_3)
+        with pytest.raises(RuntimeError, match="went away"):
+            main(["--output", "stopped"] + args)
+    stopped_run = Path("stopped/runs/quickstart-sft/version_0")
+    assert torch.load(stopped_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not Path("stopped/sft-model").exists()
+    capsys.readouterr()
+
+    assert main(["--output", "stopped"] + args) == 0
+    assert f"resuming the stopped run from {stopped_run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    record = json.loads(Path("stopped/summary.json").read_text())["stages"]["sft"]
+    assert record["resumed_from"] == str(stopped_run / "checkpoints" / "last.ckpt")
+    assert Path(record["run_dir"]) == Path("stopped/runs/quickstart-sft/version_1")  # the stopped run's logs kept
+    assert torch.load(record["checkpoint"], weights_only=True)["global_step"] == 4
+    whole = AutoModelForCausalLM.from_pretrained("whole/sft-model").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained("stopped/sft-model").state_dict()
+    assert whole.keys() == resumed.keys()
+    for name in whole:  # steps 3 and 4 from the checkpoint are the uninterrupted run's steps 3 and 4
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("option", ["--samples", "--eval-limit", "--max-steps"])
