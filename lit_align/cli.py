@@ -26,12 +26,13 @@ from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lit_align.callbacks
 import lit_align.data_modules
 import lit_align.modules
+from lit_align.callbacks.checkpoint import Checkpoint
 from lit_align.callbacks.progress import ProgressBar
 from lit_align.callbacks.summary import ModelSummary
 from lit_align.data_modules.base import TokenizedDataModule
@@ -190,7 +191,7 @@ class LitAlignCLI(LightningCLI):
         self.parser.usage = ROOT_USAGE
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.monitor": None})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

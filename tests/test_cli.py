@@ -194,6 +194,41 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
           "--data.init_args.val_fraction", "0.25"])
 
 
+def test_a_fit_that_stops_part_way_names_the_checkpoint_that_resumes_it(tmp_path, pairs_file, monkeypatch, caplog):
+    from lit_align.modules.base import AlignmentModule
+
+    step = AlignmentModule.training_step
+
+    def stops_at(last):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == last:
+                raise RuntimeError("the machine went away")
+            return step(self, batch, batch_idx)
+        return training_step
+
+    monkeypatch.setattr(AlignmentModule, "training_step", stops_at(3))
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="went away"):
+        main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2"))
+    last = tmp_path / "runs" / "quickstart-sft" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert (f"lit_align: the run stopped at step 3; its newest checkpoint is {last} (step 2): the same command with "
+            f"--ckpt_path {last} resumes from there") in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(AlignmentModule, "training_step", stops_at(1))
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="went away"):
+        main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2"))
+    assert ("lit_align: the run stopped at step 1 before writing a checkpoint (--checkpoint.every_n_train_steps N "
+            "writes one every N steps)") in caplog.text
+
+    # the state of the checkpoint callback is still ModelCheckpoint's, so checkpoints resume across either class
+    assert any(key.startswith("ModelCheckpoint{") for key in torch.load(last, weights_only=False)["callbacks"])
+    monkeypatch.setattr(AlignmentModule, "training_step", step)
+    main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    resumed = tmp_path / "runs" / "quickstart-sft" / "version_2" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
+
+
 def test_the_model_summary_has_no_column_of_zero_flops_and_can_be_turned_off(tmp_path, pairs_file, capsys):
     """Lightning counts FLOPs only from an example_input_array (lit_align's modules have none) and printed zeros; the
     summary's depth is an option (--model_summary.max_depth), and --trainer.enable_model_summary false drops it

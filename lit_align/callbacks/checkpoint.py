@@ -1,0 +1,43 @@
+"""The command line's checkpointing: Lightning's ``ModelCheckpoint``, which also says how to resume a run that stopped.
+
+Every ``--checkpoint.*`` option is ``ModelCheckpoint``'s own. When a fit stops part way (Ctrl-C, an error, a
+process that went away), the run's last lines name the checkpoint to resume from and its step, or say that none was
+written yet and which option writes them more often.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``; a fit that stops part way ends with the ``--ckpt_path`` that resumes it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.saved_step: int | None = None  # global step of the newest checkpoint this run wrote
+
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key, so that checkpoints written with either class resume with the other."""
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self.saved_step = int(checkpoint["global_step"])
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)  # save_on_exception, when it is set
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # refused or failed before training: nothing to resume
+        stopped = f"lit_align: the run stopped at step {trainer.global_step}"
+        path = self.last_model_path or self.best_model_path
+        if path and self.saved_step is not None:
+            rank_zero_info(f"{stopped}; its newest checkpoint is {path} (step {self.saved_step}): the same command "
+                           f"with --ckpt_path {path} resumes from there")
+        else:
+            rank_zero_info(f"{stopped} before writing a checkpoint (--checkpoint.every_n_train_steps N writes one "
+                           "every N steps)")
