@@ -128,7 +128,8 @@ def _mean_sd(values: Sequence[float], signed: bool = False) -> str:
 
 
 def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
-    """Mean ± standard deviation over seeds of each Table 1 column, plus pass@1 minus the baseline's, per seed.
+    """Mean ± standard deviation over seeds of each Table 1 column, plus pass@1 minus the baseline's, per seed; with
+    several seeds, :func:`per_seed_table` below it.
 
     ``results`` are ``results.json`` contents of runs with different seeds, the same methods and the same number of
     samples and problems. The last column is computed per seed (paired), so a method beats the baseline by more
@@ -161,7 +162,24 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
             "solved in problems, train time in seconds.")
     if mixed := mixed_environments(results):
         note += f" Runs made with different releases, so seeds are not the only difference: {mixed}."
-    return "\n".join(lines) + f"\n\n{note}\n"
+    per_seed = per_seed_table(results, baseline) if len(results) > 1 and baseline in methods else ""
+    return "\n".join(lines) + (f"\n\n{per_seed}" if per_seed else "") + f"\n\n{note}\n"
+
+
+def per_seed_table(results: Sequence[dict], baseline: str = "SFT") -> str:
+    """The baseline's pass@1 per seed, each other method's difference to it per seed, and on how many seeds the
+    method is above it: what a mean ± sd over a few seeds hides (one bad seed, or a gain carried by one)."""
+    lines = [f"| pass@1 - {baseline} | " + " | ".join(f"seed {r['seed']}" for r in results) + f" | above {baseline} |",
+             "|---" * (len(results) + 2) + "|",
+             f"| {baseline} (pass@1) | " + " | ".join(f"{100 * r['methods'][baseline]['pass@1']:.1f}" for r in results)
+             + " | - |"]
+    for method in results[0]["methods"]:
+        if method == baseline:
+            continue
+        diffs = [100 * (r["methods"][method]["pass@1"] - r["methods"][baseline]["pass@1"]) for r in results]
+        lines.append(f"| {method} | " + " | ".join(f"{d:+.1f}" for d in diffs)
+                     + f" | {sum(round(d, 1) > 0 for d in diffs)} of {len(diffs)} seeds |")
+    return "\n".join(lines)
 
 
 def mixed_environments(results: Sequence[dict]) -> str:

@@ -24,6 +24,13 @@ def test_seed_table_reports_mean_sd_and_the_paired_difference_to_sft(tmp_path, c
     assert table[3].startswith("| SFT + PPO (unit tests) | 52.7 ± 9.3 | 35.0 ± 6.2 |")
     assert table[3].endswith("| +10.0 ± 2.0 |")
     assert "seeds 0, 1, 2" in table[-1]
+    # below it, each seed's difference and the seeds on which the method is above SFT
+    assert table[5:9] == ["| pass@1 - SFT | seed 0 | seed 1 | seed 2 | above SFT |", "|---|---|---|---|---|",
+                          "| SFT (pass@1) | 20.0 | 30.0 | 25.0 | - |",
+                          "| SFT + PPO (unit tests) | +10.0 | +12.0 | +8.0 | 3 of 3 seeds |"]
+    mixed = [_results(0, 0.20, 0.30), _results(1, 0.30, 0.30), _results(2, 0.25, 0.24)]
+    assert seeds_table(mixed).splitlines()[8] == "| SFT + PPO (unit tests) | +10.0 | +0.0 | -1.0 | 1 of 3 seeds |"
+    assert "seed 0 |" not in seeds_table(runs[:1])  # one seed: the main table says it all
 
     for k, r in enumerate(runs):
         (tmp_path / f"s{k}").mkdir()
