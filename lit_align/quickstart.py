@@ -2,6 +2,7 @@
 
     python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--samples 10]
                                    [--max-steps N --val-limit N --eval-limit N]   # smoke runs
+                                   [--set STAGE OPTION VALUE ...]   # e.g. --set grpo trainer.max_steps 120
 
 Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
 model the reward model, DPO, ORPO, PPO with the reward model's reward, PPO and GRPO with the unit-test reward, and RAFT.
@@ -20,6 +21,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Sequence
 from unittest import mock
 from pathlib import Path
 
@@ -71,13 +73,10 @@ def interrupted_checkpoint(stage: Stage, output: Path) -> Path | None:
     return max(stopped, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_limit: int | None = None,
-              resume: Path | None = None) -> dict:
-    """Fit one stage, from the checkpoint ``resume`` when given; returns its summary (held-out loss before/after,
-    paths, wall time of this fit)."""
-    from lit_align.callbacks.lora_merge import LoRAMerge
-    from lit_align.cli import LitAlignCLI
-
+def stage_args(stage: Stage, output: Path, seed: int, max_steps: int | None = None, val_limit: int | None = None,
+               overrides: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """The stage's ``lit_align fit`` arguments: its config, the pipeline's seed and paths, the smoke-run bounds, then
+    the user's ``--set`` overrides (``(option, value)`` pairs), which win over everything before them."""
     # the seed moves everything a run draws: initialisation of new weights, sampling, and the DataModule's data order
     args = ["--config", str(_config_path(stage.config)), "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
             "--trainer.logger.init_args.save_dir", str(output / "runs")]
@@ -91,6 +90,38 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
                  "--trainer.limit_train_batches", str(max_steps), "--trainer.val_check_interval", str(max(1, max_steps // 2))]
     if val_limit is not None:  # every stage's DataModule validates on task-suite held-out sources with a limit
         args += ["--data.init_args.val_sources", f"[{{path: task_suite, split: heldout, limit: {val_limit}}}]"]
+    for option, value in overrides:
+        args += [f"--{option.removeprefix('--')}", value]
+    return args
+
+
+def check_stage_args(args: list[str]) -> str | None:
+    """Parse a stage's arguments as its ``lit_align fit`` would, building nothing: the parser's error (with its
+    nearest-option hint) when they do not parse, else None. Run for the stages given ``--set`` overrides before the
+    first stage trains."""
+    import contextlib
+    import io
+
+    from lit_align.cli import LitAlignCLI
+
+    errors = io.StringIO()
+    try:
+        with (mock.patch.object(sys, "argv", sys.argv[:1]), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(errors)):
+            LitAlignCLI(args=args + ["--print_config"], run=False)
+    except SystemExit as exit_:
+        if exit_.code:
+            message = errors.getvalue()
+            return message[message.find("error: ") + len("error: "):].strip() if "error: " in message else message
+    return None
+
+
+def run_stage(stage: Stage, output: Path, args: list[str], resume: Path | None = None) -> dict:
+    """Fit one stage with its ``lit_align fit`` arguments (:func:`stage_args`), from the checkpoint ``resume`` when
+    given; returns its summary (held-out loss before/after, paths, wall time of this fit)."""
+    from lit_align.callbacks.lora_merge import LoRAMerge
+    from lit_align.cli import LitAlignCLI
+
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the stage's args are these, not the pipeline's own
         cli = LitAlignCLI(args=args, run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
@@ -112,6 +143,7 @@ def run_stage(stage: Stage, output: Path, seed: int, max_steps: int | None, val_
         "model": str(published),
         "wall_seconds": round(time.time() - start, 1),
         "resumed_from": str(resume) if resume else None,
+        "args": args,
     }
 
 
@@ -129,10 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
                         help="stages to run (sft is needed by all others)")
     parser.add_argument("--samples", type=int, default=10, help="samples per held-out problem in the evaluation")
+    parser.add_argument("--set", nargs=3, action="append", default=[], metavar=("STAGE", "OPTION", "VALUE"),
+                        help="override one option of a stage's config, as on its lit_align fit command line, e.g. "
+                             "--set grpo trainer.max_steps 120 (repeatable; checked before any stage trains)")
     args = parser.parse_args(argv)
     for option in ("max_steps", "val_limit", "eval_limit", "samples", "threads"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    names = [s.name for s in STAGES]
+    for stage_name, option, value in args.set:
+        if stage_name not in names:
+            parser.error(f"--set {stage_name} {option} {value}: no stage {stage_name!r}; the stages are "
+                         + ", ".join(names))
+        if stage_name not in args.stages:
+            parser.error(f"--set {stage_name} {option} {value}: stage {stage_name} is not among --stages "
+                         + " ".join(args.stages))
+    args.stage_args = {}
+    for stage in [s for s in STAGES if s.name in args.stages]:
+        overrides = [(option, value) for name, option, value in args.set if name == stage.name]
+        args.stage_args[stage.name] = stage_args(stage, Path(args.output), args.seed, args.max_steps, args.val_limit,
+                                                 overrides)
+        if overrides and (error := check_stage_args(args.stage_args[stage.name])):
+            parser.error(f"stage {stage.name} with --set {' '.join(f'{o} {v}' for o, v in overrides)}: {error}")
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +211,7 @@ def run_pipeline(args) -> int:
         resume = interrupted_checkpoint(stage, output)
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})"
               + (f", resuming the stopped run from {resume}" if resume else ""))
-        summary["stages"][stage.name] = run_stage(stage, output, args.seed, args.max_steps, args.val_limit, resume)
+        summary["stages"][stage.name] = run_stage(stage, output, args.stage_args[stage.name], resume)
         summary_path.write_text(json.dumps(summary, indent=2))
     paths = evaluate_policies(summary, output, args)
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -98,6 +98,27 @@ def test_a_stage_stopped_part_way_resumes_from_its_checkpoint_and_ends_as_an_uni
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_set_overrides_a_stage_option_and_a_wrong_one_is_refused_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "qs"
+    refused = {("--set", "grpx", "trainer.max_steps", "1"): "no stage 'grpx'; the stages are sft, reward, dpo",
+               ("--set", "grpo", "trainer.max_steps", "1"): "stage grpo is not among --stages sft",
+               ("--set", "sft", "trainer.max_stepz", "1"): "stage sft with --set trainer.max_stepz 1: unrecognized "
+                                                           "arguments: --trainer.max_stepz 1\n  hint: did you mean "
+                                                           "--trainer.max_steps?"}
+    for args, message in refused.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["--output", str(out), "--stages", "sft", *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+    # the override comes after the pipeline's own arguments, so it wins over --max-steps
+    assert main(["--output", str(out), "--stages", "sft", "--max-steps", "4", "--set", "sft", "trainer.max_steps", "2",
+                 "--val-limit", "2", "--eval-limit", "2", "--samples", "1"]) == 0
+    record = json.loads((out / "summary.json").read_text())["stages"]["sft"]
+    assert torch.load(record["checkpoint"], weights_only=True)["global_step"] == 2
+    assert record["args"][-2:] == ["--trainer.max_steps", "2"]
+
+
 @pytest.mark.parametrize("option", ["--samples", "--eval-limit", "--max-steps"])
 def test_quickstart_refuses_a_count_below_one_before_anything_runs(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as exit_:
