@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--problems", metavar="FILE",
                         help="a problems jsonl in HumanEval's format or CodeContests' schema")
     parser.add_argument("--split", default=None,
-                        help="benchmark split (mbpp/code_contests: test; task_suite: heldout, train or all)")
+                        help="benchmark split (mbpp/code_contests: test; task_suite: heldout, train, validation or all)")
     parser.add_argument("--seed", type=int, default=0, help="task suite seed (as for `lit_align evaluate`)")
     parser.add_argument("--num-problems", type=int, default=None, metavar="N", help="only the first N problems")
     parser.add_argument("--output", required=True, metavar="FILE", help="the samples jsonl to write")

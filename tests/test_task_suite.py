@@ -274,6 +274,26 @@ def test_jsonl_round_trip_and_humaneval_reader(tmp_path, suite):
     assert problems[task.task_id]["entry_point"] == task.entry_point
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_validation_split_is_the_unused_heldout_values_never_trained_on_nor_reported(seed):
+    validation = load_task_suite("validation", seed=seed)
+    ids = [t.task_id for t in validation]
+    assert len(ids) == len(set(ids)) > 100 and {t.split for t in validation} == {"validation"}
+    assert set(Counter(t.family for t in validation)) == set(FAMILIES)
+    assert not set(ids) & {t.task_id for t in load_task_suite("heldout", seed=seed)}  # not the reported problems
+    for size in (20, 60, 105):  # nor in any train split, whatever the suite's size (the quickstart trains on 105)
+        assert not set(ids) & {t.task_id for t in generate_task_suite(seed, size) if t.split == "train"}, size
+    # the parameters are held-out values: those of the heldout split at the largest size, and the ones it leaves out
+    largest = {t.task_id for t in generate_task_suite(seed, 105) if t.split == "heldout"}
+    assert set(ids) & largest and set(ids) - largest
+    assert [t.to_dict() for t in load_task_suite("validation", seed=seed)] == [t.to_dict() for t in validation]
+    # a source reads it as it reads the other splits
+    from lit_align.data_modules.prompts import PromptSource, load_prompt_items
+
+    items = load_prompt_items(PromptSource(split="validation", seed=seed))
+    assert [i.problem.task_id for i in items] == ids
+
+
 def test_load_task_suite_filters_splits():
     everything = load_task_suite()
     train, heldout = load_task_suite("train"), load_task_suite(split="heldout")

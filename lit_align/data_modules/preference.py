@@ -50,7 +50,7 @@ class PreferenceSource:
     """What ``path`` holds; auto: task_suite for "task_suite", code_contests when the path names code_contests,
     triplets otherwise."""
     split: str = "train"
-    """Split to read: task suite "train"/"heldout"; CodeContests "train"/"valid"/"test"; a split of a triplet dataset."""
+    """Split to read: task suite "train"/"heldout"/"validation"; CodeContests "train"/"valid"/"test"; a split of a triplet dataset."""
     languages: list[str] = field(default_factory=lambda: ["python3"])
     """CodeContests only: languages to pair within (python3, cpp, java, python2, or codes 1-4)."""
     data_files: list[str] | None = None

