@@ -206,7 +206,10 @@ def run_pipeline(args) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"seed": args.seed, "stages": {}}
     for stage in [s for s in STAGES if s.name in args.stages]:
         if stage.model_dir(output).exists():
-            print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping")
+            ignored = " ".join(f"--set {stage.name} {option} {value}" for name, option, value in args.set
+                               if name == stage.name)
+            print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping"
+                  + (f"; {ignored} not applied (another --output trains it again)" if ignored else ""))
             continue
         resume = interrupted_checkpoint(stage, output)
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})"

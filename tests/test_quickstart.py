@@ -117,6 +117,11 @@ def test_set_overrides_a_stage_option_and_a_wrong_one_is_refused_before_anything
     record = json.loads((out / "summary.json").read_text())["stages"]["sft"]
     assert torch.load(record["checkpoint"], weights_only=True)["global_step"] == 2
     assert record["args"][-2:] == ["--trainer.max_steps", "2"]
+    capsys.readouterr()
+    assert main(["--output", str(out), "--stages", "sft", "--set", "sft", "trainer.max_steps", "3", "--eval-limit", "2",
+                 "--samples", "1"]) == 0  # a finished stage is not trained again, and says its override is unused
+    assert ("stage sft already done" in (printed := capsys.readouterr().out)
+            and "--set sft trainer.max_steps 3 not applied (another --output trains it again)" in printed)
 
 
 @pytest.mark.parametrize("option", ["--samples", "--eval-limit", "--max-steps"])
