@@ -3,6 +3,7 @@
     python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--samples 10]
                                    [--max-steps N --val-limit N --eval-limit N]   # smoke runs
                                    [--set STAGE OPTION VALUE ...]   # e.g. --set grpo trainer.max_steps 120
+                                   [--eval-split validation]        # choosing settings: not the reported split
 
 Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
 model the reward model, DPO, ORPO, PPO with the reward model's reward, PPO and GRPO with the unit-test reward, and RAFT.
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
                         help="stages to run (sft is needed by all others)")
     parser.add_argument("--samples", type=int, default=10, help="samples per held-out problem in the evaluation")
+    parser.add_argument("--eval-split", default="heldout", choices=["heldout", "validation"],
+                        help="task-suite split the policies are evaluated on: heldout (the reported 75 problems) or "
+                             "validation (146 others, for choosing settings; written to table-validation.md, ...)")
     parser.add_argument("--set", nargs=3, action="append", default=[], metavar=("STAGE", "OPTION", "VALUE"),
                         help="override one option of a stage's config, as on its lit_align fit command line, e.g. "
                              "--set grpo trainer.max_steps 120 (repeatable; checked before any stage trains)")
@@ -229,22 +233,26 @@ def run_pipeline(args) -> int:
 
 
 def evaluate_policies(summary: dict, output: Path, args) -> dict[str, Path]:
-    """Sample and execute every available policy on the held-out problems; write the table, the plot and the JSON."""
+    """Sample and execute every available policy on the task suite's ``args.eval_split`` problems; write the table, the
+    plot and the JSON (``table.md``, ... for the held-out split; ``table-validation.md``, ... for the validation one,
+    so that choosing settings never overwrites the reported results)."""
     from lit_align.execution.benchmarks import load_task_suite_problems
     from lit_align.report import evaluate_model, write_report
 
-    problems = load_task_suite_problems("heldout")[:args.eval_limit]
-    evals = summary.setdefault("evaluations", {})
+    split = args.eval_split
+    problems = load_task_suite_problems(split)[:args.eval_limit]
+    evals = summary.setdefault("evaluations" if split == "heldout" else f"evaluations_{split}", {})
     policies = {"untrained": "preset:tiny"} | {
         s.name: str(s.model_dir(output)) for s in STAGES if s.name not in NOT_POLICIES and s.model_dir(output).exists()}
     for name, path in policies.items():
         if name in evals and (evals[name]["n_samples"], evals[name]["num_problems"]) == (args.samples, len(problems)):
             continue
-        print(f"lit_align quickstart: evaluating {name} ({args.samples} sample{'s' * (args.samples != 1)} x {len(problems)} held-out problems)")
+        print(f"lit_align quickstart: evaluating {name} ({args.samples} sample{'s' * (args.samples != 1)} x "
+              f"{len(problems)} {'held-out' if split == 'heldout' else split} problems)")
         evals[name] = evaluate_model(path, problems, n_samples=args.samples, seed=args.seed)
         evals[name]["train_seconds"] = summary["stages"].get(name, {}).get("wall_seconds", 0.0)
     rows = {METHOD_NAMES[name]: evals[name] for name in policies}
-    return write_report(rows, output, args.seed)
+    return write_report(rows, output, args.seed, split=split)
 
 
 if __name__ == "__main__":

@@ -109,16 +109,20 @@ def environment() -> dict:
     return {"python": platform.python_version(), "packages": {name: version(name) for name in RESULT_PACKAGES}}
 
 
-def write_report(rows: dict[str, dict], output: Path, seed: int) -> dict[str, Path]:
-    """Write ``table.md``, ``pass_at_k.png`` and ``results.json`` under ``output``; returns their paths. ``results.json``
-    holds the seed, the :func:`environment` and every method's row."""
+def write_report(rows: dict[str, dict], output: Path, seed: int, split: str = "heldout") -> dict[str, Path]:
+    """Write ``table.md``, ``pass_at_k.png`` and ``results.json`` under ``output`` (``table-<split>.md``, ... for a
+    split other than the reported held-out one); returns their paths. ``results.json`` holds the seed, the split, the
+    :func:`environment` and every method's row."""
     output.mkdir(parents=True, exist_ok=True)
     any_row = next(iter(rows.values()))
     table = markdown_table(rows, any_row["n_samples"], any_row["num_problems"])
-    paths = {"table": output / "table.md", "plot": output / "pass_at_k.png", "json": output / "results.json"}
+    suffix = "" if split == "heldout" else f"-{split}"
+    paths = {"table": output / f"table{suffix}.md", "plot": output / f"pass_at_k{suffix}.png",
+             "json": output / f"results{suffix}.json"}
     paths["table"].write_text(table)
     plot_pass_at_k(rows, paths["plot"])
-    paths["json"].write_text(json.dumps({"seed": seed, "environment": environment(), "methods": rows}, indent=2))
+    paths["json"].write_text(json.dumps({"seed": seed, "split": split, "environment": environment(), "methods": rows},
+                                        indent=2))
     return paths
 
 
@@ -137,6 +141,10 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
     """
     if not results:
         raise ValueError("seeds_table needs at least one results.json")
+    splits = {r.get("split", "heldout") for r in results}  # results.json written before splits were recorded: heldout
+    if len(splits) > 1:
+        raise ValueError(f"the results are evaluations on different splits ({', '.join(sorted(splits))}); combine one "
+                         "split's results.json files (results-validation.json for the validation split)")
     methods = list(results[0]["methods"])
     for r in results[1:]:
         if list(r["methods"]) != methods:

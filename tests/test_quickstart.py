@@ -123,6 +123,19 @@ def test_set_overrides_a_stage_option_and_a_wrong_one_is_refused_before_anything
     assert ("stage sft already done" in (printed := capsys.readouterr().out)
             and "--set sft trainer.max_steps 3 not applied (another --output trains it again)" in printed)
 
+    # the validation split has its own files and evaluations: the reported ones stay as they were
+    reported = {name: (out / name).read_bytes() for name in ("table.md", "results.json", "pass_at_k.png")}
+    assert main(["--output", str(out), "--stages", "sft", "--eval-split", "validation", "--eval-limit", "3",
+                 "--samples", "1"]) == 0
+    assert capsys.readouterr().out.count("(1 sample x 3 validation problems)") == 2
+    validation = json.loads((out / "results-validation.json").read_text())
+    assert validation["split"] == "validation" and validation["methods"]["SFT"]["num_problems"] == 3
+    assert (out / "table-validation.md").read_text().startswith("| method | solved (of 3, 1 sample) |")
+    assert {name: (out / name).read_bytes() for name in reported} == reported
+    assert json.loads(reported["results.json"])["split"] == "heldout"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations_validation"]["sft"]["num_problems"] == 3 and summary["evaluations"]["sft"]["num_problems"] == 2
+
 
 @pytest.mark.parametrize("option", ["--samples", "--eval-limit", "--max-steps"])
 def test_quickstart_refuses_a_count_below_one_before_anything_runs(tmp_path, capsys, option):

@@ -70,11 +70,14 @@ def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(
                          "5.25.0 (seeds 1, 2).")
 
 
-def test_seed_table_refuses_runs_with_different_methods():
+def test_seed_table_refuses_runs_with_different_methods_or_splits():
     other = _results(1, 0.3, 0.3)
     other["methods"].pop("SFT")
     with pytest.raises(ValueError, match="seed 1 has methods"):
         seeds_table([_results(0, 0.2, 0.3), other])
+    validation = {**_results(1, 0.3, 0.3), "split": "validation"}
+    with pytest.raises(ValueError, match=r"different splits \(heldout, validation\)"):
+        seeds_table([_results(0, 0.2, 0.3), validation])
 
 
 def test_single_seed_table_says_how_each_method_compares_with_sft():
