@@ -148,7 +148,10 @@ def run_stage(stage: Stage, output: Path, args: list[str], resume: Path | None =
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """The pipeline's options, each refused in one line naming it: counts below one, and ``--set`` overrides naming an
+    unknown stage, a stage not run, or an option the stage's ``lit_align fit`` refuses. Adds ``stage_args``, each
+    stage's ``lit_align fit`` arguments."""
     parser = HintingArgumentParser(prog="python -m lit_align.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/quickstart", help="where stage models, runs and the summary go")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
@@ -157,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out problems each stage validates on during training (smoke runs; the final "
                              "evaluation always uses all of them)")
     parser.add_argument("--eval-limit", type=int, default=None,
-                        help="evaluate every policy on the first N held-out problems only (smoke runs; default: all)")
+                        help="evaluate every policy on the first N problems of the split only (smoke runs; default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model is fastest on one)")
     parser.add_argument("--stages", nargs="+", default=[s.name for s in STAGES], choices=[s.name for s in STAGES],
                         help="stages to run (sft is needed by all others)")
-    parser.add_argument("--samples", type=int, default=10, help="samples per held-out problem in the evaluation")
+    parser.add_argument("--samples", type=int, default=10, help="samples per problem in the evaluation")
     parser.add_argument("--eval-split", default="heldout", choices=["heldout", "validation"],
                         help="task-suite split the policies are evaluated on: heldout (the reported 75 problems) or "
                              "validation (146 others, for choosing settings; written to table-validation.md, ...)")
@@ -187,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  overrides)
         if overrides and (error := check_stage_args(args.stage_args[stage.name])):
             parser.error(f"stage {stage.name} with --set {' '.join(f'{o} {v}' for o, v in overrides)}: {error}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
     from transformers.utils import logging as hf_logging
 
