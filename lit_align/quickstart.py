@@ -65,10 +65,13 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"quickstart config {name} not found in ./configs/quickstart or {CONFIG_DIR}")
 
 
-def interrupted_checkpoint(stage: Stage, output: Path) -> Path | None:
+def interrupted_checkpoint(stage: Stage, output: Path, args: Sequence[str] = ()) -> Path | None:
     """The ``last.ckpt`` a stopped run of ``stage`` left under ``<output>/runs``: the newest one in a run directory that
-    exported no model (a run that exported one finished; its model is published, or it was made by hand)."""
+    exported no model (a run that exported one finished; its model is published, or it was made by hand). The run's
+    name is the config's logger name, or the last ``--trainer.logger.init_args.name`` among the stage's ``args``."""
     logger = yaml.safe_load(_config_path(stage.config).read_text())["trainer"]["logger"]["init_args"]["name"]
+    names = [value for option, value in zip(args, args[1:]) if option == "--trainer.logger.init_args.name"]
+    logger = names[-1] if names else logger
     stopped = [last for last in (output / "runs" / logger).glob("version_*/checkpoints/last.ckpt")
                if not (last.parents[1] / "model").exists()]
     return max(stopped, key=lambda p: p.stat().st_mtime, default=None)
@@ -223,7 +226,7 @@ def run_pipeline(args) -> int:
             print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping"
                   + (f"; {ignored} not applied (another --output trains it again)" if ignored else ""))
             continue
-        resume = interrupted_checkpoint(stage, output)
+        resume = interrupted_checkpoint(stage, output, args.stage_args[stage.name])
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})"
               + (f", resuming the stopped run from {resume}" if resume else ""))
         summary["stages"][stage.name] = run_stage(stage, output, args.stage_args[stage.name], resume)

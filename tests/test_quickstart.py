@@ -186,3 +186,19 @@ def test_whole_pipeline_on_a_tiny_budget_writes_every_artefact(tmp_path, capsys)
     assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert all(str(out / name) in printed for name in ("table.md", "pass_at_k.png", "results.json", "summary.json"))
+
+
+def test_a_stopped_run_is_found_under_the_logger_name_a_set_override_gives(tmp_path):
+    from lit_align.quickstart import STAGES, interrupted_checkpoint
+
+    sft = STAGES[0]
+    for name, version, exported in (("quickstart-sft", 0, True), ("quickstart-sft", 1, False), ("mine", 0, False)):
+        run = tmp_path / "runs" / name / f"version_{version}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        if exported:
+            (run / "model").mkdir()  # a finished run: its model was exported
+    assert interrupted_checkpoint(sft, tmp_path) == tmp_path / "runs/quickstart-sft/version_1/checkpoints/last.ckpt"
+    renamed = ["--config", "sft.yaml", "--trainer.logger.init_args.name", "mine"]
+    assert interrupted_checkpoint(sft, tmp_path, renamed) == tmp_path / "runs/mine/version_0/checkpoints/last.ckpt"
+    assert interrupted_checkpoint(STAGES[1], tmp_path) is None
