@@ -2,7 +2,7 @@
 
     python -m lit_align.quickstart [--output runs/quickstart] [--seed 0] [--stages sft dpo ...] [--samples 10]
                                    [--max-steps N --val-limit N --eval-limit N]   # smoke runs
-                                   [--set STAGE OPTION VALUE ...]   # e.g. --set grpo trainer.max_steps 120
+                                   [--set STAGE OPTION VALUE ...]   # e.g. --set grpo trainer.max_steps 240
                                    [--eval-split validation]        # choosing settings: not the reported split
 
 Each stage is ``lit_align fit --config configs/quickstart/<stage>.yaml``: SFT on the task suite, then from the SFT
@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None = None):
                              "validation (146 others, for choosing settings; written to table-validation.md, ...)")
     parser.add_argument("--set", nargs=3, action="append", default=[], metavar=("STAGE", "OPTION", "VALUE"),
                         help="override one option of a stage's config, as on its lit_align fit command line, e.g. "
-                             "--set grpo trainer.max_steps 120 (repeatable; checked before any stage trains)")
+                             "--set grpo trainer.max_steps 240 (repeatable; checked before any stage trains)")
     args = parser.parse_args(argv)
     for option in ("max_steps", "val_limit", "eval_limit", "samples", "threads"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
