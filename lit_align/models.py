@@ -10,7 +10,6 @@ QLoRA, ``save_pretrained`` and an inference server all treat it as a real model.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -298,7 +297,7 @@ def load_causal_lm(
     if head == "score":
         kwargs["num_labels"] = 1
     try:
-        with _held_load_warnings() as held:
+        with _HeldLoadWarnings() as held:
             model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
@@ -330,8 +329,10 @@ def load_causal_lm(
     return model
 
 
-class _HeldRecords(logging.Filter):
-    """Warnings of transformers' loading logger, kept back until the load's outcome says whether they are news."""
+class _HeldLoadWarnings(logging.Filter):
+    """While open, holds back the warnings of transformers' loading logger (transformers 5's "LOAD REPORT" table,
+    transformers 4's "Some weights of ...") for the caller to :meth:`release` or drop once the load's outcome says
+    whether they are news; an error inside releases them, since they may explain it."""
 
     LOGGER = "transformers.modeling_utils"
 
@@ -345,27 +346,20 @@ class _HeldRecords(logging.Filter):
             return False
         return True
 
+    def __enter__(self) -> "_HeldLoadWarnings":
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
+        if exc_type is not None:
+            self.release()
+
     def release(self) -> None:
         logger = logging.getLogger(self.LOGGER)
         for record in self.records:
             logger.handle(record)
         self.records.clear()
-
-
-@contextlib.contextmanager
-def _held_load_warnings():
-    """Hold transformers' load report (transformers 5's "LOAD REPORT" table, transformers 4's "Some weights of ...")
-    for the caller to print or drop; an error inside releases them, since they may explain it."""
-    held = _HeldRecords()
-    logger = logging.getLogger(_HeldRecords.LOGGER)
-    logger.addFilter(held)
-    try:
-        yield held
-    except BaseException:
-        logger.removeFilter(held)
-        held.release()
-        raise
-    logger.removeFilter(held)
 
 
 def _is_new_score_head(loading: dict) -> bool:
