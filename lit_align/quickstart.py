@@ -129,6 +129,9 @@ def run_stage(stage: Stage, output: Path, args: list[str], resume: Path | None =
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the stage's args are these, not the pipeline's own
         cli = LitAlignCLI(args=args, run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    for callback in trainer.callbacks:  # the pipeline publishes a copy under <output> itself, not the configs' link
+        if isinstance(callback, LoRAMerge):
+            callback.link = None
     start = time.time()
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)

@@ -18,7 +18,8 @@ def _fit_args(tmp_path, pairs_file, *extra):
     return ["fit", "--config", CONFIG, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
             "--data.init_args.train_sources", f"[{{path: {pairs_file}}}]", "--data.init_args.val_sources", "[]",
-            "--data.init_args.val_fraction", "0.25", "--data.init_args.batch_size", "4", *extra]
+            "--data.init_args.val_fraction", "0.25", "--data.init_args.batch_size", "4",
+            "--trainer.callbacks.init_args.link", str(tmp_path / "linked-model"), *extra]  # not ./runs/quickstart
 
 
 def test_print_config_shows_dotted_overrides(capsys):

@@ -1,5 +1,6 @@
 """Every config under configs/ parses offline; the IotaCode ones hold the paper's settings; the preference quickstarts run."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,21 +95,70 @@ def test_iotacode_stages_export_where_the_next_stage_loads(capsys):
     assert all(path in exports for _, path in loads), loads
 
 
+def test_quickstart_stages_link_their_model_where_the_next_stage_loads(capsys):
+    """Run by hand, each quickstart stage links runs/quickstart/<stage>-model to its export, and every model path a
+    stage loads from runs/ is such a link: SFT then DPO (or any other) with no copying in between."""
+    links, loads = set(), []
+    for config in sorted(set((ROOT / "configs" / "quickstart").glob("*.yaml")) - DRIVER_CONFIGS):
+        cfg = _printed(capsys, config)
+        merges = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("LoRAMerge")]
+        assert len(merges) == 1 and merges[0]["init_args"]["output_dir"] is None, config  # <run dir>/model
+        assert merges[0]["init_args"]["link"] == f"runs/quickstart/{config.stem}-model", config
+        links.add(merges[0]["init_args"]["link"])
+        init = cfg["model"]["init_args"]
+        loads += [init[key] for key in ("model_name_or_path", "reward_model") if str(init.get(key, "")).startswith("runs/")]
+    assert set(loads) == {"runs/quickstart/sft-model", "runs/quickstart/reward-model"} and set(loads) <= links
+
+
+def _quick_fit(stage, *extra):
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart" / f"{stage}.yaml"), "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+          "false", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
+          "--data.init_args.train_sources", "[{path: task_suite, limit: 8}]",
+          "--data.init_args.val_sources", "[{path: task_suite, split: heldout, limit: 4}]", *extra])
+
+
+def test_hand_run_stages_chain_through_the_links_and_never_replace_a_real_directory(tmp_path, monkeypatch, capsys):
+    """As the configs' comments say: `lit_align fit --config configs/quickstart/sft.yaml`, then dpo.yaml, in a fresh
+    directory. A second SFT run re-points the link (the first run's model stays in its run directory); a real
+    directory where a link goes (make quickstart's published copy) is left as it is, and the run says so."""
+    monkeypatch.chdir(tmp_path)
+    _quick_fit("sft")
+    link = Path("runs/quickstart/sft-model")
+    first = tmp_path / "runs" / "quickstart-sft" / "version_0" / "model"
+    assert link.is_symlink() and link.resolve() == first.resolve()
+    assert not Path(os.readlink(link)).is_absolute()  # moving runs/ keeps it working
+    _quick_fit("sft")
+    second = tmp_path / "runs" / "quickstart-sft" / "version_1" / "model"
+    assert link.resolve() == second.resolve() and (first / "model.safetensors").exists()
+    assert f"{link} now points at {second.relative_to(tmp_path)} (it pointed at ../quickstart-sft/version_0/model)" in \
+        capsys.readouterr().out
+    published = Path("runs/quickstart/dpo-model")
+    published.mkdir()
+    (published / "config.json").write_text("{}")
+    _quick_fit("dpo", "--data.init_args.max_pairs_per_problem", "1")  # model_name_or_path: the link, unchanged
+    dpo = tmp_path / "runs" / "quickstart-dpo" / "version_0"
+    assert torch.load(dpo / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert yaml.safe_load((dpo / "config.yaml").read_text())["model"]["init_args"]["model_name_or_path"] == str(link)
+    err = capsys.readouterr().err
+    assert f"lit_align: {published} is not a link (a model copied there?), so it will be left as it is" in err
+    assert f"{published} is not a link, so it was left as it is: it does not hold this run's model" in err
+    assert not published.is_symlink() and (published / "config.json").read_text() == "{}"
+    assert (dpo / "model" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("stage", ["reward", "dpo", "orpo"])
-def test_preference_quickstarts_run_from_an_sft_model(stage, tmp_path, capsys):
+def test_preference_quickstarts_run_from_an_sft_model(stage, tmp_path, capsys, monkeypatch):
     config = ROOT / "configs" / "quickstart" / f"{stage}.yaml"
     start = _printed(capsys, config)
     assert start["model"]["init_args"]["model_name_or_path"] == "runs/quickstart/sft-model"
     assert start["trainer"]["accelerator"] == "cpu"
-    main(["fit", "--config", str(config), "--model.init_args.model_name_or_path", "preset:tiny",
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-          "--trainer.num_sanity_val_steps", "0", "--data.init_args.max_pairs_per_problem", "1",
-          "--data.init_args.train_sources", "[{path: task_suite, limit: 8}]",
-          "--data.init_args.val_sources", "[{path: task_suite, split: heldout, limit: 4}]"])
+    monkeypatch.chdir(tmp_path)  # the runs/ and the link of a user's working directory
+    _quick_fit(stage, "--model.init_args.model_name_or_path", "preset:tiny", "--data.init_args.max_pairs_per_problem", "1")
     run = tmp_path / "runs" / f"quickstart-{stage}" / "version_0"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    assert (run / "model" / "config.json").exists()  # exported for the next stage
+    assert (run / "model" / "config.json").exists()  # exported for the next stage, and linked where it looks
+    assert (tmp_path / "runs" / "quickstart" / f"{stage}-model").resolve() == (run / "model").resolve()
     if stage == "reward":  # what PPO loads: the CLI's checkpoint and the exported directory score alike
         from lit_align.modules.reward import load_reward_model
 

@@ -9,6 +9,7 @@ it and merged there.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -75,11 +76,16 @@ class LoRAMerge(L.Callback):
     Args:
         output_dir: where to write; null writes ``<log_dir>/model`` beside the run's logs and checkpoints.
         dtype: dtype of the saved weights ("float32", "bfloat16", "float16").
+        link: a path made a symbolic link to the exported model once it is written, for the next stage's config to
+            name whichever run wrote it (the quickstart configs link ``runs/quickstart/<stage>-model``). An earlier
+            link there is re-pointed (the model it pointed at stays where it is); a real file or directory there is
+            never replaced: the run says so when it starts and when it ends, and its model is only at ``output_dir``.
     """
 
-    def __init__(self, output_dir: str | None = None, dtype: str = "float32") -> None:
+    def __init__(self, output_dir: str | None = None, dtype: str = "float32", link: str | None = None) -> None:
         self.output_dir = output_dir
         self.dtype = dtype
+        self.link = link
         self.exported_to: Path | None = None
 
     def export_dir(self, trainer: L.Trainer) -> Path:
@@ -92,6 +98,10 @@ class LoRAMerge(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             check_output_dir(self.export_dir(trainer))  # fail before training, not after hours of it
+            if self._link_blocked():
+                pl_module.print(f"lit_align: {self.link} is not a link (a model copied there?), so it will be left as it "
+                                f"is and not point at this run's model; that goes to {self.export_dir(trainer)}",
+                                file=sys.stderr)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
@@ -111,6 +121,28 @@ class LoRAMerge(L.Callback):
             self.exported_to = export_merged_model(model, pl_module.tokenizer, self.export_dir(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
         pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
+        if self._link_blocked():
+            pl_module.print(f"lit_align: {self.link} is not a link, so it was left as it is: it does not hold this run's "
+                            "model", file=sys.stderr)
+        elif self.link is not None:
+            pl_module.print(self._point_link(self.exported_to))
+
+    def _link_blocked(self) -> bool:
+        link = Path(self.link).expanduser() if self.link is not None else None
+        return link is not None and link.exists() and not link.is_symlink()
+
+    def _point_link(self, target: Path) -> str:
+        """Make ``link`` a relative symbolic link to ``target`` (replacing an earlier link in one rename); returns what
+        was done, in a line for the log."""
+        link = Path(self.link).expanduser()
+        link.parent.mkdir(parents=True, exist_ok=True)
+        before = os.readlink(link) if link.is_symlink() else None
+        staged = link.with_name(f".{link.name}.link-{os.getpid()}")
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
+        os.replace(staged, link)  # atomic: the link always names a whole model
+        was = f" (it pointed at {before})" if before is not None else ""
+        return f"lit_align: {link} now points at {target}{was}"
 
 
 def _unsharded_copy(trainer: L.Trainer, pl_module: L.LightningModule):
