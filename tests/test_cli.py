@@ -203,6 +203,7 @@ def test_a_fit_that_stops_part_way_names_the_checkpoint_that_resumes_it(tmp_path
     def stops_at(last):
         def training_step(self, batch, batch_idx):
             if self.global_step == last:
+                self.trainer.save_checkpoint(tmp_path / "own.ckpt")  # a user's own save: not the one to resume from
                 raise RuntimeError("the machine went away")
             return step(self, batch, batch_idx)
         return training_step

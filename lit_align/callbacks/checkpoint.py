@@ -7,8 +7,6 @@ written yet and which option writes them more often.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,8 +24,9 @@ class Checkpoint(ModelCheckpoint):
         """``ModelCheckpoint``'s key, so that checkpoints written with either class resume with the other."""
         return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        self.saved_step = int(checkpoint["global_step"])
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)  # only this callback's saves: not a user's trainer.save_checkpoint
+        self.saved_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)  # save_on_exception, when it is set
