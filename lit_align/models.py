@@ -224,15 +224,23 @@ LOAD_TIME_TOKENIZER_KEYS = ("local_files_only", "is_local")
 ``"local_files_only": true``); they describe that load, not the tokenizer."""
 
 
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""transformers 5's class name for a tokenizer that is only a ``tokenizer.json`` (the tiny preset's), and the name
+transformers 4 loads such a tokenizer by; transformers 5 reads the second as the first."""
+
+
 def save_tokenizer(tokenizer, directory: str | Path) -> None:
     """``tokenizer.save_pretrained(directory)``, without the keys of :data:`LOAD_TIME_TOKENIZER_KEYS`, so an exported
-    model does not carry this machine's loading options to wherever it is published."""
+    model does not carry this machine's loading options to wherever it is published, and with the class names of
+    :data:`PORTABLE_TOKENIZER_CLASSES`, so it loads with transformers 4 as well."""
     tokenizer.save_pretrained(directory)
     path = Path(directory) / "tokenizer_config.json"
     if path.exists():
         config = json.loads(path.read_text())
-        if any(key in config for key in LOAD_TIME_TOKENIZER_KEYS):
-            kept = {k: v for k, v in config.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
+        kept = {k: v for k, v in config.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
+        if (path.parent / "tokenizer.json").exists() and kept.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
+            kept["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[kept["tokenizer_class"]]
+        if kept != config:
             path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -37,6 +37,11 @@ def test_merged_model_logits_equal_adapter_model_logits(tmp_path):
     # transformers 5 wrote how the tokenizer was loaded here (offline: local_files_only) into the exported config
     saved = json.loads((out / "tokenizer_config.json").read_text())
     assert "local_files_only" not in saved and "is_local" not in saved and saved["eos_token"] == "</s>"
+    # saved by transformers 5 as "TokenizersBackend", a class transformers 4 does not have; its own name for it loads
+    # in both (transformers 4.57 encodes the same ids from this directory: checked in .venv-oldest)
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = 'def add(a, b):\n    """Return a + b."""\n    return a + b\n'
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == load_tokenizer("preset:tiny")(text).input_ids
     # the training model still has its adapter (merging worked on a reloaded copy)
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
