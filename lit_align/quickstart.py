@@ -18,6 +18,7 @@ run's ``last.ckpt`` (into a new version directory, as ``lit_align fit --ckpt_pat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -229,6 +230,10 @@ def run_pipeline(args) -> int:
             print(f"lit_align quickstart: stage {stage.name} already done ({stage.model_dir(output)}), skipping"
                   + (f"; {ignored} not applied (another --output trains it again)" if ignored else ""))
             continue
+        if stage.model_dir(output).is_symlink():  # a link (LoRAMerge's `link` of a run by hand) to a model now gone
+            print(f"lit_align quickstart: {stage.model_dir(output)} links to {os.readlink(stage.model_dir(output))}, "
+                  "which no longer exists: the stage trains again and its model replaces the link")
+            stage.model_dir(output).unlink()
         resume = interrupted_checkpoint(stage, output, args.stage_args[stage.name])
         print(f"lit_align quickstart: stage {stage.name} (configs/quickstart/{stage.config})"
               + (f", resuming the stopped run from {resume}" if resume else ""))

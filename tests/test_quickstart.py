@@ -13,8 +13,13 @@ from lit_align.quickstart import main
 
 def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(tmp_path, capsys):
     out = tmp_path / "qs"
+    out.mkdir()
+    (out / "sft-model").symlink_to(tmp_path / "deleted-run" / "model")  # a hand run's link, its run since deleted
     assert main(["--output", str(out), "--stages", "sft", "--max-steps", "12", "--samples", "2"]) == 0
     captured = capsys.readouterr()
+    assert (f"{out / 'sft-model'} links to {tmp_path / 'deleted-run' / 'model'}, which no longer exists: the stage "
+            "trains again") in captured.out
+    assert not (out / "sft-model").is_symlink() and (out / "sft-model" / "model.safetensors").exists()
     # transformers' per-load progress bars are off for the tiny model's pipeline, and back on afterwards
     assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
     from transformers.utils import logging as hf_logging
