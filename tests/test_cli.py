@@ -278,8 +278,9 @@ def test_an_export_directory_that_holds_something_is_refused_before_the_run_dire
     with pytest.raises(OutputDirectoryError, match="LoRAMerge output_dir"):
         main(args)
     main(_fit_args(tmp_path, pairs_file, "--trainer.max_steps", "1", "--trainer.callbacks.init_args.output_dir",
-                   str(tmp_path / "elsewhere")))  # the override the message names exports there
-    assert (tmp_path / "elsewhere" / "config.json").exists()
+                   str(tmp_path / "elsewhere"), "--trainer.callbacks.init_args.link", str(tmp_path / "elsewhere")))
+    assert (tmp_path / "elsewhere" / "config.json").exists()  # the override the message names exports there
+    assert "is not a link" not in capsys.readouterr().err  # a link named as output_dir itself: nothing to point
 
 
 def test_missing_model_and_data_paths_are_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):

@@ -121,10 +121,12 @@ class LoRAMerge(L.Callback):
             self.exported_to = export_merged_model(model, pl_module.tokenizer, self.export_dir(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)
         pl_module.print(f"lit_align: exported the trained model to {self.exported_to}")
+        if self.link is None or Path(self.link).expanduser().resolve() == self.exported_to.resolve():
+            return  # no link, or the link's path is output_dir itself
         if self._link_blocked():
             pl_module.print(f"lit_align: {self.link} is not a link, so it was left as it is: it does not hold this run's "
                             "model", file=sys.stderr)
-        elif self.link is not None:
+        else:
             pl_module.print(self._point_link(self.exported_to))
 
     def _link_blocked(self) -> bool:
