@@ -191,6 +191,19 @@ def hub_retries_hint() -> str:
     return " (on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)"
 
 
+def pinned_model_path(name_or_path: str | None) -> str | None:
+    """``name_or_path`` itself, unless it is a symbolic link to a model directory (LoRAMerge's ``link``, such as
+    ``runs/quickstart/sft-model``): then the directory it points at now, relative when ``name_or_path`` was. A module
+    records this in its hyperparameters, so its checkpoints name the model they were trained from, which a later run
+    re-pointing the link does not change."""
+    if name_or_path is None or not Path(name_or_path).expanduser().is_symlink():
+        return name_or_path
+    target = Path(name_or_path).expanduser().resolve()
+    if not target.exists():
+        return name_or_path  # a dangling link: the load names it
+    return str(target) if Path(name_or_path).expanduser().is_absolute() else os.path.relpath(target)
+
+
 def _load_error(name_or_path: str, err: Exception) -> ModelLoadError:
     if Path(name_or_path).expanduser().exists():
         what = f"{name_or_path!r} exists but is not a loadable model directory"

@@ -1,11 +1,13 @@
 """Every config under configs/ parses offline; the IotaCode ones hold the paper's settings; the preference quickstarts run."""
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from lit_align.cli import main
 
@@ -146,6 +148,37 @@ def test_hand_run_stages_chain_through_the_links_and_never_replace_a_real_direct
     assert not published.is_symlink() and (published / "config.json").read_text() == "{}"
     assert (dpo / "model" / "model.safetensors").exists()
 
+    # the DPO checkpoint names the model the link pointed at, which the next SFT run's re-pointing does not change:
+    # merge-lora and a --ckpt_path resume (LightningCLI reads the checkpoint's hyperparameters) use that base
+    trained_from = str(second.relative_to(tmp_path))
+    last = dpo / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["hyper_parameters"]["model_name_or_path"] == trained_from
+    _quick_fit("sft")
+    assert link.resolve() == (tmp_path / "runs" / "quickstart-sft" / "version_2" / "model").resolve()
+    assert main(["merge-lora", "--ckpt_path", str(last), "--output_dir", "merged"]) == 0
+    probe = torch.tensor([[5, 104, 105, 106, 36, 40, 50, 60]])
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(d).eval()(input_ids=probe).logits for d in ("merged", dpo / "model")]
+    assert torch.allclose(*logits, atol=1e-5)  # the adapter merged onto version_1, as at the end of its run
+    capsys.readouterr()
+    _quick_fit("dpo", "--data.init_args.max_pairs_per_problem", "1", "--trainer.max_steps", "3", "--ckpt_path", str(last))
+    assert f"DPO on {trained_from}:" in capsys.readouterr().out
+    resumed = tmp_path / "runs" / "quickstart-dpo" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 3
+
+
+def test_a_lora_checkpoint_loaded_onto_another_base_is_warned_about(tmp_path):
+    """From Python, a module can be given another model_name_or_path than its checkpoint was trained on."""
+    from lit_align.modules.dpo import DPO
+
+    module = DPO(model_name_or_path="preset:tiny", lora={"r": 4})
+    with pytest.warns(UserWarning, match="adapter was trained on 'runs/quickstart-sft/version_0/model', and it is "
+                                         "loaded onto 'preset:tiny'"):
+        module.on_load_checkpoint({"hyper_parameters": {"model_name_or_path": "runs/quickstart-sft/version_0/model"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_load_checkpoint({"hyper_parameters": {"model_name_or_path": "preset:tiny"}})
+
 
 @pytest.mark.parametrize("stage", ["reward", "dpo", "orpo"])
 def test_preference_quickstarts_run_from_an_sft_model(stage, tmp_path, capsys, monkeypatch):
@@ -166,3 +199,13 @@ def test_preference_quickstarts_run_from_an_sft_model(stage, tmp_path, capsys, m
         from_ckpt = load_reward_model(run / "checkpoints" / "last.ckpt").score(*args)
         from_dir = load_reward_model(run / "model").score(*args)
         assert torch.allclose(from_ckpt, from_dir, atol=1e-5)
+
+
+def test_a_linked_reward_model_is_recorded_as_the_directory_it_points_at(tmp_path):
+    from lit_align.modules.ppo import PPO
+
+    (tmp_path / "reward-v0").mkdir()
+    (tmp_path / "reward-model").symlink_to("reward-v0")
+    module = PPO(reward="reward_model", reward_model=str(tmp_path / "reward-model"))
+    assert module.hparams.reward_model == str(tmp_path / "reward-v0")
+    assert PPO(reward="reward_model", reward_model=str(tmp_path / "reward-v0")).hparams.reward_model == str(tmp_path / "reward-v0")

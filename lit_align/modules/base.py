@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from lit_align import losses
 from lit_align.models import (DType, LoRAConfig, apply_lora, count_parameters, import_model_classes, load_causal_lm,
-                              load_tokenizer)
+                              load_tokenizer, pinned_model_path)
 
 
 @dataclass
@@ -143,6 +144,9 @@ class AlignmentModule(L.LightningModule):
         if quantize_4bit and lora is None:
             raise ValueError("quantize_4bit=True needs a LoRA adapter (`lora`): 4-bit base weights cannot be trained directly")
         self.save_hyperparameters()
+        # after it: a subclass's own **kwargs frame would put the link back over a pinned value assigned before it
+        self.hparams.update(model_name_or_path=pinned_model_path(model_name_or_path),
+                            tokenizer_name_or_path=pinned_model_path(tokenizer_name_or_path))
         # typed configs live on the module: LightningCLI stores hparams as the raw config (dicts), so read these instead
         self.lora_config = lora
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -419,6 +423,12 @@ class AlignmentModule(L.LightningModule):
             isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained_from = (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")
+        if (self.lora_config is not None and trained_from is not None
+                and trained_from != self.hparams.model_name_or_path):
+            rank_zero_warn(f"this checkpoint's adapter was trained on {trained_from!r}, and it is loaded onto "
+                           f"{self.hparams.model_name_or_path!r} (model_name_or_path): if that is another model (a "
+                           "link re-pointed by a later run), point model_name_or_path at the first")
         if checkpoint.get("lit_align_trainable_only"):
             # Lightning's FSDP strategy has already loaded (and removed) the state dict when resuming from a full
             # checkpoint; the names saved beside it tell what it held

@@ -45,7 +45,7 @@ from lit_align.execution.status import ExecutionResult, Status
 from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, SamplingParams, build_backend
 from lit_align.generation.base import BackendName, check_backend_kwargs, find_stop
 from lit_align.generation.hf import inference_mode
-from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm
+from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import AlignmentModule
 from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches, reward_model_base
 
@@ -261,6 +261,8 @@ class OnlineModule(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
+        self.hparams["reward_model"] = reward_model
         if reference_placement not in ("shard", "replicate"):
             raise ValueError(f"reference_placement must be shard or replicate, got {reference_placement!r}")
         if reference_placement == "replicate" and not (self.needs_reference and self.lora_config is None):
