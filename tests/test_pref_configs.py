@@ -79,8 +79,8 @@ def test_iotacode_configs_hold_the_paper_settings(capsys):
 
 
 def test_iotacode_stages_export_where_the_next_stage_loads(capsys):
-    """Each IotaCode stage exports to runs/iotacode/<stage>-model, and every model path a stage loads from runs/ is
-    the export of another stage: the chain runs with no copying between stages."""
+    """Each IotaCode stage links runs/iotacode/<stage>-model to its export, and every model path a stage loads from
+    runs/ is the link of another stage: the chain runs with no copying between stages."""
     configs = sorted((ROOT / "configs" / "iotacode").rglob("*.yaml"))
     exports, loads = set(), []
     for config in configs:
@@ -88,8 +88,9 @@ def test_iotacode_stages_export_where_the_next_stage_loads(capsys):
         stage = cfg["model"]["class_path"].rsplit(".", 1)[-1].lower().removesuffix("model")  # RewardModel: reward
         merges = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("LoRAMerge")]
         assert len(merges) == 1, config
-        exports.add(merges[0]["init_args"]["output_dir"])
-        assert merges[0]["init_args"]["output_dir"] == f"runs/iotacode/{stage}-model", config
+        exports.add(merges[0]["init_args"]["link"])
+        assert merges[0]["init_args"]["link"] == f"runs/iotacode/{stage}-model", config
+        assert merges[0]["init_args"]["output_dir"] is None, config  # <run dir>/model: never in the way of a rerun
         init = cfg["model"]["init_args"]
         loads += [(config, init[key]) for key in ("model_name_or_path", "reward_model")
                   if str(init.get(key, "")).startswith("runs/")]
