@@ -163,6 +163,11 @@ class LightningOptionError(RuntimeError):
     its callbacks were built, before anything ran: ``save_top_k`` without ``monitor``, an unknown strategy name."""
 
 
+class ResumeOptionError(RuntimeError):
+    """A module option given another value than the ``--ckpt_path`` checkpoint was trained with (LightningCLI would
+    silently replace it with the checkpoint's)."""
+
+
 class LitAlignCLI(LightningCLI):
     """LightningCLI with lit_align's defaults: always-on checkpointing, LR monitor and progress bar, versioned runs."""
 
@@ -197,6 +202,46 @@ class LitAlignCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
         parser.add_lightning_class_args(ModelSummary, "model_summary")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's: with ``--ckpt_path``, the checkpoint's hyperparameters replace the module options of the
+        config and the command line. One given another value there would be ignored without a word, so it is refused
+        (``ResumeOptionError``); a model path given as a link (LoRAMerge's ``link``) gives way to the directory the
+        checkpoint recorded (``models.pinned_model_path``), with a line saying so when the link has moved since."""
+        given = self._module_options()
+        super()._parse_ckpt_path()
+        resumed = self._module_options()
+        changed = {key: value for key, value in given.items() if resumed.get(key, value) != value}
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        for key in [k for k in changed if k.rpartition(".")[2] in MODEL_PATH_FIELDS]:
+            if isinstance(given[key], str) and Path(given[key]).expanduser().is_symlink():
+                print(f"lit_align: {given[key]} ({key}) now points at {Path(given[key]).resolve()}; the run resumes on "
+                      f"{resumed[key]}, the model {ckpt_path} was trained from", file=sys.stderr)
+                del changed[key]
+        if changed:
+            raise ResumeOptionError(
+                f"--ckpt_path {ckpt_path} resumes with the module options it was trained with, and "
+                + ", ".join(f"{key} is {value!r} here but {resumed[key]!r} there" for key, value in changed.items())
+                + ": drop the override (or give the checkpoint's value), or train with new options as a new run from "
+                  "the exported model (--model.init_args.model_name_or_path <run dir>/model)")
+
+    def _module_options(self) -> dict[str, typing.Any]:
+        """The subcommand's ``model`` options as dotted keys (``model.init_args.optimizer.lr``) and plain values."""
+        if not self.config.get("subcommand"):
+            return {}
+        model = self.config[self.config.subcommand].get("model")
+        flat: dict[str, typing.Any] = {}
+
+        def walk(prefix: str, value) -> None:
+            value = value.as_dict() if hasattr(value, "as_dict") else value
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}", inner)
+            else:
+                flat[prefix] = list(value) if isinstance(value, tuple) else value
+
+        walk("model", model)
+        return flat
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, except that an option Lightning's own classes refuse while being built (the trainer, the
@@ -345,8 +390,9 @@ def run_trainer_command(argv: list[str] | None = None) -> int:
 
     try:
         LitAlignCLI(args=argv)
-    except (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ValueError, TypeError) as err:
-        refusals = (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError)
+    except (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ResumeOptionError, ValueError,
+            TypeError) as err:
+        refusals = (ModelLoadError, DataError, OutputDirectoryError, LightningOptionError, ResumeOptionError)
         refused = err if isinstance(err, refusals) else argument_error(err)
         if argv is not None or refused is None:
             raise

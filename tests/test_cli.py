@@ -1,5 +1,6 @@
 """The lit_align command: config files, dotted overrides, --print_config, versioned runs, resume, bad options."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lit_align.cli import OutputDirectoryError, main
+from lit_align.cli import OutputDirectoryError, ResumeOptionError, main
 
 CONFIG = "configs/quickstart/sft.yaml"
 REPO = Path(__file__).resolve().parents[1]
@@ -188,6 +189,15 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
     resumed = tmp_path / "runs" / "quickstart-sft" / "version_2" / "checkpoints" / "last.ckpt"
     assert torch.load(resumed, weights_only=True)["global_step"] == 5
     assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    # LightningCLI resumes with the checkpoint's module options: one given otherwise is refused, not dropped silently
+    with pytest.raises(ResumeOptionError, match=(
+            rf"--ckpt_path {re.escape(str(last))} resumes with the module options it was trained with, and "
+            r"model.init_args.lora.r is 8 here but 4 there, model.init_args.optimizer.lr is 0.5 here but 0.003 there: "
+            r"drop the override")):
+        main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "8", "--model.init_args.optimizer.lr", "0.5",
+                       "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    assert not (tmp_path / "runs" / "quickstart-sft" / "version_3").exists()
 
     main(["validate", "--config", CONFIG, "--ckpt_path", str(resumed), "--model.init_args.lora.r", "4",
           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",

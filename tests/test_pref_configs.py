@@ -163,7 +163,11 @@ def test_hand_run_stages_chain_through_the_links_and_never_replace_a_real_direct
     assert torch.allclose(*logits, atol=1e-5)  # the adapter merged onto version_1, as at the end of its run
     capsys.readouterr()
     _quick_fit("dpo", "--data.init_args.max_pairs_per_problem", "1", "--trainer.max_steps", "3", "--ckpt_path", str(last))
-    assert f"DPO on {trained_from}:" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"DPO on {trained_from}:" in out
+    assert (f"lit_align: {link} (model.init_args.model_name_or_path) now points at "
+            f"{(tmp_path / 'runs' / 'quickstart-sft' / 'version_2' / 'model').resolve()}; the run resumes on "
+            f"{trained_from}, the model {last} was trained from") in err
     resumed = tmp_path / "runs" / "quickstart-dpo" / "version_1" / "checkpoints" / "last.ckpt"
     assert torch.load(resumed, weights_only=True)["global_step"] == 3
 

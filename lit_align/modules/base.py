@@ -424,8 +424,8 @@ class AlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained_from = (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path")
-        if (self.lora_config is not None and trained_from is not None
-                and trained_from != self.hparams.model_name_or_path):
+        if (self.lora_config is not None and trained_from is not None  # (a link recorded before links were pinned)
+                and pinned_model_path(trained_from) != self.hparams.model_name_or_path):
             rank_zero_warn(f"this checkpoint's adapter was trained on {trained_from!r}, and it is loaded onto "
                            f"{self.hparams.model_name_or_path!r} (model_name_or_path): if that is another model (a "
                            "link re-pointed by a later run), point model_name_or_path at the first")
