@@ -203,45 +203,56 @@ class LitAlignCLI(LightningCLI):
         parser.add_lightning_class_args(ProgressBar, "progress_bar")
         parser.add_lightning_class_args(ModelSummary, "model_summary")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """As LightningCLI's; the command line's options are kept for :meth:`_parse_ckpt_path`."""
+        given = sys.argv[1:] if args is None else [] if isinstance(args, dict) or hasattr(args, "as_dict") else args
+        self._command_line = [str(a).split("=", 1)[0] for a in given if str(a).startswith("--")]
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's: with ``--ckpt_path``, the checkpoint's hyperparameters replace the module options of the
-        config and the command line. One given another value there would be ignored without a word, so it is refused
-        (``ResumeOptionError``); a model path given as a link (LoRAMerge's ``link``) gives way to the directory the
-        checkpoint recorded (``models.pinned_model_path``), with a line saying so when the link has moved since."""
+        config and the command line. A ``--model.*`` option given on the command line with another value would be
+        dropped without a word, so it is refused (``ResumeOptionError``); a config value that differs is replaced with
+        a line saying so; a model path given as a link (LoRAMerge's ``link``) gives way to the directory the checkpoint
+        recorded (``models.pinned_model_path``), with a line when the link has moved since."""
         given = self._module_options()
         super()._parse_ckpt_path()
-        resumed = self._module_options()
-        changed = {key: value for key, value in given.items() if resumed.get(key, value) != value}
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        differences = _differences(given, self._module_options(), "model")
+        changed = {key: value for key, (value, _) in differences.items()}
+        resumed = {key: value for key, (_, value) in differences.items()}
+        if not changed:
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         for key in [k for k in changed if k.rpartition(".")[2] in MODEL_PATH_FIELDS]:
             if isinstance(given[key], str) and Path(given[key]).expanduser().is_symlink():
                 print(f"lit_align: {given[key]} ({key}) now points at {Path(given[key]).resolve()}; the run resumes on "
                       f"{resumed[key]}, the model {ckpt_path} was trained from", file=sys.stderr)
                 del changed[key]
-        if changed:
+        overridden = {key: value for key, value in changed.items() if self._on_command_line(key)}
+        if overridden:
             raise ResumeOptionError(
                 f"--ckpt_path {ckpt_path} resumes with the module options it was trained with, and "
-                + ", ".join(f"{key} is {value!r} here but {resumed[key]!r} there" for key, value in changed.items())
+                + ", ".join(f"{key} is {value!r} here but {resumed[key]!r} there" for key, value in overridden.items())
                 + ": drop the override (or give the checkpoint's value), or train with new options as a new run from "
                   "the exported model (--model.init_args.model_name_or_path <run dir>/model)")
+        for key, value in changed.items():
+            print(f"lit_align: {key} is {resumed[key]!r} in {ckpt_path}, which the run resumes with (the config says "
+                  f"{value!r})", file=sys.stderr)
+
+    def _on_command_line(self, key: str) -> bool:
+        """Whether the dotted module option ``key`` (``model.init_args.lora.r``), or an option group holding it
+        (``--model.init_args.lora``; the short ``--model.lora.r`` too), was given on the command line (``--model
+        DPO`` names the class, not its options)."""
+        parts = key.split(".")
+        if len(parts) < 3 or parts[1] != "init_args":
+            return False
+        options = {"--" + ".".join(parts[:i]) for i in range(3, len(parts) + 1)}
+        options |= {"--" + ".".join([parts[0], *parts[2:i]]) for i in range(3, len(parts) + 1)}
+        return any(option in options for option in getattr(self, "_command_line", ()))
 
     def _module_options(self) -> dict[str, typing.Any]:
-        """The subcommand's ``model`` options as dotted keys (``model.init_args.optimizer.lr``) and plain values."""
-        if not self.config.get("subcommand"):
-            return {}
-        model = self.config[self.config.subcommand].get("model")
-        flat: dict[str, typing.Any] = {}
-
-        def walk(prefix: str, value) -> None:
-            value = value.as_dict() if hasattr(value, "as_dict") else value
-            if isinstance(value, dict):
-                for key, inner in value.items():
-                    walk(f"{prefix}.{key}", inner)
-            else:
-                flat[prefix] = list(value) if isinstance(value, tuple) else value
-
-        walk("model", model)
-        return flat
+        """The subcommand's ``model`` options as plain nested dicts."""
+        return _plain(self.config[self.config.subcommand].get("model")) if self.config.get("subcommand") else {}
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, except that an option Lightning's own classes refuse while being built (the trainer, the
@@ -284,6 +295,25 @@ class LitAlignCLI(LightningCLI):
         refuse_unmatched_lora_targets(self.model)
         if isinstance(self.datamodule, TokenizedDataModule):
             self.datamodule.read_before_trainer(self.model, stage)
+
+
+def _plain(value):
+    """A jsonargparse Namespace (or dataclass-like value) as plain dicts and lists."""
+    value = value.as_dict() if hasattr(value, "as_dict") else value
+    if isinstance(value, dict):
+        return {key: _plain(inner) for key, inner in value.items()}
+    return [_plain(inner) for inner in value] if isinstance(value, (list, tuple)) else value
+
+
+def _differences(given, resumed, key: str) -> dict[str, tuple]:
+    """Where the nested options ``resumed`` differ from ``given``, as dotted key: (given value, resumed value); a
+    whole option group where one side is not a group (``lora: null`` against ``lora: {r: 4, ...}``)."""
+    if isinstance(given, dict) and isinstance(resumed, dict):
+        out = {}
+        for name in given.keys() & resumed.keys():
+            out.update(_differences(given[name], resumed[name], f"{key}.{name}"))
+        return out
+    return {} if given == resumed else {key: (given, resumed)}
 
 
 MODEL_PATH_FIELDS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model")

@@ -170,7 +170,7 @@ def test_lora_and_optimizer_settings_are_checked_before_a_run_directory_is_made(
     assert not any(tmp_path.iterdir())
 
 
-def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file):
+def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file, capsys):
     main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4"))
     run0 = tmp_path / "runs" / "quickstart-sft" / "version_0"
     saved = yaml.safe_load((run0 / "config.yaml").read_text())
@@ -199,10 +199,15 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
                        "--trainer.max_steps", "5", "--ckpt_path", str(last)))
     assert not (tmp_path / "runs" / "quickstart-sft" / "version_3").exists()
 
-    main(["validate", "--config", CONFIG, "--ckpt_path", str(resumed), "--model.init_args.lora.r", "4",
+    # a config value (not an override) that differs is replaced with the checkpoint's, and the run says so
+    capsys.readouterr()
+    main(["validate", "--config", CONFIG, "--ckpt_path", str(resumed),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
           "--data.init_args.train_sources", f"[{{path: {pairs_file}}}]", "--data.init_args.val_sources", "[]",
           "--data.init_args.val_fraction", "0.25"])
+    assert (f"lit_align: model.init_args.lora is {{'r': 4, 'alpha': 64, 'dropout': 0.05, 'target_modules': 'all-linear', "
+            f"'modules_to_save': None}} in {resumed}, which the run resumes with (the config says None)") in \
+        capsys.readouterr().err
 
 
 def test_a_fit_that_stops_part_way_names_the_checkpoint_that_resumes_it(tmp_path, pairs_file, monkeypatch, caplog):
