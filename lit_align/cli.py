@@ -142,7 +142,13 @@ def unknown_class_hint(message: str) -> str | None:
 
 class LitAlignParser(LightningArgumentParser):
     """LightningCLI's parser, whose error for an unknown option (of a module, a DataModule, the trainer, a callback)
-    suggests the nearest real ones."""
+    suggests the nearest real ones. Options are named in full: argparse's prefix matching would take ``--trainer.max_step``
+    for ``--trainer.max_steps`` without a word, and a config or script written that way would break, or change meaning,
+    once an option sharing the prefix is added."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         parser = self

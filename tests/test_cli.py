@@ -76,6 +76,7 @@ def test_an_unknown_module_or_data_option_gets_the_nearest_real_ones(capsys, opt
     ("--trainr.max_steps", "did you mean --trainer.max_steps?"),  # not also min_steps or max_epochs: farther
     ("--max_steps", "did you mean --trainer.max_steps?"),  # the group left out
     ("--checkpoint.save_topk", "did you mean --checkpoint.save_top_k?"),
+    ("--trainer.max_step", "did you mean --trainer.max_steps?"),  # a prefix is refused, not taken for the option
     ("--zzz", None),
 ])
 def test_an_unknown_trainer_or_callback_option_gets_the_nearest_real_ones(capsys, option, hint):
