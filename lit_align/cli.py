@@ -230,8 +230,8 @@ class LitAlignCLI(LightningCLI):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         for key in [k for k in changed if k.rpartition(".")[2] in MODEL_PATH_FIELDS]:
-            if isinstance(given[key], str) and Path(given[key]).expanduser().is_symlink():
-                print(f"lit_align: {given[key]} ({key}) now points at {Path(given[key]).resolve()}; the run resumes on "
+            if isinstance(changed[key], str) and Path(changed[key]).expanduser().is_symlink():
+                print(f"lit_align: {changed[key]} ({key}) now points at {Path(changed[key]).resolve()}; the run resumes on "
                       f"{resumed[key]}, the model {ckpt_path} was trained from", file=sys.stderr)
                 del changed[key]
         overridden = {key: value for key, value in changed.items() if self._on_command_line(key)}
@@ -316,7 +316,7 @@ def _differences(given, resumed, key: str) -> dict[str, tuple]:
     whole option group where one side is not a group (``lora: null`` against ``lora: {r: 4, ...}``)."""
     if isinstance(given, dict) and isinstance(resumed, dict):
         out = {}
-        for name in given.keys() & resumed.keys():
+        for name in [name for name in given if name in resumed]:  # in the options' order, not a set's (hash) order
             out.update(_differences(given[name], resumed[name], f"{key}.{name}"))
         return out
     return {} if given == resumed else {key: (given, resumed)}
