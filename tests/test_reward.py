@@ -201,14 +201,16 @@ def test_training_logs_accuracy_and_margin_through_torchmetrics(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_heldout_accuracy_beats_chance(tmp_path):
+    # 120 steps at lr 2e-3 gave 0.63-0.80 on seeds 0-5 with both AVX2 and AVX-512 kernels; 60 steps at 5e-3 gave
+    # 0.47-0.70, so the outcome turned on the CPU's rounding. 0.6 is 3.6 standard errors above a coin on 324 pairs.
     L.seed_everything(0)
-    module = RewardModel(optimizer=OptimizerConfig(lr=5e-3, warmup_steps=5))
+    module = RewardModel(optimizer=OptimizerConfig(lr=2e-3, warmup_steps=5))
     data = PreferenceDataModule(tokenizer="preset:tiny", batch_size=8, eval_batch_size=64)
-    _trainer(tmp_path, 60, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=data)
+    _trainer(tmp_path, 120, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=data)
     result = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                        ).validate(module, datamodule=data, verbose=False)[0]
     assert len(data.val_items) == 324
-    assert result["val/rewards/accuracies"] > 0.65
+    assert result["val/rewards/accuracies"] > 0.6
     heldout = data.val_items
     tok = module.tokenizer
     prompts = [tok.decode(it.prompt_ids.tolist()) for it in heldout]
