@@ -94,11 +94,14 @@ in ``results.json`` beside the seed."""
 
 
 def environment() -> dict:
-    """Python's version and those of :data:`RESULT_PACKAGES` ("not installed" for one that is absent): the same seed
-    gives the same table only with the same releases. Not recorded: the CPU's instruction sets, which also change
-    float results."""
+    """Python's version, those of :data:`RESULT_PACKAGES` ("not installed" for one that is absent) and the CPU: the
+    same seed gives the same table only with the same releases and the same CPU kernels. torch picks its kernels by
+    the CPU's instruction sets (``kernels``: AVX2, AVX512, ...), and they round differently enough to move a trained
+    model's pass@k; ``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine use the AVX2 ones."""
     import importlib.metadata as metadata
     import platform
+
+    import torch
 
     def version(name: str) -> str:
         try:
@@ -106,7 +109,22 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    return {"python": platform.python_version(), "packages": {name: version(name) for name in RESULT_PACKAGES}}
+    return {"python": platform.python_version(),
+            "cpu": {"kernels": torch.backends.cpu.get_cpu_capability(), "model": cpu_model()},
+            "packages": {name: version(name) for name in RESULT_PACKAGES}}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the operating system gives it (``/proc/cpuinfo`` on Linux), or ``platform``'s guess."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def write_report(rows: dict[str, dict], output: Path, seed: int, split: str = "heldout") -> dict[str, Path]:
@@ -169,7 +187,7 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
     note = (f"Mean ± standard deviation over seeds {seeds}; pass@k, compile rate and the difference in percent, "
             "solved in problems, train time in seconds.")
     if mixed := mixed_environments(results):
-        note += f" Runs made with different releases, so seeds are not the only difference: {mixed}."
+        note += f" Runs made with different releases or CPU kernels, so seeds are not the only difference: {mixed}."
     per_seed = per_seed_table(results, baseline) if len(results) > 1 and baseline in methods else ""
     return "\n".join(lines) + (f"\n\n{per_seed}" if per_seed else "") + f"\n\n{note}\n"
 
@@ -191,12 +209,13 @@ def per_seed_table(results: Sequence[dict], baseline: str = "SFT") -> str:
 
 
 def mixed_environments(results: Sequence[dict]) -> str:
-    """The packages (and Python) whose recorded version differs between ``results``, each version with its seeds
+    """The packages (and Python, and torch's CPU kernels) whose recorded version differs between ``results``, each version with its seeds
     ("transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2)"); "" when all agree. Results written before versions were
     recorded count as "unrecorded"."""
     def versions(result: dict) -> dict[str, str]:
         env = result.get("environment") or {}
         return {"python": env.get("python", "unrecorded"),
+                "CPU kernels": (env.get("cpu") or {}).get("kernels", "unrecorded"),
                 **{name: (env.get("packages") or {}).get(name, "unrecorded") for name in RESULT_PACKAGES}}
 
     recorded = [versions(r) for r in results]

@@ -1,6 +1,7 @@
 """The seed table: mean ± standard deviation over seeds, and the paired difference to SFT."""
 
 import json
+import os
 
 import pytest
 
@@ -43,8 +44,8 @@ def test_seed_table_reports_mean_sd_and_the_paired_difference_to_sft(tmp_path, c
 
 
 def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(tmp_path):
-    """The same seed gives the same table only with the same releases: results.json records them, and a table over
-    runs made with different ones says which, with the seeds of each version."""
+    """The same seed gives the same table only with the same releases and CPU kernels: results.json records them, and
+    a table over runs made with different ones says which, with the seeds of each version."""
     from lit_align.report import RESULT_PACKAGES, environment, write_report
 
     runs = [_results(0, 0.20, 0.30), _results(1, 0.30, 0.42), _results(2, 0.25, 0.33)]
@@ -56,6 +57,8 @@ def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(
     import torch
 
     assert written["environment"]["packages"]["torch"] == torch.__version__
+    assert written["environment"]["cpu"]["kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert written["environment"]["cpu"]["model"]
 
     for r in runs:
         r["environment"] = json.loads(json.dumps(written["environment"]))
@@ -64,10 +67,24 @@ def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(
         r["environment"]["packages"]["transformers"] = "5.25.0"
     runs[0]["environment"]["packages"]["transformers"] = "5.24.0"
     del runs[2]["environment"]["python"]
+    runs[1]["environment"]["cpu"]["kernels"] = "ZZZ"  # an AVX2 machine's seed beside AVX-512 ones, say
+    del runs[2]["environment"]["cpu"]  # written before the CPU was recorded
     note = seeds_table(runs).splitlines()[-1]
-    assert note.endswith(f" Runs made with different releases, so seeds are not the only difference: python "
-                         f"{environment()['python']} (seeds 0, 1), unrecorded (seed 2); transformers 5.24.0 (seed 0), "
-                         "5.25.0 (seeds 1, 2).")
+    kernels = environment()["cpu"]["kernels"]
+    assert note.endswith(f" Runs made with different releases or CPU kernels, so seeds are not the only difference: "
+                         f"python {environment()['python']} (seeds 0, 1), unrecorded (seed 2); CPU kernels {kernels} "
+                         "(seed 0), ZZZ (seed 1), unrecorded (seed 2); transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2).")
+
+
+def test_the_recorded_cpu_kernels_follow_aten_cpu_capability():
+    """A run forced onto another kernel set (``ATEN_CPU_CAPABILITY``, read when torch loads) records that set."""
+    import subprocess
+    import sys
+
+    code = "from lit_align.report import environment; print(environment()['cpu']['kernels'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "DEFAULT"
 
 
 def test_seed_table_refuses_runs_with_different_methods_or_splits():
