@@ -12,10 +12,13 @@ import typing
 
 def nearest_options(option: str, options: list[str]) -> list[str]:
     """The dotted ``options`` a mistyped ``option`` most likely meant, at most three: those with its last name
-    (``lr`` -> ``optimizer.lr``), else the closest spellings (``trainr.max_steps`` -> ``trainer.max_steps``, not also
-    ``trainer.min_steps``: only spellings about as close as the closest are kept)."""
+    (``lr`` -> ``optimizer.lr``), else those it is a prefix of (``max-new`` -> ``max-new-tokens``), else the closest
+    spellings (``trainr.max_steps`` -> ``trainer.max_steps``, not also ``trainer.min_steps``: only spellings about as
+    close as the closest are kept)."""
     matches = [o for o in options if o.rpartition(".")[2] == option.rpartition(".")[2] and o != option]
     if matches:
+        return matches[:3]
+    if matches := [o for o in options if o.startswith(option) and o != option]:  # a prefix: options are named in full
         return matches[:3]
     scored = sorted(((difflib.SequenceMatcher(None, option, o).ratio(), o) for o in options), reverse=True)
     return [o for score, o in scored[:3] if score >= 0.75 and score >= scored[0][0] - 0.03] if scored else []
@@ -49,9 +52,14 @@ def unknown_argument_hint(message: str, known: list[str]) -> str | None:
 class HintingArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors suggest the nearest real option for each mistyped one (``--outptu`` ->
     ``--output``), also where argparse reports something else first, such as a required option that is missing
-    (because it was mistyped)."""
+    (because it was mistyped). Options are named in full (``allow_abbrev`` off, as on the ``lit_align fit`` command
+    line): ``--out`` is refused with a hint, not taken for ``--output``."""
 
     _given: list[str] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         self._given = list(sys.argv[1:] if args is None else args)

@@ -38,18 +38,31 @@ def test_mistyped_option_of_an_argparse_command_gets_a_hint(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())
 
 
-def _parser() -> HintingArgumentParser:
-    parser = HintingArgumentParser(prog="demo")
+def _parser(**kwargs) -> HintingArgumentParser:
+    parser = HintingArgumentParser(prog="demo", **kwargs)
     parser.add_argument("--output", required=True)
     parser.add_argument("--max-new-tokens", type=int)
     return parser
 
 
 def test_unknown_options_are_those_argparse_would_not_accept():
+    given = ["--max-new", "3", "--ouput=x", "--zzz", "--output", "y", "--", "--not-an-option"]
     parser = _parser()
-    parser.parse_known_args(["--max-new", "3", "--ouput=x", "--zzz", "--output", "y", "--", "--not-an-option"])
-    # an unambiguous prefix is argparse's abbreviation, not a typo; nothing after "--" is an option
+    parser.parse_known_args(given)
+    # options are named in full: a prefix is unknown too; nothing after "--" is an option
+    assert parser.unknown_options() == ["max-new", "ouput", "zzz"]
+    parser = _parser(allow_abbrev=True)  # a parser that takes argparse's abbreviations: a prefix is not a typo
+    parser.parse_known_args(given)
     assert parser.unknown_options() == ["ouput", "zzz"]
+
+
+def test_a_prefix_of_an_option_is_refused_with_the_full_name(capsys):
+    """``--out x`` is not taken for ``--output x``: scripts written with prefixes would change meaning once an
+    option sharing the prefix is added."""
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--output", "x", "--max-new", "2"])
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        "demo: error: unrecognized arguments: --max-new 2", "  hint: did you mean --max-new-tokens?"]
 
 
 def test_no_hint_without_a_near_option(capsys):
