@@ -200,6 +200,17 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def made_with(seed: int) -> str:
+    """What the table depends on beside the code, for a reader comparing it with README's: the seed, torch and the
+    CPU kernels it ran (``report.environment``)."""
+    from lit_align.report import environment
+
+    env = environment()
+    return (f"Seed {seed}, torch {env['packages']['torch']} on its {env['cpu']['kernels']} CPU kernels "
+            f"({env['cpu']['model']}): another seed or another CPU moves these numbers by several points (README.md, "
+            "\"The quickstart\"); compare methods over seeds with python -m lit_align.report.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -245,6 +256,7 @@ def run_pipeline(args) -> int:
     for name, s in summary["stages"].items():
         print(f"  {name:<7} model {s['model']}  logs {s['run_dir']}  ({s['wall_seconds']:.0f} s)")
     print("\n" + paths["table"].read_text())
+    print(made_with(args.seed))
     for what, path in paths.items():
         print(f"  {what:<6} {path}")
     print(f"  stages {summary_path}")

@@ -20,6 +20,10 @@ def test_quickstart_sft_stage_publishes_a_model_reports_and_skips_finished_work(
     assert (f"{out / 'sft-model'} links to {tmp_path / 'deleted-run' / 'model'}, which no longer exists: the stage "
             "trains again") in captured.out
     assert not (out / "sft-model").is_symlink() and (out / "sft-model" / "model.safetensors").exists()
+    import torch
+
+    assert (f"Seed 0, torch {torch.__version__} on its {torch.backends.cpu.get_cpu_capability()} CPU kernels ("
+            in captured.out)  # what the table depends on beside the code
     # transformers' per-load progress bars are off for the tiny model's pipeline, and back on afterwards
     assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
     from transformers.utils import logging as hf_logging
