@@ -187,7 +187,7 @@ def seeds_table(results: Sequence[dict], baseline: str = "SFT") -> str:
     note = (f"Mean ± standard deviation over seeds {seeds}; pass@k, compile rate and the difference in percent, "
             "solved in problems, train time in seconds.")
     if mixed := mixed_environments(results):
-        note += f" Runs made with different releases or CPU kernels, so seeds are not the only difference: {mixed}."
+        note += f" Runs made with different releases or CPUs, so seeds are not the only difference: {mixed}."
     per_seed = per_seed_table(results, baseline) if len(results) > 1 and baseline in methods else ""
     return "\n".join(lines) + (f"\n\n{per_seed}" if per_seed else "") + f"\n\n{note}\n"
 
@@ -209,13 +209,14 @@ def per_seed_table(results: Sequence[dict], baseline: str = "SFT") -> str:
 
 
 def mixed_environments(results: Sequence[dict]) -> str:
-    """The packages (and Python, and torch's CPU kernels) whose recorded version differs between ``results``, each version with its seeds
-    ("transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2)"); "" when all agree. Results written before versions were
-    recorded count as "unrecorded"."""
+    """The packages (and Python, torch's CPU kernels and the CPU) whose recorded version differs between ``results``,
+    each version with its seeds ("transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2)"); "" when all agree. Results
+    written before versions were recorded count as "unrecorded"."""
     def versions(result: dict) -> dict[str, str]:
         env = result.get("environment") or {}
         return {"python": env.get("python", "unrecorded"),
                 "CPU kernels": (env.get("cpu") or {}).get("kernels", "unrecorded"),
+                "CPU": (env.get("cpu") or {}).get("model", "unrecorded"),  # same kernels, other vendor's math library
                 **{name: (env.get("packages") or {}).get(name, "unrecorded") for name in RESULT_PACKAGES}}
 
     recorded = [versions(r) for r in results]

@@ -70,10 +70,11 @@ def test_results_record_the_releases_and_the_seed_table_names_those_that_differ(
     runs[1]["environment"]["cpu"]["kernels"] = "ZZZ"  # an AVX2 machine's seed beside AVX-512 ones, say
     del runs[2]["environment"]["cpu"]  # written before the CPU was recorded
     note = seeds_table(runs).splitlines()[-1]
-    kernels = environment()["cpu"]["kernels"]
-    assert note.endswith(f" Runs made with different releases or CPU kernels, so seeds are not the only difference: "
+    kernels, model = environment()["cpu"]["kernels"], environment()["cpu"]["model"]
+    assert note.endswith(f" Runs made with different releases or CPUs, so seeds are not the only difference: "
                          f"python {environment()['python']} (seeds 0, 1), unrecorded (seed 2); CPU kernels {kernels} "
-                         "(seed 0), ZZZ (seed 1), unrecorded (seed 2); transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2).")
+                         f"(seed 0), ZZZ (seed 1), unrecorded (seed 2); CPU {model} (seeds 0, 1), unrecorded (seed 2); "
+                         "transformers 5.24.0 (seed 0), 5.25.0 (seeds 1, 2).")
 
 
 def test_the_recorded_cpu_kernels_follow_aten_cpu_capability():
