@@ -433,7 +433,8 @@ def run_trainer_command(argv: list[str] | None = None) -> int:
         if argv is not None or refused is None:
             raise
         command = next((f"lit_align {a}" for a in args if a in TRAINER_COMMANDS), "lit_align")
-        print(f"{command}: error: {refused}", file=sys.stderr)
+        option = None if isinstance(refused, (LightningOptionError, ResumeOptionError)) else option_of(refused)
+        print(f"{command}: error: {option + ': ' if option else ''}{refused}", file=sys.stderr)
         return 2
     return 0
 
@@ -456,6 +457,32 @@ def argument_error(err: BaseException) -> BaseException | None:
         if isinstance(inner, (ValueError, TypeError)) and raised_in(inner, package):
             return inner
         inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def option_of(err: BaseException) -> str | None:
+    """The option a lit_align module's or DataModule's own check of its arguments refused, as its dotted name in a
+    config (``model.init_args.beta``, ``data.init_args.batch_size``): the class is the one whose ``__init__`` raised
+    ``err``, the option the first of that class's parameters the message names (``optimizer.lr`` stays whole). None
+    where no such class raised it or the message names none of its parameters."""
+    from lightning.pytorch import LightningModule
+
+    owner = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        candidate = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if isinstance(candidate, (LightningModule, LightningDataModule)):
+            owner = candidate
+            break
+    if owner is None or "init_args" in str(err):
+        return None
+    group = "model" if isinstance(owner, LightningModule) else "data"
+    skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names = {name for cls in type(owner).__mro__ if "__init__" in vars(cls) and cls is not object
+             for name, p in inspect.signature(vars(cls)["__init__"]).parameters.items()
+             if name != "self" and p.kind not in skip}
+    for token in re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", str(err)):
+        if token.split(".")[0] in names:
+            return f"{group}.init_args.{token}"
     return None
 
 

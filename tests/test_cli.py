@@ -328,28 +328,39 @@ def test_missing_model_and_data_paths_are_refused_in_one_line_before_anything_is
 
 
 def test_a_bad_module_argument_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    """A module's own check of its arguments (here GRPO's group size, and a mistyped generation_kwargs key) reaches the
-    command line as its one message with exit status 2, not as jsonargparse's 70-line traceback around it; nothing
-    is written. Errors that did not come from a lit_align class's arguments keep their traceback."""
-    from lit_align.cli import argument_error
+    """A module's or DataModule's own check of its arguments (here GRPO's group size, a mistyped generation_kwargs key,
+    a batch size of 0) reaches the command line as its one message, led by the option at fault as a config names it,
+    with exit status 2, not as jsonargparse's 70-line traceback around it; nothing is written. Errors that did not
+    come from a lit_align class's arguments keep their traceback."""
+    from lit_align.cli import argument_error, option_of
 
     monkeypatch.chdir(tmp_path)
     grpo = ["fit", "--config", str(REPO / "configs/quickstart/grpo.yaml"), "--model.init_args.model_name_or_path",
             "preset:tiny"]
-    for option, message in ((["--model.init_args.samples_per_prompt", "0"], "GRPO needs samples_per_prompt >= 2"),
+    for option, message in ((["--model.init_args.samples_per_prompt", "0"],
+                             "model.init_args.samples_per_prompt: GRPO needs samples_per_prompt >= 2"),
                             (["--model.init_args.generation_kwargs", "{reserve_cach: true}"],
-                             "generation_kwargs has 'reserve_cach', which the hf backend does not take; it takes: ")):
+                             "model.init_args.generation_kwargs: generation_kwargs has 'reserve_cach', which the hf "
+                             "backend does not take; it takes: "),
+                            (["--model.init_args.beta", "-1"], "model.init_args.beta: beta must be >= 0, got -1.0"),
+                            (["--data.init_args.batch_size", "0"],
+                             "data.init_args.batch_size: batch_size must be >= 1, got 0")):
         monkeypatch.setattr(sys, "argv", ["lit_align", *grpo, *option])
         assert main() == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"lit_align fit: error: {message}") and not any("Traceback" in line for line in err)
         with pytest.raises(ValueError, match="Does not validate"):  # from Python: jsonargparse's error propagates
             main([*grpo, *option])
+    sft = ["lit_align", "fit", "--config", str(REPO / CONFIG), "--data.init_args.val_fraction", "2"]
+    monkeypatch.setattr(sys, "argv", sft)  # a DataError from the DataModule's __init__ is led by its option too
+    assert main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lit_align fit: error: data.init_args.val_fraction: val_fraction must be in [0, 1), got 2.0")
     assert not any(tmp_path.iterdir())
     try:
         raise ValueError("not a command-line argument")
     except ValueError as err:
-        assert argument_error(err) is None
+        assert argument_error(err) is None and option_of(err) is None  # no module's __init__ raised it
 
 
 def test_data_that_cannot_be_trained_on_is_refused_before_the_run_directory_is_made(tmp_path, pairs_file, monkeypatch):
