@@ -67,9 +67,24 @@ def root_help() -> str:
     lines += ["", "other commands (each takes --help):"]
     lines += [f"  {name:<{width}}{help_}" for name, (_, help_) in EXTRA_COMMANDS.items()]
     lines += ["", "options:", "  -h, --help       show this help and exit",
+              "  -V, --version    show lit_align's version, the releases it runs with and the CPU, and exit",
               "  -c, --config     a config file holding each command's settings under its name (fit: {trainer: ...})",
               "",
               "example: lit_align fit --config configs/quickstart/dpo.yaml --trainer.max_steps 50"]
+    return "\n".join(lines)
+
+
+def version_text() -> str:
+    """``lit_align --version``: its own version, then what a result depends on, one per line, as ``results.json``
+    records it (Python, torch, transformers, tokenizers, lightning, peft, numpy, and the CPU with torch's kernels for
+    it), to paste into a bug report or compare two machines."""
+    from lit_align import __version__
+    from lit_align.report import environment
+
+    env = environment()
+    lines = [f"lit_align {__version__}", f"python {env['python']}"]
+    lines += [f"{name} {release}" for name, release in env["packages"].items()]
+    lines.append(f"cpu {env['cpu']['model']} (torch kernels {env['cpu']['kernels']})")
     return "\n".join(lines)
 
 
@@ -110,6 +125,9 @@ def dispatch(argv: list[str] | None = None) -> int:
     if args in (["-h"], ["--help"]):
         print(root_help())
         raise SystemExit(0)  # as argparse's --help does, here and in every command
+    if args in (["-V"], ["--version"]):
+        print(version_text())
+        raise SystemExit(0)
     if not args or not (args[0].startswith("-") or args[0] in TRAINER_COMMANDS):
         refuse_unknown_command(args[0] if args else None)
     from lit_align.cli import run_trainer_command

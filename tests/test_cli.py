@@ -563,3 +563,25 @@ def test_help_names_every_command_and_subcommand_usage_stays_short(capsys, monke
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert capsys.readouterr().out.startswith("usage: lit_align [options] fit [-h] [-c CONFIG] [--print_config")
+
+
+def test_version_names_the_releases_and_cpu_results_json_records(capsys):
+    """``lit_align --version`` (and ``-V``): lit_align's version, then one line per release and the CPU, the same
+    values ``results.json`` records, so two machines' outputs can be compared line by line."""
+    import importlib.metadata
+
+    import torch
+
+    import lit_align
+    from lit_align.report import environment
+
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as exit_:
+            main([flag])
+        assert exit_.value.code == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0] == f"lit_align {lit_align.__version__}" == f"lit_align {importlib.metadata.version('lit_align')}"
+        assert f"torch {torch.__version__}" in lines and f"lightning {importlib.metadata.version('lightning')}" in lines
+        env = environment()
+        assert lines[-1] == f"cpu {env['cpu']['model']} (torch kernels {env['cpu']['kernels']})"
+        assert len(lines) == 2 + len(env["packages"]) + 1
