@@ -265,9 +265,16 @@ class LitAlignCLI(LightningCLI):
         checkpoint and other callbacks) raises a ``LightningOptionError``, shown without a traceback."""
         try:
             super().instantiate_classes()
-        except (MisconfigurationException, ValueError, TypeError) as err:
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
             if not raised_in(err, Path(importlib.import_module("lightning").__file__).parent.resolve()):
                 raise
+            if "No supported gpu backend" in str(err):  # Lightning's whole message for accelerator gpu without one
+                import torch
+
+                raise LightningOptionError(
+                    f"trainer.accelerator: gpu, but torch finds no GPU here (torch {torch.__version__}, CUDA "
+                    f"{torch.version.cuda or 'not built in'}); --trainer.accelerator cpu --trainer.devices 1 runs on "
+                    "the CPU") from err
             raise LightningOptionError(f"{err} (a --trainer or callback option; 'lit_align {self.subcommand} --help' "
                                        "lists them)") from err
 
@@ -448,14 +455,20 @@ def raised_in(exc: BaseException, root: Path) -> bool:
 def argument_error(err: BaseException) -> BaseException | None:
     """The error a lit_align class raised over a bad argument while jsonargparse built it from the command line
     (``err`` is jsonargparse's, "Does not validate against any of the Union subtypes", and carries the class's own
-    as its context), or None when ``err`` is something else, whose traceback must then be shown."""
+    as its context), or a package missing for a class the config names (``--trainer.logger WandbLogger`` without
+    wandb: an ImportError naming the class and the requirement), or None when ``err`` is something else, whose
+    traceback must then be shown."""
     if not raised_in(err, Path(importlib.import_module("jsonargparse").__file__).parent.resolve()):
         return None
     package = Path(__file__).parent.resolve()
-    inner = err.__cause__ or err.__context__
+    outer, inner = [err], err.__cause__ or err.__context__
     while inner is not None:
         if isinstance(inner, (ValueError, TypeError)) and raised_in(inner, package):
             return inner
+        if isinstance(inner, ImportError):  # a class the config names (a logger, say) needs a package not installed
+            named = next((m.group(1) for e in outer if (m := re.search(r"class_path '([^']+)'", str(e)))), None)
+            return ImportError(f"{named}: {inner}" if named else str(inner))
+        outer.append(inner)
         inner = inner.__cause__ or inner.__context__
     return None
 

@@ -152,6 +152,35 @@ def test_an_option_lightning_refuses_is_one_line_before_anything_is_written(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_an_accelerator_or_logger_this_machine_cannot_use_is_one_line(tmp_path, monkeypatch, capsys):
+    """``--trainer.accelerator gpu`` (the iotacode configs' setting) on a machine where torch finds no GPU says so and
+    how to run on the CPU, instead of Lightning's "No supported gpu backend found!"; an accelerator or logger whose
+    package is not installed is Lightning's requirement line, led by the class that needs it, not a 70-line
+    traceback. Nothing is written."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    cases = []
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        cases.append((["--trainer.accelerator", "gpu"], "lit_align fit: error: trainer.accelerator: gpu, but torch finds "
+                      f"no GPU here (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); "
+                      "--trainer.accelerator cpu --trainer.devices 1 runs on the CPU"))
+    if importlib.util.find_spec("torch_xla") is None:
+        cases.append((["--trainer.accelerator", "tpu"], "lit_align fit: error: Requirement 'torch_xla>="))
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((["--trainer.logger", "WandbLogger"], "lit_align fit: error: "
+                      "lightning.pytorch.loggers.WandbLogger: Requirement 'wandb>="))
+    assert cases, "this machine has a GPU, torch_xla and wandb: nothing here to refuse"
+    for option, message in cases:
+        monkeypatch.setattr(sys, "argv", ["lit_align", "fit", "--config", str(REPO / CONFIG), *option])
+        assert main() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(message) and not any("Traceback" in line for line in err), err[-3:]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option, message", [
     (["--model.init_args.lora.r", "0"], "lora.r must be a positive rank, got 0"),
     (["--model.init_args.lora.dropout", "1.5"], "lora.dropout must be in [0, 1), got 1.5"),
