@@ -289,6 +289,10 @@ def test_command_errors_name_the_field(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         memory.main(["--json"])
     assert "--config FILE.yaml is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a mistyped file name: plan-memory's own error, not the root parser's usage
+        memory.main(["--config", "configs/quickstart/sft.yml"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lit_align plan-memory: error: --config configs/quickstart/sft.yml: no such file")
     # a later stage planned before the stage it starts from was trained: the model it can be planned with instead
     monkeypatch.chdir(tmp_path)  # where runs/iotacode/sft-model cannot exist
     dpo = str(REPO / "configs" / "iotacode" / "dpo.yaml")

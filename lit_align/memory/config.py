@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from lit_align.hints import HintingArgumentParser
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not args.config:
         parser.error("--config FILE.yaml is required (the same file `lit_align fit` takes)")
+    for path in args.config:
+        if not Path(path).expanduser().is_file():
+            parser.error(f"--config {path}: no such file")
     rest = [a for c in args.config for a in ("--config", c)] + rest  # configs first, then the overrides
     for flag in ("--seq-len", "--samples-per-prompt", "--max-new-tokens", "--update-batch"):
         value = getattr(args, flag[2:].replace("-", "_"))
