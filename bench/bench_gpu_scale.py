@@ -150,6 +150,7 @@ class Spec:
     gradient_checkpointing: bool
     attn: str
     threads: int | None
+    compile: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------- model and data
@@ -373,7 +374,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
 
     L.seed_everything(0, verbose=False)
     module_args = dict(model_name_or_path=spec.model_dir, dtype=precision.load_dtype, attn_implementation=spec.attn,
-                       gradient_checkpointing=spec.gradient_checkpointing,
+                       gradient_checkpointing=spec.gradient_checkpointing, torch_compile=spec.compile,
                        lora=LoRAConfig(**LORA) if spec.lora else None,
                        optimizer=OptimizerConfig(lr=LR, weight_decay=0.0, schedule="constant"))
     data_args = dict(val_sources=[], val_fraction=0.0, tokenizer=spec.model_dir, max_length=spec.seq_len,
@@ -392,6 +393,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     settings = {"precision": precision.lightning, "dtype": precision.load_dtype,
                 "gradient_checkpointing": spec.gradient_checkpointing, "attn": spec.attn,
+                "torch_compile": "each decoder block" if spec.compile else False,
                 "optimizer": describe_optimizer(trainer.optimizers[0])}
     if objective == "dpo":
         settings.update(reference=module.reference_mode, share_prompt=module.hparams.share_prompt,
@@ -433,6 +435,7 @@ def run_trl(objective: str, spec: Spec) -> dict[str, Any]:
                        gradient_checkpointing=spec.gradient_checkpointing,
                        gradient_checkpointing_kwargs={"use_reentrant": False} if spec.gradient_checkpointing else None,
                        use_cpu=not cuda, report_to="none", save_strategy="no", disable_tqdm=True,
+                       torch_compile=spec.compile,
                        dataloader_num_workers=0, seed=0)
     peft_config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                   target_modules="all-linear", task_type="CAUSAL_LM") if spec.lora else None
@@ -448,6 +451,7 @@ def run_trl(objective: str, spec: Spec) -> dict[str, Any]:
     trainer.train()
     settings = {"bf16": config.bf16, "dtype": precision.load_dtype,
                 "gradient_checkpointing": config.gradient_checkpointing, "attn": spec.attn,
+                "torch_compile": "whole model" if config.torch_compile else False,
                 "optimizer": describe_optimizer(trainer.optimizer), "trl": trl.__version__}
     if objective == "dpo":
         settings.update(reference="ref_model" if trainer.ref_model is not None else "adapter_disabled",
@@ -640,6 +644,9 @@ def parse_args() -> argparse.Namespace:
                         help="auto: bf16-mixed on a GPU, fp32 on CPU")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="recompute activations in the backward pass (both libraries)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile: lit_align's torch_compile (each decoder block), TRL's torch_compile "
+                             "training argument (the whole model); the warm-up steps must cover the compilation")
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                         help="attention implementation (both libraries)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
@@ -689,7 +696,7 @@ def main() -> None:
         spec = Spec(model_dir=str(model_dir), sft_data=str(sft), dpo_data=str(dpo), seq_len=args.seq_len,
                     steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=args.device,
                     precision=asdict(precision), lora=args.lora, gradient_checkpointing=args.gradient_checkpointing,
-                    attn=args.attn, threads=args.threads)
+                    attn=args.attn, threads=args.threads, compile=args.compile)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(asdict(spec), indent=2))
         for run in args.runs:

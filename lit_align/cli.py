@@ -306,6 +306,11 @@ class LitAlignCLI(LightningCLI):
         ``setup``, so lit_align's DataModules read their data here (once: their ``setup`` keeps what is built)."""
         refuse_missing_model_paths(self.model)
         refuse_unmatched_lora_targets(self.model)
+        if isinstance(self.model, AlignmentModule):  # as its setup() would, but before the run directory is made
+            try:
+                self.model.refuse_unsupported_compile(self.trainer.strategy)
+            except ValueError as err:
+                raise LightningOptionError(f"model.init_args.{err}") from err
         if isinstance(self.datamodule, TokenizedDataModule):
             self.datamodule.read_before_trainer(self.model, stage)
 

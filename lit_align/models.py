@@ -510,6 +510,24 @@ def _zero_partitioned_lora_b(model: nn.Module) -> None:
             p.data.zero_()
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each transformer block of ``model`` in place (regional compilation): the blocks are the
+    modules whose class the model names in ``_no_split_modules`` (``LlamaDecoderLayer``), found through peft's and
+    other wrappers. One block's graph serves every layer, so compiling costs a fraction of compiling the whole model;
+    the embeddings, the LM head and the loss stay eager. ``nn.Module.compile`` keeps parameter names, so checkpoints
+    and exports are those of the uncompiled model. Returns the number of blocks compiled; raises ValueError when the
+    model names no block class or none is found."""
+    base = outermost_transformers_model(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"torch_compile: found no transformer block to compile in {type(base or model).__name__} "
+                         f"(its _no_split_modules: {sorted(names) or 'none'})")
+    for block in blocks:
+        block.compile(dynamic=True)  # lengths change between batches: one graph with symbolic shapes, not one per length
+    return len(blocks)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0 (nn.Dropout modules and HF attention layers' attention_dropout).
 

@@ -79,12 +79,13 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for the duration; every submodule's previous train/eval flag is restored after.
 
     ``torch.no_grad`` rather than ``torch.inference_mode``: lazily built buffers (rotary caches) must stay
-    usable by the training step that follows.
+    usable by the training step that follows. Blocks compiled for training (``torch_compile``) run eager here: a
+    decoding step's shapes and KV cache differ from the training forward's, and would each cost a recompilation.
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             yield
     finally:
         for module, training in modes:

@@ -23,8 +23,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lit_align import losses
-from lit_align.models import (DType, LoRAConfig, apply_lora, count_parameters, import_model_classes, load_causal_lm,
-                              load_tokenizer, pinned_model_path)
+from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
+                              load_causal_lm, load_tokenizer, pinned_model_path)
 
 
 @dataclass
@@ -124,6 +124,8 @@ class AlignmentModule(L.LightningModule):
         attn_implementation: attention kernel ("sdpa", "eager", "flash_attention_2"); null lets transformers choose.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         optimizer: AdamW and learning-rate schedule settings.
+        torch_compile: torch.compile each transformer block for the training forward and backward (the first steps
+            pay the compilation; generation runs them eager).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class AlignmentModule(L.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         optimizer: OptimizerConfig | None = None,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         # plain dicts (from Python, or hyperparameters read back from a checkpoint) become the typed configs
@@ -174,9 +177,20 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Lightning calls this before ``configure_model``, outside DeepSpeed's ``zero.Init``: under ZeRO-3 the classes
         of every model in :meth:`model_sources` are imported here (``models.import_model_classes``)."""
+        self.refuse_unsupported_compile(getattr(self._trainer, "strategy", None))
         if self._deepspeed_zero3() is not None:
             for source in self.model_sources():
                 import_model_classes(source)
+
+    def refuse_unsupported_compile(self, strategy) -> None:
+        """``torch_compile`` is refused under FSDP and DeepSpeed, which wrap or partition the blocks it compiles (not
+        tried with lit_align yet); one device and DDP compile each process's blocks."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if self.hparams.get("torch_compile") and isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError(f"torch_compile is not supported with trainer.strategy {type(strategy).__name__} (FSDP "
+                             "and DeepSpeed wrap or partition the blocks it compiles); use ddp or one device, or "
+                             "drop torch_compile")
 
     def model_sources(self) -> list[str]:
         """The models (hub ids, directories, presets) whose networks ``configure_model`` builds: the policy's, and in
@@ -191,6 +205,8 @@ class AlignmentModule(L.LightningModule):
         with self._deepspeed_zero3_loading():
             self.model = self.build_policy()
             self.configure_extra_models()
+        if self.hparams.get("torch_compile"):  # after the extra models: a frozen reference copy stays uncompiled
+            compile_blocks(self.model)
 
     @contextmanager
     def _deepspeed_zero3_loading(self):
@@ -247,6 +263,12 @@ class AlignmentModule(L.LightningModule):
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
         return self.model is not None and any(isinstance(m, CheckpointWrapper) for m in self.model.modules())
+
+    def can_share_prompts(self) -> bool:
+        """Whether a training forward may fill a KV cache that later passes reuse (``share_prompt``): not when the
+        backward re-runs the blocks (:meth:`recomputes_activations`), nor with ``torch_compile``, whose blocks would
+        recompile for each layer's view of a cache being filled (the 2B full sequences run compiled instead)."""
+        return not self.recomputes_activations() and not self.hparams.get("torch_compile")
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self, wrapper=self.trainer.strategy.model)

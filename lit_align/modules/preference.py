@@ -64,8 +64,8 @@ class PreferenceModule(AlignmentModule):
     Args:
         share_prompt: run each prompt once for both of its completions: the prompt's keys and values are computed a
             single time and reused by the chosen and the rejected row (needs a model with a KV cache; ignored with
-            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass). Off: one forward
-            pass over the 2B full sequences.
+            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, and with
+            torch_compile). Off: one forward pass over the 2B full sequences.
         disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
             of the same weights agree exactly and the implicit rewards are not noise.
     """
@@ -120,7 +120,7 @@ class PreferenceModule(AlignmentModule):
 
     def _use_prompt_sharing(self, batch: dict[str, Any]) -> bool:
         return (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and not self.recomputes_activations())
+                and self.can_share_prompts())
 
     def _full_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

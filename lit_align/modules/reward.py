@@ -48,7 +48,8 @@ class RewardModel(AlignmentModule):
     Args:
         margin: optional margin the chosen reward must exceed the rejected one by (null: Eq. 2 exactly).
         share_prompt: run each prompt once for both completions of a pair (its keys/values are reused); ignored with
-            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass.
+            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, and with
+            torch_compile.
         disable_dropout: turn dropout off, so the two sides of a pair are scored by the same network.
     """
 
@@ -131,7 +132,7 @@ class RewardModel(AlignmentModule):
     def pair_rewards(self, batch: dict[str, Any]) -> Tensor:
         """Rewards (2B,) of a preference batch: chosen rows, then rejected rows."""
         if (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and not self.recomputes_activations()):
+                and self.can_share_prompts()):
             scorer = self._scorer()
             try:
                 _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch)
