@@ -280,19 +280,24 @@ class LitAlignCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """As LightningCLI's, except that ``--trainer.enable_progress_bar false`` also drops the default progress bar,
-        and ``--trainer.enable_model_summary false`` the default model summary (Lightning refuses either beside it)."""
+        ``--trainer.enable_model_summary false`` the default model summary (Lightning refuses either beside it), and
+        ``--trainer.logger false`` the default learning-rate monitor (Lightning refuses it without a logger)."""
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if trainer_config.get("enable_progress_bar") is False:
             extra = [cb for cb in extra if not isinstance(cb, RichProgressBar)]
         if trainer_config.get("enable_model_summary") is False:
             extra = [cb for cb in extra if not isinstance(cb, ModelSummary)]
+        if trainer_config.get("logger") is False:  # Lightning refuses a learning-rate monitor with nothing to log to
+            extra = [cb for cb in extra if not isinstance(cb, LearningRateMonitor)]
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_fit(self) -> None:
         self.refuse_bad_inputs("fit")
         refuse_existing_checkpoints(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
         refuse_existing_exports(self.trainer)
+        if self.save_config_callback and not self.save_config_kwargs.get("overwrite"):
+            refuse_existing_config(self.trainer, self.save_config_kwargs.get("config_filename", "config.yaml"))
 
     def before_validate(self) -> None:
         self.refuse_bad_inputs("validate")
@@ -372,6 +377,21 @@ def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:
             raise OutputDirectoryError(
                 f"checkpoint directory {dirpath} already holds checkpoints of another run; resume it with "
                 f"--ckpt_path {Path(dirpath) / 'last.ckpt'}, or choose another --checkpoint.dirpath / logger version")
+
+
+def refuse_existing_config(trainer, filename: str) -> None:
+    """The run's resolved config is saved as ``<trainer.log_dir>/<filename>``: a fresh version directory with a
+    logger, but ``--trainer.default_root_dir`` (the working directory by default) without one, or a logger version
+    pinned to an earlier run's. One already there, an earlier run's, is refused here in one line (Lightning would
+    refuse it with a traceback once the trainer had started)."""
+    path = Path(trainer.log_dir or ".") / filename
+    if path.exists():
+        where = ("--trainer.default_root_dir, the working directory unless set" if trainer.logger is None
+                 else "the logger's version directory")
+        raise OutputDirectoryError(
+            f"{path} holds an earlier run's config, and this run would save its own there ({where}): run from "
+            f"another directory or give another --trainer.default_root_dir"
+            + (" or logger version" if trainer.logger is not None else ", or keep a logger (each run a new version)"))
 
 
 def refuse_existing_exports(trainer) -> None:

@@ -304,6 +304,26 @@ def test_fresh_run_into_a_directory_holding_checkpoints_is_refused(tmp_path, pai
     assert (tmp_path / "ck" / "last.ckpt").read_bytes() == before
 
 
+def test_a_run_without_a_logger_trains_and_a_second_one_never_replaces_its_config(tmp_path, pairs_file, monkeypatch,
+                                                                                   capsys):
+    """--trainer.logger false drops the default learning-rate monitor (Lightning refuses one with no logger) and the run
+    saves its config.yaml into --trainer.default_root_dir; a second such run there is refused in one line, exit
+    status 2, before anything is written, and the first run's config stays as it was."""
+    root = tmp_path / "root"
+    args = [*_fit_args(tmp_path, pairs_file, "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
+                       "--trainer.callbacks=[]", "--trainer.max_steps", "2"), "--checkpoint.dirpath"]
+    main([*args, str(tmp_path / "ck1")])
+    assert (tmp_path / "ck1" / "last.ckpt").is_file() and not (tmp_path / "runs").exists()
+    before = (root / "config.yaml").read_text()
+    monkeypatch.setattr(sys, "argv", ["lit_align", *args, str(tmp_path / "ck2")])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lit_align fit: error: {root / 'config.yaml'} holds an earlier run's config, and this run would save its own "
+        "there (--trainer.default_root_dir, the working directory unless set): run from another directory or give "
+        "another --trainer.default_root_dir, or keep a logger (each run a new version)")
+    assert (root / "config.yaml").read_text() == before and not (tmp_path / "ck2").exists()
+
+
 def test_an_export_directory_that_holds_something_is_refused_before_the_run_directory_is_made(
         tmp_path, pairs_file, monkeypatch, capsys):
     """LoRAMerge's output_dir (here a finished stage's export) is checked with the other outputs, before the logger
