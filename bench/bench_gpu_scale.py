@@ -10,8 +10,8 @@ anywhere else; every measurement runs in a fresh worker process (this file, star
 
 Model: a randomly initialised ``LlamaForCausalLM`` of DeepSeek-Coder 1.3B's shape (hidden 2048, 24 layers, 16 heads,
 intermediate 5504, vocab 32256, max_position_embeddings 16384, rope_theta 100000; the released checkpoint's linear
-RoPE scaling changes no FLOPs and is left out), or ``--shape tiny`` (2 layers, hidden 128, same vocabulary) for a
-CPU smoke test. It is saved once, in bf16 on a GPU and fp32 on CPU, with lit_align's byte-level tokenizer
+RoPE scaling changes no FLOPs and is left out), ``--shape tiny`` (2 layers, hidden 128, same vocabulary) for a
+CPU smoke test, or ``--shape small`` (8 layers, hidden 512) for CPU measurements where the blocks outweigh the LM head. It is saved once, in bf16 on a GPU and fp32 on CPU, with lit_align's byte-level tokenizer
 (``build_byte_tokenizer``: one token per byte of text; the model's vocabulary is larger, which both libraries accept).
 
 Data: random text of letters, digits, spaces and newlines, so N characters are exactly N tokens. SFT rows are
@@ -96,6 +96,9 @@ SHAPES: dict[str, dict[str, int]] = {
                           num_key_value_heads=16),
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
+    # CPU-sized, with the blocks (25M matmul weights) outweighing the 32k-vocabulary LM head (16.5M), as on a 1.3B model
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8),
 }
 COMMON_SHAPE = dict(vocab_size=32256, max_position_embeddings=16384, rope_theta=100000.0, rms_norm_eps=1e-6,
                     tie_word_embeddings=False)

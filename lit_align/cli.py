@@ -311,6 +311,7 @@ class LitAlignCLI(LightningCLI):
         ``setup``, so lit_align's DataModules read their data here (once: their ``setup`` keeps what is built)."""
         refuse_missing_model_paths(self.model)
         refuse_unmatched_lora_targets(self.model)
+        refuse_missing_backend(self.model)
         if isinstance(self.model, AlignmentModule):  # as its setup() would, but before the run directory is made
             try:
                 self.model.refuse_unsupported_compile(self.trainer.strategy)
@@ -363,6 +364,18 @@ def refuse_unmatched_lora_targets(module) -> None:
     lora = getattr(module, "lora_config", None)
     if lora is not None and isinstance(module.hparams.get("model_name_or_path"), str):
         check_lora_targets(module.hparams.model_name_or_path, lora)
+
+
+def refuse_missing_backend(module) -> None:
+    """An online objective whose ``generation_backend`` needs a package that is not installed (vllm) is refused before
+    the trainer starts, not at its first rollout (the module itself can still be built, to read a checkpoint)."""
+    from lit_align.generation.base import missing_requirement
+
+    backend = module.hparams.get("generation_backend")
+    hint = missing_requirement(backend) if isinstance(backend, str) else None
+    if hint:
+        raise LightningOptionError(f"model.init_args.generation_backend: {hint}; or use hf (the live policy) or openai "
+                                   "(a server)")
 
 
 def refuse_existing_checkpoints(trainer, ckpt_path: str | None) -> None:

@@ -152,6 +152,24 @@ def test_an_option_lightning_refuses_is_one_line_before_anything_is_written(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_the_vllm_backend_without_vllm_is_refused_before_the_run_directory_is_made(tmp_path, monkeypatch, capsys):
+    """An online objective with generation_backend vllm where vLLM is not installed failed at its first rollout, with
+    a traceback, after the run directory was made: refused up front, naming the option and the install."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: nothing to refuse")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit_align", "fit", "--config", str(REPO / "configs/quickstart/grpo.yaml"),
+                                      "--model.init_args.model_name_or_path", "preset:tiny",
+                                      "--model.init_args.generation_backend", "vllm"])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lit_align fit: error: model.init_args.generation_backend: the vllm backend needs vLLM: pip install "
+        "lit_align[vllm] (Linux with a CUDA GPU); or use hf (the live policy) or openai (a server)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_accelerator_or_logger_this_machine_cannot_use_is_one_line(tmp_path, monkeypatch, capsys):
     """``--trainer.accelerator gpu`` (the iotacode configs' setting) on a machine where torch finds no GPU says so and
     how to run on the CPU, instead of Lightning's "No supported gpu backend found!"; an accelerator or logger whose

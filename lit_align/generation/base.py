@@ -176,6 +176,18 @@ def check_backend_kwargs(name: BackendName, kwargs: dict, option: str, supplied:
                          f"it takes: {', '.join(takes)}")
 
 
+def missing_requirement(name: BackendName) -> str | None:
+    """What the backend called ``name`` needs that is not installed, as an install hint, or None (only vllm needs
+    anything beyond lit_align's own dependencies). Found without importing it."""
+    import importlib.util
+
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        from lit_align.generation.vllm import INSTALL_HINT
+
+        return INSTALL_HINT
+    return None
+
+
 def build_backend(name: BackendName, **kwargs) -> GenerationBackend:
     """The backend called ``name`` ("hf", "vllm" or "openai"), built from that backend's keyword arguments."""
     return backend_class(name)(**kwargs)
