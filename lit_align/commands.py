@@ -29,7 +29,8 @@ TRAINER_COMMANDS = ("fit", "validate", "test")
 
 TRAINER_HELP = {"fit": "train (and validate) a model; --ckpt_path resumes a run",
                 "validate": "one pass over the validation data, reporting its metrics",
-                "test": "one pass over the test data, reporting its metrics"}
+                "test": "the validation pass again (val_sources: no data module holds a separate test set), its "
+                        "metrics named test/*"}
 
 NOT_COMMANDS = {"predict": "lit_align has no predict command (no module has a prediction step): draw completions from "
                            "a trained model with 'lit_align sample --model DIR --benchmark NAME --output samples.jsonl', "

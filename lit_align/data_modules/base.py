@@ -239,6 +239,8 @@ class TokenizedDataModule(L.LightningDataModule):
         return self._loader(self.val_items, self.eval_batch_size, False, self.collate)
 
     def test_dataloader(self) -> DataLoader | list:
+        """The validation data: ``lit_align test`` is a validation pass whose metrics are named ``test/*`` (give
+        held-out data as ``val_sources``; no DataModule here holds a third split)."""
         return self.val_dataloader()
 
     def _batches_done(self) -> int:
