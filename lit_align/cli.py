@@ -317,6 +317,10 @@ class LitAlignCLI(LightningCLI):
                 self.model.refuse_unsupported_compile(self.trainer.strategy)
             except ValueError as err:
                 raise LightningOptionError(f"model.init_args.{err}") from err
+            try:
+                self.model.refuse_incompatible_data(self.datamodule)
+            except ValueError as err:
+                raise LightningOptionError(f"data: {err}") from err
         if isinstance(self.datamodule, TokenizedDataModule):
             self.datamodule.read_before_trainer(self.model, stage)
 

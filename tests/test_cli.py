@@ -152,6 +152,39 @@ def test_an_option_lightning_refuses_is_one_line_before_anything_is_written(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_an_objective_given_another_objectives_data_is_refused_not_misread(tmp_path, pairs_file, monkeypatch, capsys):
+    """DPO on SFT batches took the first half of each batch's rows as chosen completions and the second half as
+    rejected, and SFT on preference batches fitted the rejected completions too, both silently: now refused in one
+    line naming the DataModule to use, before the run directory is made; from Python, in the module's setup."""
+    import lightning.pytorch as L
+
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataSource
+    from lit_align.modules.dpo import DPO
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cases = [(["--config", str(REPO / CONFIG), "--model", "DPO"], "DPO trains on preference batches, but "
+              "SFTDataModule gives sft batches, which it would misread; use --data PreferenceDataModule"),
+             (["--config", str(REPO / "configs/quickstart/dpo.yaml"), "--model", "SFT"], "SFT trains on sft batches, "
+              "but PreferenceDataModule gives preference batches, which it would misread; use --data SFTDataModule"),
+             (["--config", str(REPO / "configs/quickstart/grpo.yaml"), "--model", "RewardModel"], "RewardModel trains "
+              "on preference batches, but PromptsDataModule gives prompts batches, which it would misread; use --data "
+              "PreferenceDataModule")]
+    for args, message in cases:
+        monkeypatch.setattr(sys, "argv", ["lit_align", "fit", *args, "--model.init_args.model_name_or_path",
+                                          "preset:tiny"])
+        assert main() == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"lit_align fit: error: data: {message}"
+    assert not any(work.iterdir())
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = SFTDataModule(train_sources=[DataSource(path=pairs_file)], tokenizer="preset:tiny")
+    with pytest.raises(ValueError, match="DPO trains on preference batches, but SFTDataModule gives sft batches"):
+        trainer.fit(DPO(), datamodule=data)
+
+
 def test_the_vllm_backend_without_vllm_is_refused_before_the_run_directory_is_made(tmp_path, monkeypatch, capsys):
     """An online objective with generation_backend vllm where vLLM is not installed failed at its first rollout, with
     a traceback, after the run directory was made: refused up front, naming the option and the install."""

@@ -79,6 +79,11 @@ class TokenizedDataModule(L.LightningDataModule):
         prompt_template: Python format string applied to every prompt; must contain "{prompt}".
     """
 
+    batch_kind: str | None = None
+    """What a batch holds, for the objectives to check before training (``AlignmentModule.data_kind``): "sft" (prompt
+    + completion rows), "preference" (the chosen, then the rejected row of each pair), "prompts" (prompts with tests,
+    for online rollouts). None: not said (not checked)."""
+
     def __init__(self, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
                  eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int | None = None,
                  prompt_template: str = "{prompt}") -> None:

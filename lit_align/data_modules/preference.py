@@ -232,6 +232,8 @@ class PreferenceDataModule(TokenizedDataModule):
         pad_to_multiple_of: round the padded length up to a multiple of this (tensor-core friendly shapes on GPUs).
     """
 
+    batch_kind = "preference"
+
     def __init__(self, train_sources: list[PreferenceSource] | None = None,
                  val_sources: list[PreferenceSource] | None = None, val_fraction: float = 0.05,
                  closest_ratio: float = 0.5, max_pairs_per_problem: int | None = 8, prompt_template: str = "{prompt}",

@@ -231,6 +231,8 @@ class PromptsDataModule(TokenizedDataModule):
         max_length: prompts longer than this many tokens are dropped (with a logged count).
     """
 
+    batch_kind = "prompts"
+
     def __init__(self, train_sources: list[PromptSource] | None = None, val_sources: list[PromptSource] | None = None,
                  prompt_template: str = "{prompt}", tokenizer: str | None = None, max_length: int = 1024,
                  batch_size: int = 8, eval_batch_size: int | None = None, group_by_length: bool = False,

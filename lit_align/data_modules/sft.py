@@ -24,6 +24,8 @@ class SFTDataModule(TokenizedDataModule):
         packing: concatenate several short examples into one sequence of up to max_length tokens (no attention across them).
     """
 
+    batch_kind = "sft"
+
     def __init__(self, train_sources: list[DataSource] | None = None, val_sources: list[DataSource] | None = None,
                  val_fraction: float = 0.05, prompt_template: str = "{prompt}", packing: bool = False,
                  tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,

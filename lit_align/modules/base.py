@@ -128,6 +128,10 @@ class AlignmentModule(L.LightningModule):
             pay the compilation; generation runs them eager).
     """
 
+    data_kind: str | None = None
+    """The ``batch_kind`` of the DataModule this objective trains on ("sft", "preference", "prompts"); another kind is
+    refused (:meth:`refuse_incompatible_data`), since it would be misread rather than fail."""
+
     def __init__(
         self,
         model_name_or_path: str = "preset:tiny",
@@ -178,9 +182,23 @@ class AlignmentModule(L.LightningModule):
         """Lightning calls this before ``configure_model``, outside DeepSpeed's ``zero.Init``: under ZeRO-3 the classes
         of every model in :meth:`model_sources` are imported here (``models.import_model_classes``)."""
         self.refuse_unsupported_compile(getattr(self._trainer, "strategy", None))
+        self.refuse_incompatible_data(getattr(self._trainer, "datamodule", None))
         if self._deepspeed_zero3() is not None:
             for source in self.model_sources():
                 import_model_classes(source)
+
+    def refuse_incompatible_data(self, datamodule) -> None:
+        """A DataModule whose batches are of another kind than this objective's (:attr:`data_kind`) is refused: they
+        would be misread, not fail (DPO takes the first half of an SFT batch's rows as chosen completions and the
+        second as rejected; SFT would fit the rejected completions of preference pairs). A DataModule that does not
+        say what it holds (``batch_kind`` None, a user's own) is not checked."""
+        kind = getattr(datamodule, "batch_kind", None)
+        if self.data_kind is None or kind is None or kind == self.data_kind:
+            return
+        fitting = {"sft": "SFTDataModule", "preference": "PreferenceDataModule", "prompts": "PromptsDataModule"}
+        raise ValueError(f"{type(self).__name__} trains on {self.data_kind} batches, but {type(datamodule).__name__} "
+                         f"gives {kind} batches, which it would misread; use --data "
+                         f"{fitting.get(self.data_kind, 'a DataModule of ' + self.data_kind + ' batches')}")
 
     def refuse_unsupported_compile(self, strategy) -> None:
         """``torch_compile`` is refused under FSDP and DeepSpeed, which wrap or partition the blocks it compiles (not

@@ -233,6 +233,8 @@ class OnlineModule(AlignmentModule):
     needs_reference: bool = False
     """Whether :meth:`configure_extra_models` must provide a reference policy (a frozen copy unless LoRA)."""
 
+    data_kind = "prompts"
+
     def __init__(
         self,
         *args: Any,

@@ -70,6 +70,8 @@ class PreferenceModule(AlignmentModule):
             of the same weights agree exactly and the implicit rewards are not noise.
     """
 
+    data_kind = "preference"
+
     def __init__(self, *args, share_prompt: bool = True, disable_dropout: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._logits_to_keep_ok = True

@@ -53,6 +53,8 @@ class RewardModel(AlignmentModule):
         disable_dropout: turn dropout off, so the two sides of a pair are scored by the same network.
     """
 
+    data_kind = "preference"
+
     def __init__(self, *args, margin: float | None = None, share_prompt: bool = True, disable_dropout: bool = True,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -32,6 +32,8 @@ class SFT(AlignmentModule):
     averages the micro-batches' token means.
     """
 
+    data_kind = "sft"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eval_nll = ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
