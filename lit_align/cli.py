@@ -218,8 +218,9 @@ class LitAlignCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's: with ``--ckpt_path``, the checkpoint's hyperparameters replace the module options of the
         config and the command line. A ``--model.*`` option given on the command line with another value would be
-        dropped without a word, so it is refused (``ResumeOptionError``); a config value that differs is replaced with
-        a line saying so; a model path given as a link (LoRAMerge's ``link``) gives way to the directory the checkpoint
+        dropped without a word, so it is refused (``ResumeOptionError``), except those of :data:`RUNTIME_FIELDS`, which
+        replace the checkpoint's with a line saying so; a config value that differs is replaced with a line saying so;
+        a model path given as a link (LoRAMerge's ``link``) gives way to the directory the checkpoint
         recorded (``models.pinned_model_path``), with a line when the link has moved since."""
         given = self._module_options()
         super()._parse_ckpt_path()
@@ -234,6 +235,11 @@ class LitAlignCLI(LightningCLI):
                 print(f"lit_align: {changed[key]} ({key}) now points at {Path(changed[key]).resolve()}; the run resumes on "
                       f"{resumed[key]}, the model {ckpt_path} was trained from", file=sys.stderr)
                 del changed[key]
+        for key in [k for k in changed if k.rpartition(".")[2] in RUNTIME_FIELDS and self._on_command_line(k)]:
+            self.config[self.config.subcommand][key] = changed[key]
+            print(f"lit_align: the run resumes with {key} {changed[key]!r} ({resumed[key]!r} in {ckpt_path}): it "
+                  "changes how the model runs, not what it computes", file=sys.stderr)
+            del changed[key]
         overridden = {key: value for key, value in changed.items() if self._on_command_line(key)}
         if overridden:
             raise ResumeOptionError(
@@ -343,6 +349,10 @@ def _differences(given, resumed, key: str) -> dict[str, tuple]:
         return out
     return {} if given == resumed else {key: (given, resumed)}
 
+
+RUNTIME_FIELDS = ("torch_compile", "gradient_checkpointing", "attn_implementation")
+"""Module options that change how the model runs (speed, memory, kernels), not what it computes: given on the command
+line with ``--ckpt_path``, they replace the checkpoint's (a run checkpointed on one machine resumes on another)."""
 
 MODEL_PATH_FIELDS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model")
 """Module options that name a model to load: a hub id, a preset, or a local directory (or checkpoint) path."""

@@ -280,6 +280,16 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
                        "--trainer.max_steps", "5", "--ckpt_path", str(last)))
     assert not (tmp_path / "runs" / "quickstart-sft" / "version_3").exists()
 
+    # ... except options that change how the model runs, not what it computes: they follow the command line
+    capsys.readouterr()
+    main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4", "--model.init_args.gradient_checkpointing",
+                   "true", "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    run3 = tmp_path / "runs" / "quickstart-sft" / "version_3"
+    assert yaml.safe_load((run3 / "config.yaml").read_text())["model"]["init_args"]["gradient_checkpointing"] is True
+    assert torch.load(run3 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert (f"lit_align: the run resumes with model.init_args.gradient_checkpointing True (False in {last}): it changes "
+            "how the model runs, not what it computes") in capsys.readouterr().err
+
     # a config value (not an override) that differs is replaced with the checkpoint's, and the run says so
     capsys.readouterr()
     main(["validate", "--config", CONFIG, "--ckpt_path", str(resumed),
