@@ -313,6 +313,8 @@ def summarize(spec: Spec, objective: str, policy: nn.Module, log: BatchLog, cloc
     """The worker's result: rates over the timed steps, FLOPs by lit_align's formula, memory, device, settings."""
     import torch
 
+    from lit_align.report import cpu_model
+
     timed = log.window(spec.warmup, spec.steps)
     per_token = flops_per_token_fn(policy, extra_forward_passes=1 if objective == "dpo" else 0)
     tokens = sum(t for t, _ in timed)
@@ -325,7 +327,7 @@ def summarize(spec: Spec, objective: str, policy: nn.Module, log: BatchLog, cloc
         "longest_sequence": max(seq for _, seq in timed), "model_flops_per_s": flops / elapsed,
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
         **memory.read(),
-        "device_name": torch.cuda.get_device_name() if cuda else cpu_name(),
+        "device_name": torch.cuda.get_device_name() if cuda else cpu_model(),
         "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
         "settings": settings,
     }
@@ -336,16 +338,6 @@ def describe_optimizer(optimizer: Any) -> str:
     inner = getattr(optimizer, "optimizer", optimizer)
     flags = {k: inner.defaults.get(k) for k in ("fused", "foreach")}
     return f"{type(inner).__module__}.{type(inner).__name__}(fused={flags['fused']}, foreach={flags['foreach']})"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------- workers
