@@ -82,19 +82,28 @@ def test_a_compiled_sft_run_trains_as_the_eager_one_and_generates_eager(tmp_path
     assert all(len(c[0].token_ids) > 0 for c in from_plain)
 
 
-def test_torch_compile_is_refused_under_fsdp_and_deepspeed_not_ddp():
-    """FSDP and DeepSpeed wrap or partition the blocks ``torch_compile`` compiles (not tried yet): refused by name before
-    the model is built (the CLI asks before the run directory is made); one device and DDP compile."""
+def test_torch_compile_is_refused_under_fsdp_and_zero3_not_ddp_or_zero2():
+    """Tried and failing, so refused by name before the model is built (the CLI asks before the run directory is made):
+    FSDP (the compiler fails on its flat parameters) and DeepSpeed ZeRO-3 (it recompiles at every layer for ZeRO-3's
+    gather hooks). One device, DDP and ZeRO-2 compile (ZeRO-2's run: tests/test_deepspeed.py)."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
+    def deepspeed(stage: int) -> DeepSpeedStrategy:  # (its config alone: no deepspeed import needed)
+        strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+        strategy.config = {"zero_optimization": {"stage": stage}}
+        return strategy
+
     module = SFT(torch_compile=True)
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):  # (no deepspeed import needed)
-        with pytest.raises(ValueError, match=rf"torch_compile is not supported with trainer.strategy "
-                                             rf"{type(strategy).__name__} \(FSDP and DeepSpeed"):
-            module.refuse_unsupported_compile(strategy)
-    for strategy in (DDPStrategy(), SingleDeviceStrategy(torch.device("cpu")), None):
+    with pytest.raises(ValueError, match=r"torch_compile is not supported with trainer.strategy FSDPStrategy "
+                                         r"\(torch's compiler fails on FSDP's flat parameters"):
+        module.refuse_unsupported_compile(FSDPStrategy())
+    with pytest.raises(ValueError, match=r"torch_compile is not supported with DeepSpeed ZeRO stage 3 .*; use "
+                                         r"deepspeed_stage_2"):
+        module.refuse_unsupported_compile(deepspeed(3))
+    for strategy in (DDPStrategy(), SingleDeviceStrategy(torch.device("cpu")), deepspeed(2), deepspeed(1), None):
         module.refuse_unsupported_compile(strategy)
     SFT(torch_compile=False).refuse_unsupported_compile(FSDPStrategy())
+    SFT(torch_compile=False).refuse_unsupported_compile(deepspeed(3))
 
 
 def test_compiled_dpo_runs_full_sequences_with_one_graph_per_mode_and_the_eager_loss():

@@ -76,7 +76,8 @@ class Recorder(L.Callback):
             {"steps": self.steps, "world_size": trainer.world_size, "param_sum": float(trained),
              "grad_norms": self.grad_norms or getattr(pl_module, "grad_norms", []), "reference": self.reference,
              "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module, wrapper=trainer.strategy.model),
-             "flops_per_batch": _flops_of_a_batch(trainer, pl_module)}))
+             "flops_per_batch": _flops_of_a_batch(trainer, pl_module),
+             "compiled_blocks": sum(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules())}))
 
 
 def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
@@ -203,7 +204,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "dpo-full", "dpo-full-replicated", "dpo-qlora", "orpo", "reward"):
+    if objective in ("dpo", "dpo-compiled", "dpo-full", "dpo-full-replicated", "dpo-qlora", "orpo", "reward"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
@@ -217,7 +218,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
             module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
                          reference_placement="replicate" if objective.endswith("replicated") else "shard")
         else:
-            module = DPO(beta=0.1, lora=lora, optimizer=optimizer, quantize_4bit=objective == "dpo-qlora")
+            module = DPO(beta=0.1, lora=lora, optimizer=optimizer, quantize_4bit=objective == "dpo-qlora",
+                         torch_compile=objective == "dpo-compiled")
         data = PreferenceDataModule(train_sources=[PreferenceSource(limit=40)], val_sources=[], val_fraction=0.0,
                                     max_pairs_per_problem=1, tokenizer="preset:tiny", batch_size=batch_size)
     else:

@@ -104,6 +104,23 @@ def test_what_zero3_cannot_build_is_refused_before_training(tmp_path):
     assert not list(tmp_path.glob("rank*.json"))  # nothing trained
 
 
+@pytest.mark.two_process("deepspeed2")
+def test_torch_compile_under_zero2_gives_the_eager_runs_losses(two_process_runs):
+    """ZeRO-2 leaves every weight whole, so each process's compiled blocks run as on one device: the same losses per
+    step and per process as the eager ZeRO-2 run, every block compiled. (FSDP and ZeRO-3 are refused:
+    tests/test_compile.py.)"""
+    import json
+
+    compiled, eager = (two_process_runs("deepspeed2", name) for name in ("dpo-compiled", "dpo"))
+    for rank in (0, 1):
+        c, e = (json.loads((out / f"rank{rank}.json").read_text()) for out in (compiled, eager))
+        assert c["compiled_blocks"] == 4 and e["compiled_blocks"] == 0  # the tiny preset's 4 decoder layers
+        assert [s["rows"] for s in c["steps"]] == [s["rows"] for s in e["steps"]]
+        assert [s["loss"] for s in c["steps"]] == pytest.approx([s["loss"] for s in e["steps"]], abs=1e-4)
+        assert c["param_sum"] == pytest.approx(e["param_sum"], rel=5e-3)  # (Adam on float-noise gradients: see _compare)
+    assert global_losses(compiled)[-1] < global_losses(compiled)[0] - 0.01
+
+
 @pytest.mark.two_process("deepspeed3")
 def test_orpo_under_zero3_matches_one_process(two_process_runs, tmp_path):
     ranks, single = _compare("orpo", two_process_runs("deepspeed3", "orpo"), tmp_path, strategy="deepspeed3")

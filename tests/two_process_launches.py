@@ -69,6 +69,7 @@ GROUPS: dict[str, list[Launch]] = {
         Launch("reward", "reward", "fsdp", REWARD_CLIP),
         _sft("fsdp-bf16"), _sft("fsdp-qlora"), _online("ppo", "fsdp"), _online("raft", "fsdp")],
     "deepspeed2": [Launch("dpo", "dpo", "deepspeed2", DEEPSPEED_CLIP), Launch("grpo", "grpo", "deepspeed2", DEEPSPEED_CLIP),
+                   Launch("dpo-compiled", "dpo-compiled", "deepspeed2", DEEPSPEED_CLIP),  # torch_compile under ZeRO-2
                    _sft("deepspeed2"), _sft("deepspeed2-qlora"), _sft("deepspeed2-accum"), _online("raft", "deepspeed2")],
     "deepspeed3": [Launch(o, o, "deepspeed3", DEEPSPEED_CLIP) for o in ("dpo", "dpo-full", "grpo-full")] + [
         Launch("orpo", "orpo", "deepspeed3"),

@@ -125,7 +125,8 @@ class AlignmentModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         optimizer: AdamW and learning-rate schedule settings.
         torch_compile: torch.compile each transformer block for the training forward and backward (the first steps
-            pay the compilation; generation runs them eager).
+            pay the compilation; generation runs them eager). One device, DDP or DeepSpeed ZeRO-1/2; refused under
+            FSDP and ZeRO-3.
     """
 
     data_kind: str | None = None
@@ -201,14 +202,22 @@ class AlignmentModule(L.LightningModule):
                          f"{fitting.get(self.data_kind, 'a DataModule of ' + self.data_kind + ' batches')}")
 
     def refuse_unsupported_compile(self, strategy) -> None:
-        """``torch_compile`` is refused under FSDP and DeepSpeed, which wrap or partition the blocks it compiles (not
-        tried with lit_align yet); one device and DDP compile each process's blocks."""
+        """``torch_compile`` runs on one device, under DDP and under DeepSpeed ZeRO-1/2 (which leave the blocks'
+        parameters whole). Refused, having been tried: FSDP, whose flat parameters the compiler fails on (it meets a
+        block weight whose flat parameter holds a gradient shard of another size), and ZeRO-3, whose per-layer gather
+        hooks the compiler traces into and recompiles for at every layer until it falls back to eager."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-        if self.hparams.get("torch_compile") and isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise ValueError(f"torch_compile is not supported with trainer.strategy {type(strategy).__name__} (FSDP "
-                             "and DeepSpeed wrap or partition the blocks it compiles); use ddp or one device, or "
-                             "drop torch_compile")
+        if not self.hparams.get("torch_compile"):
+            return
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError("torch_compile is not supported with trainer.strategy FSDPStrategy (torch's compiler fails "
+                             "on FSDP's flat parameters inside a compiled block); use ddp, deepspeed_stage_2 or one "
+                             "device, or drop torch_compile")
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            raise ValueError("torch_compile is not supported with DeepSpeed ZeRO stage 3 (the compiler traces its "
+                             "per-layer parameter gathering and recompiles at every layer until it gives up); use "
+                             "deepspeed_stage_2, ddp or one device, or drop torch_compile")
 
     def model_sources(self) -> list[str]:
         """The models (hub ids, directories, presets) whose networks ``configure_model`` builds: the policy's, and in
