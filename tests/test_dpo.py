@@ -230,12 +230,21 @@ def test_frozen_copy_runs_policy_and_reference_once_each(batch):
 
 
 @pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable:FutureWarning")  # enabled by its current name
-def test_gradient_checkpointing_falls_back_to_full_sequences(batch):
-    module = _built(lora=_lora(), gradient_checkpointing=True).train()  # checkpointed layers drop KV caches
+def test_gradient_checkpointing_shares_prompts_only_in_the_pass_without_gradient(batch):
+    """Checkpointed layers re-run in the backward pass, which a pass filling a KV cache cannot: the policy runs the
+    full sequences, while the adapter-disabled reference (no gradient, nothing re-run) still shares its prompts. The
+    loss is the one without any sharing, and the modules' training modes are left as they were."""
+    module = _built(lora=_lora(), gradient_checkpointing=True).train()
     rows = ForwardCounter(module.model).rows
     module.log_metrics = lambda *a, **k: None
-    module.training_step(batch, 0).backward()
-    assert rows == [10, 10]  # policy and adapter-disabled reference, each over the 10 full sequences
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert rows == [5, 10, 10]  # reference: 5 prompts, then 10 completions on their cache; policy: 10 full sequences
+    assert module._prompt_sharing_ok  # the prompt pass returned its cache (transformers < 5 drops it in train mode)
+    assert all(m.training for m in module.model.modules())
+    module.hparams.share_prompt = False
+    rows.clear()
+    assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [10, 10]
 
 
 @pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")  # the KV cache goes by its current name

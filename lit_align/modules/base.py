@@ -291,11 +291,16 @@ class AlignmentModule(L.LightningModule):
 
         return self.model is not None and any(isinstance(m, CheckpointWrapper) for m in self.model.modules())
 
-    def can_share_prompts(self) -> bool:
-        """Whether a training forward may fill a KV cache that later passes reuse (``share_prompt``): not when the
-        backward re-runs the blocks (:meth:`recomputes_activations`), nor with ``torch_compile``, whose blocks would
-        recompile for each layer's view of a cache being filled (the 2B full sequences run compiled instead)."""
-        return not self.recomputes_activations() and not self.hparams.get("torch_compile")
+    def can_share_prompts(self, network: torch.nn.Module | None = None) -> bool:
+        """Whether a forward pass of ``network`` (default: the policy) may fill a KV cache that later passes reuse
+        (``share_prompt``). A pass with gradient may not when the backward re-runs the blocks
+        (:meth:`recomputes_activations`: the cache would grow twice); a pass without gradient (a reference,
+        validation, scoring) may, since nothing re-runs it. Never through compiled blocks (``torch_compile``), which
+        would recompile for each layer's view of a cache being filled (the 2B full sequences run compiled instead);
+        a frozen reference copy is not compiled."""
+        if self.hparams.get("torch_compile") and (network is None or network is self.model):
+            return False
+        return not torch.is_grad_enabled() or not self.recomputes_activations()
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self, wrapper=self.trainer.strategy.model)

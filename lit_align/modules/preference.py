@@ -7,6 +7,7 @@ chosen first; :func:`shared_prompt_forward` runs each prompt once and both compl
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,6 +43,28 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
     pass (``logits_to_keep=1``).
     Raises NotImplementedError when the model returns no cache.
     """
+    with _cache_kept(net):
+        return _shared_prompt_forward(net, batch, **prompt_kwargs)
+
+
+@contextmanager
+def _cache_kept(net: nn.Module):
+    """``net`` in eval mode for a pass without gradient through gradient-checkpointed layers, whose training mode
+    makes transformers < 5 drop the cache being filled (5.x keeps it without gradient); the modules' modes are
+    restored after. Anything else runs as it is."""
+    switch = (net.training and not torch.is_grad_enabled()
+              and any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules()))
+    modes = [(m, m.training) for m in net.modules()] if switch else []
+    if switch:
+        net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     ids, mask = batch["completion_input_ids"], batch["completion_attention_mask"]
     rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat(2)
@@ -63,9 +86,10 @@ class PreferenceModule(AlignmentModule):
 
     Args:
         share_prompt: run each prompt once for both of its completions: the prompt's keys and values are computed a
-            single time and reused by the chosen and the rejected row (needs a model with a KV cache; ignored with
-            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, and with
-            torch_compile). Off: one forward pass over the 2B full sequences.
+            single time and reused by the chosen and the rejected row (needs a model with a KV cache). With gradient
+            or activation checkpointing, whose recomputation cannot re-run a cached pass, only passes without gradient
+            share (the reference, validation); with torch_compile none through the compiled policy. Off: one
+            forward pass over the 2B full sequences.
         disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
             of the same weights agree exactly and the implicit rewards are not noise.
     """
@@ -105,7 +129,7 @@ class PreferenceModule(AlignmentModule):
         once and both completions attend to its cached keys/values; otherwise the 2B full sequences run together,
         with logits computed only from the last prompt position on (``logits_to_keep``).
         """
-        if self._use_prompt_sharing(batch):
+        if self._use_prompt_sharing(batch, model):
             try:
                 token_logps, mask = self._shared_prompt_token_logps(batch, model)
             except (TypeError, AttributeError, NotImplementedError) as err:  # no usable KV cache in this architecture
@@ -120,9 +144,9 @@ class PreferenceModule(AlignmentModule):
         return {"chosen_logps": sums[:b], "rejected_logps": sums[b:], "chosen_mean_logps": means[:b],
                 "rejected_mean_logps": means[b:], "token_logps": token_logps, "mask": mask}
 
-    def _use_prompt_sharing(self, batch: dict[str, Any]) -> bool:
+    def _use_prompt_sharing(self, batch: dict[str, Any], model: nn.Module | None = None) -> bool:
         return (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and self.can_share_prompts())
+                and self.can_share_prompts(model))
 
     def _full_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
