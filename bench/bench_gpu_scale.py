@@ -37,8 +37,10 @@ The same for both libraries:
 Each library's own default, left as it is: the optimizer implementation (both torch's fused AdamW on CUDA: lit_align's
 ``optimizer.fused`` default, TRL's ``optim="adamw_torch_fused"``; the table's settings record what ran), how log-probabilities are computed (lit_align: logits then
 a float32 cross-entropy, DPO only over completion positions; TRL: its fused, chunked LM-head), batch order, TRL's
-per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on but does nothing under gradient
-checkpointing (checkpointed layers keep no KV cache), so with checkpointing both run full sequences.
+per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on: under gradient checkpointing only
+its reference pass (no gradient, nothing re-run) computes each prompt once and the policy runs full sequences;
+without checkpointing both do; with ``--compile`` only the reference (a frozen copy, not compiled; under ``--lora`` the
+reference is the compiled policy and runs full sequences).
 
 What is measured, per run:
 
@@ -51,9 +53,9 @@ What is measured, per run:
   lit_align's accounting (``lit_align.callbacks.throughput.training_flops_per_token``, used by ``TokenThroughput``)
   for both libraries: 6N + 12·L·d·s per token for full fine-tuning (N = matmul weights incl. the LM head), the LoRA
   variant under ``--lora``, and for DPO one extra forward pass (2N + 4·L·d·s) for the reference. Gradient
-  checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs). Without checkpointing lit_align's
-  prompt sharing runs each DPO prompt once; tokens and FLOPs are still counted per sequence (the work a pair stands
-  for), so its DPO MFU then overstates what the device executed.
+  checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs). Where lit_align's prompt sharing
+  runs a DPO prompt once (above), tokens and FLOPs are still counted per sequence (the work a pair stands for), so
+  its DPO MFU then overstates what the device executed.
 - peak memory: ``torch.cuda.max_memory_allocated`` over the whole worker (model load to last step) on a GPU; on
   CPU the peak resident set size minus the RSS after imports (VmHWM, as bench/bench_dpo.py measures it).
 - the device name and the library versions, in the table header and the ``--json`` file.
