@@ -88,9 +88,10 @@ def init_options(cls: type) -> list[str]:
     return list(dict.fromkeys(options))
 
 
-def unknown_option_hint(message: str) -> str | None:
-    """For jsonargparse's "Option 'X' is not accepted" about a ``--model``/``--data`` class: the options of that
-    class whose name ends like X or is close to it (``lr`` -> ``--model.init_args.optimizer.lr``)."""
+def unknown_class_option(message: str) -> tuple[str, str, str, list[str]] | None:
+    """For jsonargparse's "Option 'X' is not accepted" about a ``--model``/``--data`` class (the command line or a
+    config file's key): ``(key, class name, dotted option under init_args, the class's options nearest to it)``, the
+    nearest being those whose name ends like X or is close to it (``lr`` -> ``optimizer.lr``)."""
     found = re.search(r'Parser key "(\w+)"[\s\S]*?class_path \'([\w.]+)\'[\s\S]*?Option \'([\w.]+)\' is not accepted',
                       message)
     if found is None:
@@ -101,15 +102,12 @@ def unknown_option_hint(message: str) -> str | None:
     # keys jsonargparse descended through after the class's own ("lora" for lora: {rr: 3})
     nested = re.findall(r'Parser key "(\w+)"', message)[1:]
     option = given[-1] if given else ".".join([*nested, option])
+    module, _, name = class_path.rpartition(".")
     try:
-        module, _, name = class_path.rpartition(".")
         options = init_options(getattr(importlib.import_module(module), name))
     except (ImportError, AttributeError, ValueError):
-        return None
-    matches = nearest_options(option, options)
-    if not matches:
-        return None
-    return did_you_mean([f"{key}.init_args.{o}" for o in matches])
+        options = []
+    return key, name, option, nearest_options(option, options)
 
 
 def lit_align_classes(base: type) -> list[str]:
@@ -151,12 +149,19 @@ class LitAlignParser(LightningArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        if not self.exit_on_error:  # a nested parser (a class's options): its message goes into the outer one's
+            super().error(message, ex)
         parser = self
         subcommand = re.match(r"Subcommand '(\w+)' does not accept", message)  # a config file's key, found by the root
         if subcommand and getattr(self, "_subcommands_action", None) is not None:
             parser = self._subcommands_action._name_parser_map.get(subcommand.group(1), self)
-        hint = (unknown_option_hint(message) or unknown_class_hint(message)
-                or unknown_argument_hint(message, long_options(parser)))
+        if unknown := unknown_class_option(message):  # jsonargparse's ten lines about union subtypes, in one
+            key, name, option, matches = unknown
+            command = (getattr(ex, "subcommand_parser", None) or parser).prog.replace(" [options]", "")
+            message = f"{key}.init_args.{option}: {name} has no such option ('{command} --{key}.help {name}' lists them)"
+            hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
+        else:
+            hint = unknown_class_hint(message) or unknown_argument_hint(message, long_options(parser))
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
 
 
