@@ -110,6 +110,36 @@ def unknown_class_option(message: str) -> tuple[str, str, str, list[str]] | None
     return key, name, option, nearest_options(option, options)
 
 
+def class_value_error(message: str) -> str | None:
+    """jsonargparse's error for a value a ``--model``/``--data`` class's option refuses by type, nested through a union
+    per class (``model`` -> SFT -> ``lora`` -> LoRAConfig -> ``r``), as one line: ``model.init_args.lora.r: Expected a
+    <class 'int'>. Got value: abc``. None for any other message."""
+    lines = message.splitlines()
+    if not lines or not re.fullmatch(r'Parser key "(model|data)":', lines[0].strip()):
+        return None
+    chain: list[tuple[int, str]] = []
+    detail: list[str] = []
+    for i, line in enumerate(lines):
+        found = re.fullmatch(r'(\s*)Parser key "([\w.]+)":', line)
+        if found is None:
+            continue
+        indent = len(found.group(1))
+        if chain and indent <= chain[-1][0]:
+            return None  # a second error beside the first: leave jsonargparse's message as it is
+        chain.append((indent, found.group(2)))
+        following = lines[i + 1:]
+        if following and following[0].strip() != "Does not validate against any of the Union subtypes":
+            for text in following:
+                if len(text) - len(text.lstrip()) <= indent:
+                    break
+                detail.append(text.strip())
+            break
+    if len(chain) < 2 or not detail:
+        return None
+    keys = [key for _, key in chain]
+    return f"{keys[0]}.init_args.{'.'.join(keys[1:])}: {' '.join(detail)}"
+
+
 def lit_align_classes(base: type) -> list[str]:
     """The names of lit_align's classes that a config's ``class_path`` can name for ``base`` (AlignmentModule or
     LightningDataModule): its subclasses defined in lit_align that no other lit_align class derives from."""
@@ -160,6 +190,8 @@ class LitAlignParser(LightningArgumentParser):
             command = (getattr(ex, "subcommand_parser", None) or parser).prog.replace(" [options]", "")
             message = f"{key}.init_args.{option}: {name} has no such option ('{command} --{key}.help {name}' lists them)"
             hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
+        elif value_error := class_value_error(message):
+            message, hint = value_error, None
         else:
             hint = unknown_class_hint(message) or unknown_argument_hint(message, long_options(parser))
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)
