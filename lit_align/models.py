@@ -181,14 +181,65 @@ def looks_like_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
-def hub_retries_hint() -> str:
-    """What to add to a message about an unreachable hub: the environment variable that skips huggingface_hub's
-    retries (about 20 s of them per file) on a machine without internet, unless it is already set."""
-    import os
+def _hub_offline_set() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+
+def hub_retries_hint() -> str:
+    """What to add to a message about an unreachable hub: that only the local cache was read where the hub's host
+    does not resolve (:func:`hub_resolves`), else the environment variable that skips huggingface_hub's retries
+    (about 20 s of them per file) on a machine without internet, unless it is already set."""
+    if _hub_offline_set():
         return ""
+    if not hub_resolves():
+        return "; the hub's host does not resolve here, so only the local cache was read"
     return " (on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)"
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.cache
+def hub_resolves(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host name resolves here (asked once per process, for at most ``timeout``
+    seconds). Where it does not, nothing can reach the hub, and a load that asked it would spend about 20 s in
+    huggingface_hub's retries per file before failing. True when undecided: behind a proxy (which resolves names
+    itself), with HF_HUB_OFFLINE set (transformers then reads the cache on its own), or when resolving takes longer."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if _hub_offline_set() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return True
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return True
+    answer: dict[str, bool] = {}
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            answer["resolves"] = True
+        except socket.gaierror:
+            answer["resolves"] = False
+        except OSError:
+            answer["resolves"] = True
+
+    thread = threading.Thread(target=resolve, name="lit_align-hub-dns", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer.get("resolves", True)
+
+
+def hub_kwargs(path: str) -> dict:
+    """``from_pretrained`` keywords for ``path`` (a local directory, or a hub id): ``local_files_only`` for a hub id
+    where the hub's host does not resolve (:func:`hub_resolves`), so the load reads the local cache and fails at once
+    when the files are not there, instead of retrying the hub."""
+    if looks_like_local_path(path) or Path(path).expanduser().exists():
+        return {}
+    return {} if hub_resolves() else {"local_files_only": True}
 
 
 def pinned_model_path(name_or_path: str | None) -> str | None:
@@ -223,7 +274,7 @@ def load_tokenizer(name_or_path: str, padding_side: Literal["left", "right"] = "
 
     path = materialize_preset(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(path))
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     if tokenizer.pad_token is None:
@@ -281,7 +332,8 @@ def import_model_classes(name_or_path: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(materialize_preset(name_or_path))
+        path = materialize_preset(name_or_path)
+        config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
         AutoModelForCausalLM._model_mapping[type(config)]  # the lazy mapping imports the defining module
     except (OSError, ValueError, KeyError):
         pass
@@ -319,7 +371,7 @@ def load_causal_lm(
         kwargs["num_labels"] = 1
     try:
         with _HeldLoadWarnings() as held:
-            model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+            model, loading = cls.from_pretrained(path, output_loading_info=True, **kwargs, **hub_kwargs(path))
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     if head == "score" and _is_new_score_head(loading):
@@ -439,7 +491,8 @@ def check_lora_targets(name_or_path: str, lora: LoRAConfig) -> None:
     if lora.target_modules == "all-linear":
         return
     try:
-        config = AutoConfig.from_pretrained(materialize_preset(name_or_path))
+        path = materialize_preset(name_or_path)
+        config = AutoConfig.from_pretrained(path, **hub_kwargs(path))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError):

@@ -371,6 +371,7 @@ def test_the_papers_model_id_is_planned_from_the_built_in_config_when_the_hub_is
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", unreachable)
+    monkeypatch.setattr("lit_align.models.hub_resolves", lambda: True)  # the host resolves, the hub does not answer
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     notes.clear()
     load_model_config("deepseek-ai/deepseek-coder-1.3b-base", notes)

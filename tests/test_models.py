@@ -128,12 +128,67 @@ def test_unknown_model_id_offline_and_missing_directory_are_clear_errors(tmp_pat
                                              r"is unreachable/offline\)\. Use a local path"):
         load_causal_lm("no-such-org/no-such-model-xyz")
     monkeypatch.delenv("HF_HUB_OFFLINE")  # online, or retrying an unreachable hub for ~20 s: the message says how not to
+    monkeypatch.setattr("lit_align.models.hub_resolves", lambda: True)
     assert hub_retries_hint() == " (on a machine without internet, HF_HUB_OFFLINE=1 skips the hub's retries)"
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="exists but is not a loadable model directory"):
         load_causal_lm(str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="unknown preset 'huge'"):
         load_causal_lm("preset:huge")
+
+
+@pytest.fixture
+def no_proxy_no_offline(monkeypatch):
+    """HF_HUB_OFFLINE and proxies unset, and :func:`hub_resolves` asked afresh (it answers once per process)."""
+    from lit_align.models import _PROXY_VARIABLES, hub_resolves
+
+    for name in ("HF_HUB_OFFLINE", *_PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    hub_resolves.cache_clear()
+    yield
+    hub_resolves.cache_clear()
+
+
+def test_a_hub_id_where_the_hubs_host_does_not_resolve_reads_the_cache_only(monkeypatch, no_proxy_no_offline):
+    """No DNS for the hub (a machine without internet): a hub id loads with local_files_only, so a file not in the
+    cache fails at once (instead of ~20 s of retries per file) with a message saying why; local paths and presets
+    are untouched."""
+    import socket
+
+    from lit_align.models import hub_kwargs, hub_resolves, load_tokenizer
+
+    asked = []
+
+    def no_dns(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert not hub_resolves() and asked == ["huggingface.co"]
+    assert hub_kwargs("no-such-org/no-such-model-xyz") == {"local_files_only": True}
+    assert hub_kwargs("./some/dir") == {} and hub_kwargs(str(materialize_preset("preset:tiny"))) == {}
+    with pytest.raises(ModelLoadError, match=r"unreachable/offline; the hub's host does not resolve here, so only the "
+                                             r"local cache was read\)"):
+        load_tokenizer("no-such-org/no-such-model-xyz")
+    hub_resolves()
+    assert len(asked) == 1  # asked once per process
+
+
+def test_behind_a_proxy_or_with_dns_the_hub_is_asked_as_usual(monkeypatch, no_proxy_no_offline):
+    import socket
+
+    from lit_align.models import hub_kwargs, hub_resolves
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("1.2.3.4", 443))])
+    assert hub_resolves() and hub_kwargs("org/name") == {}
+    hub_resolves.cache_clear()
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("a proxy resolves names itself: nothing is asked here")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub_resolves() and hub_kwargs("org/name") == {}
 
 
 def test_materialized_preset_is_a_standard_hf_directory(tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     """The config of a preset, a local model directory or a hub id (config.json only; never the weights)."""
     from pathlib import Path
 
-    from lit_align.models import ModelLoadError, hub_retries_hint, looks_like_local_path, parse_preset
+    from lit_align.models import ModelLoadError, hub_kwargs, hub_retries_hint, looks_like_local_path, parse_preset
 
     try:
         parsed = parse_preset(name_or_path)
@@ -153,7 +153,7 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
                         "stage starts from, which has the same architecture: --model.init_args.model_name_or_path "
                         "ID_OR_DIR, for configs/iotacode deepseek-ai/deepseek-coder-1.3b-base)")
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, **hub_kwargs(name_or_path))
     except (OSError, ValueError) as err:
         if name_or_path in KNOWN_CONFIGS and not path.exists():
             if notes is not None:
