@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -231,6 +232,26 @@ def hub_resolves(timeout: float = 3.0) -> bool:
     thread.start()
     thread.join(timeout)
     return answer.get("resolves", True)
+
+
+@contextmanager
+def datasets_cache_only_without_hub():
+    """``datasets.load_dataset`` of a hub id in offline mode where the hub's host does not resolve
+    (:func:`hub_resolves`): it reads the datasets cache, and a dataset not there fails at once instead of after
+    huggingface_hub's retries (datasets has no per-call switch; its and huggingface_hub's offline flags are set for
+    the call and put back). Anywhere else a no-op."""
+    if hub_resolves():
+        yield
+        return
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def hub_kwargs(path: str) -> dict:

@@ -174,6 +174,37 @@ def test_a_hub_id_where_the_hubs_host_does_not_resolve_reads_the_cache_only(monk
     assert len(asked) == 1  # asked once per process
 
 
+def test_a_hub_dataset_where_the_hubs_host_does_not_resolve_reads_the_cache_only(monkeypatch, no_proxy_no_offline):
+    """The same for ``datasets.load_dataset`` (which has no per-call switch): offline for the call only, and the
+    error says why."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    from lit_align.data_modules.sources import DataError, DataSource, load_rows
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        raise ConnectionError("Couldn't reach 'no-such-org/no-such-dataset' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=r"cannot load dataset 'no-such-org/no-such-dataset' \(split 'train'\): "
+                                        r"ConnectionError: .*; the hub's host does not resolve here, so only the "
+                                        r"local cache was read$"):
+        load_rows(DataSource(path="no-such-org/no-such-dataset"), ("prompt", "completion"))
+    assert seen == [(True, True)]  # offline during the load
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == (False, False)  # and put back after
+
+
 def test_behind_a_proxy_or_with_dns_the_hub_is_asked_as_usual(monkeypatch, no_proxy_no_offline):
     import socket
 

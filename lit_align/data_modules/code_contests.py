@@ -348,20 +348,23 @@ def load_code_contests(
     elif _looks_like_path(source):
         raise FileNotFoundError(f"CodeContests source {source!r} looks like a local path but does not exist")
     else:
+        from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
+
         where = f"hub dataset {source!r} split {split!r}"
         # With data_files the hub builds its splits from them, named "train" unless told otherwise.
         hub_files = {split: data_files} if data_files is not None else None
         try:
-            if limit is not None:
-                stream = datasets.load_dataset(source, split=split, data_files=hub_files, streaming=True)
-                rows = list(stream.take(limit))
-                columns = list(rows[0]) if rows else list(REQUIRED_COLUMNS)
-            else:
-                table = datasets.load_dataset(source, split=split, data_files=hub_files)
-                rows, columns = table, table.column_names
+            with datasets_cache_only_without_hub():
+                if limit is not None:
+                    stream = datasets.load_dataset(source, split=split, data_files=hub_files, streaming=True)
+                    rows = list(stream.take(limit))
+                    columns = list(rows[0]) if rows else list(REQUIRED_COLUMNS)
+                else:
+                    table = datasets.load_dataset(source, split=split, data_files=hub_files)
+                    rows, columns = table, table.column_names
         except Exception as err:  # the hub raises many kinds (HTTP, offline mode, not found); say what to do instead
             raise ConnectionError(
-                f"could not load {where} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+                f"could not load {where} from the Hugging Face Hub ({type(err).__name__}: {err}{hub_retries_hint()}); "
                 "when the hub is unreachable pass a local parquet/jsonl file or directory with the same schema"
             ) from err
         _check_columns(columns, where)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # imported where used: `import lit_align` stays light
     import datasets
 
 from lit_align.data_modules.code_contests import CodeContestsProblem, Language, parse_language, problem_prompt
+from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
 __all__ = [
     "Triplet",
@@ -445,10 +446,12 @@ def _load_table(path_or_id: str, split: str) -> tuple[datasets.Dataset, str]:
     ):
         raise FileNotFoundError(f"triplet file {path_or_id!r} does not exist")
     try:
-        return datasets.load_dataset(path_or_id, split=split), f"hub dataset {path_or_id!r}"
+        with datasets_cache_only_without_hub():
+            return datasets.load_dataset(path_or_id, split=split), f"hub dataset {path_or_id!r}"
     except Exception as err:  # network, offline mode, unknown id: all end here
         raise ConnectionError(
-            f"could not load hub dataset {path_or_id!r} split {split!r} ({type(err).__name__}: {err}); "
+            f"could not load hub dataset {path_or_id!r} split {split!r} ({type(err).__name__}: {err}"
+            f"{hub_retries_hint()}); "
             "when the hub is unreachable pass a local json/jsonl/parquet/csv file"
         ) from err
 

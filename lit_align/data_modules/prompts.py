@@ -21,6 +21,7 @@ from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError, load_suite_tasks
+from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 from lit_align.data_modules.task_suite import SPLITS
 from lit_align.execution.problems import FunctionProblem, StdioProblem, parse_stdio_language
 
@@ -127,11 +128,14 @@ def _load_table(source: PromptSource) -> list[dict]:
                 raise DataError(f"prompt file {source.path}: unsupported extension {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
-            table = datasets.load_dataset(str(path) if path.exists() else source.path, split=source.split)
+            with datasets_cache_only_without_hub():
+                table = datasets.load_dataset(str(path) if path.exists() else source.path, split=source.split)
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreachable hubs and bad files
-        raise DataError(f"cannot load prompts {source.path!r} (split {source.split!r}): {type(err).__name__}: {err}") from err
+        hint = "" if path.exists() else hub_retries_hint()
+        raise DataError(f"cannot load prompts {source.path!r} (split {source.split!r}): {type(err).__name__}: "
+                        f"{err}{hint}") from err
     return table.to_list()
 
 

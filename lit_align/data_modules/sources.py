@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
+
 log = logging.getLogger(__name__)
 
 TASK_SUITE = "task_suite"
@@ -71,11 +73,14 @@ def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
         elif _looks_like_path(source.path):
             raise DataError(f"data file {source.path!r} does not exist")
         else:
-            ds = datasets.load_dataset(source.path, name=source.name, split=source.split)
+            with datasets_cache_only_without_hub():
+                ds = datasets.load_dataset(source.path, name=source.name, split=source.split)
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreachable hubs and bad files
-        raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {type(err).__name__}: {err}") from err
+        hint = "" if path.exists() else hub_retries_hint()
+        raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {type(err).__name__}: "
+                        f"{err}{hint}") from err
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(f"dataset {source.path!r} has no column {missing[0]!r} (needed: {list(columns)}; it has: {ds.column_names})")
