@@ -486,6 +486,9 @@ UNACTIONABLE = {
     # DeepSpeed's import (transformers' save_pretrained imports it through accelerate wherever it is installed) on a
     # machine without a GPU: CPU is what such a machine has
     "DeepSpeed": ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",),
+    # bitsandbytes' import (through peft, for any LoRA run) on a CPU with AVX512-BF16: the optional hub kernel for CPU
+    # 4-bit matmuls cannot be fetched offline or from an unallowlisted publisher, and its own CPU kernels are used
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
 }
 """Log lines every run printed that a lit_align user cannot act on, by logger: the beginnings of their messages."""
 

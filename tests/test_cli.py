@@ -616,7 +616,7 @@ def test_progress_bar_shows_the_run_version_as_a_whole_number():
 
 def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_printed():
     """Every run printed Lightning's advertisement for its cloud logger, DeepSpeed's note that a machine without a GPU
-    runs on its CPU (at every export), deprecation warnings raised inside Lightning (torch's) and peft
+    runs on its CPU (at every export), bitsandbytes' failure to fetch an optional CPU kernel (every LoRA run), deprecation warnings raised inside Lightning (torch's) and peft
     (transformers'), and, in every online run, advice on checkpointing pre-optimization states; the command line drops
     those and nothing else."""
     import logging
@@ -639,6 +639,10 @@ def test_lightning_cloud_tip_deepspeed_cpu_note_and_pytree_deprecation_are_not_p
                                                      "CPU. If you have GPU or other accelerator, we were unable to "
                                                      "detect it.", (), None))
     assert deepspeed.filter(deepspeed.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "another warning", (), None))
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # peft's import of bitsandbytes on an AVX512-BF16 CPU
+    assert not bnb.filter(bnb.makeRecord(bnb.name, logging.WARNING, __file__, 1, "Failed to load CPU gemm_4bit_forward "
+                                         "from kernels-community: %s. Please make sure ...", ("untrusted",), None))
+    assert bnb.filter(bnb.makeRecord(bnb.name, logging.WARNING, __file__, 1, "another warning", (), None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_unactionable_output()  # the filter goes first again
