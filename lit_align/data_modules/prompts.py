@@ -21,9 +21,9 @@ from lit_align.data_modules.base import TokenizedDataModule
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError, load_suite_tasks
-from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 from lit_align.data_modules.task_suite import SPLITS
 from lit_align.execution.problems import FunctionProblem, StdioProblem, parse_stdio_language
+from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
 log = logging.getLogger(__name__)
 

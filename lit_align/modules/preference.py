@@ -49,10 +49,12 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
 
 @contextmanager
 def _cache_kept(net: nn.Module):
-    """``net`` in eval mode for a pass without gradient through gradient-checkpointed layers, whose training mode
-    makes transformers < 5 drop the cache being filled (5.x keeps it without gradient); the modules' modes are
-    restored after. Anything else runs as it is."""
-    switch = (net.training and not torch.is_grad_enabled()
+    """``net`` in eval mode for a pass without gradient through gradient-checkpointed layers under transformers < 5,
+    whose layers drop the cache being filled in training mode (5.x keeps it without gradient); the modules' modes are
+    restored after. Anything else, dropout included, runs as it is."""
+    import transformers
+
+    switch = (int(transformers.__version__.split(".")[0]) < 5 and net.training and not torch.is_grad_enabled()
               and any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules()))
     modes = [(m, m.training) for m in net.modules()] if switch else []
     if switch:
