@@ -239,19 +239,23 @@ def datasets_cache_only_without_hub():
     """``datasets.load_dataset`` of a hub id in offline mode where the hub's host does not resolve
     (:func:`hub_resolves`): it reads the datasets cache, and a dataset not there fails at once instead of after
     huggingface_hub's retries (datasets has no per-call switch; its and huggingface_hub's offline flags are set for
-    the call and put back). Anywhere else a no-op."""
+    the call and put back: ``HF_HUB_OFFLINE``, named ``HF_DATASETS_OFFLINE`` in datasets < 3). Anywhere else a no-op."""
     if hub_resolves():
         yield
         return
     import datasets
     from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    flags = [(module, name) for module in (datasets.config, constants)
+             for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(module, name)]
+    saved = [getattr(module, name) for module, name in flags]
+    for module, name in flags:
+        setattr(module, name, True)
     try:
         yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        for (module, name), value in zip(flags, saved):
+            setattr(module, name, value)
 
 
 def hub_kwargs(path: str) -> dict:

@@ -188,12 +188,16 @@ def test_a_hub_dataset_where_the_hubs_host_does_not_resolve_reads_the_cache_only
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # the offline flag datasets reads (HF_HUB_OFFLINE; HF_DATASETS_OFFLINE in datasets < 3) and huggingface_hub's
+    flags = [(m, n) for m in (datasets.config, constants) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+             if hasattr(m, n)]
+    assert any(m is datasets.config for m, _ in flags) and any(m is constants for m, _ in flags)
+    for module, name in flags:
+        monkeypatch.setattr(module, name, False)
     seen = []
 
     def load_dataset(*args, **kwargs):
-        seen.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        seen.append({getattr(module, name) for module, name in flags})
         raise ConnectionError("Couldn't reach 'no-such-org/no-such-dataset' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -201,8 +205,8 @@ def test_a_hub_dataset_where_the_hubs_host_does_not_resolve_reads_the_cache_only
                                         r"ConnectionError: .*; the hub's host does not resolve here, so only the "
                                         r"local cache was read$"):
         load_rows(DataSource(path="no-such-org/no-such-dataset"), ("prompt", "completion"))
-    assert seen == [(True, True)]  # offline during the load
-    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == (False, False)  # and put back after
+    assert seen == [{True}]  # offline during the load
+    assert {getattr(module, name) for module, name in flags} == {False}  # and put back after
 
 
 def test_behind_a_proxy_or_with_dns_the_hub_is_asked_as_usual(monkeypatch, no_proxy_no_offline):
