@@ -211,6 +211,7 @@ def test_a_hub_dataset_where_the_hubs_host_does_not_resolve_reads_the_cache_only
 
 def test_behind_a_proxy_or_with_dns_the_hub_is_asked_as_usual(monkeypatch, no_proxy_no_offline):
     import socket
+    import threading
 
     from lit_align.models import hub_kwargs, hub_resolves
 
@@ -224,6 +225,17 @@ def test_behind_a_proxy_or_with_dns_the_hub_is_asked_as_usual(monkeypatch, no_pr
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     assert hub_resolves() and hub_kwargs("org/name") == {}
+    monkeypatch.delenv("HTTPS_PROXY")
+    hub_resolves.cache_clear()
+    answered = threading.Event()
+
+    def slow_dns(*args, **kwargs):  # a resolver that has not answered when the wait ends: undecided, so asked as usual
+        answered.wait(5)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    assert hub_resolves(timeout=0.05)
+    answered.set()
 
 
 def test_materialized_preset_is_a_standard_hf_directory(tmp_path, monkeypatch):
