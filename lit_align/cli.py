@@ -188,6 +188,8 @@ class LitAlignParser(LightningArgumentParser):
         if unknown := unknown_class_option(message):  # jsonargparse's ten lines about union subtypes, in one
             key, name, option, matches = unknown
             command = (getattr(ex, "subcommand_parser", None) or parser).prog.replace(" [options]", "")
+            if len(command.split()) == 1:  # parsed without a subcommand (quickstart --set, iadpo's fit): fit's help
+                command += " fit"
             message = f"{key}.init_args.{option}: {name} has no such option ('{command} --{key}.help {name}' lists them)"
             hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
         elif value_error := class_value_error(message):

@@ -109,10 +109,14 @@ class IADPOConfig:
     """Seed of the rounds (round r runs with seed + r)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.student, dict):
-            self.student = StudentConfig(**self.student)
-        if isinstance(self.oracle, dict):
-            self.oracle = OracleConfig(**self.oracle)
+        for name, cls in (("student", StudentConfig), ("oracle", OracleConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                known = {f.name for f in dataclasses.fields(cls)}
+                if unknown := sorted(set(value) - known):
+                    raise IADPOError(f"iadpo config: unknown key(s) {[f'{name}.{k}' for k in unknown]}; {name} has "
+                                     f"{sorted(known)}")
+                setattr(self, name, cls(**value))
         if not isinstance(self.fit, dict) or "model" not in self.fit:
             raise IADPOError("iadpo config: `fit` must be a lit_align fit config with at least a `model` section")
         if self.rounds < 1:
@@ -126,19 +130,53 @@ class IADPOConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> IADPOConfig:
-    """Read an IADPO YAML file (top-level keys = :class:`IADPOConfig` fields); ``overrides`` replace top-level keys."""
+    """Read an IADPO YAML file (top-level keys = :class:`IADPOConfig` fields); each of ``overrides`` replaces the value
+    at its dotted key (``rounds``, ``student.samples``, ``fit.model.init_args.beta``), made where missing."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise IADPOError(f"iadpo config file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    raw.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
     known = {f.name for f in dataclasses.fields(IADPOConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise IADPOError(f"iadpo config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
     return IADPOConfig(**raw)
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``key`` "a.b.c", making the missing mappings; an IADPOError naming the key where a
+    part of the path holds something other than a mapping."""
+    *parents, last = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise IADPOError(f"--set {key}: {'.'.join(parents[:i + 1])} holds {child!r}, not a mapping")
+        node = child
+    node[last] = value
+
+
+def check_fit_config(fit: dict[str, Any]) -> None:
+    """Parse the ``fit`` section as ``lit_align fit`` would, building nothing: an IADPOError with the parser's message
+    (and its nearest-option hint) when it does not parse."""
+    import tempfile
+
+    import yaml
+
+    from lit_align.quickstart import check_stage_args
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fit.yaml"
+        path.write_text(yaml.safe_dump(fit))
+        error = check_stage_args(["--config", str(path)])
+    if error:
+        raise IADPOError(f"iadpo config's fit: {error}")
 
 
 # ------------------------------------------------------------------------------------------------------ oracles
@@ -517,12 +555,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds to run (overrides the config's `rounds`)")
     parser.add_argument("--output", required=True, help="run directory; an existing one is resumed at its next round")
     parser.add_argument("--no-merge", action="store_true", help="do not merge the adapter into <output>/model at the end")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="replace the config's value at a dotted key, the value read as YAML: --set student.samples 4, "
+                             "--set fit.model.init_args.beta 0.1, --set fit.trainer.max_steps 60 (repeatable; checked "
+                             "before anything is written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {"rounds": args.rounds} if args.rounds is not None else {}
+    import yaml
+
+    overrides = {key: yaml.safe_load(value) for key, value in args.set}
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
     try:
         config = load_config(args.config, overrides)
+        check_fit_config(config.fit)  # a mistyped option under fit is named now, before anything is written
         history = run_rounds(config, args.output, merge=not args.no_merge)
     except (IADPOError, ModelLoadError) as err:
         hint = " (the quickstart's student is the SFT quickstart's model: run `lit_align fit --config " \

@@ -111,8 +111,8 @@ def check_stage_args(args: list[str]) -> str | None:
 
     errors = io.StringIO()
     try:
-        with (mock.patch.object(sys, "argv", sys.argv[:1]), contextlib.redirect_stdout(io.StringIO()),
-              contextlib.redirect_stderr(errors)):
+        with (mock.patch.object(sys, "argv", ["lit_align"]), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(errors)):  # (the parser's messages name the program lit_align)
             LitAlignCLI(args=args + ["--print_config"], run=False)
     except SystemExit as exit_:
         if exit_.code:

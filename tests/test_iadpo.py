@@ -74,6 +74,37 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
     assert main(["--config", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out")]) == 2
 
 
+def test_set_replaces_a_dotted_key_and_a_bad_one_is_refused_before_anything_is_written(tmp_path, capsys):
+    """``--set KEY VALUE`` as the command line's override: the value read as YAML at a dotted key of the config
+    (nested mappings made where missing); an unknown key of the student, an option the fit section's classes do not
+    have, or a value of the wrong type is refused naming it, and the output directory is not made."""
+    from lit_align.iadpo import set_dotted
+
+    config = tmp_path / "iadpo.yaml"
+    config.write_text("rounds: 1\nstudent: {samples: 2}\nfit:\n  model:\n    class_path: lit_align.modules.dpo.DPO\n"
+                      "    init_args: {model_name_or_path: preset:tiny, beta: 0.5}\n")
+    loaded = load_config(config, {"student.samples": 4, "fit.model.init_args.beta": 0.1, "fit.trainer.max_steps": 2,
+                                  "oracle.max_seeds": 7})
+    assert loaded.student.samples == 4 and loaded.oracle.max_seeds == 7
+    assert loaded.fit["model"]["init_args"] == {"model_name_or_path": "preset:tiny", "beta": 0.1}
+    assert loaded.fit["trainer"] == {"max_steps": 2}
+    with pytest.raises(IADPOError, match=r"--set rounds.x: rounds holds 3, not a mapping"):
+        set_dotted({"rounds": 3}, "rounds.x", 1)
+    out = tmp_path / "out"
+    for args, message in [
+        (["student.samplez", "3"], "unknown key(s) ['student.samplez']; student has ['batch_size', 'max_new_tokens', "
+                                   "'samples', 'temperature']"),
+        (["fit.model.init_args.betaa", "0.1"], "iadpo config's fit: model.init_args.betaa: DPO has no such option "
+                                               "('lit_align fit --model.help DPO' lists them)\n  hint: did you mean "
+                                               "--model.init_args.beta?"),
+        (["fit.model.init_args.beta", "abc"], "iadpo config's fit: model.init_args.beta: Expected a <class 'float'>. "
+                                              "Got value: abc"),
+    ]:
+        assert main(["--config", str(config), "--output", str(out), "--set", *args]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_missing_student_model_is_refused_before_anything_is_written(tmp_path, capsys):
     config = tmp_path / "iadpo.yaml"
     config.write_text("rounds: 1\nfit:\n  model:\n    class_path: lit_align.modules.dpo.DPO\n    init_args:\n"
