@@ -6,19 +6,23 @@ chosen first; :func:`shared_prompt_forward` runs each prompt once and both compl
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 
 from lit_align import losses
+from lit_align.generation.hf import inference_mode
 from lit_align.models import cache_keyword, disable_dropout, returned_cache
 from lit_align.modules.base import AlignmentModule
 
 log = logging.getLogger(__name__)
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
@@ -43,27 +47,16 @@ def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs
     pass (``logits_to_keep=1``).
     Raises NotImplementedError when the model returns no cache.
     """
-    with _cache_kept(net):
+    with inference_mode(net) if _drops_cache_in_training(net) else contextlib.nullcontext():
         return _shared_prompt_forward(net, batch, **prompt_kwargs)
 
 
-@contextmanager
-def _cache_kept(net: nn.Module):
-    """``net`` in eval mode for a pass without gradient through gradient-checkpointed layers under transformers < 5,
-    whose layers drop the cache being filled in training mode (5.x keeps it without gradient); the modules' modes are
-    restored after. Anything else, dropout included, runs as it is."""
-    import transformers
-
-    switch = (int(transformers.__version__.split(".")[0]) < 5 and net.training and not torch.is_grad_enabled()
-              and any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules()))
-    modes = [(m, m.training) for m in net.modules()] if switch else []
-    if switch:
-        net.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+def _drops_cache_in_training(net: nn.Module) -> bool:
+    """Whether this pass must run ``net`` in eval mode to get its cache back: a pass without gradient through
+    gradient-checkpointed layers in training mode under transformers < 5, whose layers drop the cache being filled
+    (5.x keeps it without gradient, so there dropout is left as configured)."""
+    return (_TRANSFORMERS_MAJOR < 5 and net.training and not torch.is_grad_enabled()
+            and any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules()))
 
 
 def _shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:

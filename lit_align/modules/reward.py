@@ -47,9 +47,9 @@ class RewardModel(AlignmentModule):
 
     Args:
         margin: optional margin the chosen reward must exceed the rejected one by (null: Eq. 2 exactly).
-        share_prompt: run each prompt once for both completions of a pair (its keys/values are reused); ignored with
-            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, and with
-            torch_compile.
+        share_prompt: run each prompt once for both completions of a pair (its keys/values are reused). With
+            gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, only passes without
+            gradient share (validation); with torch_compile none.
         disable_dropout: turn dropout off, so the two sides of a pair are scored by the same network.
     """
 
