@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -92,6 +93,84 @@ def bench_stop_check(model_path: str, items, k: int, max_new_tokens: int, repeat
     return {path: {"seconds": statistics.median(ts), "tokens": tokens} for path, ts in times.items()}
 
 
+def _model_dir(model_path: str, dtype: str) -> str:
+    """``model_path``, or for ``shape:NAME`` a random model of bench_gpu_scale.py's shapes saved to a temporary
+    directory (it generates to the budget)."""
+    if not model_path.startswith("shape:"):
+        return model_path
+    from bench_gpu_scale import build_model_dir
+
+    target = Path(tempfile.mkdtemp()) / "model"
+    build_model_dir(model_path.removeprefix("shape:"), target, dtype)
+    return str(target)
+
+
+def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_batch_size: int,
+                         completion_tokens: int | None = None) -> dict:
+    """GRPO's passes over one batch of rollouts with ``share_prompt`` on and off, timed alternately in this process.
+
+    Rollouts: each prompt with K completions, its canonical solution cut at K different lengths (k+1)/K, so
+    completions of a group differ in length as sampled ones do; with ``completion_tokens``, random tokens instead,
+    ``completion_tokens`` x (k+1)/K of them (longer completions than the task suite's short solutions). Passes, as a GRPO step with beta > 0 and several
+    updates runs them: the statistics (old log-probs and the frozen reference copy's log-probs, without gradient)
+    and one forward/backward pass over every rollout in micro-batches of ``micro_batch_size``. Medians over
+    ``repeats`` rounds; the two settings' log-probs are compared too."""
+    from lit_align.generation import Completion, SamplingParams
+    from lit_align.modules.grpo import GRPO
+
+    module = GRPO(model_name_or_path=_model_dir(model_path, "float32"), samples_per_prompt=k, beta=0.04,
+                  micro_batch_size=micro_batch_size)
+    module.configure_model()
+    module.train()
+    tok = module.tokenizer
+    groups = []
+    rng = random.Random(0)
+    for item in items:
+        if completion_tokens:
+            from bench_gpu_scale import random_text
+
+            ids = [tok(random_text(rng, 8 * completion_tokens), add_special_tokens=False)["input_ids"]
+                   [:max(1, round(completion_tokens * (j + 1) / k))] for j in range(k)]
+            groups.append([Completion(tok.decode(i), i, None, "length") for i in ids])
+            continue
+        text = item.problem.canonical_solution
+        cuts = [text[:max(1, round(len(text) * (j + 1) / k))] for j in range(k)]
+        groups.append([Completion(c, tok(c, add_special_tokens=False)["input_ids"], None, "length") for c in cuts])
+    rollouts = module.build_rollouts(items, groups, SamplingParams(n=k, stop=[]))
+    every = torch.arange(len(rollouts))
+
+    def statistics_pass():
+        return module.rollout_statistics(rollouts, with_reference=True)
+
+    def training_pass():
+        module.zero_grad(set_to_none=True)
+        for index in every.split(micro_batch_size):
+            module.rollout_forward(rollouts.rows(index))["logps"].sum().backward()
+
+    times: dict[str, dict[str, list[float]]] = {m: {"statistics": [], "training": []} for m in ("shared", "full")}
+    stats = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for mode, timed in times.items():
+            module.hparams.share_prompt = mode == "shared"
+            t0 = time.perf_counter()
+            stats[mode] = statistics_pass()
+            t1 = time.perf_counter()
+            training_pass()
+            t2 = time.perf_counter()
+            timed["statistics"].append(t1 - t0)
+            timed["training"].append(t2 - t1)
+    mask = rollouts.response_mask
+    prompt_tokens = int(rollouts.attention_mask.sum()) - int(mask.sum())
+    result = {"rollouts": len(rollouts), "prompt_tokens_per_row": prompt_tokens / len(rollouts),
+              "response_tokens_per_row": float(mask.sum()) / len(rollouts),
+              "max_abs_logp_difference": max(float((stats["shared"][key] - stats["full"][key]).abs().max())
+                                             for key in ("old_logps", "ref_logps"))}
+    for mode, timed in times.items():
+        result[mode] = {name: statistics.median(ts[1:]) for name, ts in timed.items()}
+    result["speedup"] = {name: result["full"][name] / result["shared"][name] for name in ("statistics", "training")}
+    return result
+
+
 def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats: int, device: str = "cpu",
                    dtype: str = "float32") -> dict:
     """Generation with each KV cache of the hf backend, timed alternately in this process (``repeats`` rounds of 3 calls
@@ -101,12 +180,7 @@ def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats:
     from lit_align.generation import HFBackend, SamplingParams
     from lit_align.models import load_causal_lm, load_tokenizer
 
-    if model_path.startswith("shape:"):  # a random model of bench_gpu_scale.py's shapes (generates to the budget)
-        from bench_gpu_scale import build_model_dir
-
-        target = Path(tempfile.mkdtemp()) / "model"
-        build_model_dir(model_path.removeprefix("shape:"), target, dtype)
-        model_path = str(target)
+    model_path = _model_dir(model_path, dtype)
     model, tok = load_causal_lm(model_path, dtype=dtype).to(device), load_tokenizer(model_path)
     backend = HFBackend(model, tok, batch_size=len(items) * k)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[], seed=0)
@@ -236,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache", action="store_true",
                         help="lit_align's generation by KV cache: reserved buffers against transformers' default "
                              "(no TRL, no steps); --model may be shape:NAME, a random model of bench_gpu_scale.py")
+    parser.add_argument("--prompt-sharing", action="store_true",
+                        help="lit_align's GRPO passes over rollouts with share_prompt on and off (no generation, no "
+                             "TRL); --model may be shape:NAME")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="--prompt-sharing only: rows per pass")
+    parser.add_argument("--completion-tokens", type=int, default=None,
+                        help="--prompt-sharing only: random completions of up to this many tokens instead of the "
+                             "task suite's solutions")
     parser.add_argument("--device", default="cpu", help="--kv-cache only: where the model runs (cpu, cuda)")
     parser.add_argument("--dtype", default="float32", help="--kv-cache only: the model's dtype")
     args = parser.parse_args(argv)
@@ -249,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
              "threads": args.threads, "torch": torch.__version__}
     if args.stop:
         results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
+    elif args.prompt_sharing:
+        setup.update(micro_batch_size=args.micro_batch_size, completion_tokens=args.completion_tokens)
+        results = {"setup": setup, "prompt_sharing": bench_prompt_sharing(args.model, items, args.k, args.repeats,
+                                                                          args.micro_batch_size, args.completion_tokens)}
     elif args.kv_cache:
         setup.update(device=args.device, dtype=args.dtype)
         results = {"setup": setup, "kv_cache": bench_kv_cache(*a, args.repeats, args.device, args.dtype)}

@@ -22,7 +22,9 @@ which is the familiar 6N + 12 L h s per trained token for full fine-tuning. N co
 head, not the embedding lookup); seq is the padded length of the forward pass the token went through. Not counted:
 gradient-checkpointing recomputation, attention over the KV cache while decoding, padding rows a batched decoder
 keeps stepping after they ended, small heads (PPO's value head, a reward model's score head), LoRA adapters of a
-reward model, and the one-token filler passes a sharded reward model makes to keep processes in step.
+reward model, and the one-token filler passes a sharded reward model makes to keep processes in step. Counted though
+not computed: the prompt work that prompt sharing (``share_prompt``) and ``logits_to_keep`` save, since counts are of
+the full rows; FLOP/s and MFU are then effective rates.
 
 Where the counts come from:
 

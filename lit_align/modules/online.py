@@ -22,6 +22,7 @@ response of every row occupies columns P..P+T-1 and per-token tensors are "respo
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -47,10 +48,13 @@ from lit_align.generation.base import BackendName, check_backend_kwargs, find_st
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import AlignmentModule
+from lit_align.modules.preference import shared_prompt_forward
 from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches, reward_model_base
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
+
+log = logging.getLogger(__name__)
 
 RewardSource = Literal["execution", "reward_model"]
 STATUSES = tuple(s.value for s in Status)
@@ -104,7 +108,8 @@ class Rollouts:
         width = self.prompt_width + t
         return {"input_ids": self.input_ids[index, :width], "attention_mask": self.attention_mask[index, :width],
                 "position_ids": self.position_ids[index, :width], "response_ids": self.response_ids[index, :t],
-                "response_mask": mask[:, :t], "index": index}
+                "response_mask": mask[:, :t], "index": index,
+                "prompt_index": torch.div(index, self.group_size, rounding_mode="floor"), "prompt_width": self.prompt_width}
 
 
 def _is_deepspeed(strategy) -> bool:
@@ -223,6 +228,11 @@ class OnlineModule(AlignmentModule):
         val_max_new_tokens: longest validation completion; null: max_new_tokens.
         max_grad_norm: clip the gradient norm to this before each optimizer step; null disables clipping.
         disable_dropout: zero every dropout probability of the policy (and reference), so the PPO ratio starts at 1.
+        share_prompt: in a forward pass over rollouts whose micro-batch holds several completions of one prompt
+            (``samples_per_prompt`` > 1), run that prompt once and its completions on its cached keys/values (needs a
+            model with a KV cache; the numbers equal full-sequence passes up to float rounding). As in DPO, a pass
+            with gradient shares only without activation checkpointing, and none through a ``torch_compile``d
+            policy; old log-probs, values and reference log-probs always may.
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -260,9 +270,12 @@ class OnlineModule(AlignmentModule):
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
         reference_placement: Literal["shard", "replicate"] = "shard",
+        share_prompt: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._prompt_sharing_ok = True
+        self._logits_to_keep_ok = True
         reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
         self.hparams["reward_model"] = reward_model
         if reference_placement not in ("shard", "replicate"):
@@ -601,16 +614,66 @@ class OnlineModule(AlignmentModule):
         net = model if model is not None else self.model
         t = rows["response_ids"].size(1)
         self.count_pass(rows)
-        out = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], position_ids=rows["position_ids"],
-                  use_cache=False, output_hidden_states=with_values)
-        logits = out.logits[:, -(t + 1):-1]
+        shared = self._shared_prompt_outputs(rows, net, with_values) if self._use_prompt_sharing(rows, net) else None
+        if shared is not None:
+            logits, hidden = shared
+        else:
+            out = self._full_forward(net, rows, with_values)
+            logits = out.logits[:, -(t + 1):-1]
+            hidden = out.hidden_states[-1][:, -(t + 1):-1] if with_values else None
         mask = rows["response_mask"]
         logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
                                  reduction="none").view_as(mask)
         result = {"logps": logps * mask, "logits": logits}
         if with_values:
-            result["values"] = self.value_head_outputs(out.hidden_states[-1][:, -(t + 1):-1]) * mask
+            result["values"] = self.value_head_outputs(hidden) * mask
         return result
+
+    def _full_forward(self, net: nn.Module, rows: dict[str, Tensor], with_values: bool) -> Any:
+        """The pass over the full rows, with logits only where they predict a response token (``logits_to_keep``;
+        every position for an architecture without it)."""
+        inputs = dict(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                      position_ids=rows["position_ids"], use_cache=False, output_hidden_states=with_values)
+        if self._logits_to_keep_ok:
+            try:
+                return net(**inputs, logits_to_keep=rows["response_ids"].size(1) + 1)
+            except TypeError:  # an architecture without logits_to_keep: compute every position
+                self._logits_to_keep_ok = False
+        return net(**inputs)
+
+    def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
+        """Whether :meth:`rollout_forward` runs ``rows`` with their prompts shared: ``share_prompt``, a model whose
+        cache worked so far, a pass that may fill a cache (:meth:`can_share_prompts`), and fewer prompts than rows."""
+        if not (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_index" in rows):
+            return False
+        prompts = rows["prompt_index"]
+        return prompts.unique().numel() < prompts.numel() and self.can_share_prompts(net)
+
+    def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
+                               with_values: bool) -> tuple[Tensor, Tensor | None] | None:
+        """(logits, last hidden states or None) at the positions predicting each response token, as the full pass's
+        ``[:, -(t + 1):-1]``, with each distinct prompt of ``rows`` run once; None (and sharing off from then on)
+        when the model returns no usable cache."""
+        p, t = rows["prompt_width"], rows["response_ids"].size(1)
+        prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
+        n = of_row.numel()
+        first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
+            0, of_row, torch.arange(n, device=of_row.device), reduce="amin")  # a row holding each prompt
+        ids, mask = rows["input_ids"], rows["attention_mask"]
+        batch = {"prompt_input_ids": ids[first, :p], "prompt_attention_mask": mask[first, :p],
+                 "completion_input_ids": ids[:, p:], "completion_attention_mask": mask[:, p:]}
+        try:
+            prompt_out, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values,
+                                                       logits_to_keep=1)
+        except (TypeError, AttributeError, NotImplementedError) as err:  # no usable KV cache in this architecture
+            log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
+            self._prompt_sharing_ok = False
+            return None
+        logits = torch.cat([prompt_out.logits[of_row, -1:], out.logits[:, :t - 1]], dim=1)
+        hidden = None
+        if with_values:
+            hidden = torch.cat([prompt_out.hidden_states[-1][of_row, -1:], out.hidden_states[-1][:, :t - 1]], dim=1)
+        return logits, hidden
 
     def count_pass(self, rows: dict[str, Tensor]) -> None:
         """Count a pass over ``rows`` in :attr:`step_tokens`: trained when autograd records it, else forward-only."""
@@ -729,6 +792,10 @@ class OnlineModule(AlignmentModule):
     ) -> dict[str, float]:
         """``epochs`` passes over ``n`` rollouts in ``num_minibatches`` shuffled minibatches, one optimizer step each.
 
+        A minibatch's rows are drawn at random and split into micro-batches in rollout order, so that the completions
+        of one prompt run together (their prompt once, with ``share_prompt``); the minibatch's gradient is the same in
+        any order.
+
         ``loss_fn(index)`` returns the loss of the rows ``index`` (a micro-batch) reduced over those rows, and
         detached figures to log. Micro-batch losses are weighted by ``weight_fn(index)`` (default: rows) over the
         minibatch's total, so the accumulated gradient is that of the whole minibatch. Under DDP the total is the
@@ -746,6 +813,8 @@ class OnlineModule(AlignmentModule):
         for _ in range(epochs):
             order = torch.randperm(n, device=self.device) if n else torch.zeros(0, dtype=torch.long, device=self.device)
             for minibatch in order.tensor_split(num_minibatches):
+                # rows in rollout order within the (random) minibatch: a prompt's completions share micro-batches
+                minibatch = minibatch.sort().values
                 micro = list(minibatch.split(self.hparams.micro_batch_size)) if len(minibatch) else []
                 weights = [float(weight_fn(m)) for m in micro]
                 local = sum(weights)

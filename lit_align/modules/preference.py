@@ -36,19 +36,23 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict
     }
 
 
-def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:
-    """Run each prompt once, then the 2B completions on its keys/values: ``(prompt_out, completion_out, rows)``.
+def shared_prompt_forward(net: nn.Module, batch: dict[str, Any], rows: Tensor | None = None,
+                          output_hidden_states: bool = False, **prompt_kwargs) -> tuple[Any, Any, Tensor]:
+    """Run each prompt once, then every completion on its prompt's keys/values: ``(prompt_out, completion_out, rows)``.
 
-    ``batch`` holds the split layout of :func:`~lit_align.data_modules.preference.collate_pairs`: left-padded
-    prompts (B, P) and right-padded completions (2B, C), chosen rows first. The prompt cache is repeated for both
-    completions of each prompt (``rows`` maps completion row -> prompt row) and every position continues from its own
-    prompt's length, so the result equals a pass over the full sequences. ``net`` is any HF decoder (causal LM or
-    bare backbone) that takes a KV cache (:func:`~lit_align.models.cache_keyword`); ``prompt_kwargs`` go to the prompt
-    pass (``logits_to_keep=1``).
+    ``batch`` holds left-padded prompts (B, P) and right-padded completions (M, C) under the keys of
+    :func:`~lit_align.data_modules.preference.collate_pairs`; ``rows`` maps completion row -> prompt row (default: the
+    pair layout, M = 2B with chosen rows first, ``arange(B).repeat(2)``). The prompt cache is repeated for the
+    completions of each prompt and every position continues from its own prompt's length, so the result equals a pass
+    over the full sequences. ``net`` is any HF decoder (causal LM or bare backbone) that takes a KV cache
+    (:func:`~lit_align.models.cache_keyword`); ``output_hidden_states`` goes to both passes, ``prompt_kwargs`` to the
+    prompt pass (``logits_to_keep=1``).
     Raises NotImplementedError when the model returns no cache.
     """
+    if rows is None:
+        rows = torch.arange(batch["prompt_input_ids"].size(0), device=batch["prompt_input_ids"].device).repeat(2)
     with inference_mode(net) if _drops_cache_in_training(net) else contextlib.nullcontext():
-        return _shared_prompt_forward(net, batch, **prompt_kwargs)
+        return _shared_prompt_forward(net, batch, rows, output_hidden_states, **prompt_kwargs)
 
 
 def _drops_cache_in_training(net: nn.Module) -> bool:
@@ -59,20 +63,21 @@ def _drops_cache_in_training(net: nn.Module) -> bool:
             and any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules()))
 
 
-def _shared_prompt_forward(net: nn.Module, batch: dict[str, Any], **prompt_kwargs) -> tuple[Any, Any, Tensor]:
+def _shared_prompt_forward(net: nn.Module, batch: dict[str, Any], rows: Tensor, output_hidden_states: bool,
+                           **prompt_kwargs) -> tuple[Any, Any, Tensor]:
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     ids, mask = batch["completion_input_ids"], batch["completion_attention_mask"]
-    rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat(2)
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = {"output_hidden_states": True} if output_hidden_states else {}
     prompt_out = net(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
-                     **prompt_kwargs)
+                     **hidden, **prompt_kwargs)
     cache = returned_cache(prompt_out)
     if cache is None:
         raise NotImplementedError("the model returned no KV cache")
     cache.batch_select_indices(rows)
     positions = prompt_mask.sum(-1)[rows].unsqueeze(-1) + torch.arange(ids.size(1), device=ids.device)
     out = net(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], dim=-1), position_ids=positions,
-              use_cache=True, **{cache_keyword(net): cache})
+              use_cache=True, **hidden, **{cache_keyword(net): cache})
     return prompt_out, out, rows
 
 

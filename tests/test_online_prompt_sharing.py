@@ -1,0 +1,163 @@
+"""Prompt sharing in the online objectives' passes over rollouts: each prompt of a micro-batch runs once and its
+completions run on its cached keys/values, giving the full-sequence log-probs, values and gradients."""
+
+import pytest
+import torch
+
+from lit_align.data_modules.prompts import PromptBatch, PromptSource, load_prompt_items
+from lit_align.models import LoRAConfig
+from lit_align.modules.grpo import GRPO
+from lit_align.modules.ppo import PPO
+
+
+class RowCounter:
+    """Rows of every forward pass of ``net`` (its top-level calls: the prompt pass, the completion pass...)."""
+
+    def __init__(self, net):
+        self.rows = []
+        net.register_forward_hook(lambda mod, args, kwargs, out: self.rows.append(kwargs["input_ids"].size(0)),
+                                  with_kwargs=True)
+
+
+def _randomized(module):
+    """Non-zero LoRA B weights and value head, drawn from a generator of their own (the global RNG is left alone)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name or name.startswith("value_head"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module
+
+
+def _ppo(**kw):
+    module = PPO(samples_per_prompt=3, max_new_tokens=10, micro_batch_size=4, lora=LoRAConfig(r=4), shared_critic=True,
+                 temperature=1.0, **kw)
+    module.configure_model()
+    return _randomized(module)
+
+
+@pytest.fixture(scope="module")
+def rollouts():
+    torch.manual_seed(0)
+    module = _ppo()
+    return module.generate_rollouts(PromptBatch(load_prompt_items(PromptSource(split="train", limit=2))))
+
+
+def test_statistics_with_shared_prompts_equal_the_full_sequence_ones(rollouts):
+    module = _ppo()
+    assert rollouts.group_size == 3 and len(rollouts) == 6
+    stats, rows = {}, RowCounter(module.model).rows
+    for share in (True, False):
+        module.hparams.share_prompt = share
+        stats[share] = module.rollout_statistics(rollouts, with_values=True, with_reference=True)
+    # micro-batches of 4 rows hold prompts [0, 0, 0, 1] and [1, 1]: shared, the policy and the adapter-disabled
+    # reference each run 2 prompts then 4 completions, then 1 prompt then 2 completions; unshared, 4 then 2 rows
+    assert rows == [2, 4, 2, 4, 1, 2, 1, 2] + [4, 4, 2, 2]
+    for key in ("old_logps", "old_values", "ref_logps"):
+        assert stats[True][key].shape == rollouts.response_mask.shape
+        assert torch.allclose(stats[True][key], stats[False][key], atol=2e-5), key
+    assert (stats[True]["old_logps"] != stats[True]["ref_logps"]).any()  # the adapter moved the policy off the reference
+
+
+def test_a_pass_with_gradient_shares_prompts_and_gives_the_full_sequence_gradients(rollouts):
+    """Rows in a shuffled minibatch order, as run_updates draws them: prompt 1 twice, prompt 0 twice."""
+    module = _ppo()
+    rows = rollouts.rows(torch.tensor([4, 0, 5, 2]))
+    grads, outs, counted = {}, {}, RowCounter(module.model).rows
+    for share in (True, False):
+        module.hparams.share_prompt = share
+        module.zero_grad()
+        out = module.rollout_forward(rows, with_values=True)
+        (out["logps"].sum() + out["values"].pow(2).sum()).backward()
+        outs[share] = out
+        grads[share] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+    assert counted == [2, 4, 4]
+    for key in ("logps", "values", "logits"):
+        assert torch.allclose(outs[True][key], outs[False][key], atol=2e-5), key
+    for a, b in zip(grads[True], grads[False]):
+        assert (a - b).abs().max() <= 1e-5 * max(float(b.abs().max()), 1.0)
+
+
+def test_no_sharing_where_every_row_has_its_own_prompt_or_a_checkpointed_pass_has_gradient(rollouts):
+    module = _ppo(gradient_checkpointing=True).train()
+    counted = RowCounter(module.model).rows
+    module.rollout_forward(rollouts.rows(torch.tensor([0, 3])))  # prompts 0 and 1: nothing to share
+    assert counted == [2]
+    counted.clear()
+    loss = module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))["logps"].sum()  # checkpointed: the full rows
+    loss.backward()
+    assert counted[0] == 2 and module.model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
+    counted.clear()
+    with torch.no_grad():
+        module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))  # without gradient nothing re-runs: shared
+    assert counted == [1, 2]
+    assert module._prompt_sharing_ok and all(m.training for m in module.model.modules())
+
+
+def test_grpo_update_runs_the_same_loss_with_and_without_sharing(rollouts):
+    losses = {}
+    module = GRPO(samples_per_prompt=3, beta=0.1, lora=LoRAConfig(r=4), micro_batch_size=3)
+    module.configure_model()
+    _randomized(module)
+    for share in (True, False):
+        module.hparams.share_prompt = share
+        rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+        stats = module.rollout_statistics(rollouts, with_reference=True)
+        out = module.rollout_forward(rollouts.rows(torch.arange(3)))
+        mask = rollouts.response_mask[:3, :out["logps"].size(1)]
+        batch = {"old_logps": None, "ref_logps": stats["ref_logps"][:3, :mask.size(1)], "mask": mask,
+                 "advantages": torch.tensor([[1.0], [-1.0], [0.0]]).expand_as(mask)}
+        losses[share] = module.compute_loss(out, batch)[0]
+    assert losses[True].item() == pytest.approx(losses[False].item(), abs=1e-5)
+
+
+class NoCacheNoKeep(torch.nn.Module):
+    """A decoder without a KV cache or ``logits_to_keep``: a forward taking only the full-sequence arguments."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, output_hidden_states=False):
+        return self.net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, output_hidden_states=output_hidden_states)
+
+
+def test_a_model_without_cache_or_logits_to_keep_runs_full_sequences_with_a_warning(rollouts, caplog):
+    module = _ppo()
+    rows = rollouts.rows(torch.arange(4))
+    with torch.no_grad():
+        expected = module.rollout_forward(rows, with_values=True)
+        got = module.rollout_forward(rows, model=NoCacheNoKeep(module.model), with_values=True)
+    assert "prompt sharing is not supported by this model" in caplog.text
+    assert not module._prompt_sharing_ok and not module._logits_to_keep_ok
+    for key in ("logps", "values", "logits"):
+        assert torch.allclose(got[key], expected[key], atol=2e-5), key
+
+
+def test_a_shuffled_minibatch_runs_each_prompts_completions_in_one_micro_batch():
+    """run_updates draws a minibatch's rows at random but splits it in rollout order: with K = micro_batch_size = 4,
+    every micro-batch of a single update holds one prompt's four completions, whose prompt then runs once."""
+    import lightning.pytorch as L
+
+    from lit_align.data_modules.prompts import PromptsDataModule
+
+    seen = []
+
+    class Recording(GRPO):
+        def rollout_forward(self, rows, model=None, with_values=False):
+            seen.append(rows["index"].tolist())
+            return super().rollout_forward(rows, model, with_values)
+
+    torch.manual_seed(0)
+    module = Recording(samples_per_prompt=4, micro_batch_size=4, beta=0.0, max_new_tokens=6, execution_timeout_s=1.0)
+    data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=2)], val_sources=[],
+                             tokenizer="preset:tiny", batch_size=2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    module.configure_model()
+    counted = RowCounter(module.model).rows
+    trainer.fit(module, data)
+    assert sorted(map(sorted, seen)) == [[0, 1, 2, 3], [4, 5, 6, 7]] and all(s == sorted(s) for s in seen)
+    assert counted[-4:] == [1, 4, 1, 4]  # after generation: per micro-batch one prompt, then its 4 completions
