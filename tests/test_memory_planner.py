@@ -189,6 +189,8 @@ def test_objectives_resolve_reference_and_pairs():
     assert (grpo.seq_len, grpo.batch_size, grpo.generation_batch, grpo.reference) == (96, 8, 8, "copy")
     kv = next(r for r in estimate(grpo).rows if r.component == "generation KV cache")
     assert kv.bytes == 2 * 4 * 128 * 4 * 8 * 96  # K and V, 4 layers, kv width 128, fp32, 8 sequences, 96 tokens
+    # logits only at the 33 positions predicting a response token (logits_to_keep), fp32 cross-entropy buffers
+    assert estimate(grpo).row("logits + loss") == 8 * 33 * TINY.vocab_size * 12
     cfg["model"]["init_args"].update(samples_per_prompt=8, max_new_tokens=16, micro_batch_size=4, beta=0.0)
     grpo = inputs_from_config(cfg)  # the module's own keys: micro-batches of 4 rollouts, no KL so no reference
     assert (grpo.batch_size, grpo.generation_batch, grpo.seq_len, grpo.reference) == (4, 16, 80, "none")

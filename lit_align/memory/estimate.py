@@ -418,7 +418,10 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     seqs = inputs.batch_size * inputs.samples_per_prompt * (2 if objective in PAIRWISE else 1)
     tokens = seqs * inputs.seq_len
     per_layer = layer_activation_bytes(inputs, full_ft)
-    logits_elems = tokens * (1 if objective == "reward" else s.vocab_size)
+    # PPO's and GRPO's passes over rollouts keep logits only where they predict a response token (logits_to_keep)
+    logit_rows = min(inputs.max_new_tokens + 1, inputs.seq_len) if objective in ("ppo", "grpo") and inputs.max_new_tokens \
+        else inputs.seq_len
+    logits_elems = seqs * logit_rows * (1 if objective == "reward" else s.vocab_size)
     logits_fwd = logits_elems * (10 if half_compute else 12)
     logits_bwd = logits_elems * 12
     mask = seqs * inputs.seq_len**2 if inputs.padded and inputs.attn_implementation != "flash_attention_2" else 0
@@ -436,7 +439,8 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         act_note = f"{seqs} seqs x {inputs.seq_len} tokens x {s.num_layers} blocks x {per_layer:,.0f} B/token ({mode})"
     rows.append(Row("activations", acts, act_note))
     rows.append(Row("logits + loss", max(logits_fwd, logits_bwd),
-                    f"{logits_elems / tokens:,.0f} logits per token; fp32 cross-entropy buffers"))
+                    f"{logits_elems / tokens:,.0f} logits per token; fp32 cross-entropy buffers"
+                    + (f" (over the {logit_rows} positions predicting the response)" if logit_rows < inputs.seq_len else "")))
     if mask:
         rows.append(Row("attention mask", mask, "(batch, 1, seq, seq) bool mask"))
 
@@ -488,6 +492,10 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
                  "Lightning zeroes gradients after the forward pass, so the previous gradients are alive during it")
     if objective in PAIRWISE:
         notes.append("chosen and rejected sequences go through the model in one batch (2 x batch_size sequences)")
+    if objective in PAIRWISE or objective in ("ppo", "grpo"):
+        notes.append("activations are planned for full rows; prompt sharing (share_prompt; not in a training pass under "
+                     "gradient checkpointing or torch_compile) keeps one prompt's activations for all of its rows, so the "
+                     "training pass needs less")
     if inputs.reference in ("adapter", "copy"):
         notes.append("reference log-probs are computed under no_grad before the policy's forward: only their weights count")
     params = {"total": s.total_params, "trainable": trainable, "lora": lora_params, "matmul": s.matmul_params}
