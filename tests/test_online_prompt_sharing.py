@@ -161,3 +161,43 @@ def test_a_shuffled_minibatch_runs_each_prompts_completions_in_one_micro_batch()
     trainer.fit(module, data)
     assert sorted(map(sorted, seen)) == [[0, 1, 2, 3], [4, 5, 6, 7]] and all(s == sorted(s) for s in seen)
     assert counted[-4:] == [1, 4, 1, 4]  # after generation: per micro-batch one prompt, then its 4 completions
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared_prompt", "full_rows"])
+def test_raft_loss_over_the_response_window_equals_the_sft_loss_over_full_rows(rollouts, share):
+    from lit_align import losses
+    from lit_align.modules.raft import RAFT
+
+    module = RAFT(samples_per_prompt=3, lora=LoRAConfig(r=4), share_prompt=share)
+    module.configure_model()
+    _randomized(module)
+    kept = torch.tensor([0, 2, 3, 4])  # two completions of each prompt, as keep_fraction 2/3 would keep
+    rows = rollouts.rows(kept)
+    counted = RowCounter(module.model).rows
+    logits, hidden = module.response_window(rows)
+    assert hidden is None and logits.shape[:2] == (4, rows["response_ids"].size(1) + 1)
+    assert counted == ([2, 4] if share else [4])
+    labels = torch.nn.functional.pad(rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX),
+                                     (1, 0), value=losses.IGNORE_INDEX)
+    full_labels = torch.full_like(rows["input_ids"], losses.IGNORE_INDEX)
+    full_labels[:, rollouts.prompt_width:] = labels[:, 1:]
+    full = losses.sft_loss(module(rows["input_ids"], rows["attention_mask"], rows["position_ids"]), full_labels)
+    assert module.compute_loss(logits, labels).item() == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_no_sharing_through_a_network_that_gathers_weights_from_other_processes(rollouts, monkeypatch):
+    """Under FSDP and ZeRO-3 every process must make the same forward passes: a shared pass is two where another
+    process's rows (one per prompt, or none: a zero-loss pass) may need one, so those strategies run full rows."""
+    import lit_align.modules.online as online
+
+    module = _ppo()
+    counted = RowCounter(module.model).rows
+    monkeypatch.setattr(online, "gathers_weights_per_forward", lambda net: net is module.model)
+    module._world_size = lambda: 2
+    with torch.no_grad():
+        module.rollout_forward(rollouts.rows(torch.arange(4)))
+    assert counted == [4]
+    module._world_size = lambda: 1  # one process gathers from no one: shared
+    with torch.no_grad():
+        module.rollout_forward(rollouts.rows(torch.arange(4)))
+    assert counted == [4, 2, 4]

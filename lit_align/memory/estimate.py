@@ -418,9 +418,9 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     seqs = inputs.batch_size * inputs.samples_per_prompt * (2 if objective in PAIRWISE else 1)
     tokens = seqs * inputs.seq_len
     per_layer = layer_activation_bytes(inputs, full_ft)
-    # PPO's and GRPO's passes over rollouts keep logits only where they predict a response token (logits_to_keep)
-    logit_rows = min(inputs.max_new_tokens + 1, inputs.seq_len) if objective in ("ppo", "grpo") and inputs.max_new_tokens \
-        else inputs.seq_len
+    # the online objectives' passes over rollouts keep logits only where they predict a response token (logits_to_keep)
+    online = objective in ("ppo", "grpo", "raft") and inputs.max_new_tokens
+    logit_rows = min(inputs.max_new_tokens + 1, inputs.seq_len) if online else inputs.seq_len
     logits_elems = seqs * logit_rows * (1 if objective == "reward" else s.vocab_size)
     logits_fwd = logits_elems * (10 if half_compute else 12)
     logits_bwd = logits_elems * 12
@@ -492,7 +492,7 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
                  "Lightning zeroes gradients after the forward pass, so the previous gradients are alive during it")
     if objective in PAIRWISE:
         notes.append("chosen and rejected sequences go through the model in one batch (2 x batch_size sequences)")
-    if objective in PAIRWISE or objective in ("ppo", "grpo"):
+    if objective in PAIRWISE or online:
         notes.append("activations are planned for full rows; prompt sharing (share_prompt; not in a training pass under "
                      "gradient checkpointing or torch_compile) keeps one prompt's activations for all of its rows, so the "
                      "training pass needs less")

@@ -124,9 +124,9 @@ class StepTokens:
 
     :class:`OnlineModule` starts a new one at each ``training_step`` (its ``step_tokens``) and counts into it where the
     work happens: :meth:`add_rollouts` for the generated rollouts, :meth:`add_pass` for every forward pass over rollout
-    rows (:meth:`OnlineModule.rollout_forward`, RAFT's SFT pass). Tokens are real (non-padding) tokens; a pass's
-    *width* is its padded sequence length, which the attention term of the FLOP count uses
-    (:class:`lit_align.callbacks.throughput.TokenThroughput` reads all of this).
+    rows (:meth:`OnlineModule.response_window`, which PPO's, GRPO's and RAFT's passes go through). Tokens are real
+    (non-padding) tokens; a pass's *width* is its padded sequence length, which the attention term of the FLOP count
+    uses (:class:`lit_align.callbacks.throughput.TokenThroughput` reads all of this).
     """
 
     backend: str = "hf"
@@ -232,7 +232,9 @@ class OnlineModule(AlignmentModule):
             (``samples_per_prompt`` > 1), run that prompt once and its completions on its cached keys/values (needs a
             model with a KV cache; the numbers equal full-sequence passes up to float rounding). As in DPO, a pass
             with gradient shares only without activation checkpointing, and none through a ``torch_compile``d
-            policy; old log-probs, values and reference log-probs always may.
+            policy; old log-probs, values and reference log-probs always may. Not through a network that FSDP or
+            ZeRO-3 shards over several processes (each forward pass gathers weights, so all processes must make the
+            same passes); DDP and ZeRO-1/2 share.
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -611,23 +613,34 @@ class OnlineModule(AlignmentModule):
         and zero on padding; ``logits[:, k]`` the logits that predicted it; ``values[:, k]`` come from
         :meth:`value_head_outputs` at that same position (the state before token k).
         """
-        net = model if model is not None else self.model
-        t = rows["response_ids"].size(1)
-        self.count_pass(rows)
-        shared = self._shared_prompt_outputs(rows, net, with_values) if self._use_prompt_sharing(rows, net) else None
-        if shared is not None:
-            logits, hidden = shared
-        else:
-            out = self._full_forward(net, rows, with_values)
-            logits = out.logits[:, -(t + 1):-1]
-            hidden = out.hidden_states[-1][:, -(t + 1):-1] if with_values else None
+        logits, hidden = self.response_window(rows, model, with_values)
+        logits = logits[:, :-1]
         mask = rows["response_mask"]
         logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
                                  reduction="none").view_as(mask)
         result = {"logps": logps * mask, "logits": logits}
         if with_values:
-            result["values"] = self.value_head_outputs(hidden) * mask
+            result["values"] = self.value_head_outputs(hidden[:, :-1]) * mask
         return result
+
+    def response_window(self, rows: dict[str, Tensor], model: nn.Module | None = None,
+                        with_values: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Logits (N, t + 1, V) of ``model`` (default the policy) at the last prompt column and the t response columns
+        of ``rows`` (column k predicts response token k; the last predicts nothing), and with ``with_values`` the last
+        hidden states there (else None); the pass is counted in :attr:`step_tokens`.
+
+        Logits are computed only there (``logits_to_keep``), and with ``share_prompt`` each distinct prompt of ``rows``
+        runs once and its rows' responses on its cached keys/values (see :meth:`_use_prompt_sharing`).
+        """
+        net = model if model is not None else self.model
+        self.count_pass(rows)
+        if self._use_prompt_sharing(rows, net):
+            shared = self._shared_prompt_outputs(rows, net, with_values)
+            if shared is not None:
+                return shared
+        out = self._full_forward(net, rows, with_values)
+        t = rows["response_ids"].size(1)
+        return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
 
     def _full_forward(self, net: nn.Module, rows: dict[str, Tensor], with_values: bool) -> Any:
         """The pass over the full rows, with logits only where they predict a response token (``logits_to_keep``;
@@ -642,19 +655,22 @@ class OnlineModule(AlignmentModule):
         return net(**inputs)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
-        """Whether :meth:`rollout_forward` runs ``rows`` with their prompts shared: ``share_prompt``, a model whose
-        cache worked so far, a pass that may fill a cache (:meth:`can_share_prompts`), and fewer prompts than rows."""
+        """Whether :meth:`response_window` runs ``rows`` with their prompts shared: ``share_prompt``, a model whose
+        cache worked so far, a pass that may fill a cache (:meth:`can_share_prompts`), fewer prompts than rows, and a
+        network whose forward passes gather no weights from other processes (under FSDP and ZeRO-3 every process
+        makes the same passes, and a shared pass is two where another process's rows may need one)."""
         if not (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_index" in rows):
             return False
+        if self._world_size() > 1 and gathers_weights_per_forward(net):
+            return False  # FSDP, ZeRO-3: every process must make the same forward passes, whatever its rows hold
         prompts = rows["prompt_index"]
         return prompts.unique().numel() < prompts.numel() and self.can_share_prompts(net)
 
     def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
                                with_values: bool) -> tuple[Tensor, Tensor | None] | None:
-        """(logits, last hidden states or None) at the positions predicting each response token, as the full pass's
-        ``[:, -(t + 1):-1]``, with each distinct prompt of ``rows`` run once; None (and sharing off from then on)
-        when the model returns no usable cache."""
-        p, t = rows["prompt_width"], rows["response_ids"].size(1)
+        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` run
+        once; None (and sharing off from then on) when the model returns no usable cache."""
+        p = rows["prompt_width"]
         prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
         n = of_row.numel()
         first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
@@ -669,10 +685,10 @@ class OnlineModule(AlignmentModule):
             log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
             self._prompt_sharing_ok = False
             return None
-        logits = torch.cat([prompt_out.logits[of_row, -1:], out.logits[:, :t - 1]], dim=1)
+        logits = torch.cat([prompt_out.logits[of_row, -1:], out.logits], dim=1)
         hidden = None
         if with_values:
-            hidden = torch.cat([prompt_out.hidden_states[-1][of_row, -1:], out.hidden_states[-1][:, :t - 1]], dim=1)
+            hidden = torch.cat([prompt_out.hidden_states[-1][of_row, -1:], out.hidden_states[-1]], dim=1)
         return logits, hidden
 
     def count_pass(self, rows: dict[str, Tensor]) -> None:
@@ -840,13 +856,16 @@ class OnlineModule(AlignmentModule):
         rows left in a minibatch the others are still training on (RAFT's processes keep different numbers of rows).
 
         Under ZeRO-3 and FSDP this process holds only shards of the weights, and their gradients are reduced by hooks
-        that a forward pass sets up, so the zero goes through the module's forward (the policy's logits on one token),
-        as RAFT's passes do: that gathers the weights and reduces their gradients exactly as the other processes'
-        passes do. (PPO's and GRPO's processes always hold equal numbers of rollouts, so they never need this pass.)"""
+        that a forward pass sets up, so the zero goes through the policy network's forward (its logits on one token),
+        as the other processes' passes over rollouts do (:meth:`response_window`): that gathers the weights and
+        reduces their gradients exactly as theirs. Both call the network itself, not this module: under ZeRO-3 the
+        module's own forward starts a new step of DeepSpeed's parameter trace, a collective that processes calling
+        the network would not join. (PPO's and GRPO's processes always hold equal numbers of rollouts, so they never
+        need this pass.)"""
         if not gathers_weights_per_forward(self.model):
             return sum(p.sum() for p in self.trainable_parameters()) * 0.0
         ids = torch.full((1, 1), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
-        return self(ids, torch.ones_like(ids)).float().sum() * 0.0
+        return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().sum() * 0.0
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
         """The objective's optimizer steps on scored rollouts; returns figures to log (local to this process)."""

@@ -14,6 +14,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lit_align import losses
@@ -96,7 +97,12 @@ class RAFT(OnlineModule):
         return torch.cat(kept).sort().values.to(self.device)
 
     def compute_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The SFT loss on the kept completions (token-weighted NLL, prompt tokens masked); override for a variant."""
+        """The SFT loss on the kept completions (token-weighted NLL); override for a variant.
+
+        ``logits`` (N, t + 1, V) cover the last prompt column and the response columns
+        (:meth:`~lit_align.modules.online.OnlineModule.response_window`), ``labels`` (N, t + 1) are aligned with them:
+        ignored in the prompt column and on padding, the response tokens elsewhere; as for a causal LM, the logits at
+        column k predict the label at column k + 1."""
         return losses.sft_loss(logits, labels)
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:
@@ -113,11 +119,10 @@ class RAFT(OnlineModule):
 
         def loss_fn(index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             rows = rollouts.rows(kept[index])
-            labels = torch.full_like(rows["input_ids"], losses.IGNORE_INDEX)
-            p = rollouts.prompt_width
-            labels[:, p:] = rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX)
-            self.count_pass(rows)
-            logits = self(rows["input_ids"], rows["attention_mask"], rows["position_ids"])
+            logits, _ = self.response_window(rows)
+            # aligned with the logits: the last prompt column (ignored), then the response tokens
+            labels = F.pad(rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX), (1, 0),
+                           value=losses.IGNORE_INDEX)
             return self.compute_loss(logits, labels), {}
 
         figures.update(self.run_updates(len(kept), loss_fn, hp.sft_epochs, hp.num_minibatches,
