@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -25,6 +26,12 @@ from torchmetrics import Metric
 from lit_align import losses
 from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
                               load_causal_lm, load_tokenizer, pinned_model_path)
+
+
+log = logging.getLogger(__name__)
+
+NO_CACHE_ERRORS = (TypeError, AttributeError, NotImplementedError)
+"""What a forward pass that fills or reuses a KV cache raises on an architecture without a usable one."""
 
 
 @dataclass
@@ -163,6 +170,7 @@ class AlignmentModule(L.LightningModule):
         # Adapter-only checkpoints lack the frozen base by design; on_load_checkpoint checks every trainable weight is there.
         self.strict_loading = False
         self._rng_state_to_restore: dict[str, Any] | None = None
+        self._prompt_sharing_ok = True  # until a model returns no usable KV cache (prompt_sharing_failed)
         self._loading_trainable_only = False
 
     # ------------------------------------------------------------------ construction
@@ -301,6 +309,17 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.get("torch_compile") and (network is None or network is self.model):
             return False
         return not torch.is_grad_enabled() or not self.recomputes_activations()
+
+    def shares_prompts(self, network: torch.nn.Module | None = None) -> bool:
+        """Whether a pass of ``network`` (default: the policy) runs each prompt once for all of its rows now: the
+        module's ``share_prompt`` option is on, the model's KV cache has worked so far (:meth:`prompt_sharing_failed`)
+        and the pass may fill a cache (:meth:`can_share_prompts`)."""
+        return bool(self.hparams.get("share_prompt")) and self._prompt_sharing_ok and self.can_share_prompts(network)
+
+    def prompt_sharing_failed(self, err: Exception) -> None:
+        """Run full rows from now on: the model returned no usable KV cache (``err``, one of :data:`NO_CACHE_ERRORS`)."""
+        log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
+        self._prompt_sharing_ok = False
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self, wrapper=self.trainer.strategy.model)

@@ -22,7 +22,6 @@ response of every row occupies columns P..P+T-1 and per-token tensors are "respo
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import defaultdict
@@ -47,14 +46,12 @@ from lit_align.generation import DEFAULT_STOP, Completion, GenerationBackend, Sa
 from lit_align.generation.base import BackendName, check_backend_kwargs, find_stop
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
-from lit_align.modules.base import AlignmentModule
+from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.modules.preference import shared_prompt_forward
 from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches, reward_model_base
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
-
-log = logging.getLogger(__name__)
 
 RewardSource = Literal["execution", "reward_model"]
 STATUSES = tuple(s.value for s in Status)
@@ -276,7 +273,6 @@ class OnlineModule(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._prompt_sharing_ok = True
         self._logits_to_keep_ok = True
         reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
         self.hparams["reward_model"] = reward_model
@@ -655,16 +651,16 @@ class OnlineModule(AlignmentModule):
         return net(**inputs)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
-        """Whether :meth:`response_window` runs ``rows`` with their prompts shared: ``share_prompt``, a model whose
-        cache worked so far, a pass that may fill a cache (:meth:`can_share_prompts`), fewer prompts than rows, and a
+        """Whether :meth:`response_window` runs ``rows`` with their prompts shared: :meth:`shares_prompts`, fewer
+        prompts than rows, and a
         network whose forward passes gather no weights from other processes (under FSDP and ZeRO-3 every process
         makes the same passes, and a shared pass is two where another process's rows may need one)."""
-        if not (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_index" in rows):
+        if "prompt_index" not in rows or not self.shares_prompts(net):
             return False
         if self._world_size() > 1 and gathers_weights_per_forward(net):
             return False  # FSDP, ZeRO-3: every process must make the same forward passes, whatever its rows hold
         prompts = rows["prompt_index"]
-        return prompts.unique().numel() < prompts.numel() and self.can_share_prompts(net)
+        return prompts.unique().numel() < prompts.numel()
 
     def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
                                with_values: bool) -> tuple[Tensor, Tensor | None] | None:
@@ -681,9 +677,8 @@ class OnlineModule(AlignmentModule):
         try:
             prompt_out, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values,
                                                        logits_to_keep=1)
-        except (TypeError, AttributeError, NotImplementedError) as err:  # no usable KV cache in this architecture
-            log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
-            self._prompt_sharing_ok = False
+        except NO_CACHE_ERRORS as err:
+            self.prompt_sharing_failed(err)
             return None
         logits = torch.cat([prompt_out.logits[of_row, -1:], out.logits], dim=1)
         hidden = None

@@ -7,7 +7,6 @@ chosen first; :func:`shared_prompt_forward` runs each prompt once and both compl
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
@@ -18,9 +17,8 @@ from torch import Tensor, nn
 from lit_align import losses
 from lit_align.generation.hf import inference_mode
 from lit_align.models import cache_keyword, disable_dropout, returned_cache
-from lit_align.modules.base import AlignmentModule
+from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 
-log = logging.getLogger(__name__)
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -99,7 +97,6 @@ class PreferenceModule(AlignmentModule):
     def __init__(self, *args, share_prompt: bool = True, disable_dropout: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._logits_to_keep_ok = True
-        self._prompt_sharing_ok = True
 
     def configure_extra_models(self) -> None:
         if self.hparams.disable_dropout:
@@ -132,9 +129,8 @@ class PreferenceModule(AlignmentModule):
         if self._use_prompt_sharing(batch, model):
             try:
                 token_logps, mask = self._shared_prompt_token_logps(batch, model)
-            except (TypeError, AttributeError, NotImplementedError) as err:  # no usable KV cache in this architecture
-                log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
-                self._prompt_sharing_ok = False
+            except NO_CACHE_ERRORS as err:
+                self.prompt_sharing_failed(err)
                 token_logps, mask = self._full_token_logps(batch, model)
         else:
             token_logps, mask = self._full_token_logps(batch, model)
@@ -145,8 +141,7 @@ class PreferenceModule(AlignmentModule):
                 "rejected_mean_logps": means[b:], "token_logps": token_logps, "mask": mask}
 
     def _use_prompt_sharing(self, batch: dict[str, Any], model: nn.Module | None = None) -> bool:
-        return (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and self.can_share_prompts(model))
+        return "prompt_input_ids" in batch and self.shares_prompts(model)
 
     def _full_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import logging
 import pickle
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,11 +26,10 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.data_modules.collate import encode_completion, encode_prompt
 from lit_align.models import apply_lora, checkpoint_hyperparameters, load_causal_lm, save_tokenizer
-from lit_align.modules.base import AlignmentModule
+from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.models import disable_dropout
 from lit_align.modules.preference import shared_prompt_forward
 
-log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
 
@@ -61,7 +59,6 @@ class RewardModel(AlignmentModule):
         # save_hyperparameters finds these by walking the __init__ frames, which DeepSpeed's zero.Init interrupts with
         # a wrapper of its own (an online objective loads its sharded reward model inside one): record them explicitly
         self.hparams.update(margin=margin, share_prompt=share_prompt, disable_dropout=disable_dropout)
-        self._prompt_sharing_ok = True
         if self.lora_config is not None:  # the new head must be trained fully, not through an adapter
             keep = list(dict.fromkeys([*(self.lora_config.modules_to_save or []), "score"]))
             self.lora_config = replace(self.lora_config, modules_to_save=keep)
@@ -133,14 +130,12 @@ class RewardModel(AlignmentModule):
 
     def pair_rewards(self, batch: dict[str, Any]) -> Tensor:
         """Rewards (2B,) of a preference batch: chosen rows, then rejected rows."""
-        if (self.hparams.share_prompt and self._prompt_sharing_ok and "prompt_input_ids" in batch
-                and self.can_share_prompts()):
+        if "prompt_input_ids" in batch and self.shares_prompts():
             scorer = self._scorer()
             try:
                 _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch)
-            except (TypeError, AttributeError, NotImplementedError) as err:
-                log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
-                self._prompt_sharing_ok = False
+            except NO_CACHE_ERRORS as err:
+                self.prompt_sharing_failed(err)
             else:
                 mask = batch["completion_attention_mask"]
                 positions = torch.arange(mask.size(1), device=mask.device)
