@@ -266,7 +266,8 @@ def bench_trl_step(model_path: str, items, k: int, max_new_tokens: int, steps: i
     return {"seconds_per_step": statistics.median(durations), "steps_timed": len(durations)}
 
 
-def bench_lit_align_step(model_path: str, items, k: int, max_new_tokens: int, steps: int) -> dict:
+def bench_lit_align_step(model_path: str, items, k: int, max_new_tokens: int, steps: int,
+                         share_prompt: bool = True) -> dict:
     import lightning.pytorch as L
 
     from lit_align.data_modules.prompts import PromptSource, PromptsDataModule
@@ -281,7 +282,7 @@ def bench_lit_align_step(model_path: str, items, k: int, max_new_tokens: int, st
 
     module = GRPO(model_name_or_path=model_path, samples_per_prompt=k, max_new_tokens=max_new_tokens, stop=[],
                   temperature=1.0, beta=0.04, loss_aggregation="sequence", micro_batch_size=len(items) * k,
-                  generation_batch_size=len(items) * k, execution_timeout_s=1.0,
+                  generation_batch_size=len(items) * k, execution_timeout_s=1.0, share_prompt=share_prompt,
                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant"))
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=len(items))], val_sources=[],
                              batch_size=len(items))
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completion-tokens", type=int, default=None,
                         help="--prompt-sharing only: random completions of up to this many tokens instead of the "
                              "task suite's solutions")
+    parser.add_argument("--no-share-prompt", action="store_true",
+                        help="the lit_align GRPO step with share_prompt off (each rollout's prompt run in full)")
     parser.add_argument("--device", default="cpu", help="--kv-cache only: where the model runs (cpu, cuda)")
     parser.add_argument("--dtype", default="float32", help="--kv-cache only: the model's dtype")
     args = parser.parse_args(argv)
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     items = _prompt_items(args.prompts)
     a = (args.model, items, args.k, args.max_new_tokens)
     setup = {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
-             "threads": args.threads, "torch": torch.__version__}
+             "threads": args.threads, "torch": torch.__version__, "share_prompt": not args.no_share_prompt}
     if args.stop:
         results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
     elif args.prompt_sharing:
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             "setup": setup,
             "generation": {"lit_align_hf": bench_lit_align_generation(*a, args.repeats),
                            "trl": bench_trl_generation(*a, args.repeats)},
-            "grpo_step": {"lit_align": bench_lit_align_step(*a, args.steps), "trl": bench_trl_step(*a, args.steps)},
+            "grpo_step": {"lit_align": bench_lit_align_step(*a, args.steps, share_prompt=not args.no_share_prompt),
+                          "trl": bench_trl_step(*a, args.steps)},
         }
     print(json.dumps(results, indent=2))
     if args.out:
