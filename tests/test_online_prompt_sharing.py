@@ -201,3 +201,22 @@ def test_no_sharing_through_a_network_that_gathers_weights_from_other_processes(
     with torch.no_grad():
         module.rollout_forward(rollouts.rows(torch.arange(4)))
     assert counted == [4, 2, 4]
+
+
+def test_a_single_token_prompt_runs_full_rows_and_leaves_sharing_on(rollouts):
+    """The shared pass runs each prompt but its last token once; a prompt of one token has nothing before it, so
+    the micro-batch runs full rows (the same numbers), and sharing stays on for the next one."""
+    module = _ppo()
+    rows = dict(rollouts.rows(torch.arange(4)))
+    p = rollouts.prompt_width
+    mask = rows["attention_mask"].clone()
+    mask[:3, :p - 1] = 0  # prompt 0 (rows 0-2): only its last token is left
+    rows["attention_mask"] = mask
+    rows["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    counted = RowCounter(module.model).rows
+    with torch.no_grad():
+        got = module.rollout_forward(rows)
+        module.hparams.share_prompt = False
+        full = module.rollout_forward(rows)
+    assert counted == [4, 4] and module._prompt_sharing_ok
+    assert torch.allclose(got["logps"], full["logps"], atol=2e-5)

@@ -665,26 +665,27 @@ class OnlineModule(AlignmentModule):
     def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
                                with_values: bool) -> tuple[Tensor, Tensor | None] | None:
         """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` run
-        once; None (and sharing off from then on) when the model returns no usable cache."""
+        once: all of the prompt but its last column, whose token then runs with each row's response, so that the
+        second pass's outputs are the window itself (nothing concatenated, no second copy of the logits). None where a
+        prompt is a single token (nothing to share: the full pass runs), and None with sharing off from then on when
+        the model returns no usable cache."""
         p = rows["prompt_width"]
         prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
         n = of_row.numel()
         first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
             0, of_row, torch.arange(n, device=of_row.device), reduce="amin")  # a row holding each prompt
         ids, mask = rows["input_ids"], rows["attention_mask"]
-        batch = {"prompt_input_ids": ids[first, :p], "prompt_attention_mask": mask[first, :p],
-                 "completion_input_ids": ids[:, p:], "completion_attention_mask": mask[:, p:]}
+        head = mask[first, :p - 1]
+        if p < 2 or not bool((head.sum(-1) > 0).all()):
+            return None
+        batch = {"prompt_input_ids": ids[first, :p - 1], "prompt_attention_mask": head,
+                 "completion_input_ids": ids[:, p - 1:], "completion_attention_mask": mask[:, p - 1:]}
         try:
-            prompt_out, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values,
-                                                       logits_to_keep=1)
+            _, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values, logits_to_keep=1)
         except NO_CACHE_ERRORS as err:
             self.prompt_sharing_failed(err)
             return None
-        logits = torch.cat([prompt_out.logits[of_row, -1:], out.logits], dim=1)
-        hidden = None
-        if with_values:
-            hidden = torch.cat([prompt_out.hidden_states[-1][of_row, -1:], out.hidden_states[-1]], dim=1)
-        return logits, hidden
+        return out.logits, out.hidden_states[-1] if with_values else None
 
     def count_pass(self, rows: dict[str, Tensor]) -> None:
         """Count a pass over ``rows`` in :attr:`step_tokens`: trained when autograd records it, else forward-only."""
