@@ -8,15 +8,7 @@ from lit_align.data_modules.prompts import PromptBatch, PromptSource, load_promp
 from lit_align.models import LoRAConfig
 from lit_align.modules.grpo import GRPO
 from lit_align.modules.ppo import PPO
-
-
-class RowCounter:
-    """Rows of every forward pass of ``net`` (its top-level calls: the prompt pass, the completion pass...)."""
-
-    def __init__(self, net):
-        self.rows = []
-        net.register_forward_hook(lambda mod, args, kwargs, out: self.rows.append(kwargs["input_ids"].size(0)),
-                                  with_kwargs=True)
+from test_dpo import ForwardCounter as RowCounter  # rows of every forward pass of a network
 
 
 def _randomized(module):

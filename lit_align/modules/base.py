@@ -10,9 +10,9 @@ parameters; the frozen base is rebuilt from ``model_name_or_path``.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -171,6 +171,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False
         self._rng_state_to_restore: dict[str, Any] | None = None
         self._prompt_sharing_ok = True  # until a model returns no usable KV cache (prompt_sharing_failed)
+        self._logits_to_keep_ok = True  # until an architecture refuses logits_to_keep (forward_keeping_logits)
         self._loading_trainable_only = False
 
     # ------------------------------------------------------------------ construction
@@ -320,6 +321,16 @@ class AlignmentModule(L.LightningModule):
         """Run full rows from now on: the model returned no usable KV cache (``err``, one of :data:`NO_CACHE_ERRORS`)."""
         log.warning("lit_align: prompt sharing is not supported by this model (%s); running full sequences", err)
         self._prompt_sharing_ok = False
+
+    def forward_keeping_logits(self, net: torch.nn.Module, keep: int, **inputs: Any) -> Any:
+        """``net(**inputs)`` with logits only at the last ``keep`` positions (``logits_to_keep``); at every position
+        for an architecture without that argument (remembered for the rest of the run)."""
+        if self._logits_to_keep_ok:
+            try:
+                return net(**inputs, logits_to_keep=keep)
+            except TypeError:  # an architecture without logits_to_keep: compute every position
+                self._logits_to_keep_ok = False
+        return net(**inputs)
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self, wrapper=self.trainer.strategy.model)

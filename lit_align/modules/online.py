@@ -106,7 +106,7 @@ class Rollouts:
         return {"input_ids": self.input_ids[index, :width], "attention_mask": self.attention_mask[index, :width],
                 "position_ids": self.position_ids[index, :width], "response_ids": self.response_ids[index, :t],
                 "response_mask": mask[:, :t], "index": index,
-                "prompt_index": torch.div(index, self.group_size, rounding_mode="floor"), "prompt_width": self.prompt_width}
+                "prompt_index": torch.div(index, self.group_size, rounding_mode="floor")}
 
 
 def _is_deepspeed(strategy) -> bool:
@@ -273,7 +273,6 @@ class OnlineModule(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._logits_to_keep_ok = True
         reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
         self.hparams["reward_model"] = reward_model
         if reference_placement not in ("shard", "replicate"):
@@ -634,27 +633,17 @@ class OnlineModule(AlignmentModule):
             shared = self._shared_prompt_outputs(rows, net, with_values)
             if shared is not None:
                 return shared
-        out = self._full_forward(net, rows, with_values)
         t = rows["response_ids"].size(1)
+        out = self.forward_keeping_logits(net, t + 1, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                          position_ids=rows["position_ids"], use_cache=False,
+                                          output_hidden_states=with_values)
         return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
-
-    def _full_forward(self, net: nn.Module, rows: dict[str, Tensor], with_values: bool) -> Any:
-        """The pass over the full rows, with logits only where they predict a response token (``logits_to_keep``;
-        every position for an architecture without it)."""
-        inputs = dict(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                      position_ids=rows["position_ids"], use_cache=False, output_hidden_states=with_values)
-        if self._logits_to_keep_ok:
-            try:
-                return net(**inputs, logits_to_keep=rows["response_ids"].size(1) + 1)
-            except TypeError:  # an architecture without logits_to_keep: compute every position
-                self._logits_to_keep_ok = False
-        return net(**inputs)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
         """Whether :meth:`response_window` runs ``rows`` with their prompts shared: :meth:`shares_prompts`, fewer
-        prompts than rows, and a
-        network whose forward passes gather no weights from other processes (under FSDP and ZeRO-3 every process
-        makes the same passes, and a shared pass is two where another process's rows may need one)."""
+        prompts than rows, and a network whose forward passes gather no weights from other processes (under FSDP and
+        ZeRO-3 every process makes the same passes, and a shared pass is two where another process's rows may need
+        one)."""
         if "prompt_index" not in rows or not self.shares_prompts(net):
             return False
         if self._world_size() > 1 and gathers_weights_per_forward(net):
@@ -669,7 +658,7 @@ class OnlineModule(AlignmentModule):
         second pass's outputs are the window itself (nothing concatenated, no second copy of the logits). None where a
         prompt is a single token (nothing to share: the full pass runs), and None with sharing off from then on when
         the model returns no usable cache."""
-        p = rows["prompt_width"]
+        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)  # the padded prompt width
         prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
         n = of_row.numel()
         first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(

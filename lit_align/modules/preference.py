@@ -96,7 +96,6 @@ class PreferenceModule(AlignmentModule):
 
     def __init__(self, *args, share_prompt: bool = True, disable_dropout: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._logits_to_keep_ok = True
 
     def configure_extra_models(self) -> None:
         if self.hparams.disable_dropout:
@@ -170,13 +169,8 @@ class PreferenceModule(AlignmentModule):
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor, keep: int, model: nn.Module | None) -> Tensor:
         net = model if model is not None else self.model
-        if self._logits_to_keep_ok:
-            try:
-                return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           logits_to_keep=keep).logits
-            except TypeError:  # an architecture without logits_to_keep: compute every position
-                self._logits_to_keep_ok = False
-        return net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.forward_keeping_logits(net, keep, input_ids=input_ids, attention_mask=attention_mask,
+                                           use_cache=False).logits
 
     # ------------------------------------------------------------------ steps
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
