@@ -22,6 +22,13 @@ check, alternating (the tokenizers library's ``decode`` called directly, as the 
 ``--kv-cache``: lit_align's generation alone, with each KV cache of the hf backend timed alternately in one process:
 the reserved cache (:mod:`lit_align.generation.kv_cache`, ``reserve_cache=True``) and transformers' default cache;
 both must return the same completions.
+
+``--shared-prefill``: lit_align's generation alone, each prompt prefilled once for its K samples (the hf backend's
+``share_prompt``, the default) and once per sample, timed alternately in one process; both must return the same
+completions.
+
+``--no-share-prompt``: the lit_align GRPO step without any prompt sharing (the module's passes over rollouts and the
+hf backend's prefill).
 """
 
 from __future__ import annotations
@@ -171,12 +178,12 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
     return result
 
 
-def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats: int, device: str = "cpu",
-                   dtype: str = "float32") -> dict:
-    """Generation with each KV cache of the hf backend, timed alternately in this process (``repeats`` rounds of 3 calls
-    per cache; medians): the reserved cache (``reserve_cache=True``) and transformers' default cache. Every call is
-    seeded the same, so both must return the same completions; that is checked (exactly in float32; in half precision
-    the two may differ in the last bit of a logit, so only the token counts are reported there)."""
+def bench_generation_settings(model_path: str, items, k: int, max_new_tokens: int, repeats: int,
+                              settings: dict[str, dict], device: str = "cpu", dtype: str = "float32") -> dict:
+    """Generation with each of ``settings`` (name -> hf backend attributes), timed alternately in this process
+    (``repeats`` rounds of 3 calls per setting; medians). Every call is seeded the same, so all must return the same
+    completions; that is checked (exactly in float32; in half precision two settings may differ in the last bit of a
+    logit, so only the token counts are reported there)."""
     from lit_align.generation import HFBackend, SamplingParams
     from lit_align.models import load_causal_lm, load_tokenizer
 
@@ -186,25 +193,27 @@ def bench_kv_cache(model_path: str, items, k: int, max_new_tokens: int, repeats:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=k, stop=[], seed=0)
     prompts = [i.prompt for i in items]
     backend.generate(prompts, params)  # warm-up
-    times: dict[str, list[float]] = {"reserved": [], "transformers_default": []}
+    times: dict[str, list[float]] = {name: [] for name in settings}
     outputs = {}
     for _ in range(repeats):
-        for cache in times:
-            backend.reserve_cache = cache == "reserved"
+        for name, attributes in settings.items():
+            for attribute, value in attributes.items():
+                setattr(backend, attribute, value)
             for _ in range(3):
                 t0 = time.perf_counter()
-                outputs[cache] = backend.generate(prompts, params)
+                outputs[name] = backend.generate(prompts, params)
                 if device != "cpu":
                     torch.cuda.synchronize()
-                times[cache].append(time.perf_counter() - t0)
-    ids = {cache: [c.token_ids for group in out for c in group] for cache, out in outputs.items()}
+                times[name].append(time.perf_counter() - t0)
+    ids = {name: [c.token_ids for group in out for c in group] for name, out in outputs.items()}
     if dtype == "float32":
-        assert ids["reserved"] == ids["transformers_default"], "the two caches decoded different tokens"
+        first = next(iter(ids.values()))
+        assert all(i == first for i in ids.values()), f"the settings {list(settings)} decoded different tokens"
     result = {}
-    for cache, ts in times.items():
-        tokens = sum(len(t) for t in ids[cache])
+    for name, ts in times.items():
+        tokens = sum(len(t) for t in ids[name])
         seconds = statistics.median(ts)
-        result[cache] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
     return result
 
 
@@ -283,6 +292,7 @@ def bench_lit_align_step(model_path: str, items, k: int, max_new_tokens: int, st
     module = GRPO(model_name_or_path=model_path, samples_per_prompt=k, max_new_tokens=max_new_tokens, stop=[],
                   temperature=1.0, beta=0.04, loss_aggregation="sequence", micro_batch_size=len(items) * k,
                   generation_batch_size=len(items) * k, execution_timeout_s=1.0, share_prompt=share_prompt,
+                  generation_kwargs={"share_prompt": share_prompt},
                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant"))
     data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=len(items))], val_sources=[],
                              batch_size=len(items))
@@ -311,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache", action="store_true",
                         help="lit_align's generation by KV cache: reserved buffers against transformers' default "
                              "(no TRL, no steps); --model may be shape:NAME, a random model of bench_gpu_scale.py")
+    parser.add_argument("--shared-prefill", action="store_true",
+                        help="lit_align's generation with each prompt prefilled once for its K samples and once per "
+                             "sample (the hf backend's share_prompt; no TRL, no steps); --model may be shape:NAME")
     parser.add_argument("--prompt-sharing", action="store_true",
                         help="lit_align's GRPO passes over rollouts with share_prompt on and off (no generation, no "
                              "TRL); --model may be shape:NAME")
@@ -319,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="--prompt-sharing only: random completions of up to this many tokens instead of the "
                              "task suite's solutions")
     parser.add_argument("--no-share-prompt", action="store_true",
-                        help="the lit_align GRPO step with share_prompt off (each rollout's prompt run in full)")
-    parser.add_argument("--device", default="cpu", help="--kv-cache only: where the model runs (cpu, cuda)")
-    parser.add_argument("--dtype", default="float32", help="--kv-cache only: the model's dtype")
+                        help="the lit_align GRPO step with share_prompt off in the module and the hf backend (each "
+                             "rollout's prompt run in full)")
+    parser.add_argument("--device", default="cpu", help="--kv-cache and --shared-prefill only: where the model runs "
+                                                        "(cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", help="--kv-cache and --shared-prefill only: the model's dtype")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and not args.model.startswith(("preset:", "shape:")):
@@ -339,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                           args.micro_batch_size, args.completion_tokens)}
     elif args.kv_cache:
         setup.update(device=args.device, dtype=args.dtype)
-        results = {"setup": setup, "kv_cache": bench_kv_cache(*a, args.repeats, args.device, args.dtype)}
+        settings = {"reserved": {"reserve_cache": True}, "transformers_default": {"reserve_cache": False}}
+        results = {"setup": setup,
+                   "kv_cache": bench_generation_settings(*a, args.repeats, settings, args.device, args.dtype)}
+    elif args.shared_prefill:
+        setup.update(device=args.device, dtype=args.dtype)
+        settings = {"shared_prefill": {"share_prompt": True}, "prefill_per_row": {"share_prompt": False}}
+        results = {"setup": setup,
+                   "shared_prefill": bench_generation_settings(*a, args.repeats, settings, args.device, args.dtype)}
     else:
         results = {
             "setup": setup,

@@ -23,8 +23,9 @@ head, not the embedding lookup); seq is the padded length of the forward pass th
 gradient-checkpointing recomputation, attention over the KV cache while decoding, padding rows a batched decoder
 keeps stepping after they ended, small heads (PPO's value head, a reward model's score head), LoRA adapters of a
 reward model, and the one-token filler passes a sharded reward model makes to keep processes in step. Counted though
-not computed: the prompt work that prompt sharing (``share_prompt``) and ``logits_to_keep`` save, since counts are of
-the full rows; FLOP/s and MFU are then effective rates.
+not computed: the prompt work that prompt sharing (the modules' ``share_prompt``, and the hf backend's, which prefills
+a prompt once for its samples) and ``logits_to_keep`` save, since counts are of the full rows; FLOP/s and MFU are then
+effective rates.
 
 Where the counts come from:
 

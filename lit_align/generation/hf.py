@@ -23,7 +23,7 @@ from lit_align.generation.base import (
     cut_at_stop,
     find_stop,
 )
-from lit_align.generation.kv_cache import reserved_cache
+from lit_align.generation.kv_cache import reserved_cache, row_selectable_cache
 from lit_align.generation.sampling import sample_next_tokens, token_logprobs
 from lit_align.models import cache_keyword, gathers_weights_per_forward, returned_cache
 
@@ -74,6 +74,16 @@ def input_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
+def distinct_rows(encoded: list[list[int]]) -> tuple[list[list[int]], list[int] | None]:
+    """The distinct token sequences of ``encoded`` in order of first appearance, and each row's index among them
+    (None when no row repeats another)."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(ids), len(index)) for ids in encoded]
+    if len(index) == len(encoded):
+        return encoded, None
+    return [list(ids) for ids in index], rows
+
+
 @contextmanager
 def inference_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for the duration; every submodule's previous train/eval flag is restored after.
@@ -104,6 +114,7 @@ class HFBackend(GenerationBackend):
         add_special_tokens: bool = True,
         synchronize: bool | None = None,
         reserve_cache: bool = False,
+        share_prompt: bool = True,
     ) -> None:
         """
         Args:
@@ -123,6 +134,10 @@ class HFBackend(GenerationBackend):
                 instead of transformers' default cache, which copies itself at every step. The same tokens either way.
                 Off by default: on CPU, attention over the reserved buffers' strided views is slower, and the copies
                 saved pay for that only in long completions (BENCHMARKS.md); on a GPU it has not been measured yet.
+            share_prompt: prefill each distinct prompt of a batch once and copy its keys and values to each of its
+                rows (a prompt sampled ``n`` times runs once, not ``n`` times); the same tokens and log-probabilities
+                as a prefill per row. Only where every layer of the model's cache is one whose rows can be selected
+                (full or sliding-window attention); otherwise, and off, every row is prefilled.
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
@@ -133,6 +148,7 @@ class HFBackend(GenerationBackend):
         self.add_special_tokens = add_special_tokens
         self.synchronize = synchronize
         self.reserve_cache = reserve_cache
+        self.share_prompt = share_prompt
         self._synced = False  # this generate() call's decision (see _synchronized)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
@@ -204,10 +220,10 @@ class HFBackend(GenerationBackend):
     def _forward(self, **kwargs):
         return self.model(use_cache=True, return_dict=True, **kwargs)
 
-    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device,
-                        filler: bool = False) -> list[Completion]:
-        """Completions of ``encoded`` (one per row). A ``filler`` batch only keeps the forward passes in step with the
-        other processes: it samples nothing and its result is discarded."""
+    def _prefill(self, encoded: list[list[int]], params: SamplingParams, device, shared: bool):
+        """One forward pass over the left-padded prompts ``encoded``: ``(cache, last logits (B, V), mask, positions)``.
+        ``shared``: the cache must be one whose rows can be copied (:func:`row_selectable_cache`); None is returned
+        instead of a cache when the model has none such."""
         batch, width = len(encoded), max(len(ids) for ids in encoded)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -219,11 +235,29 @@ class HFBackend(GenerationBackend):
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         # every position this loop can feed
         cache = reserved_cache(self.model, width + params.max_new_tokens) if self.reserve_cache else None
+        if shared and cache is None:
+            cache = row_selectable_cache(self.model)
+            if cache is None:
+                return None
         if cache is not None:
             extra[self._cache_keyword] = cache
         out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
-        past, logits = returned_cache(out), out.logits[:, -1, :]
-        del out
+        return returned_cache(out), out.logits[:, -1, :], mask, positions
+
+    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device,
+                        filler: bool = False) -> list[Completion]:
+        """Completions of ``encoded`` (one per row). A ``filler`` batch only keeps the forward passes in step with the
+        other processes: it samples nothing and its result is discarded."""
+        batch = len(encoded)
+        distinct, rows = distinct_rows(encoded) if self.share_prompt else (encoded, None)
+        prefilled = self._prefill(distinct, params, device, shared=True) if rows is not None else None
+        if prefilled is not None:  # each row continues from a copy of its prompt's keys and values
+            past, logits, mask, positions = prefilled
+            rows = torch.tensor(rows, device=device)
+            past.batch_select_indices(rows)
+            logits, mask, positions = logits[rows], mask[rows], positions[rows]
+        else:  # nothing repeats, or a cache whose rows cannot be copied (linear attention): every row's prompt
+            past, logits, mask, positions = self._prefill(encoded, params, device, shared=False)
         next_position = positions[:, -1:] + 1
 
         tokens_out: list[list[int]] = [[] for _ in range(batch)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from lit_align.models import outermost_transformers_model
 
@@ -67,6 +67,13 @@ class ReservedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (repeats allowed), buffers included: a shared prompt's rows copied to each sample."""
+        if self._key_buffer is None:
+            return
+        self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+        self.keys, self.values = self._key_buffer[:, :, :self.length], self._value_buffer[:, :, :self.length]
+
     def reset(self) -> None:
         super().reset()
         self.length = 0
@@ -74,11 +81,9 @@ class ReservedLayer(DynamicLayer):
         self.is_initialized = False  # the next update reserves anew (transformers 4's reset keeps the flag)
 
 
-def reserved_cache(model: nn.Module, capacity: int):
-    """A cache for ``model`` (a transformers causal LM, possibly wrapped by peft, FSDP or DeepSpeed) whose layers
-    reserve ``capacity`` positions, to pass to its first forward pass; None where transformers' own default cache must
-    be used: a model with any layer other than plain full attention (sliding-window, linear-attention or shared-KV
-    layers), which that default handles."""
+def _default_cache(model: nn.Module, layer_types: tuple[type, ...]):
+    """The cache transformers would make for ``model`` (a transformers causal LM, possibly wrapped by peft, FSDP or
+    DeepSpeed), when every one of its layers is of ``layer_types``; else None."""
     config = getattr(outermost_transformers_model(model), "config", None)
     if config is None:
         return None
@@ -87,10 +92,26 @@ def reserved_cache(model: nn.Module, capacity: int):
     except Exception:  # a config this transformers cannot build a cache from: let the model make its own
         return None
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not layers or any(type(layer) not in layer_types for layer in layers):
         return None
-    cache.layers = [ReservedLayer(capacity) for _ in layers]
     return cache
 
 
-__all__ = ["reserved_cache"]
+def reserved_cache(model: nn.Module, capacity: int):
+    """A cache for ``model`` whose layers reserve ``capacity`` positions, to pass to its first forward pass; None where
+    transformers' own default cache must be used: a model with any layer other than plain full attention
+    (sliding-window, linear-attention or shared-KV layers), which that default handles."""
+    cache = _default_cache(model, (DynamicLayer,))
+    if cache is not None:
+        cache.layers = [ReservedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def row_selectable_cache(model: nn.Module):
+    """transformers' default cache for ``model`` when each of its layers keeps every row's keys and values, so that
+    ``batch_select_indices`` can copy a prompt's rows to its samples (full or sliding-window attention); None for a
+    model with other layers (linear attention keeps a state that is not selected, a dummy layer nothing)."""
+    return _default_cache(model, (DynamicLayer, DynamicSlidingWindowLayer))
+
+
+__all__ = ["reserved_cache", "row_selectable_cache"]

@@ -131,7 +131,8 @@ class StepTokens:
     rollouts: int = 0
     """Completions generated and scored."""
     prompt_tokens: int = 0
-    """Prompt tokens prefilled for generation, once per completion (a prompt sampled n times counts n times)."""
+    """Prompt tokens prefilled for generation, once per completion (a prompt sampled n times counts n times, though
+    the hf backend prefills it once per decoding batch: an effective count, as for the passes' prompt sharing)."""
     generated: int = 0
     """Response tokens generated (the rollouts' response mask: end-of-sequence included when it ended the response)."""
     trained: int = 0
@@ -216,7 +217,7 @@ class OnlineModule(AlignmentModule):
         stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...);
             use [] for whole programs (CodeContests).
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
-        generation_kwargs: extra arguments of the backend (hf: reserve_cache, synchronize; vllm:
+        generation_kwargs: extra arguments of the backend (hf: share_prompt, reserve_cache, synchronize; vllm:
             gpu_memory_utilization...; openai: base_url...).
         generation_batch_size: sequences decoded together by the hf backend.
         micro_batch_size: rollouts per forward/backward pass; gradients of a minibatch are accumulated over these.
