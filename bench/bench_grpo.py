@@ -23,9 +23,9 @@ check, alternating (the tokenizers library's ``decode`` called directly, as the 
 the reserved cache (:mod:`lit_align.generation.kv_cache`, ``reserve_cache=True``) and transformers' default cache;
 both must return the same completions.
 
-``--shared-prefill``: lit_align's generation alone, each prompt prefilled once for its K samples (the hf backend's
-``share_prompt``, the default) and once per sample, timed alternately in one process; both must return the same
-completions.
+``--batch-rows``: lit_align's generation alone, with and without each of the hf backend's two row savings, timed
+alternately in one process: each prompt prefilled once for its K samples (``share_prompt``) and rows that ended
+dropped from the decoding batch (``drop_ended_rows``), both on by default; all four must return the same completions.
 
 ``--no-share-prompt``: the lit_align GRPO step without any prompt sharing (the module's passes over rollouts and the
 hf backend's prefill).
@@ -321,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache", action="store_true",
                         help="lit_align's generation by KV cache: reserved buffers against transformers' default "
                              "(no TRL, no steps); --model may be shape:NAME, a random model of bench_gpu_scale.py")
-    parser.add_argument("--shared-prefill", action="store_true",
-                        help="lit_align's generation with each prompt prefilled once for its K samples and once per "
-                             "sample (the hf backend's share_prompt; no TRL, no steps); --model may be shape:NAME")
+    parser.add_argument("--batch-rows", action="store_true",
+                        help="lit_align's generation with and without the hf backend's share_prompt (each prompt "
+                             "prefilled once for its K samples) and drop_ended_rows (no TRL, no steps); --model may be "
+                             "shape:NAME")
     parser.add_argument("--prompt-sharing", action="store_true",
                         help="lit_align's GRPO passes over rollouts with share_prompt on and off (no generation, no "
                              "TRL); --model may be shape:NAME")
@@ -334,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-share-prompt", action="store_true",
                         help="the lit_align GRPO step with share_prompt off in the module and the hf backend (each "
                              "rollout's prompt run in full)")
-    parser.add_argument("--device", default="cpu", help="--kv-cache and --shared-prefill only: where the model runs "
+    parser.add_argument("--device", default="cpu", help="--kv-cache and --batch-rows only: where the model runs "
                                                         "(cpu, cuda)")
-    parser.add_argument("--dtype", default="float32", help="--kv-cache and --shared-prefill only: the model's dtype")
+    parser.add_argument("--dtype", default="float32", help="--kv-cache and --batch-rows only: the model's dtype")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and not args.model.startswith(("preset:", "shape:")):
@@ -357,11 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"reserved": {"reserve_cache": True}, "transformers_default": {"reserve_cache": False}}
         results = {"setup": setup,
                    "kv_cache": bench_generation_settings(*a, args.repeats, settings, args.device, args.dtype)}
-    elif args.shared_prefill:
+    elif args.batch_rows:
         setup.update(device=args.device, dtype=args.dtype)
-        settings = {"shared_prefill": {"share_prompt": True}, "prefill_per_row": {"share_prompt": False}}
+        settings = {f"share_prompt={share},drop_ended_rows={drop}": {"share_prompt": share, "drop_ended_rows": drop}
+                    for share in (True, False) for drop in (True, False)}
         results = {"setup": setup,
-                   "shared_prefill": bench_generation_settings(*a, args.repeats, settings, args.device, args.dtype)}
+                   "batch_rows": bench_generation_settings(*a, args.repeats, settings, args.device, args.dtype)}
     else:
         results = {
             "setup": setup,

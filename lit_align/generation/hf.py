@@ -115,6 +115,7 @@ class HFBackend(GenerationBackend):
         synchronize: bool | None = None,
         reserve_cache: bool = False,
         share_prompt: bool = True,
+        drop_ended_rows: bool = True,
     ) -> None:
         """
         Args:
@@ -138,6 +139,10 @@ class HFBackend(GenerationBackend):
                 rows (a prompt sampled ``n`` times runs once, not ``n`` times); the same tokens and log-probabilities
                 as a prefill per row. Only where every layer of the model's cache is one whose rows can be selected
                 (full or sliding-window attention); otherwise, and off, every row is prefilled.
+            drop_ended_rows: once half of a decoding batch's rows have ended (end-of-sequence, a stop string, the
+                budget), drop them from the batch and its KV cache, so that the rows still running stop paying for
+                them; the same tokens as decoding every row to the end (each step still draws one random number per
+                row of the original batch). Same condition on the cache as ``share_prompt``.
         """
         if batch_size < 1:
             raise ValueError(f"HFBackend batch_size must be a positive integer, got {batch_size!r}")
@@ -149,6 +154,7 @@ class HFBackend(GenerationBackend):
         self.synchronize = synchronize
         self.reserve_cache = reserve_cache
         self.share_prompt = share_prompt
+        self.drop_ended_rows = drop_ended_rows
         self._synced = False  # this generate() call's decision (see _synchronized)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
@@ -221,9 +227,9 @@ class HFBackend(GenerationBackend):
         return self.model(use_cache=True, return_dict=True, **kwargs)
 
     def _prefill(self, encoded: list[list[int]], params: SamplingParams, device, shared: bool):
-        """One forward pass over the left-padded prompts ``encoded``: ``(cache, last logits (B, V), mask, positions)``.
-        ``shared``: the cache must be one whose rows can be copied (:func:`row_selectable_cache`); None is returned
-        instead of a cache when the model has none such."""
+        """One forward pass over the left-padded prompts ``encoded``: ``(cache, last logits (B, V), mask, positions,
+        whether the cache's rows can be selected)`` (:func:`row_selectable_cache`). ``shared``: the rows will be
+        copied, so None is returned without a forward pass when the model's cache cannot do that."""
         batch, width = len(encoded), max(len(ids) for ids in encoded)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -235,14 +241,14 @@ class HFBackend(GenerationBackend):
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         # every position this loop can feed
         cache = reserved_cache(self.model, width + params.max_new_tokens) if self.reserve_cache else None
-        if shared and cache is None:
+        if cache is None:
             cache = row_selectable_cache(self.model)
-            if cache is None:
-                return None
+        if shared and cache is None:
+            return None
         if cache is not None:
             extra[self._cache_keyword] = cache
         out = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
-        return returned_cache(out), out.logits[:, -1, :], mask, positions
+        return returned_cache(out), out.logits[:, -1, :], mask, positions, cache is not None
 
     def _generate_batch(self, encoded: list[list[int]], params: SamplingParams, generator, device,
                         filler: bool = False) -> list[Completion]:
@@ -252,27 +258,31 @@ class HFBackend(GenerationBackend):
         distinct, rows = distinct_rows(encoded) if self.share_prompt else (encoded, None)
         prefilled = self._prefill(distinct, params, device, shared=True) if rows is not None else None
         if prefilled is not None:  # each row continues from a copy of its prompt's keys and values
-            past, logits, mask, positions = prefilled
+            past, logits, mask, positions, selectable = prefilled
             rows = torch.tensor(rows, device=device)
             past.batch_select_indices(rows)
             logits, mask, positions = logits[rows], mask[rows], positions[rows]
         else:  # nothing repeats, or a cache whose rows cannot be copied (linear attention): every row's prompt
-            past, logits, mask, positions = self._prefill(encoded, params, device, shared=False)
+            past, logits, mask, positions, selectable = self._prefill(encoded, params, device, shared=False)
         next_position = positions[:, -1:] + 1
 
         tokens_out: list[list[int]] = [[] for _ in range(batch)]
         logprobs_out: list[list[float]] = [[] for _ in range(batch)]
         reasons: list[str | None] = ["length" if filler else None] * batch
+        live = list(range(batch))  # the batch row of each row still decoded (drop_ended_rows drops the others)
         for _ in range(params.max_new_tokens):
             if all(r is not None for r in reasons):
                 # synchronized and waiting for the other processes: draw nothing, so that this process's random stream
                 # (and its next batches' samples) are what they would be without synchronization
-                tokens = torch.full((batch,), self.pad_token_id, device=device)
-                logprobs = torch.zeros(batch)
+                tokens = torch.full((len(live),), self.pad_token_id, device=device)
+                logprobs = torch.zeros(len(live))
             else:
-                tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator)
+                draws = None
+                if len(live) < batch and params.temperature != 0:  # the whole batch's draws, as without dropping rows
+                    draws = torch.rand(batch, 1, device=device, generator=generator)[torch.tensor(live, device=device)]
+                tokens = sample_next_tokens(logits, params.temperature, params.top_p, generator, draws=draws)
                 logprobs = token_logprobs(logits, tokens)
-            for b, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            for b, tok, lp in zip(live, tokens.tolist(), logprobs.tolist()):
                 if reasons[b] is not None:
                     continue
                 if tok in self.eos_token_ids:
@@ -286,9 +296,14 @@ class HFBackend(GenerationBackend):
                     reasons[b] = "length"
             if self._all_done(reasons, device):
                 break
-            done = torch.tensor([r is not None for r in reasons], device=device)
+            done = torch.tensor([reasons[b] is not None for b in live], device=device)
+            running = (~done).nonzero().squeeze(-1)
+            if self.drop_ended_rows and selectable and 0 < running.numel() <= len(live) // 2:
+                past.batch_select_indices(running)
+                mask, next_position, tokens, done = mask[running], next_position[running], tokens[running], done[running]
+                live = [live[i] for i in running.tolist()]
             feed = tokens.masked_fill(done, self.pad_token_id).unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=-1)
             out = self._forward(input_ids=feed, attention_mask=mask, position_ids=next_position,
                                 **{self._cache_keyword: past})
             past, logits = returned_cache(out), out.logits[:, -1, :]

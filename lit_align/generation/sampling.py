@@ -21,11 +21,13 @@ def top_p_mask(probs: Tensor, top_p: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def sample_next_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+def sample_next_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                       draws: Tensor | None = None) -> Tensor:
     """Token ids (batch,) drawn from softmax(logits / temperature) restricted to the top-p nucleus.
 
     ``temperature == 0`` is greedy (argmax, the lowest id on ties). Sampling inverts the cumulative
-    distribution at one uniform draw per row from ``generator``, so a seeded generator makes it reproducible.
+    distribution at one uniform draw per row from ``generator``, so a seeded generator makes it reproducible;
+    ``draws`` (batch, 1) in [0, 1) are used instead when given.
     """
     logits = logits.float()
     if temperature == 0:
@@ -33,7 +35,9 @@ def sample_next_tokens(logits: Tensor, temperature: float, top_p: float, generat
     probs = torch.softmax(logits / temperature, dim=-1)
     probs = probs * top_p_mask(probs, top_p)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    if draws is None:
+        draws = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)
+    u = draws * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     # Rounding can put u at the very top of the cdf: fall back to the last token with probability mass.
     last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)

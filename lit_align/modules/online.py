@@ -217,7 +217,7 @@ class OnlineModule(AlignmentModule):
         stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...);
             use [] for whole programs (CodeContests).
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
-        generation_kwargs: extra arguments of the backend (hf: share_prompt, reserve_cache, synchronize; vllm:
+        generation_kwargs: extra arguments of the backend (hf: share_prompt, drop_ended_rows, reserve_cache, synchronize; vllm:
             gpu_memory_utilization...; openai: base_url...).
         generation_batch_size: sequences decoded together by the hf backend.
         micro_batch_size: rollouts per forward/backward pass; gradients of a minibatch are accumulated over these.

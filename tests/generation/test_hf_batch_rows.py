@@ -1,5 +1,6 @@
-"""The hf backend prefills each distinct prompt of a batch once (``share_prompt``) and copies its keys and values to
-every sample of it: the same tokens and log-probabilities as a prefill per row, with fewer prompt rows."""
+"""The rows of the hf backend's decoding batch: each distinct prompt is prefilled once (``share_prompt``) and its keys
+and values copied to every sample of it, and rows that ended are dropped (``drop_ended_rows``); either way the same
+tokens and log-probabilities as a prefill per row and every row decoded to the end, with fewer rows per pass."""
 
 import pytest
 import torch
@@ -11,14 +12,15 @@ from lit_align.generation.hf import distinct_rows
 PROMPTS = ["x", "def add(a, b):\n    return", "import os\nimport sys\n\n"]
 
 
-def prefill_rows(model) -> list[int]:
-    """Record the rows of every forward call of ``model`` that feeds more than one position (the prefills)."""
+def prefill_rows(model, decoding: bool = False) -> list[int]:
+    """Record the rows of every forward call of ``model`` that feeds more than one position (the prefills), or with
+    ``decoding`` of every call that feeds one (the decoding steps)."""
     seen = []
     forward = model.forward
 
     def recording(*args, **kwargs):
         ids = kwargs["input_ids"]
-        if ids.size(1) > 1:
+        if (ids.size(1) == 1) == decoding:
             seen.append(ids.size(0))
         return forward(*args, **kwargs)
 
@@ -83,6 +85,34 @@ def test_sliding_window_layers_share_and_a_cache_whose_rows_cannot_be_copied_doe
     (unshared, rows), (full, _) = generate_both(model, tokenizer, params)
     assert rows == [4, 4, 1]
     assert_same_completions(unshared, full)
+
+
+@pytest.mark.parametrize("reserve_cache", [False, True])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_rows_that_ended_are_dropped_and_the_others_sample_what_they_would_have(tiny, reserve_cache, temperature, top_p):
+    model, tokenizer = tiny
+    params = SamplingParams(max_new_tokens=60, temperature=temperature, top_p=top_p, n=4, seed=5, stop=[])
+    eos = list(range(100, 113))  # about one sampled token in twenty ends a row: rows end at many different steps
+    seen = prefill_rows(model, decoding=True)
+    try:
+        dropping = HFBackend(model, tokenizer, batch_size=12, eos_token_ids=eos, reserve_cache=reserve_cache)
+        got = dropping.generate(PROMPTS, params)
+        dropping_rows = list(seen)
+        seen.clear()
+        keeping = HFBackend(model, tokenizer, batch_size=12, eos_token_ids=eos, reserve_cache=reserve_cache,
+                            drop_ended_rows=False)
+        want = keeping.generate(PROMPTS, params)
+    finally:
+        del model.forward
+    assert_same_completions(got, want)
+    lengths = [len(c.token_ids) for r in got for c in r]
+    assert len(set(lengths)) >= 5 and max(lengths) > 2 * min(lengths)
+    assert set(seen) == {12}  # every row to the end
+    # each drop leaves at most half of the rows, and only rows still running
+    assert dropping_rows[0] == 12 and len(dropping_rows) == len(seen)
+    drops = [(a, b) for a, b in zip(dropping_rows, dropping_rows[1:]) if b != a]
+    assert drops and all(b <= a // 2 for a, b in drops)
+    assert dropping_rows[-1] >= 1
 
 
 def test_distinct_rows_and_a_reserved_layer_copies_its_buffers():
