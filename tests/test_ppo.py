@@ -112,6 +112,27 @@ def test_value_head_and_adaptive_kl_coefficient_are_saved_and_restored(tmp_path)
     assert restored.kl_coef == module.kl_coef
 
 
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_the_reward_model_scores_each_prompt_once_for_its_completions(reward_dir, placement):
+    items = [i for i in load_prompt_items(PromptSource(split="train", limit=3)) for _ in range(3)]
+    texts = [f"    return x + {k}\n" for k in range(len(items))]
+    module = _ppo(reward="reward_model", reward_model=reward_dir, reward_placement=placement,
+                  reward_model_batch_size=6)
+    module.configure_model()
+    module.setup_reward()
+    scorer = module.reward_model._scorer() if placement == "replicate" else module.reward_network.model
+    rows = []
+    scorer.model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
+    shared, _ = module.score(items, texts)
+    assert rows == [2, 6, 1, 3]  # 9 pairs in batches of 6: each batch's prompts once, then its completions
+    module.hparams.share_prompt = False  # the run's option governs the reward model too
+    full, _ = module.score(items, texts)
+    assert rows[4:] == [6, 3]
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, load_reward_model(reward_dir).score([i.prompt for i in items], texts),
+                               atol=1e-5, rtol=0)
+
+
 def test_full_fine_tuning_checkpoint_omits_the_frozen_reference(tmp_path):
     module = _ppo()
     trainer = _trainer(4)
@@ -166,7 +187,8 @@ def test_reward_model_scores_the_rollouts_of_prompts_without_tests(tmp_path, rew
     expected = load_reward_model(reward_dir).score([i.prompt for i in rollouts.items], rollouts.texts)
     torch.testing.assert_close(rollouts.rewards, expected)
     # the scoring passes count in the step's FLOPs at the reward model's shapes: 2 N_blocks + 4 L q_dim width per token
-    masks = [m for _, _, m in reward_batches(module.tokenizer, [i.prompt for i in rollouts.items], rollouts.texts, 3)]
+    masks = [b["attention_mask"] for b in reward_batches(module.tokenizer, [i.prompt for i in rollouts.items],
+                                                          rollouts.texts, 3)]
     step = module.step_tokens
     assert len(masks) == 2 and step.scored == sum(int(m.sum()) for m in masks)
     assert step.scored_span == sum(int(m.sum()) * m.size(1) for m in masks)

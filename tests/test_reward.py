@@ -11,7 +11,7 @@ from lit_align import losses
 from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
 from lit_align.models import LoRAConfig, load_tokenizer, materialize_preset
 from lit_align.modules.base import OptimizerConfig
-from lit_align.modules.reward import RewardModel, load_reward_model
+from lit_align.modules.reward import RewardModel, load_reward_model, reward_batches
 
 PROMPTS = ["def add_3(x):\n", "def is_even(n):\n", "def add_3(x):\n", "def f():\n    '''A longer prompt.'''\n"]
 COMPLETIONS = ["    return x + 3\n", "    pass\n", "    return x - 3\n", "    return 1\n"]
@@ -220,3 +220,58 @@ def test_reward_model_heldout_accuracy_beats_chance(tmp_path):
     # two accuracies differ by at most two near-tied pairs whose order rounding flips (one on torch 2.13)
     accuracy = float((chosen > rejected).float().mean())
     assert accuracy == pytest.approx(result["val/rewards/accuracies"], abs=2 / len(heldout) + 1e-6)
+
+
+def backbone_rows(module) -> list[int]:
+    """Record the rows of every forward call of a RewardModel's backbone."""
+    rows = []
+    module._scorer().model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].size(0)),
+                                                 with_kwargs=True)
+    return rows
+
+
+def test_pairs_are_batched_by_prompt_and_split_at_it_as_the_full_rows_are():
+    tok = load_tokenizer(materialize_preset("preset:tiny"))
+    prompts = ["def a(x):\n"] * 3 + ["def much_longer_name(x, y):\n"] * 2 + ["def a(x):\n", "def b(x):\n"]
+    completions = ["    return 1\n", "    return x\n", "    pass\n", "    return x + y\n", "    return 0\n",
+                   "    return 2 * x + 7\n", "    return -x\n"]
+    batches = list(reward_batches(tok, prompts, completions, batch_size=3))
+    order = [i for b in batches for i in b["rows"].tolist()]
+    assert sorted(order) == list(range(7)) and [len(b["rows"]) for b in batches] == [3, 3, 1]
+    # a prompt's pairs together, the group with the longest sequence first, a group split where a batch is full
+    assert [prompts[i] for i in order] == [prompts[3]] * 2 + [prompts[0]] * 4 + [prompts[6]]
+    for b in batches:
+        assert b["prompt_input_ids"].size(0) == len({prompts[i] for i in b["rows"].tolist()})  # each prompt once
+        for row, i in enumerate(b["rows"].tolist()):
+            want = tok(prompts[i])["input_ids"] + tok(completions[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert b["input_ids"][row][b["attention_mask"][row].bool()].tolist() == want
+            p = b["prompt_rows"][row]
+            split = (b["prompt_input_ids"][p][b["prompt_attention_mask"][p].bool()].tolist()
+                     + b["completion_input_ids"][row][b["completion_attention_mask"][row].bool()].tolist())
+            assert split == want
+            assert b["prompt_attention_mask"][p, -1] == 1  # left-padded: every prompt ends at the last column
+    # a prompt without a single token cannot be run on its own: that batch has the full rows only
+    empty_tok = lambda text, **kw: {"input_ids": []} if text == "" else tok(text, **kw)
+    empty_tok.eos_token_id, empty_tok.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    (only,) = reward_batches(empty_tok, ["", "x"], ["a", "b"], batch_size=2)
+    assert "prompt_input_ids" not in only and only["input_ids"].size(0) == 2
+
+
+def test_score_runs_each_prompt_once_per_batch_and_matches_the_full_rows(trained):
+    module, _ = trained
+    _perturb_head(module)
+    prompts = [p for p in PROMPTS[:2] for _ in range(3)] + [PROMPTS[3]]
+    completions = [f"    return {k}\n" for k in range(7)]
+    rows = backbone_rows(module)
+    shared = module.score(prompts, completions, batch_size=4)
+    # batches of 4, longest group first: (the long prompt x 1, is_even x 3) then (add_3 x 3): each batch's prompts
+    # once, then its completions
+    assert rows == [2, 4, 1, 3]
+    module.hparams.share_prompt = False
+    try:
+        full = module.score(prompts, completions, batch_size=4)
+    finally:
+        module.hparams.share_prompt = True
+    assert rows[4:] == [4, 3]
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+    assert len(set(shared.tolist())) == 7  # every pair scored on its own completion

@@ -48,7 +48,7 @@ from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.modules.preference import shared_prompt_forward
-from lit_align.modules.reward import RewardNetwork, load_reward_model, reward_batches, reward_model_base
+from lit_align.modules.reward import RewardNetwork, full_rows, load_reward_model, reward_batches, reward_model_base
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
 torch.serialization.add_safe_globals([UnitTestReward])
@@ -232,7 +232,8 @@ class OnlineModule(AlignmentModule):
             with gradient shares only without activation checkpointing, and none through a ``torch_compile``d
             policy; old log-probs, values and reference log-probs always may. Not through a network that FSDP or
             ZeRO-3 shards over several processes (each forward pass gathers weights, so all processes must make the
-            same passes); DDP and ZeRO-1/2 share.
+            same passes); DDP and ZeRO-1/2 share. The reward model (``reward: reward_model``) scores each prompt
+            once for its completions in a batch of ``reward_model_batch_size`` pairs under the same conditions.
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -397,6 +398,7 @@ class OnlineModule(AlignmentModule):
         """The trained reward model (frozen), once its tokenizer is checked to be the policy's."""
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
         check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
+        rm.hparams.share_prompt = self.hparams.share_prompt  # this run's choice, not the one it was trained with
         return rm.requires_grad_(False)
 
     def model_sources(self) -> list[str]:
@@ -569,29 +571,34 @@ class OnlineModule(AlignmentModule):
             return torch.tensor(rewards, dtype=torch.float32, device=self.device), results
         batches = list(reward_batches(self.tokenizer, [i.prompt for i in items], texts,
                                       self.hparams.reward_model_batch_size))
-        for _, _, attention_mask in batches:
-            self.step_tokens.add_scoring(attention_mask)
+        for batch in batches:
+            self.step_tokens.add_scoring(batch["attention_mask"])
+        if not self.hparams.share_prompt:
+            batches = [full_rows(batch) for batch in batches]
         if self.reward_network is not None:
             return self.score_with_network(batches, len(items)), [None] * len(items)
         self.setup_reward()
         rewards = self.reward_model.score_batches(batches, len(items))
         return rewards.float().to(self.device), [None] * len(items)
 
-    def score_with_network(self, batches: list[tuple[Tensor, Tensor, Tensor]], n: int) -> Tensor:
+    def score_with_network(self, batches: list[dict[str, Tensor]], n: int) -> Tensor:
         """Rewards (n,) of the sharded reward model (``reward_placement: shard``) for :func:`reward_batches`' batches,
-        in eval mode without gradient.
+        in eval mode without gradient; with ``share_prompt`` each prompt runs once for its pairs in a batch.
 
         Where its forward passes gather the weights from every process (FSDP, ZeRO-3), every process makes as many as
-        the busiest one: the missing ones score a single padding token and are thrown away."""
+        the busiest one: the missing ones score a single padding token and are thrown away; the full rows run there
+        (a shared pass is two passes of the backbone, which the other processes' would not match)."""
         rewards = torch.empty(n, device=self.device)
         passes = len(batches)
         if self._world_size() > 1 and gathers_weights_per_forward(self.reward_network):
             passes = int(self.trainer.strategy.reduce(torch.tensor(passes, device=self.device), reduce_op="max"))
+            batches = [full_rows(batch) for batch in batches]
         filler = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         with inference_mode(self.reward_network):
-            for rows, input_ids, attention_mask in batches:
-                rewards[rows.to(self.device)] = self.reward_network(input_ids.to(self.device),
-                                                                    attention_mask.to(self.device))
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                rows = batch.pop("rows")
+                rewards[rows] = self.reward_network(**batch)
             for _ in range(passes - len(batches)):
                 self.reward_network(filler, torch.ones_like(filler))
         return rewards

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import pickle
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +34,8 @@ from lit_align.modules.preference import shared_prompt_forward
 
 
 STAGES = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 class RewardModel(AlignmentModule):
@@ -97,8 +101,8 @@ class RewardModel(AlignmentModule):
         """Rewards of (prompt, completion) pairs, (N,) float32 on the module's device, without gradient.
 
         Each pair is encoded as in training (prompt tokens, completion tokens, end-of-sequence); apply any prompt
-        template yourself. Pairs are scored in batches of ``batch_size`` sorted by length; the training/eval mode
-        is restored afterwards.
+        template yourself. Pairs are scored in batches of ``batch_size`` (:func:`reward_batches`), each prompt once for
+        all of its pairs in a batch with ``share_prompt``; the training/eval mode is restored afterwards.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"score() needs one completion per prompt, got {len(prompts)} prompts and "
@@ -110,15 +114,16 @@ class RewardModel(AlignmentModule):
         return self.score_batches(reward_batches(self.tokenizer, prompts, completions, batch_size), len(prompts))
 
     @torch.no_grad()
-    def score_batches(self, batches: Iterable[tuple[Tensor, Tensor, Tensor]], n: int) -> Tensor:
-        """Rewards (n,) of pairs already encoded by :func:`reward_batches` (``(rows, input_ids, attention_mask)``), in
-        eval mode; the training/eval mode is restored afterwards."""
+    def score_batches(self, batches: Iterable[dict[str, Tensor]], n: int) -> Tensor:
+        """Rewards (n,) of pairs already encoded by :func:`reward_batches`, in eval mode; the training/eval mode is
+        restored afterwards."""
         rewards = torch.empty(n, device=self.device)
         was_training = self.training
         self.eval()
         try:
-            for rows, input_ids, attention_mask in batches:
-                rewards[rows.to(self.device)] = self(input_ids.to(self.device), attention_mask.to(self.device))
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                rewards[batch["rows"]] = self.pair_rewards(batch)
         finally:
             self.train(was_training)
         return rewards
@@ -129,19 +134,13 @@ class RewardModel(AlignmentModule):
         return losses.bradley_terry_loss(chosen_rewards, rejected_rewards, margin=self.hparams.margin)
 
     def pair_rewards(self, batch: dict[str, Any]) -> Tensor:
-        """Rewards (2B,) of a preference batch: chosen rows, then rejected rows."""
+        """Rewards of a batch's rows: a preference batch's (2B,), chosen rows then rejected rows, or the pairs of a
+        :func:`reward_batches` batch. With ``share_prompt`` each prompt runs once (:func:`shared_prompt_rewards`)."""
         if "prompt_input_ids" in batch and self.shares_prompts():
-            scorer = self._scorer()
             try:
-                _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch)
+                return shared_prompt_rewards(self._scorer(), batch)
             except NO_CACHE_ERRORS as err:
                 self.prompt_sharing_failed(err)
-            else:
-                mask = batch["completion_attention_mask"]
-                positions = torch.arange(mask.size(1), device=mask.device)
-                last = (positions * mask.to(positions.dtype)).argmax(-1)
-                pooled = out.last_hidden_state[torch.arange(mask.size(0), device=mask.device), last]
-                return scorer.score(pooled).squeeze(-1).float()
         return self(batch["input_ids"], batch["attention_mask"])
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
@@ -195,37 +194,94 @@ def sequence_rewards(scorer: nn.Module, input_ids: Tensor, attention_mask: Tenso
     return scorer.score(pooled).squeeze(-1).float()
 
 
+def full_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A :func:`reward_batches` batch without its prompt split: scored over the full sequences."""
+    return {k: batch[k] for k in ("rows", "input_ids", "attention_mask")}
+
+
+def shared_prompt_rewards(scorer: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Rewards (M,) in float32 of a sequence-classification model ``scorer`` for a batch split at the prompt: each
+    prompt runs once and its completions on its cached keys/values (:func:`shared_prompt_forward`, with the batch's
+    ``prompt_rows`` map, or the pair layout without one); the reward is the head at each completion's last token.
+    Raises one of ``NO_CACHE_ERRORS`` when the model has no usable KV cache."""
+    _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch, batch.get("prompt_rows"))
+    mask = batch["completion_attention_mask"]
+    positions = torch.arange(mask.size(1), device=mask.device)
+    last = (positions * mask.to(positions.dtype)).argmax(-1)
+    pooled = out.last_hidden_state[torch.arange(mask.size(0), device=mask.device), last]
+    return scorer.score(pooled).squeeze(-1).float()
+
+
+def _padded(seqs: list[list[int]], pad_token_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """``(ids, mask)`` of ``seqs`` padded to the longest, on the right (or the left)."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def reward_batches(tokenizer, prompts: list[str], completions: list[str],
-                   batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+                   batch_size: int) -> Iterator[dict[str, Tensor]]:
     """The (prompt, completion) pairs encoded as in training (prompt tokens, completion tokens, end-of-sequence), in
-    batches of ``batch_size`` sorted by length (longest first), right-padded: ``(rows, input_ids, attention_mask)``,
-    where ``rows`` are the pairs' positions in the input lists."""
+    batches of ``batch_size``: a prompt's pairs next to each other, the groups with the longest sequences first.
+
+    Each batch holds ``rows`` (the pairs' positions in the input lists) and ``input_ids``/``attention_mask`` (the
+    sequences, right-padded), and, where every prompt has a token, the same pairs split at the prompt for
+    :func:`shared_prompt_rewards`: the batch's distinct prompts once each (``prompt_input_ids``/
+    ``prompt_attention_mask``, left-padded), the completions (``completion_input_ids``/``completion_attention_mask``,
+    right-padded) and ``prompt_rows``, each pair's prompt row."""
     prompt_ids = {p: encode_prompt(tokenizer, p) for p in dict.fromkeys(prompts)}  # repeated prompts: tokenized once
-    seqs = [prompt_ids[p] + encode_completion(tokenizer, c) for p, c in zip(prompts, completions)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    completion_ids = [encode_completion(tokenizer, c) for c in completions]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p].append(i)
+    longest = {p: len(prompt_ids[p]) + max(len(completion_ids[i]) for i in rows) for p, rows in groups.items()}
+    order = [i for p in sorted(groups, key=longest.get, reverse=True)
+             for i in sorted(groups[p], key=lambda i: len(completion_ids[i]), reverse=True)]
+    pad = tokenizer.pad_token_id
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        longest = max(len(seqs[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            input_ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            attention_mask[row, :len(seqs[i])] = 1
-        yield torch.tensor(chunk), input_ids, attention_mask
+        input_ids, attention_mask = _padded([prompt_ids[prompts[i]] + completion_ids[i] for i in chunk], pad)
+        batch = {"rows": torch.tensor(chunk), "input_ids": input_ids, "attention_mask": attention_mask}
+        distinct = list(dict.fromkeys(prompts[i] for i in chunk))
+        if all(prompt_ids[p] for p in distinct):
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _padded([prompt_ids[p] for p in distinct], pad,
+                                                                                left=True)
+            batch["completion_input_ids"], batch["completion_attention_mask"] = _padded(
+                [completion_ids[i] for i in chunk], pad)
+            index = {p: k for k, p in enumerate(distinct)}
+            batch["prompt_rows"] = torch.tensor([index[prompts[i]] for i in chunk])
+        yield batch
 
 
 class RewardNetwork(nn.Module):
     """A reward model's network as one module whose forward pass gives the rewards (N,) in float32 (see
     :func:`sequence_rewards`): what a sharding strategy wraps when an online objective shards its reward model
     (``reward_placement: shard``). FSDP gathers a unit's weights only in that unit's own forward pass, so the whole
-    scoring must happen inside one."""
+    scoring must happen inside one.
+
+    Given a :func:`reward_batches` batch's prompt split as well (``prompt_input_ids`` ...), each prompt runs once
+    (:func:`shared_prompt_rewards`); a model without a usable KV cache runs the full rows from then on."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model  # the sequence-classification model (peft-wrapped for a LoRA checkpoint)
+        self.share_prompt = True
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return sequence_rewards(sequence_classifier(self.model), input_ids, attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **prompt_split: Tensor) -> Tensor:
+        scorer = sequence_classifier(self.model)
+        if prompt_split and self.share_prompt:
+            try:
+                return shared_prompt_rewards(scorer, prompt_split)
+            except NO_CACHE_ERRORS as err:
+                log.warning("lit_align: prompt sharing is not supported by the reward model (%s); running full "
+                            "sequences", err)
+                self.share_prompt = False
+        return sequence_rewards(scorer, input_ids, attention_mask)
 
 
 def _is_reward_directory(path: Path) -> bool:
@@ -319,4 +375,5 @@ def load_reward_model(path_or_ckpt: str | Path, map_location: str | torch.device
     return module.eval()
 
 
-__all__ = ["RewardModel", "RewardNetwork", "load_reward_model", "reward_batches", "reward_model_base", "sequence_rewards"]
+__all__ = ["RewardModel", "RewardNetwork", "full_rows", "load_reward_model", "reward_batches", "reward_model_base", "sequence_rewards",
+           "shared_prompt_rewards"]
