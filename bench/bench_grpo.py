@@ -27,6 +27,9 @@ both must return the same completions.
 alternately in one process: each prompt prefilled once for its K samples (``share_prompt``) and rows that ended
 dropped from the decoding batch (``drop_ended_rows``), both on by default; all four must return the same completions.
 
+``--reward-scoring REWARD_MODEL``: a reward model's scoring of each prompt's K completions (its canonical solution
+cut at K lengths) with ``share_prompt`` (each prompt once per batch) and without, timed alternately in one process.
+
 ``--no-share-prompt``: the lit_align GRPO step without any prompt sharing (the module's passes over rollouts and the
 hf backend's prefill).
 """
@@ -50,10 +53,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def _prompt_items(n: int):
+def _prompt_items(n: int, stride: int = 1):
+    """The first ``n`` task-suite training prompts, or with ``stride`` every stride-th one (``--prompt-stride``)."""
     from lit_align.data_modules.prompts import PromptSource, load_prompt_items
 
-    return load_prompt_items(PromptSource(split="train", limit=n))
+    if stride == 1:
+        return load_prompt_items(PromptSource(split="train", limit=n))
+    return load_prompt_items(PromptSource(split="train"))[::stride][:n]
 
 
 def bench_lit_align_generation(model_path: str, items, k: int, max_new_tokens: int, repeats: int) -> dict:
@@ -175,6 +181,42 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
     for mode, timed in times.items():
         result[mode] = {name: statistics.median(ts[1:]) for name, ts in timed.items()}
     result["speedup"] = {name: result["full"][name] / result["shared"][name] for name in ("statistics", "training")}
+    return result
+
+
+def _canonical_cuts(items, k: int) -> tuple[list[str], list[str]]:
+    """(prompts, completions): each prompt K times with its canonical solution cut at K lengths (k+1)/K."""
+    prompts, completions = [], []
+    for item in items:
+        text = item.problem.canonical_solution
+        for j in range(k):
+            prompts.append(item.prompt)
+            completions.append(text[:max(1, round(len(text) * (j + 1) / k))])
+    return prompts, completions
+
+
+def bench_reward_scoring(reward_model: str, items, k: int, repeats: int, batch_size: int) -> dict:
+    """A reward model's scoring of every prompt's K completions (:func:`_canonical_cuts`), in batches of
+    ``batch_size`` pairs, with ``share_prompt`` on and off, timed alternately in this process (``repeats`` rounds of 3
+    calls per setting after a warm-up; medians); the two settings' rewards are compared."""
+    from lit_align.modules.reward import load_reward_model
+
+    rm = load_reward_model(reward_model)
+    prompts, completions = _canonical_cuts(items, k)
+    rm.score(prompts, completions, batch_size)  # warm-up
+    times: dict[str, list[float]] = {"shared": [], "full": []}
+    rewards = {}
+    for _ in range(repeats):
+        for mode, ts in times.items():
+            rm.hparams.share_prompt = mode == "shared"
+            for _ in range(3):
+                t0 = time.perf_counter()
+                rewards[mode] = rm.score(prompts, completions, batch_size)
+                ts.append(time.perf_counter() - t0)
+    result = {mode: {"seconds": statistics.median(ts)} for mode, ts in times.items()}
+    result["pairs"] = len(prompts)
+    result["speedup"] = result["full"]["seconds"] / result["shared"]["seconds"]
+    result["max_abs_reward_difference"] = float((rewards["shared"] - rewards["full"]).abs().max())
     return result
 
 
@@ -328,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-sharing", action="store_true",
                         help="lit_align's GRPO passes over rollouts with share_prompt on and off (no generation, no "
                              "TRL); --model may be shape:NAME")
+    parser.add_argument("--reward-scoring", metavar="REWARD_MODEL", default=None,
+                        help="a reward model's scoring of the prompts' K completions (canonical solutions cut at K "
+                             "lengths) with share_prompt on and off (no generation, no TRL)")
+    parser.add_argument("--reward-batch-size", type=int, default=64, help="--reward-scoring only: pairs per pass")
+    parser.add_argument("--prompt-stride", type=int, default=1,
+                        help="generation-only modes (--stop, --kv-cache, --batch-rows): every N-th training problem "
+                             "instead of the first ones (the first 16 are all one family, whose completions end "
+                             "together; 14 spreads 16 prompts over every family)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="--prompt-sharing only: rows per pass")
     parser.add_argument("--completion-tokens", type=int, default=None,
                         help="--prompt-sharing only: random completions of up to this many tokens instead of the "
@@ -340,15 +390,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="--kv-cache and --batch-rows only: the model's dtype")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not Path(args.model).exists() and not args.model.startswith(("preset:", "shape:")):
+    if not args.reward_scoring and not Path(args.model).exists() and not args.model.startswith(("preset:", "shape:")):
         print(f"model {args.model!r} not found; run the SFT quickstart first or pass --model", file=sys.stderr)
         return 2
-    items = _prompt_items(args.prompts)
+    generation_only = args.stop or args.kv_cache or args.batch_rows or args.reward_scoring
+    if args.prompt_stride < 1 or (args.prompt_stride > 1 and not generation_only):
+        parser.error("--prompt-stride must be >= 1, and other than 1 only with --stop, --kv-cache, --batch-rows or "
+                     "--reward-scoring")
+    items = _prompt_items(args.prompts, args.prompt_stride)
     a = (args.model, items, args.k, args.max_new_tokens)
     setup = {"model": args.model, "prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
-             "threads": args.threads, "torch": torch.__version__, "share_prompt": not args.no_share_prompt}
+             "threads": args.threads, "torch": torch.__version__, "share_prompt": not args.no_share_prompt,
+             "prompt_stride": args.prompt_stride}
     if args.stop:
         results = {"setup": setup, "stop_check": bench_stop_check(*a, args.repeats)}
+    elif args.reward_scoring:
+        setup.update(reward_model=args.reward_scoring, reward_batch_size=args.reward_batch_size)
+        results = {"setup": setup, "reward_scoring": bench_reward_scoring(args.reward_scoring, items, args.k,
+                                                                          args.repeats, args.reward_batch_size)}
     elif args.prompt_sharing:
         setup.update(micro_batch_size=args.micro_batch_size, completion_tokens=args.completion_tokens)
         results = {"setup": setup, "prompt_sharing": bench_prompt_sharing(args.model, items, args.k, args.repeats,
