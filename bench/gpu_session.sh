@@ -8,8 +8,9 @@
 # runs bench/bench_gpu_scale.py: SFT and DPO of lit_align and TRL on a random DeepSeek-Coder-1.3B-shaped model at 4096
 # tokens in bf16, with gradient checkpointing (the setting), then lit_align with torch_compile and without
 # checkpointing, then both without checkpointing, as far as time allows, then the hf
-# backend's KV caches (bench/bench_grpo.py --kv-cache). Results land in $OUT (or ./gpu-session-out): gpu_scale*.json,
-# gpu_kv_cache.json and their .txt, and the worker logs as logs.tar.gz.
+# backend's KV caches (bench/bench_grpo.py --kv-cache) and its batch-row savings (--batch-rows). Results land in $OUT
+# (or ./gpu-session-out): gpu_scale*.json, gpu_kv_cache.json, gpu_batch_rows.json and their .txt, and the worker logs
+# as logs.tar.gz.
 #
 # Environment: PYTHON (default python3), WHEELS (the wheel folder, default .whl), BUDGET_S (seconds for the whole script, default 540), BENCH_ARGS (added to
 # every bench run, e.g. "--shape tiny --seq-len 256 --steps 4 --warmup 1 --device cpu" for a CPU rehearsal), KV_SHAPE
@@ -66,6 +67,18 @@ if [ "$left" -ge 180 ]; then
         --out "$out/gpu_kv_cache.json" 2>&1 | tail -30 | tee "$out/gpu_kv_cache.txt"
 else
     echo "skipped gpu_kv_cache: ${left}s of the budget left"
+fi
+# then, with 120 s left: the hf backend's prefill once per prompt and dropping of ended rows, on and off (a random
+# model decodes to the budget, so this measures the prefill saving on a GPU; dropping needs rows that end)
+left=$((budget - (SECONDS - start)))
+if [ "$left" -ge 120 ]; then
+    echo "== gpu_batch_rows ($left s left)"
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$((left - 10))" "$python" bench/bench_grpo.py --batch-rows \
+        --model "shape:${KV_SHAPE:-deepseek-1.3b}" --device "${KV_DEVICE:-cuda}" --dtype bfloat16 \
+        --prompts 16 --k 4 --max-new-tokens 128 --repeats 1 --prompt-stride 14 \
+        --out "$out/gpu_batch_rows.json" 2>&1 | tail -30 | tee "$out/gpu_batch_rows.txt"
+else
+    echo "skipped gpu_batch_rows: ${left}s of the budget left"
 fi
 tar -czf "$out/logs.tar.gz" -C "$work" logs 2>/dev/null
 echo "done in $((SECONDS - start)) s"
