@@ -275,3 +275,27 @@ def test_score_runs_each_prompt_once_per_batch_and_matches_the_full_rows(trained
     assert rows[4:] == [4, 3]
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
     assert len(set(shared.tolist())) == 7  # every pair scored on its own completion
+
+
+def test_a_reward_network_without_a_usable_cache_scores_full_rows_from_then_on(trained, monkeypatch, caplog):
+    from lit_align.modules import reward
+
+    module, _ = trained
+    network = reward.RewardNetwork(module.model).eval()
+    (batch,) = reward_batches(module.tokenizer, PROMPTS, COMPLETIONS, batch_size=4)
+    split = {k: v for k, v in batch.items() if k != "rows"}
+    with torch.no_grad():
+        shared = network(**split)
+        calls = []
+
+        def no_cache(scorer, batch):
+            calls.append(1)
+            raise NotImplementedError("the model returned no KV cache")
+
+        monkeypatch.setattr(reward, "shared_prompt_rewards", no_cache)
+        fallback = network(**split)
+        again = network(**split)
+    assert calls == [1] and not network.share_prompt  # tried once, then full rows only
+    assert "prompt sharing is not supported by the reward model" in caplog.text
+    torch.testing.assert_close(fallback, shared, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, fallback)

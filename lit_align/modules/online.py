@@ -233,7 +233,8 @@ class OnlineModule(AlignmentModule):
             policy; old log-probs, values and reference log-probs always may. Not through a network that FSDP or
             ZeRO-3 shards over several processes (each forward pass gathers weights, so all processes must make the
             same passes); DDP and ZeRO-1/2 share. The reward model (``reward: reward_model``) scores each prompt
-            once for its completions in a batch of ``reward_model_batch_size`` pairs under the same conditions.
+            once for its completions in a batch of ``reward_model_batch_size`` pairs under the same conditions (off
+            here turns that off too; a replicated reward model also follows its own ``share_prompt``).
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -398,7 +399,6 @@ class OnlineModule(AlignmentModule):
         """The trained reward model (frozen), once its tokenizer is checked to be the policy's."""
         rm = load_reward_model(self.hparams.reward_model, map_location=self.device)
         check_same_tokenizer(rm.tokenizer, self.tokenizer, self.hparams.reward_model, self.tokenizer_source)
-        rm.hparams.share_prompt = self.hparams.share_prompt  # this run's choice, not the one it was trained with
         return rm.requires_grad_(False)
 
     def model_sources(self) -> list[str]:

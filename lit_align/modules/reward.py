@@ -32,10 +32,9 @@ from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.models import disable_dropout
 from lit_align.modules.preference import shared_prompt_forward
 
+log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
-
-log = logging.getLogger(__name__)
 
 
 class RewardModel(AlignmentModule):
@@ -188,9 +187,14 @@ def sequence_rewards(scorer: nn.Module, input_ids: Tensor, attention_mask: Tenso
     attention mask is 1 (left or right padding)."""
     backbone = getattr(scorer, scorer.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    return _last_token_rewards(scorer, hidden, attention_mask)
+
+
+def _last_token_rewards(scorer: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """``scorer``'s score head (float32, (N,)) on ``hidden`` at each row's last position whose mask is 1."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
     last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
-    pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
+    pooled = hidden[torch.arange(attention_mask.size(0), device=attention_mask.device), last]
     return scorer.score(pooled).squeeze(-1).float()
 
 
@@ -205,11 +209,7 @@ def shared_prompt_rewards(scorer: nn.Module, batch: dict[str, Tensor]) -> Tensor
     ``prompt_rows`` map, or the pair layout without one); the reward is the head at each completion's last token.
     Raises one of ``NO_CACHE_ERRORS`` when the model has no usable KV cache."""
     _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch, batch.get("prompt_rows"))
-    mask = batch["completion_attention_mask"]
-    positions = torch.arange(mask.size(1), device=mask.device)
-    last = (positions * mask.to(positions.dtype)).argmax(-1)
-    pooled = out.last_hidden_state[torch.arange(mask.size(0), device=mask.device), last]
-    return scorer.score(pooled).squeeze(-1).float()
+    return _last_token_rewards(scorer, out.last_hidden_state, batch["completion_attention_mask"])
 
 
 def _padded(seqs: list[list[int]], pad_token_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
