@@ -57,7 +57,7 @@ What is measured, per run:
   runs a DPO prompt once (above), tokens and FLOPs are still counted per sequence (the work a pair stands for), so
   its DPO MFU then overstates what the device executed.
 - peak memory: ``torch.cuda.max_memory_allocated`` over the whole worker (model load to last step) on a GPU; on
-  CPU the peak resident set size minus the RSS after imports (VmHWM, as bench/bench_dpo.py measures it).
+  CPU the peak resident set size minus the RSS after imports (VmHWM, as bench/bench_pairwise.py measures it).
 - the device name and the library versions, in the table header and the ``--json`` file.
 
 Targets (the issue): lit_align SFT at 45% MFU or more; lit_align DPO at least 1.3x TRL DPO's tokens/s.
@@ -90,7 +90,7 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:  # bench/ is not a package; its sibling scripts import as top-level modules
     sys.path.insert(0, str(HERE))
 
-from bench_dpo import _reset_peak_rss, _status_kib  # noqa: E402  (peak-RSS measurement on CPU, shared with bench_dpo)
+from bench_pairwise import _reset_peak_rss, _status_kib  # noqa: E402  (peak-RSS measurement on CPU, shared)
 
 RUNS = ["lit_align:sft", "trl:sft", "lit_align:dpo", "trl:dpo"]
 SHAPES: dict[str, dict[str, int]] = {

@@ -1,24 +1,32 @@
-"""DPO throughput and peak memory: lit_align's DPO module against TRL's DPOTrainer, same model, data and machine.
+"""Pairwise objectives' throughput and peak memory: lit_align's DPO, ORPO and reward-model modules against TRL's
+DPOTrainer, ORPOTrainer (trl.experimental.orpo) and RewardTrainer, same model, data and machine.
 
-    python bench/bench_dpo.py                                   # both libraries, both settings, a table on stdout
-    python bench/bench_dpo.py --steps 60 --warmup 10 --json bench/results/dpo.json
-    python bench/bench_dpo.py --runs trl:recommended            # one measurement
+    python bench/bench_pairwise.py                              # DPO: both libraries, both settings, a table on stdout
+    python bench/bench_pairwise.py --objective reward --repeats 3 --json bench/results/reward.json
+    python bench/bench_pairwise.py --objective orpo --runs trl:recommended   # one measurement
 
 Needs TRL (bench/requirements-bench.txt); lit_align itself never depends on it.
 
 Both libraries train the same LoRA adapter (r=8, alpha=16, dropout 0.05, every linear layer of the transformer
-blocks) with DPO (sigmoid loss, beta 0.1, reference = the policy with its adapter disabled) on the same model
-directory (``materialize_preset("preset:tiny")``) and the same preference pairs (the task suite's training split,
-paired by ``lit_align.data_modules.pairing``, written once to a jsonl file that both read), batch 8 pairs, AdamW.
+blocks; the reward model's new score head is trained fully) on the same model directory
+(``materialize_preset("preset:tiny")``) and the same preference pairs (the task suite's training split, paired by
+``lit_align.data_modules.pairing``, written once to a jsonl file that both read), batch 8 pairs, AdamW at a constant
+lr 1e-4. The objectives (``--objective``):
+
+- ``dpo``: sigmoid DPO, beta 0.1, reference = the policy with its adapter disabled (lit_align ``DPO``, TRL
+  ``DPOTrainer``).
+- ``orpo``: ORPO, lambda (TRL's ``beta``) 0.1, no reference (lit_align ``ORPO``, TRL ``ORPOTrainer``).
+- ``reward``: a Bradley-Terry reward model, a one-output head on the last token, no margin (lit_align
+  ``RewardModel``, TRL ``RewardTrainer``; the backbone loaded as ``AutoModelForSequenceClassification``).
 
 Settings:
 
 - ``equal``: both fp32, no gradient checkpointing, random batches (lit_align ``group_by_length=False``), so the
   figure compares the implementations and not their defaults. ``equal-noshare`` (lit_align only) also turns off
   ``share_prompt`` (each prompt computed once for its two completions), to show what that part contributes.
-- ``recommended``: each library's own defaults for this job. lit_align: the ``DPO`` module and
-  ``PreferenceDataModule`` as they come (length-grouped batches, fp32, no gradient checkpointing). TRL: ``DPOConfig``
-  as it comes (``gradient_checkpointing=True``, ``bf16=True``), only the values above set.
+- ``recommended``: each library's own defaults for this job. lit_align: the module and ``PreferenceDataModule`` as
+  they come (length-grouped batches, fp32, no gradient checkpointing). TRL: the trainer's config as it comes
+  (``gradient_checkpointing=True``, ``bf16=True`` for all three), only the values above set.
 
 Each measurement runs in a fresh process. Throughput: preference pairs per second over the steps after ``--warmup``
 warm-up steps, optimizer steps included, both per wall-clock second and per second of the process's CPU time (with one
@@ -74,7 +82,8 @@ def write_pairs(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- workers
-def run_lit_align(settings: str, model_dir: str, pairs: str, steps: int, warmup: int, batch_size: int) -> dict:
+def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, steps: int, warmup: int,
+                  batch_size: int) -> dict:
     import datasets  # noqa: F401  (imported before the baseline, as in the TRL worker)
     import lightning as L
     import peft  # noqa: F401
@@ -84,6 +93,8 @@ def run_lit_align(settings: str, model_dir: str, pairs: str, steps: int, warmup:
     from lit_align.models import LoRAConfig
     from lit_align.modules.base import OptimizerConfig
     from lit_align.modules.dpo import DPO
+    from lit_align.modules.orpo import ORPO
+    from lit_align.modules.reward import RewardModel
 
     baseline = _reset_peak_rss()
     times: dict[str, float] = {}
@@ -98,8 +109,14 @@ def run_lit_align(settings: str, model_dir: str, pairs: str, steps: int, warmup:
                 times["end"], times["cpu_end"] = time.perf_counter(), time.process_time()
 
     L.seed_everything(0, verbose=False)
-    module = DPO(model_name_or_path=model_dir, beta=BETA, lora=LoRAConfig(**LORA),
-                 optimizer=OptimizerConfig(lr=LR, schedule="constant"), share_prompt=settings != "equal-noshare")
+    common = dict(model_name_or_path=model_dir, lora=LoRAConfig(**LORA),
+                  optimizer=OptimizerConfig(lr=LR, schedule="constant"), share_prompt=settings != "equal-noshare")
+    if objective == "dpo":
+        module = DPO(beta=BETA, **common)
+    elif objective == "orpo":
+        module = ORPO(orpo_lambda=BETA, **common)
+    else:
+        module = RewardModel(**common)
     data = PreferenceDataModule(train_sources=[PreferenceSource(path=pairs, kind="triplets")], val_sources=[],
                                 val_fraction=0.0, tokenizer=model_dir, max_length=MAX_LENGTH, batch_size=batch_size,
                                 group_by_length=settings == "recommended")
@@ -109,15 +126,17 @@ def run_lit_align(settings: str, model_dir: str, pairs: str, steps: int, warmup:
     trainer.fit(module, datamodule=data)
     return _result(times, steps, warmup, batch_size, baseline,
                    {"group_by_length": settings == "recommended", "precision": "32-true", "gradient_checkpointing": False,
-                    "reference": module.reference_mode, "share_prompt": module.hparams.share_prompt})
+                    "reference": getattr(module, "reference_mode", None), "share_prompt": module.hparams.share_prompt})
 
 
-def run_trl(settings: str, model_dir: str, pairs: str, steps: int, warmup: int, batch_size: int) -> dict:
+def run_trl(objective: str, settings: str, model_dir: str, pairs: str, steps: int, warmup: int,
+            batch_size: int) -> dict:
     import datasets
     import torch
     import transformers
     from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     baseline = _reset_peak_rss()
     times: dict[str, float] = {}
@@ -133,21 +152,34 @@ def run_trl(settings: str, model_dir: str, pairs: str, steps: int, warmup: int, 
 
     transformers.set_seed(0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = datasets.load_dataset("json", data_files=pairs, split="train")
     overrides = {} if settings == "recommended" else {"gradient_checkpointing": False, "bf16": False}
-    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=batch_size,
-                       max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", beta=BETA,
-                       max_length=MAX_LENGTH, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10,
-                       disable_tqdm=True, dataloader_num_workers=0, seed=0, **overrides)
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Timer()])
+    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=batch_size,
+                  max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", max_length=MAX_LENGTH, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+                  seed=0, **overrides)
+    lora = dict(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear")
+    if objective == "reward":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
+                                                                                dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        config = RewardConfig(**common)
+        # the score head is new: trained fully, as lit_align's RewardModel does (and TRL's docs recommend)
+        peft_config = LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora)
+        trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                peft_config=peft_config, callbacks=[Timer()])
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+        config_cls, trainer_cls = (DPOConfig, DPOTrainer) if objective == "dpo" else (ORPOConfig, ORPOTrainer)
+        config = config_cls(beta=BETA, **common)
+        trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=peft_config, callbacks=[Timer()])
     trainer.train()
     return _result(times, steps, warmup, batch_size, baseline,
                    {"bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing,
-                    "precompute_ref_log_probs": config.precompute_ref_log_probs, "trl": __import__("trl").__version__})
+                    "precompute_ref_log_probs": getattr(config, "precompute_ref_log_probs", None),
+                    "trl": __import__("trl").__version__})
 
 
 def _result(times: dict, steps: int, warmup: int, batch_size: int, baseline_kib: int, settings: dict) -> dict:
@@ -164,7 +196,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     library, settings = args.worker.split(":")
     fn = run_lit_align if library == "lit_align" else run_trl
-    out = fn(settings, args.model_dir, args.pairs, args.steps, args.warmup, args.batch_size)
+    out = fn(args.objective, settings, args.model_dir, args.pairs, args.steps, args.warmup, args.batch_size)
     print("BENCH_RESULT " + json.dumps(out), flush=True)
 
 
@@ -172,8 +204,9 @@ def worker(args: argparse.Namespace) -> None:
 def measure(run: str, model_dir: str, pairs: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, __file__, "--worker", run, "--model-dir", model_dir, "--pairs", pairs,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, __file__, "--worker", run, "--objective", args.objective, "--model-dir", model_dir,
+           "--pairs", pairs,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -183,8 +216,30 @@ def measure(run: str, model_dir: str, pairs: str, args: argparse.Namespace) -> d
     return {"run": run, **json.loads(line[len("BENCH_RESULT "):])}
 
 
+def print_medians(results: list[dict]) -> None:
+    """Each run's medians over its repeats, and lit_align / TRL at equal and at recommended settings."""
+    import statistics
+
+    keys = ("pairs_per_s", "pairs_per_cpu_s", "s_per_step", "peak_rss_delta_mib")
+    medians = {run: {k: statistics.median(r[k] for r in results if r["run"] == run) for k in keys}
+               for run in dict.fromkeys(r["run"] for r in results)}
+    print("medians: run, pairs/s (wall), pairs/CPU-s, ms/step, peak RSS delta MiB")
+    for run, m in medians.items():
+        print(f"  {run:24s} {m['pairs_per_s']:7.2f} {m['pairs_per_cpu_s']:7.2f} {m['s_per_step'] * 1000:7.1f} "
+              f"{m['peak_rss_delta_mib']:7.1f}")
+    for ours, theirs in (("lit_align:recommended", "trl:recommended"), ("lit_align:equal", "trl:equal"),
+                         ("lit_align:equal-noshare", "trl:equal")):
+        if ours in medians and theirs in medians:
+            a, b = medians[ours], medians[theirs]
+            print(f"  {ours} / {theirs}: throughput {a['pairs_per_s'] / b['pairs_per_s']:.2f}x wall, "
+                  f"{a['pairs_per_cpu_s'] / b['pairs_per_cpu_s']:.2f}x CPU; peak memory "
+                  f"{a['peak_rss_delta_mib'] / b['peak_rss_delta_mib']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--objective", default="dpo", choices=["dpo", "orpo", "reward"],
+                        help="the pairwise objective to compare")
     parser.add_argument("--runs", nargs="+", default=RUNS, help="library:settings pairs to measure, in order")
     parser.add_argument("--repeats", type=int, default=1, help="measure every run this many times (interleaved)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
@@ -203,7 +258,7 @@ def main() -> None:
     from lit_align.models import materialize_preset
 
     model_dir = materialize_preset("preset:tiny")
-    pairs = Path(tempfile.mkdtemp(prefix="dpo-bench-")) / "pairs.jsonl"
+    pairs = Path(tempfile.mkdtemp(prefix="pairwise-bench-")) / "pairs.jsonl"
     n_pairs = write_pairs(pairs)
     results = []
     for repeat in range(args.repeats):
@@ -213,7 +268,9 @@ def main() -> None:
             results.append(r)
             print(f"{run:24s} {r['pairs_per_s']:7.2f} pairs/s wall  {r['pairs_per_cpu_s']:7.2f} pairs/CPU-s  "
                   f"{r['s_per_step'] * 1000:7.1f} ms/step  peak RSS delta {r['peak_rss_delta_mib']:6.1f} MiB", flush=True)
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "pairs_in_dataset": n_pairs,
+    print_medians(results)
+    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "objective": args.objective,
+            "pairs_in_dataset": n_pairs,
             "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "threads": args.threads,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "loadavg_at_end": os.getloadavg()}
