@@ -12,6 +12,7 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_align.data_modules.chat import Prompt, render_chat_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler, TaggedBatch
 from lit_align.data_modules.sources import DataError, missing_local_path
 
@@ -76,7 +77,10 @@ class TokenizedDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed for shuffling, splitting and mixing; null (the default) takes the run's seed
             (``seed_everything``, 0 without one), so ``--seed_everything N`` also changes the data order.
-        prompt_template: Python format string applied to every prompt; must contain "{prompt}".
+        prompt_template: Python format string applied to every text prompt; must contain "{prompt}".
+        chat_template: render every prompt with the tokenizer's chat template, as one user message (after
+            ``prompt_template``) followed by the assistant's generation prompt. Prompts given as chat messages in the
+            data (:mod:`lit_align.data_modules.chat`) are always rendered with it.
     """
 
     batch_kind: str | None = None
@@ -86,7 +90,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
                  eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0, seed: int | None = None,
-                 prompt_template: str = "{prompt}") -> None:
+                 prompt_template: str = "{prompt}", chat_template: bool = False) -> None:
         super().__init__()
         if "{prompt}" not in prompt_template:
             raise DataError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
@@ -104,6 +108,7 @@ class TokenizedDataModule(L.LightningDataModule):
             raise DataError(f"data seed must be an integer or null, got {seed!r}")
         self._seed = seed
         self.prompt_template = prompt_template
+        self.chat_template = chat_template
         self.tokenizer = None
         self.train_items: list = []
         self.val_items: list = []
@@ -150,9 +155,13 @@ class TokenizedDataModule(L.LightningDataModule):
         self.resolve_tokenizer(module)
         self.setup(stage)
 
-    def format_prompt(self, prompt: str) -> str:
-        """The prompt as the model sees it: ``prompt_template`` applied."""
-        return self.prompt_template.format(prompt=prompt)
+    def format_prompt(self, prompt: Prompt) -> str:
+        """The prompt as the model sees it: ``prompt_template`` applied to text, and the chat template to chat messages
+        (and to text with ``chat_template``)."""
+        if not isinstance(prompt, str):
+            return render_chat_prompt(self.resolve_tokenizer(), prompt)
+        text = self.prompt_template.format(prompt=prompt)
+        return render_chat_prompt(self.resolve_tokenizer(), (("user", text),)) if self.chat_template else text
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
     def resolve_tokenizer(self, module=None):

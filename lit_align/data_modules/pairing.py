@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 if TYPE_CHECKING:  # imported where used: `import lit_align` stays light
     import datasets
 
+from lit_align.data_modules.chat import Prompt, as_conversation, completion_value, is_messages
 from lit_align.data_modules.code_contests import CodeContestsProblem, Language, parse_language, problem_prompt
 from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
@@ -39,7 +40,8 @@ __all__ = [
 class Triplet:
     """One preference example: ``chosen`` is preferred over ``rejected`` as a completion of ``prompt``."""
 
-    prompt: str
+    prompt: Prompt
+    """Text, or chat messages (:data:`~lit_align.data_modules.chat.Conversation`) the data module renders."""
     chosen: str
     rejected: str
     source_id: str
@@ -471,9 +473,9 @@ def triplets_from_file(
 
     Args:
         path_or_id: a local file or directory, or a hub dataset id.
-        prompt_column: column holding the prompt text.
-        chosen_column: column holding the preferred completion.
-        rejected_column: column holding the dispreferred completion.
+        prompt_column: column holding the prompt: text, or chat messages (rendered with the chat template).
+        chosen_column: column holding the preferred completion: text, or one assistant message.
+        rejected_column: column holding the dispreferred completion: text, or one assistant message.
         split: split to read (a single local file is read whole under this name).
         id_column: column naming the source of each row; when None, rows with the same prompt share a
             ``source_id`` derived from the file name and a hash of the prompt.
@@ -492,10 +494,14 @@ def triplets_from_file(
     collector = _Collector()
     for row_index, row in enumerate(table):
         values = [row[prompt_column], row[chosen_column], row[rejected_column]]
-        for column, value in zip((prompt_column, chosen_column, rejected_column), values):
-            if value is not None and not isinstance(value, str):
+        for i, (column, value) in enumerate(zip((prompt_column, chosen_column, rejected_column), values)):
+            if is_messages(value):  # conversational rows: the prompt's messages, the assistant's reply as text
+                cell = f"{where}: row {row_index} column {column!r}"
+                values[i] = as_conversation(value, cell) if i == 0 else completion_value(value, cell)
+            elif value is not None and not isinstance(value, str):
                 raise ValueError(
-                    f"{where}: row {row_index} column {column!r} holds {type(value).__name__}, expected text"
+                    f"{where}: row {row_index} column {column!r} holds {type(value).__name__}, expected text or chat "
+                    "messages"
                 )
         prompt, chosen, rejected = values
         if not prompt or not chosen or not rejected:
@@ -507,7 +513,7 @@ def triplets_from_file(
         if id_column:
             source_id = str(row[id_column])
         else:
-            source_id = f"{stem}:{hashlib.sha1(prompt.encode()).hexdigest()[:12]}"
+            source_id = f"{stem}:{hashlib.sha1((prompt if isinstance(prompt, str) else repr(prompt)).encode()).hexdigest()[:12]}"
         collector.add(Triplet(prompt=prompt, chosen=chosen, rejected=rejected, source_id=source_id, strategy="given"))
     collector.counts["rows"] = len(table)
     return collector.result("rows", "empty", "identical_pairs", "duplicates", "given")

@@ -228,7 +228,9 @@ class PreferenceDataModule(TokenizedDataModule):
         val_fraction: share of training problems (whole problems, never single pairs) held out when no val_sources.
         closest_ratio: share of pairs whose rejected program is the Levenshtein-nearest incorrect one; the rest random.
         max_pairs_per_problem: most pairs per problem (and language); null for no cap.
-        prompt_template: Python format string applied to each prompt; must contain "{prompt}".
+        prompt_template: Python format string applied to each text prompt; must contain "{prompt}".
+        chat_template: render each prompt with the tokenizer's chat template (as one user message, then the
+            assistant's generation prompt); prompts given as chat messages in a file always are.
         pad_to_multiple_of: round the padded length up to a multiple of this (tensor-core friendly shapes on GPUs).
     """
 
@@ -237,12 +239,13 @@ class PreferenceDataModule(TokenizedDataModule):
     def __init__(self, train_sources: list[PreferenceSource] | None = None,
                  val_sources: list[PreferenceSource] | None = None, val_fraction: float = 0.05,
                  closest_ratio: float = 0.5, max_pairs_per_problem: int | None = 8, prompt_template: str = "{prompt}",
-                 pad_to_multiple_of: int | None = None, tokenizer: str | None = None, max_length: int = 1024,
+                 chat_template: bool = False, pad_to_multiple_of: int | None = None, tokenizer: str | None = None, max_length: int = 1024,
                  batch_size: int = 8, eval_batch_size: int | None = None, group_by_length: bool = True,
                  num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template,
+                         chat_template=chat_template)
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 <= closest_ratio <= 1.0:
@@ -300,14 +303,15 @@ class PreferenceDataModule(TokenizedDataModule):
     def encode(self, triplets: list[Triplet]) -> list[EncodedTriplet]:
         """Tokenize each distinct prompt and each distinct completion once (batched); triplets share the arrays."""
         tok = self.resolve_tokenizer()
-        prompts = list(dict.fromkeys(self.format_prompt(t.prompt) for t in triplets))
+        formatted = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(t.prompt for t in triplets)}
+        prompts = list(dict.fromkeys(formatted.values()))
         completions = list(dict.fromkeys(c for t in triplets for c in (t.chosen, t.rejected)))
         prompt_ids = dict(zip(prompts, _encode_all(tok, prompts, add_special_tokens=True)))
         eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
         completion_ids = dict(zip(completions, _encode_all(tok, completions, add_special_tokens=False, suffix=eos)))
         items = []
         for i, t in enumerate(triplets):
-            p = prompt_ids[self.format_prompt(t.prompt)]
+            p = prompt_ids[formatted[t.prompt]]
             c, r = completion_ids[t.chosen], completion_ids[t.rejected]
             items.append(EncodedTriplet(p, c, r, index=i, key=content_key(p, c, r), source_id=t.source_id))
         return items

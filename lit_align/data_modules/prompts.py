@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from lit_align.data_modules.base import TokenizedDataModule
+from lit_align.data_modules.chat import is_messages
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler
 from lit_align.data_modules.sources import FILE_BUILDERS, TASK_SUITE, DataError, load_suite_tasks
@@ -195,6 +196,11 @@ def _file_items(source: PromptSource, fmt: str) -> list[PromptItem]:
     if source.prompt_column not in keys:
         raise DataError(f"prompt source {source.path!r} has no column {source.prompt_column!r} (it has {sorted(keys)}); "
                         "set prompt_column, or give HumanEval-format rows (task_id, prompt, test, entry_point)")
+    for i, r in enumerate(records):
+        if is_messages(r[source.prompt_column]):
+            raise DataError(f"prompt source {source.path!r} row {i} column {source.prompt_column!r}: chat messages are "
+                            "not supported as prompts of online objectives (the execution reward runs each completion "
+                            "as code, which a chat reply is not); give the prompt as text")
     return [PromptItem(str(r.get("task_id", f"{path.name}/{i}")), str(r[source.prompt_column])) for i, r in enumerate(records)]
 
 

@@ -20,7 +20,10 @@ class SFTDataModule(TokenizedDataModule):
         train_sources: where training pairs come from; several are mixed by their ``weight``.
         val_sources: where validation pairs come from; empty takes ``val_fraction`` of the training pairs.
         val_fraction: share of the training pairs held out for validation when no val_sources are given.
-        prompt_template: Python format string applied to each prompt; must contain "{prompt}".
+        prompt_template: Python format string applied to each text prompt; must contain "{prompt}".
+        chat_template: render each prompt with the tokenizer's chat template (as one user message, then the
+            assistant's generation prompt); prompts given as chat messages (a source's ``messages_column``, or a
+            prompt column of message lists) always are.
         packing: concatenate several short examples into one sequence of up to max_length tokens (no attention across them).
     """
 
@@ -28,12 +31,13 @@ class SFTDataModule(TokenizedDataModule):
 
     def __init__(self, train_sources: list[DataSource] | None = None, val_sources: list[DataSource] | None = None,
                  val_fraction: float = 0.05, prompt_template: str = "{prompt}", packing: bool = False,
-                 tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
+                 chat_template: bool = False, tokenizer: str | None = None, max_length: int = 1024, batch_size: int = 8,
                  eval_batch_size: int | None = None, group_by_length: bool = True, num_workers: int = 0,
                  seed: int | None = None) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template,
+                         chat_template=chat_template)
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.train_sources = train_sources if train_sources is not None else [DataSource(split="train")]
@@ -51,9 +55,10 @@ class SFTDataModule(TokenizedDataModule):
                 raise DataError(f"data source {s.path!r} (split {s.split!r}) has no rows")
         return mix(parts, [s.weight for s in sources], seed=self.seed)
 
-    def _encode(self, pairs: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+    def _encode(self, pairs: list[dict]) -> list[dict[str, list[int]]]:
         tok = self.resolve_tokenizer()
-        return [encode_example(tok, self.format_prompt(p["prompt"]), p["completion"]) for p in pairs]
+        prompts = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(p["prompt"] for p in pairs)}
+        return [encode_example(tok, prompts[p["prompt"]], p["completion"]) for p in pairs]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:

@@ -33,6 +33,10 @@ class DataSource:
     """Column holding the prompt (problem statement)."""
     completion_column: str = "completion"
     """Column holding the completion (solution); for the task suite the canonical solution."""
+    messages_column: str | None = None
+    """Column holding whole conversations (chat messages) instead of a prompt and a completion column: the final
+    message, the assistant's, is the completion and the messages before it the prompt (rendered with the tokenizer's
+    chat template). Only that final reply is trained on."""
     weight: float = 1.0
     """Relative share of this source in a mixture (the paper mixes CodeContests and a dump about 1:1)."""
     limit: int | None = None
@@ -113,8 +117,28 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
                  "completion": rng.choice(t.incorrect_solutions)[1] if i in noisy else t.canonical_solution}
                 for i, t in enumerate(tasks)]
         return rows[: source.limit] if source.limit is not None else rows
+    from lit_align.data_modules.chat import completion_value, is_messages, prompt_value, split_conversation
+
+    if source.messages_column is not None:
+        rows = load_rows(source, (source.messages_column,))
+        pairs = [split_conversation(r[source.messages_column], _cell(source, i, source.messages_column))
+                 for i, r in enumerate(rows)]
+        return [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
     rows = load_rows(source, (source.prompt_column, source.completion_column))
-    return [{"prompt": str(r[source.prompt_column]), "completion": str(r[source.completion_column])} for r in rows]
+    out = []
+    for i, r in enumerate(rows):
+        prompt, completion = r[source.prompt_column], r[source.completion_column]
+        out.append({
+            "prompt": prompt_value(prompt, _cell(source, i, source.prompt_column)) if is_messages(prompt) else str(prompt),
+            "completion": (completion_value(completion, _cell(source, i, source.completion_column))
+                           if is_messages(completion) else str(completion))})
+    return out
+
+
+def _cell(source: DataSource, row: int, column: str) -> str:
+    """Where a value sits, for error messages."""
+    at = "" if source.limit is not None else f" row {row}"  # with a limit the rows were sampled: no file position
+    return f"dataset {source.path!r}{at} column {column!r}"
 
 
 def mix(parts: list[list[dict]], weights: list[float], seed: int = 0) -> list[dict]:

@@ -400,8 +400,12 @@ def test_triplets_from_file_errors(tmp_path):
         triplets_from_file(str(odd))
     nested = tmp_path / "nested.jsonl"
     nested.write_text(json.dumps({"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "r"}) + "\n")
-    with pytest.raises(ValueError, match="row 0 column 'chosen' holds list, expected text"):
+    with pytest.raises(ValueError, match="row 0 column 'chosen': message 0 needs a text 'role' and a text 'content'"):
         triplets_from_file(str(nested))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text(json.dumps({"prompt": "p", "chosen": [1, 2], "rejected": "r"}) + "\n")
+    with pytest.raises(ValueError, match="row 0 column 'chosen' holds list, expected text or chat messages"):
+        triplets_from_file(str(numbers))
 
 
 # --- filtering -------------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Conversational data: prompts given as chat messages, rendered with the tokenizer's chat template.
+
+A data file may hold a prompt as a list of messages (``[{"role": "user", "content": ...}, ...]``, the conversational
+format of TRL and the hub's chat datasets) and a completion as the assistant's message (``[{"role": "assistant",
+"content": ...}]``) instead of text. Loaders turn such a prompt into a :data:`Conversation` (a hashable tuple of
+``(role, content)`` pairs) and such a completion into the assistant's text; the data module renders the conversation
+with the tokenizer's chat template when it tokenizes (:func:`render_chat_prompt`), ending in the template's
+generation prompt, so the completion that follows is the assistant's reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from lit_align.data_modules.sources import DataError
+
+Conversation = tuple[tuple[str, str], ...]
+"""A chat prompt: ``(role, content)`` pairs in order (a tuple, so prompts stay hashable for deduplication)."""
+
+Prompt = Union[str, Conversation]
+
+
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` is given as chat messages (a list of dicts) rather than text."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def as_conversation(value: Any, where: str) -> Conversation:
+    """Chat messages as a :data:`Conversation`; a DataError naming ``where`` (file, row and column) for anything else."""
+    if not is_messages(value):
+        raise DataError(f"{where}: expected text or a list of chat messages ({{'role': ..., 'content': ...}}), got "
+                        f"{type(value).__name__} {_preview(value)}")
+    pairs = []
+    for i, message in enumerate(value):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise DataError(f"{where}: message {i} needs a text 'role' and a text 'content', got {_preview(message)}")
+        pairs.append((role, content))
+    return tuple(pairs)
+
+
+def prompt_value(value: Any, where: str) -> Prompt:
+    """A prompt cell: text as it is, chat messages as a :data:`Conversation`."""
+    return value if isinstance(value, str) else as_conversation(value, where)
+
+
+def completion_value(value: Any, where: str) -> str:
+    """A completion cell: text as it is, or the text of one assistant message (``[{"role": "assistant", ...}]``)."""
+    if isinstance(value, str):
+        return value
+    messages = as_conversation(value, where)
+    if len(messages) != 1 or messages[0][0] != "assistant":
+        roles = [role for role, _ in messages]
+        raise DataError(f"{where}: a completion given as chat messages must be one assistant message, got roles {roles}")
+    return messages[0][1]
+
+
+def split_conversation(value: Any, where: str) -> tuple[Conversation, str]:
+    """A whole conversation (a ``messages`` column): the messages before the last as the prompt, and the last, which
+    must be the assistant's, as the completion. Only that last reply is trained on; earlier replies are context."""
+    messages = as_conversation(value, where)
+    if len(messages) < 2 or messages[-1][0] != "assistant":
+        roles = [role for role, _ in messages]
+        raise DataError(f"{where}: a conversation needs at least one message before a final assistant message, got "
+                        f"roles {roles}")
+    return messages[:-1], messages[-1][1]
+
+
+def render_chat_prompt(tokenizer, conversation: Conversation) -> str:
+    """The conversation through ``tokenizer``'s chat template, ending in the assistant's generation prompt, as text
+    whose tokenization (:func:`~lit_align.data_modules.collate.encode_prompt`, special tokens added) gives the
+    template's tokens: a leading BOS the template writes is dropped where the tokenizer adds one itself."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"the tokenizer {name!r} has no chat template, so chat prompts cannot be rendered: set "
+                        "data.init_args.tokenizer to a tokenizer with one (an instruct model's), or use text prompts "
+                        "and data.init_args.chat_template: false")
+    text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in conversation],
+                                         tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether encoding with special tokens puts the BOS token first (Llama-style tokenizers do, GPT-2/Qwen do not)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+__all__ = ["Conversation", "Prompt", "as_conversation", "completion_value", "is_messages", "prompt_value",
+           "render_chat_prompt", "split_conversation"]
