@@ -127,6 +127,13 @@ class IADPOConfig:
             raise IADPOError("iadpo config: new_per_hard must be >= 0, max_pairs_per_exercise and student.samples >= 1")
         if self.oracle.kind not in ("task_suite", "openai"):
             raise IADPOError(f"iadpo config: oracle.kind must be task_suite or openai, got {self.oracle.kind!r}")
+        data = self.fit.get("data") if isinstance(self.fit.get("data"), dict) else {}
+        data_args = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
+        for key, plain in (("prompt_template", "{prompt}"), ("chat_template", False)):
+            if data_args.get(key, plain) != plain:
+                raise IADPOError(f"iadpo config: fit.data.init_args.{key}: {data_args[key]!r} is not supported: the "
+                                 "student samples from the exercises' prompts as they are, and each round's pairs must "
+                                 "be trained on the prompts their completions were sampled from; remove it")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> IADPOConfig:

@@ -67,6 +67,10 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
         IADPOConfig(fit={"model": {}}, rounds=0)
     with pytest.raises(IADPOError, match="hard_fraction"):
         IADPOConfig(fit={"model": {}}, hard_fraction=2.0)
+    for key, value in (("prompt_template", "# {prompt}"), ("chat_template", True)):  # pairs on prompts never sampled
+        with pytest.raises(IADPOError, match=rf"fit.data.init_args.{key}: .* is not supported: the student samples"):
+            IADPOConfig(fit={"model": {}, "data": {"init_args": {key: value}}})
+    IADPOConfig(fit={"model": {}, "data": {"init_args": {"prompt_template": "{prompt}", "chat_template": False}}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("rounds: 1\nfit: {model: {}}\nroundz: 3\n")
     with pytest.raises(IADPOError, match=r"unknown key\(s\) \['roundz'\]"):
