@@ -110,3 +110,33 @@ def test_default_backend_is_refused_under_a_strategy_that_shards_weights():
     callback.setup(SimpleNamespace(world_size=1, strategy=CPUFSDPStrategy()), None, "fit")  # one process: no peers
     served = PassAtK(problems=PROBLEMS, n_samples=2, k=[1], backend_factory=lambda module: None)
     served.setup(SimpleNamespace(world_size=2, strategy=CPUFSDPStrategy()), None, "fit")  # a server samples instead
+
+
+def test_a_chat_model_is_asked_through_its_template_and_the_code_in_its_replies_runs(tmp_path):
+    from data_helpers import make_chat_model
+
+    from lit_align.data_modules.chat import render_chat_prompt
+    from lit_align.data_modules.sources import DataError
+
+    class ChatBackend(GenerationBackend):
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, params):
+            self.prompts = list(prompts)
+            replies = [[f"```python\n{t.prompt}{t.canonical_solution}```", f"```python\n{t.prompt}    pass\n```"]
+                       for t in TASKS]  # per problem: the function written again, and with a bare body
+            return [[Completion(text=r, token_ids=[], logprobs=None, finish_reason="stop") for r in rs] for rs in replies]
+
+    module = SFT(model_name_or_path=make_chat_model(tmp_path / "chat-model"))
+    module.configure_model()
+    backend = ChatBackend()
+    callback = PassAtK(problems=PROBLEMS, n_samples=2, k=[1, 2], chat_template=True,
+                       backend_factory=lambda module: backend)
+    metrics = callback.evaluate(module)
+    assert backend.prompts == [render_chat_prompt(module.tokenizer, (("user", t.prompt),)) for t in TASKS]
+    assert metrics["pass@1"] == pytest.approx(0.5) and metrics["pass@2"] == pytest.approx(1.0)  # whole functions run
+    assert [[r.status.value for r in rs] for rs in callback.last_results] == [["passed", "failed"]] * 3
+    plain = SFT()  # the tiny preset's tokenizer has no chat template: refused at setup, before any training
+    with pytest.raises(DataError, match="has no chat template"):
+        PassAtK(problems=PROBLEMS, chat_template=True).setup(L.Trainer(accelerator="cpu", logger=False), plain, "fit")

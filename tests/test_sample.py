@@ -147,17 +147,12 @@ def test_an_existing_samples_file_is_kept_unless_overwrite_says_so(tmp_path, cap
 def test_a_chat_model_is_asked_through_its_template_and_its_replies_code_is_kept(tmp_path):
     """--chat-template: each prompt as a user message through the model's chat template, no stop strings; each record
     holds the reply and the code taken from it, which is what the HumanEval protocol appends to the prompt."""
-    import shutil
+    from data_helpers import make_chat_model
 
     from lit_align.data_modules.chat import render_chat_prompt
     from lit_align.execution.replies import reply_completion
-    from lit_align.models import materialize_preset
 
-    model_dir = tmp_path / "chat-model"
-    shutil.copytree(materialize_preset("preset:tiny"), model_dir)
-    tokenizer = load_tokenizer(str(model_dir))
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    tokenizer.save_pretrained(model_dir)
+    model_dir = make_chat_model(tmp_path / "chat-model")
     out = tmp_path / "s.jsonl"
     assert main(["--model", str(model_dir), "--benchmark", "task_suite", "--num-problems", "3", "--max-new-tokens",
                  "12", "--temperature", "0", "--chat-template", "--output", str(out)]) == 0

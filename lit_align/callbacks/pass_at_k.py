@@ -64,20 +64,28 @@ def _load_problems(problems: str | Sequence[FunctionProblem], seed: int) -> list
 
 
 def sample_and_score(backend, problems: Sequence[FunctionProblem], params, k: Sequence[int],
-                     pool: ExecutionPool | None = None, deadline_s: float | None = None,
+                     pool: ExecutionPool | None = None, deadline_s: float | None = None, chat_tokenizer=None,
                      ) -> tuple[dict[str, float], list[list[ExecutionResult]]]:
     """Sample ``params.n`` completions per problem with ``backend``, run them, and compute the metrics.
 
-    Returns ``(metrics, results)``: ``pass@{k}`` (unbiased estimator), ``compile_rate``, ``status/<name>`` fractions
-    and ``solved`` (problems with at least one passing sample); ``results[i]`` are problem i's execution results.
+    With ``chat_tokenizer`` (a chat model's) each prompt is asked as a user message through its chat template and the
+    code in each reply is run (:mod:`lit_align.execution.replies`). Returns ``(metrics, results)``: ``pass@{k}``
+    (unbiased estimator), ``compile_rate``, ``status/<name>`` fractions and ``solved`` (problems with at least one
+    passing sample); ``results[i]`` are problem i's execution results.
     """
+    from lit_align.data_modules.chat import render_chat_prompt
     from lit_align.execution.evaluate import evaluate_samples
+    from lit_align.execution.replies import reply_completion
 
+    prompts = [p.prompt for p in problems]
+    if chat_tokenizer is not None:
+        prompts = [render_chat_prompt(chat_tokenizer, (("user", prompt),)) for prompt in prompts]
     with torch.no_grad():
-        completions = backend.generate([p.prompt for p in problems], params)
+        completions = backend.generate(prompts, params)
     if len(completions) != len(problems):
         raise RuntimeError(f"the generation backend returned {len(completions)} lists for {len(problems)} prompts")
-    jobs = [FunctionJob(problem, sample.text) for problem, samples in zip(problems, completions) for sample in samples]
+    jobs = [FunctionJob(problem, reply_completion(problem, sample.text) if chat_tokenizer is not None else sample.text)
+            for problem, samples in zip(problems, completions) for sample in samples]
     results, summary = evaluate_samples(jobs, k, pool=pool, deadline_s=deadline_s)
     grouped = [results[i * params.n:(i + 1) * params.n] for i in range(len(problems))]
     metrics = {f"pass@{v}": summary[f"pass@{v}"] for v in k if f"pass@{v}" in summary}
@@ -108,6 +116,8 @@ class PassAtK(L.Callback):
         max_workers: parallel runs (null: two per CPU).
         prefix: prepended to every logged name (e.g. ``"val/"``).
         backend_factory: builds the generation backend from the module (null: HFBackend on ``model``/``tokenizer``).
+        chat_template: the model is a chat model: ask each problem as a user message through the module's tokenizer's
+            chat template and run the code in each reply (:mod:`lit_align.execution.replies`).
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class PassAtK(L.Callback):
         max_workers: int | None = None,
         prefix: str = "",
         backend_factory: BackendFactory | None = None,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         if n_samples < 1:
@@ -150,6 +161,7 @@ class PassAtK(L.Callback):
         self.seed = seed
         self.prefix = prefix
         self.backend_factory = backend_factory or _default_backend
+        self.chat_template = chat_template
         self.batch_deadline_s = batch_deadline_s
         self.pool = ExecutionPool(limits=Limits(timeout_s=timeout_s), max_workers=max_workers)
         self._problems: list[FunctionProblem] | None = None
@@ -169,6 +181,10 @@ class PassAtK(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _ = self.problems  # fail at setup, not after an hour of training, when the problems cannot be read
+        if self.chat_template:  # nor when the tokenizer has no chat template
+            from lit_align.data_modules.chat import render_chat_prompt
+
+            render_chat_prompt(self._chat_tokenizer(pl_module), (("user", "x"),))
         if self.backend_factory is _default_backend and trainer.world_size > 1 and _shards_weights(trainer.strategy):
             raise ValueError(
                 f"PassAtK samples on rank 0 with the live policy, but trainer.strategy "
@@ -201,11 +217,25 @@ class PassAtK(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            metrics, self.last_results = sample_and_score(self.backend_factory(pl_module), self.problems, params, self.k,
-                                                          pool=self.pool, deadline_s=self.batch_deadline_s)
+            metrics, self.last_results = sample_and_score(
+                self.backend_factory(pl_module), self.problems, params, self.k, pool=self.pool,
+                deadline_s=self.batch_deadline_s, chat_tokenizer=self._chat_tokenizer(pl_module))
         finally:
             pl_module.train(was_training)
         return metrics
+
+    def _chat_tokenizer(self, pl_module: L.LightningModule):
+        """The module's tokenizer when the model is a chat model (``chat_template``), else None."""
+        if not self.chat_template:
+            return None
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if tokenizer is None and getattr(pl_module, "tokenizer_source", None):  # at setup, before configure_model
+            from lit_align.models import load_tokenizer
+
+            tokenizer = load_tokenizer(pl_module.tokenizer_source)
+        if tokenizer is None:
+            raise AttributeError(f"PassAtK chat_template needs pl_module.tokenizer; {type(pl_module).__name__} has none")
+        return tokenizer
 
     def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         if not trainer.is_global_zero:  # only rank 0 samples and executes

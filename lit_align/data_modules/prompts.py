@@ -199,8 +199,8 @@ def _file_items(source: PromptSource, fmt: str) -> list[PromptItem]:
     for i, r in enumerate(records):
         if is_messages(r[source.prompt_column]):
             raise DataError(f"prompt source {source.path!r} row {i} column {source.prompt_column!r}: chat messages are "
-                            "not supported as prompts of online objectives (the execution reward runs each completion "
-                            "as code, which a chat reply is not); give the prompt as text")
+                            "not read as prompts of online objectives; give the prompt as text (the data module's "
+                            "chat_template: true asks it as a user message through the tokenizer's chat template)")
     return [PromptItem(str(r.get("task_id", f"{path.name}/{i}")), str(r[source.prompt_column])) for i, r in enumerate(records)]
 
 
@@ -238,6 +238,8 @@ class PromptsDataModule(TokenizedDataModule):
         val_sources: held-out prompts for the validation pass@1; default the task suite's held-out split when
             train_sources is the default, none otherwise.
         prompt_template: Python format string applied to each prompt; must contain "{prompt}".
+        chat_template: render each prompt with the tokenizer's chat template, as one user message followed by the
+            assistant's generation prompt (a chat model; its objective then needs ``extract_code: true``).
         max_length: prompts longer than this many tokens are dropped (with a logged count).
     """
 
@@ -246,10 +248,11 @@ class PromptsDataModule(TokenizedDataModule):
     def __init__(self, train_sources: list[PromptSource] | None = None, val_sources: list[PromptSource] | None = None,
                  prompt_template: str = "{prompt}", tokenizer: str | None = None, max_length: int = 1024,
                  batch_size: int = 8, eval_batch_size: int | None = None, group_by_length: bool = False,
-                 num_workers: int = 0, seed: int | None = None) -> None:
+                 num_workers: int = 0, seed: int | None = None, chat_template: bool = False) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
-                         num_workers=num_workers, seed=seed, prompt_template=prompt_template)
+                         num_workers=num_workers, seed=seed, prompt_template=prompt_template,
+                         chat_template=chat_template)
         self.train_sources = train_sources if train_sources is not None else [PromptSource(split="train")]
         self.val_sources = val_sources if val_sources is not None else (
             [PromptSource(split="heldout")] if train_sources is None else [])
@@ -259,7 +262,7 @@ class PromptsDataModule(TokenizedDataModule):
 
     def _load(self, sources: list[PromptSource]) -> list[PromptItem]:
         items = [item for s in sources for item in load_prompt_items(s)]
-        if self.prompt_template != "{prompt}":
+        if self.prompt_template != "{prompt}" or self.chat_template:
             items = [PromptItem(i.task_id, self.format_prompt(i.prompt), i.problem, i.language) for i in items]
         return items
 

@@ -39,6 +39,7 @@ from torchmetrics import MeanMetric
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.prompts import PromptBatch, PromptItem
 from lit_align.execution.metrics import pass_at_k
+from lit_align.execution.replies import reply_completion
 from lit_align.execution.rewards import ExecutionReward, UnitTestReward
 from lit_align.execution.sandbox import Limits
 from lit_align.execution.status import ExecutionResult, Status
@@ -214,8 +215,12 @@ class OnlineModule(AlignmentModule):
         max_new_tokens: longest completion, in tokens.
         temperature: sampling temperature for rollouts (1.0 keeps the sampler and the trained policy the same).
         top_p: nucleus sampling for rollouts (1.0 disables it).
-        stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...);
-            use [] for whole programs (CodeContests).
+        stop: stop strings ending a completion; null: function-completion defaults ("\\ndef ", "\\nclass ", ...),
+            none with ``extract_code``; use [] for whole programs (CodeContests).
+        extract_code: the completions are a chat model's replies (the data's ``chat_template: true``): the execution
+            reward and validation run the code taken out of each (its first fenced block; a reply that defines the
+            problem's function replaces the prompt's, :mod:`lit_align.execution.replies`), and a reply ends at the
+            model's end-of-sequence token, not at the function-completion stop strings.
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
         generation_kwargs: extra arguments of the backend (hf: share_prompt, drop_ended_rows, reserve_cache, synchronize; vllm:
             gpu_memory_utilization...; openai: base_url...).
@@ -262,6 +267,7 @@ class OnlineModule(AlignmentModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop: list[str] | None = None,
+        extract_code: bool = False,
         generation_backend: BackendName = "hf",
         generation_kwargs: dict[str, Any] | None = None,
         generation_batch_size: int = 64,
@@ -427,6 +433,15 @@ class OnlineModule(AlignmentModule):
                 f"none (first: {missing[0].task_id!r}); give a source with tests (task_suite, HumanEval-format rows with "
                 "test/entry_point, CodeContests) or use reward='reward_model'")
 
+    def refuse_incompatible_data(self, datamodule) -> None:
+        """Also refused: prompts through a chat template (the data's ``chat_template``) without ``extract_code``, whose
+        replies the execution reward would run as code appended to the prompt."""
+        super().refuse_incompatible_data(datamodule)
+        if getattr(datamodule, "chat_template", False) is True and not self.hparams.extract_code:
+            raise ValueError("chat_template: true asks a chat model, whose replies are messages, not code that "
+                             "continues the prompt; set model.init_args.extract_code: true so that the execution "
+                             "reward runs the code in each reply")
+
     def setup(self, stage: str) -> None:
         """Give DeepSpeed this module's clip before the model is built (see docs/scaling.md, "Online objectives")."""
         super().setup(stage)
@@ -487,7 +502,7 @@ class OnlineModule(AlignmentModule):
     # ------------------------------------------------------------------ rollouts
     def sampling_params(self, train: bool = True) -> SamplingParams:
         hp = self.hparams
-        stop = list(DEFAULT_STOP) if hp.stop is None else list(hp.stop)
+        stop = ([] if hp.extract_code else list(DEFAULT_STOP)) if hp.stop is None else list(hp.stop)
         if train:
             return SamplingParams(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
                                   n=hp.samples_per_prompt, stop=stop)
@@ -558,7 +573,11 @@ class OnlineModule(AlignmentModule):
             if item.has_tests:
                 by_language[item.language or "python3"].append(i)
         for language, rows in by_language.items():
-            r, res = self.execution_reward.score([items[i].problem for i in rows], [texts[i] for i in rows], language)
+            problems = [items[i].problem for i in rows]
+            programs = [texts[i] for i in rows]
+            if self.hparams.extract_code:  # chat replies: the code in each
+                programs = [reply_completion(problem, text, language) for problem, text in zip(problems, programs)]
+            r, res = self.execution_reward.score(problems, programs, language)
             for i, value, result in zip(rows, r, res):
                 rewards[i], results[i] = value, result
         return rewards, results

@@ -136,5 +136,5 @@ def test_chat_prompts_are_refused_for_online_objectives(tmp_path):
     from lit_align.data_modules.prompts import PromptSource, load_prompt_items
 
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "add one"}]}])
-    with pytest.raises(DataError, match=r"row 0 column 'prompt': chat messages are not supported as prompts of online"):
+    with pytest.raises(DataError, match=r"row 0 column 'prompt': chat messages are not read as prompts of online"):
         load_prompt_items(PromptSource(path=str(path)))
