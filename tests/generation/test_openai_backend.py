@@ -111,6 +111,25 @@ def test_seeded_samples_through_the_server_are_reproducible_and_match(server_url
             assert len(c.logprobs) == len(c.token_ids) == 12 and c.finish_reason == "length"
 
 
+def test_a_chat_model_sampled_through_the_server_with_its_local_chat_template(server_url, tmp_path):
+    """--chat-template --tokenizer DIR renders each prompt locally and sends the text to the completions endpoint: the
+    samples equal sampling the same chat model in this process (the server's model has the same weights and vocabulary;
+    only the chat template was added)."""
+    from data_helpers import make_chat_model
+
+    from lit_align.sample import main
+
+    chat = make_chat_model(tmp_path / "chat-model")
+    common = ["--benchmark", "task_suite", "--num-problems", "3", "--temperature", "0", "--max-new-tokens", "10",
+              "--chat-template"]
+    assert main([*common, "--backend", "openai", "--base-url", server_url, "--tokenizer", chat,
+                 "--output", str(tmp_path / "remote")]) == 0
+    assert main([*common, "--model", chat, "--output", str(tmp_path / "local")]) == 0
+    remote, local = ((tmp_path / name).read_text().splitlines() for name in ("remote", "local"))
+    assert len(remote) == 3 and remote == local
+    assert all("reply" in json.loads(line) for line in remote)
+
+
 def test_sync_generate_works_inside_a_running_event_loop(server_url):
     client = OpenAIBackend(server_url)
 
