@@ -66,6 +66,17 @@ def split_conversation(value: Any, where: str) -> tuple[Conversation, str]:
     return messages[:-1], messages[-1][1]
 
 
+def split_pair(chosen: Any, rejected: Any, where: str) -> tuple[Conversation, str, str]:
+    """A preference pair given as two whole conversations (the "implicit prompt" format: no prompt column): the
+    messages both share before their final assistant replies as the prompt, and the two replies."""
+    prompt, chosen_reply = split_conversation(chosen, f"{where} (chosen)")
+    rejected_prompt, rejected_reply = split_conversation(rejected, f"{where} (rejected)")
+    if rejected_prompt != prompt:
+        raise DataError(f"{where}: the chosen and rejected conversations differ before their final assistant messages; "
+                        "without a prompt column they must share every earlier message")
+    return prompt, chosen_reply, rejected_reply
+
+
 def render_chat_prompt(tokenizer, conversation: Conversation) -> str:
     """The conversation through ``tokenizer``'s chat template, ending in the assistant's generation prompt, as text
     whose tokenization (:func:`~lit_align.data_modules.collate.encode_prompt`, special tokens added) gives the
@@ -94,4 +105,4 @@ def _preview(value: Any, limit: int = 80) -> str:
 
 
 __all__ = ["Conversation", "Prompt", "as_conversation", "completion_value", "is_messages", "prompt_value",
-           "render_chat_prompt", "split_conversation"]
+           "render_chat_prompt", "split_conversation", "split_pair"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 if TYPE_CHECKING:  # imported where used: `import lit_align` stays light
     import datasets
 
-from lit_align.data_modules.chat import Prompt, as_conversation, completion_value, is_messages
+from lit_align.data_modules.chat import Prompt, as_conversation, completion_value, is_messages, split_pair
 from lit_align.data_modules.code_contests import CodeContestsProblem, Language, parse_language, problem_prompt
 from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
@@ -473,7 +473,9 @@ def triplets_from_file(
 
     Args:
         path_or_id: a local file or directory, or a hub dataset id.
-        prompt_column: column holding the prompt: text, or chat messages (rendered with the chat template).
+        prompt_column: column holding the prompt: text, or chat messages (rendered with the chat template). A file
+            without it whose chosen and rejected columns hold whole conversations takes the messages they share
+            before their final assistant replies as the prompt.
         chosen_column: column holding the preferred completion: text, or one assistant message.
         rejected_column: column holding the dispreferred completion: text, or one assistant message.
         split: split to read (a single local file is read whole under this name).
@@ -486,23 +488,29 @@ def triplets_from_file(
     """
     table, where = _load_table(path_or_id, split)
     columns = list(table.column_names)
+    # conversational pairs without a prompt column: the prompt is the messages both conversations share
+    implicit = (prompt_column not in columns and {chosen_column, rejected_column} <= set(columns) and len(table) > 0
+                and is_messages(table[0][chosen_column]))
     needed = [prompt_column, chosen_column, rejected_column] + ([id_column] if id_column else [])
     for column in needed:
-        if column not in columns:
+        if column not in columns and not (implicit and column == prompt_column):
             raise ValueError(f"{where}: column {column!r} is missing; it has columns {columns}")
     stem = Path(path_or_id).stem or path_or_id
     collector = _Collector()
     for row_index, row in enumerate(table):
-        values = [row[prompt_column], row[chosen_column], row[rejected_column]]
-        for i, (column, value) in enumerate(zip((prompt_column, chosen_column, rejected_column), values)):
-            if is_messages(value):  # conversational rows: the prompt's messages, the assistant's reply as text
-                cell = f"{where}: row {row_index} column {column!r}"
-                values[i] = as_conversation(value, cell) if i == 0 else completion_value(value, cell)
-            elif value is not None and not isinstance(value, str):
-                raise ValueError(
-                    f"{where}: row {row_index} column {column!r} holds {type(value).__name__}, expected text or chat "
-                    "messages"
-                )
+        if implicit:
+            values = list(split_pair(row[chosen_column], row[rejected_column], f"{where}: row {row_index}"))
+        else:
+            values = [row[prompt_column], row[chosen_column], row[rejected_column]]
+            for i, (column, value) in enumerate(zip((prompt_column, chosen_column, rejected_column), values)):
+                if is_messages(value):  # conversational rows: the prompt's messages, the assistant's reply as text
+                    cell = f"{where}: row {row_index} column {column!r}"
+                    values[i] = as_conversation(value, cell) if i == 0 else completion_value(value, cell)
+                elif value is not None and not isinstance(value, str):
+                    raise ValueError(
+                        f"{where}: row {row_index} column {column!r} holds {type(value).__name__}, expected text or "
+                        "chat messages"
+                    )
         prompt, chosen, rejected = values
         if not prompt or not chosen or not rejected:
             collector.counts["empty"] += 1

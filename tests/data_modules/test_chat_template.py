@@ -87,6 +87,27 @@ def test_conversational_preference_rows(tmp_path, chat_tokenizer):
     assert list(items[1].prompt_ids) == text_ids  # a text prompt without chat_template stays text
 
 
+def test_preference_pairs_as_whole_conversations_without_a_prompt_column(tmp_path, chat_tokenizer):
+    """The "implicit prompt" format: chosen and rejected hold whole conversations; the messages they share before
+    their final replies are the prompt."""
+    from lit_align.data_modules.pairing import triplets_from_file
+
+    user = {"role": "user", "content": "add one"}
+    row = {"chosen": [user, {"role": "assistant", "content": "x + 1"}],
+           "rejected": [user, {"role": "assistant", "content": "x - 1"}]}
+    path = write_jsonl(tmp_path / "implicit.jsonl", [row])
+    (triplet,), counts = triplets_from_file(str(path))
+    assert (triplet.prompt, triplet.chosen, triplet.rejected) == ((("user", "add one"),), "x + 1", "x - 1")
+    assert counts["given"] == 1
+    row["rejected"] = [{"role": "user", "content": "add two"}, {"role": "assistant", "content": "x - 1"}]
+    bad = write_jsonl(tmp_path / "differ.jsonl", [row])
+    with pytest.raises(DataError, match="row 0: the chosen and rejected conversations differ before their final"):
+        triplets_from_file(str(bad))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"chosen": "a", "rejected": "b"}])  # text pairs still need a prompt
+    with pytest.raises(ValueError, match="column 'prompt' is missing"):
+        triplets_from_file(str(text))
+
+
 class _BosTokenizer:
     """A Llama-style tokenizer (adds BOS when encoding) whose chat template also writes the BOS token."""
 
