@@ -71,12 +71,11 @@ def test_conversational_columns_and_a_messages_column(tmp_path, chat_tokenizer):
 
 def test_conversational_preference_rows(tmp_path, chat_tokenizer):
     user = [{"role": "user", "content": "add one"}]
-    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "x + 1"}],
-             "rejected": [{"role": "assistant", "content": "x - 1"}]},
-            {"prompt": "text prompt", "chosen": "a", "rejected": "b"}]
-    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    dm = PreferenceDataModule(train_sources=[PreferenceSource(path=str(path), kind="triplets")], val_sources=[],
-                              val_fraction=0.0, tokenizer=chat_tokenizer, group_by_length=False)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": user, "chosen": [{"role": "assistant", "content": "x + 1"}],
+                                                  "rejected": [{"role": "assistant", "content": "x - 1"}]}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "text prompt", "chosen": "a", "rejected": "b"}])
+    dm = PreferenceDataModule(train_sources=[PreferenceSource(path=str(p), kind="triplets") for p in (chat, text)],
+                              val_sources=[], val_fraction=0.0, tokenizer=chat_tokenizer, group_by_length=False)
     dm.setup("fit")
     prompt_ids, tok = _ids(chat_tokenizer, "<s>[user]add one\n[assistant]")
     text_ids, _ = _ids(chat_tokenizer, "text prompt")
