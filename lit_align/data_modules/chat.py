@@ -66,6 +66,20 @@ def split_conversation(value: Any, where: str) -> tuple[Conversation, str]:
     return messages[:-1], messages[-1][1]
 
 
+def assistant_turns(value: Any, where: str) -> list[tuple[Conversation, str]]:
+    """Every assistant reply of a whole conversation as ``(the messages before it, its text)``: one training example per
+    reply, so each is a target once, with the conversation up to it (the dataset's earlier replies included) as its
+    prompt. A reply that opens the conversation has no prompt and is skipped; a conversation without any other is a
+    DataError."""
+    messages = as_conversation(value, where)
+    turns = [(messages[:i], content) for i, (role, content) in enumerate(messages) if role == "assistant" and i > 0]
+    if not turns:
+        roles = [role for role, _ in messages]
+        raise DataError(f"{where}: a conversation needs an assistant message after at least one other message, got "
+                        f"roles {roles}")
+    return turns
+
+
 def split_pair(chosen: Any, rejected: Any, where: str) -> tuple[Conversation, str, str]:
     """A preference pair given as two whole conversations (the "implicit prompt" format: no prompt column): the
     messages both share before their final assistant replies as the prompt, and the two replies."""
@@ -104,5 +118,5 @@ def _preview(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["Conversation", "Prompt", "as_conversation", "completion_value", "is_messages", "prompt_value",
+__all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "is_messages", "prompt_value",
            "render_chat_prompt", "split_conversation", "split_pair"]

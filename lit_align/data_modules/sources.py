@@ -6,6 +6,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
@@ -36,7 +37,10 @@ class DataSource:
     messages_column: str | None = None
     """Column holding whole conversations (chat messages) instead of a prompt and a completion column: the final
     message, the assistant's, is the completion and the messages before it the prompt (rendered with the tokenizer's
-    chat template). Only that final reply is trained on."""
+    chat template)."""
+    assistant_turns: Literal["last", "all"] = "last"
+    """With ``messages_column``: train on the final reply only (``last``; earlier replies are context), or on every
+    assistant reply (``all``: one example per reply, the conversation up to it as the prompt)."""
     weight: float = 1.0
     """Relative share of this source in a mixture (the paper mixes CodeContests and a dump about 1:1)."""
     limit: int | None = None
@@ -117,12 +121,18 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
                  "completion": rng.choice(t.incorrect_solutions)[1] if i in noisy else t.canonical_solution}
                 for i, t in enumerate(tasks)]
         return rows[: source.limit] if source.limit is not None else rows
-    from lit_align.data_modules.chat import completion_value, is_messages, prompt_value, split_conversation
+    from lit_align.data_modules.chat import (assistant_turns, completion_value, is_messages, prompt_value,
+                                             split_conversation)
 
+    if source.assistant_turns not in ("last", "all"):
+        raise DataError(f"assistant_turns must be 'last' or 'all', got {source.assistant_turns!r}")
     if source.messages_column is not None:
         rows = load_rows(source, (source.messages_column,))
-        pairs = [split_conversation(r[source.messages_column], _cell(source, i, source.messages_column))
-                 for i, r in enumerate(rows)]
+        cells = [(r[source.messages_column], _cell(source, i, source.messages_column)) for i, r in enumerate(rows)]
+        if source.assistant_turns == "all":
+            pairs = [pair for value, where in cells for pair in assistant_turns(value, where)]
+        else:
+            pairs = [split_conversation(value, where) for value, where in cells]
         return [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
     rows = load_rows(source, (source.prompt_column, source.completion_column))
     out = []

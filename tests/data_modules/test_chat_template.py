@@ -69,6 +69,29 @@ def test_conversational_columns_and_a_messages_column(tmp_path, chat_tokenizer):
     assert by_messages.train_items[0]["labels"].count(IGNORE_INDEX) == len(prompt_ids)
 
 
+def test_every_assistant_turn_of_a_conversation(tmp_path, chat_tokenizer):
+    """assistant_turns: all makes one example per reply, the conversation up to it as the prompt; last (the default)
+    trains the final reply only."""
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    path = str(write_jsonl(tmp_path / "multi.jsonl", [{"messages": turns}]))
+    every = _sft(chat_tokenizer, [DataSource(path=path, messages_column="messages", assistant_turns="all")])
+    last = _sft(chat_tokenizer, [DataSource(path=path, messages_column="messages")])
+    tok = transformers.AutoTokenizer.from_pretrained(chat_tokenizer)
+    eos = [tok.eos_token_id]
+
+    def example(prompt, reply):
+        p = tok(prompt)["input_ids"]
+        return p + tok(reply, add_special_tokens=False)["input_ids"] + eos
+
+    first = example("<s>[user]q1\n[assistant]", "a1")
+    second = example("<s>[user]q1\n[assistant]a1\n[user]q2\n[assistant]", "a2")
+    assert sorted(item["input_ids"] for item in every.train_items) == sorted([first, second])
+    assert [item["input_ids"] for item in last.train_items] == [second]
+    with pytest.raises(DataError, match="assistant_turns must be 'last' or 'all'"):
+        _sft(chat_tokenizer, [DataSource(path=path, messages_column="messages", assistant_turns="every")])
+
+
 def test_conversational_preference_rows(tmp_path, chat_tokenizer):
     user = [{"role": "user", "content": "add one"}]
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": user, "chosen": [{"role": "assistant", "content": "x + 1"}],
