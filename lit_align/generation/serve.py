@@ -2,7 +2,8 @@
 
     python -m lit_align.generation.serve --model DIR --port 8000     # or --model preset:tiny
 
-It answers ``POST /v1/completions`` (non-streaming), ``GET /v1/models`` and ``GET /health`` through the
+It answers ``POST /v1/completions`` and ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models`` and
+``GET /health`` through the
 ``hf`` backend, one generation at a time (requests queue on a lock), with the standard library's threaded
 HTTP server. It has no authentication, so it binds loopback addresses only. It is meant for tests and for
 sampling on one machine; ``vllm serve`` is the fast choice on a GPU.
@@ -11,7 +12,9 @@ What it supports of the completions API: ``prompt`` (a string or a list of strin
 ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``logprobs`` (0 or 1: the sampled tokens'
 log-probabilities at temperature 1; ``top_logprobs`` is null) and vLLM's ``return_tokens_as_token_ids`` and
 ``return_token_ids``. Streaming, ``echo``, ``suffix``, ``best_of``, penalties and ``logit_bias`` are refused
-with HTTP 400 rather than ignored.
+with HTTP 400 rather than ignored. A chat request's ``messages`` are rendered with the model's chat template (a model
+without one refuses them) and completed with the same fields (``max_completion_tokens`` is read as ``max_tokens``;
+``logprobs`` and ``tools`` are refused); each choice's ``message`` is the assistant's reply.
 """
 
 from __future__ import annotations
@@ -174,6 +177,29 @@ class CompletionService:
                       "total_tokens": prompt_tokens + completion_tokens},
         }
 
+    def chat(self, body: Any) -> dict:
+        """The response to one chat completions request: its messages through the model's chat template, completed
+        as :meth:`complete` completes a prompt (raises :class:`RequestError` for a bad one)."""
+        from lit_align.data_modules.chat import as_conversation, render_chat_prompt
+        from lit_align.data_modules.sources import DataError
+
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        for name in ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format"):
+            if body.get(name) not in (None, False):
+                raise RequestError(f"{name} is not supported by this server's chat completions", name)
+        try:
+            prompt = render_chat_prompt(self.backend.tokenizer, as_conversation(body.get("messages"), "messages"))
+        except DataError as err:
+            raise RequestError(str(err), "messages") from None
+        request = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "logprobs")}
+        if body.get("max_completion_tokens") is not None:
+            request["max_tokens"] = body["max_completion_tokens"]
+        response = self.complete({**request, "prompt": prompt})
+        choices = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                    "finish_reason": c["finish_reason"]} for c in response["choices"]]
+        return {**response, "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "choices": choices}
+
     def _logprobs(self, token_ids: Sequence[int], logprobs: Sequence[float] | None, as_token_ids: bool) -> dict:
         decode = self.backend.decode
         tokens = [f"token_id:{t}" if as_token_ids else decode([t]) for t in token_ids]
@@ -214,8 +240,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, RequestError(f"no route GET {self.path}", status=404).payload())
 
     def do_POST(self) -> None:  # noqa: N802
-        if self._path() != "/v1/completions":
-            self._send(404, RequestError(f"no route POST {self.path}; use /v1/completions", status=404).payload())
+        routes = {"/v1/completions": self.service.complete, "/v1/chat/completions": self.service.chat}
+        answer = routes.get(self._path())
+        if answer is None:
+            self._send(404, RequestError(f"no route POST {self.path}; use /v1/completions or /v1/chat/completions",
+                                         status=404).payload())
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -231,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, RequestError(f"the request body is not valid JSON: {err}").payload())
             return
         try:
-            self._send(200, self.service.complete(body))
+            self._send(200, answer(body))
         except RequestError as err:
             self._send(err.status, err.payload())
         except Exception as err:  # the model failed: report it, keep serving

@@ -2,6 +2,7 @@
 plus its retry and timeout policy against a scripted stdlib server."""
 
 import asyncio
+import contextlib
 import json
 import queue
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lit_align.generation import HFBackend, OpenAIBackend, SamplingParams, ServerRequestError, ServerUnreachableError
-from lit_align.models import load_tokenizer
+from lit_align.models import load_causal_lm, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["def f(x):\n", "import os\nx = 1", "abc", "class A:\n    pass", "print(1)"]
@@ -30,13 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_dir, tmp_path_factory):
-    """A real completions server in its own process on a free loopback port, torn down after the module."""
-    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+@contextlib.contextmanager
+def _server(model_dir, log_dir):
+    """A real completions server for ``model_dir`` in its own process on a free loopback port; yields its URL."""
+    log = Path(log_dir) / "serve-stderr.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lit_align.generation.serve", "--model", tiny_dir, "--port", "0", "--batch-size", "8",
+            [sys.executable, "-m", "lit_align.generation.serve", "--model", model_dir, "--port", "0", "--batch-size", "8",
              "--threads", "1"],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
@@ -50,9 +51,8 @@ def server_url(tiny_dir, tmp_path_factory):
         proc.kill()
         proc.wait(10)
         pytest.fail(f"server did not start: {first!r}\n{log.read_text()[-2000:]}")
-    url = first.strip().split(" at ")[-1]
     try:
-        yield url
+        yield first.strip().split(" at ")[-1]
     finally:
         proc.terminate()
         try:
@@ -60,6 +60,13 @@ def server_url(tiny_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_dir, tmp_path_factory):
+    """A real completions server in its own process on a free loopback port, torn down after the module."""
+    with _server(tiny_dir, tmp_path_factory.mktemp("serve")) as url:
+        yield url
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -130,6 +137,29 @@ def test_a_chat_model_sampled_through_the_server_with_its_local_chat_template(se
     assert all("reply" in json.loads(line) for line in remote)
 
 
+def test_a_chat_model_sampled_through_the_servers_chat_endpoint(tmp_path_factory):
+    """--chat-template through --backend openai without --tokenizer: the server's /v1/chat/completions renders each
+    prompt with its model's chat template; the samples equal sampling the same chat model in this process."""
+    from data_helpers import make_chat_model
+
+    from lit_align.sample import main
+
+    tmp_path = tmp_path_factory.mktemp("chat-endpoint")
+    chat = make_chat_model(tmp_path / "chat-model")
+    common = ["--benchmark", "task_suite", "--num-problems", "3", "--temperature", "0", "--max-new-tokens", "10",
+              "--chat-template"]
+    with _server(chat, tmp_path) as url:
+        assert main([*common, "--backend", "openai", "--base-url", url, "--output", str(tmp_path / "remote")]) == 0
+        client = OpenAIBackend(url, chat=True)
+        [[reply]] = client.generate(["def f(x):\n"], SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert main([*common, "--model", chat, "--output", str(tmp_path / "local")]) == 0
+    remote, local = ((tmp_path / name).read_text().splitlines() for name in ("remote", "local"))
+    assert len(remote) == 3 and remote == local
+    local_reply = HFBackend(load_causal_lm(chat).eval(), load_tokenizer(chat)).generate(
+        ["<user>def f(x):\n<assistant>"], SamplingParams(max_new_tokens=6, temperature=0.0))[0][0]
+    assert (reply.text, reply.finish_reason, reply.logprobs) == (local_reply.text, local_reply.finish_reason, None)
+
+
 def test_sync_generate_works_inside_a_running_event_loop(server_url):
     client = OpenAIBackend(server_url)
 
@@ -163,8 +193,15 @@ def test_server_rejects_bad_requests_naming_the_field(server_url, tiny_dir):
     for body, status, param in cases:
         code, payload = post(completions, body)
         assert (code, payload["error"]["param"]) == (status, param), body
-    code, payload = post(server_url + "/chat/completions", {"prompt": "x"})
-    assert code == 404 and "use /v1/completions" in payload["error"]["message"]
+    code, payload = post(server_url + "/embeddings", {"input": "x"})
+    assert code == 404 and "use /v1/completions or /v1/chat/completions" in payload["error"]["message"]
+    chat = server_url + "/chat/completions"
+    code, payload = post(chat, {"prompt": "x"})
+    assert (code, payload["error"]["param"]) == (400, "messages")
+    code, payload = post(chat, {"messages": [{"role": "user", "content": "x"}]})  # the tiny preset has no template
+    assert code == 400 and "has no chat template" in payload["error"]["message"]
+    code, payload = post(chat, {"messages": [{"role": "user", "content": "x"}], "logprobs": True})
+    assert (code, payload["error"]["param"]) == (400, "logprobs")
     code, payload = post(completions, {"prompt": ["ab", "cd"], "max_tokens": 2, "temperature": 0, "n": 2, "logprobs": 1,
                                        "model": tiny_dir})
     assert code == 200 and [c["index"] for c in payload["choices"]] == [0, 1, 2, 3]
