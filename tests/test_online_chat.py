@@ -66,3 +66,8 @@ def test_a_chat_model_trains_on_templated_prompts(chat_model):
     assert sorted(seen) == sorted(render_chat_prompt(tokenizer, (("user", p),)) for p in raw)
     assert all(p.startswith("<user>") and p.endswith("<assistant>") for p in seen)
     assert trainer.global_step == 1
+
+
+def test_a_chat_endpoint_is_refused_for_rollouts():
+    with pytest.raises(ValueError, match="generation_kwargs.chat: an online objective trains on the sampled tokens"):
+        GRPO(generation_backend="openai", generation_kwargs={"chat": True})

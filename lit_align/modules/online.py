@@ -314,6 +314,10 @@ class OnlineModule(AlignmentModule):
             raise ValueError(f"execution_timeout_s must be > 0, got {execution_timeout_s}")
         check_backend_kwargs(generation_backend, generation_kwargs or {}, "generation_kwargs",
                              supplied=("model", "tokenizer") if generation_backend == "hf" else ())
+        if (generation_kwargs or {}).get("chat"):
+            raise ValueError("generation_kwargs.chat: an online objective trains on the sampled tokens, which a chat "
+                             "completions endpoint does not return; keep the completions endpoint and render the "
+                             "prompts with the data's chat_template: true (and extract_code: true here)")
         self.reward_scale = UnitTestReward(**reward_scale) if isinstance(reward_scale, dict) else (reward_scale or UnitTestReward())
         self.eval_metrics = ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("val", "test")
                                         for name in ("pass_at_1", "pass_at_n", "reward_mean", "compile_rate")})
