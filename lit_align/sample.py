@@ -233,11 +233,11 @@ def _chat_tokenizer(args: argparse.Namespace):
     source = args.tokenizer or (args.model if args.backend != "openai" else None)
     if not args.chat_template or not source or source.endswith(".ckpt"):  # no source: the server renders (openai),
         return None                                                       # or --model is refused next
-    from lit_align.data_modules.chat import render_chat_prompt
+    from lit_align.data_modules.chat import require_chat_template
     from lit_align.models import load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    render_chat_prompt(tokenizer, (("user", "x"),))  # a tokenizer without a chat template: a ValueError naming it
+    require_chat_template(tokenizer)  # a ValueError (DataError) naming it
     return tokenizer
 
 

@@ -182,9 +182,9 @@ class PassAtK(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _ = self.problems  # fail at setup, not after an hour of training, when the problems cannot be read
         if self.chat_template:  # nor when the tokenizer has no chat template
-            from lit_align.data_modules.chat import render_chat_prompt
+            from lit_align.data_modules.chat import require_chat_template
 
-            render_chat_prompt(self._chat_tokenizer(pl_module), (("user", "x"),))
+            require_chat_template(self._chat_tokenizer(pl_module))
         if self.backend_factory is _default_backend and trainer.world_size > 1 and _shards_weights(trainer.strategy):
             raise ValueError(
                 f"PassAtK samples on rank 0 with the live policy, but trainer.strategy "
@@ -234,7 +234,8 @@ class PassAtK(L.Callback):
 
             tokenizer = load_tokenizer(pl_module.tokenizer_source)
         if tokenizer is None:
-            raise AttributeError(f"PassAtK chat_template needs pl_module.tokenizer; {type(pl_module).__name__} has none")
+            raise AttributeError(f"PassAtK chat_template needs pl_module.tokenizer; {type(pl_module).__name__} has "
+                                 "none")
         return tokenizer
 
     def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:

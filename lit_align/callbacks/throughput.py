@@ -21,8 +21,8 @@ Rates are averages over the last ``window_size`` training batches (Lightning's
 which is the familiar 6N + 12 L h s per trained token for full fine-tuning. N counts matmul parameters (blocks and LM
 head, not the embedding lookup); seq is the padded length of the forward pass the token went through. Not counted:
 gradient-checkpointing recomputation, attention over the KV cache while decoding, padding rows a batched decoder
-keeps stepping after they ended (the hf backend's until half of them have), small heads (PPO's value head, a reward model's score head), LoRA adapters of a
-reward model, and the one-token filler passes a sharded reward model makes to keep processes in step. Counted though
+keeps stepping after they ended (the hf backend's until half of them have), small heads (PPO's value head, a reward
+model's score head), LoRA adapters of a reward model, and the one-token filler passes a sharded reward model makes to keep processes in step. Counted though
 not computed: the prompt work that prompt sharing (the modules' ``share_prompt``, and the hf backend's, which prefills
 a prompt once for its samples) and ``logits_to_keep`` save, since counts are of the full rows; FLOP/s and MFU are then
 effective rates.

@@ -40,14 +40,15 @@ def as_conversation(value: Any, where: str) -> Conversation:
 
 
 def prompt_value(value: Any, where: str) -> Prompt:
-    """A prompt cell: text as it is, chat messages as a :data:`Conversation`."""
-    return value if isinstance(value, str) else as_conversation(value, where)
+    """A prompt cell: chat messages as a :data:`Conversation`, anything else as text."""
+    return as_conversation(value, where) if is_messages(value) else str(value)
 
 
 def completion_value(value: Any, where: str) -> str:
-    """A completion cell: text as it is, or the text of one assistant message (``[{"role": "assistant", ...}]``)."""
-    if isinstance(value, str):
-        return value
+    """A completion cell: the text of one assistant message (``[{"role": "assistant", ...}]``), anything else as
+    text."""
+    if not is_messages(value):
+        return str(value)
     messages = as_conversation(value, where)
     if len(messages) != 1 or messages[0][0] != "assistant":
         roles = [role for role, _ in messages]
@@ -95,16 +96,21 @@ def render_chat_prompt(tokenizer, conversation: Conversation) -> str:
     """The conversation through ``tokenizer``'s chat template, ending in the assistant's generation prompt, as text
     whose tokenization (:func:`~lit_align.data_modules.collate.encode_prompt`, special tokens added) gives the
     template's tokens: a leading BOS the template writes is dropped where the tokenizer adds one itself."""
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(f"the tokenizer {name!r} has no chat template, so chat prompts cannot be rendered: use a "
-                        "chat (instruct) model's tokenizer, or text prompts without chat_template")
+    require_chat_template(tokenizer)
     text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in conversation],
                                          tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos):]
     return text
+
+
+def require_chat_template(tokenizer) -> None:
+    """Refuse a tokenizer without a chat template (a DataError naming it), before anything is rendered or trained."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"the tokenizer {name!r} has no chat template, so chat prompts cannot be rendered: use a "
+                        "chat (instruct) model's tokenizer, or text prompts without chat_template")
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -118,5 +124,5 @@ def _preview(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "is_messages", "prompt_value",
-           "render_chat_prompt", "split_conversation", "split_pair"]
+__all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "is_messages",
+           "prompt_value", "render_chat_prompt", "require_chat_template", "split_conversation", "split_pair"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 if TYPE_CHECKING:  # imported where used: `import lit_align` stays light
     import datasets
 
-from lit_align.data_modules.chat import Prompt, as_conversation, completion_value, is_messages, split_pair
+from lit_align.data_modules.chat import Prompt, completion_value, is_messages, prompt_value, split_pair
 from lit_align.data_modules.code_contests import CodeContestsProblem, Language, parse_language, problem_prompt
 from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
@@ -505,7 +505,7 @@ def triplets_from_file(
             for i, (column, value) in enumerate(zip((prompt_column, chosen_column, rejected_column), values)):
                 if is_messages(value):  # conversational rows: the prompt's messages, the assistant's reply as text
                     cell = f"{where}: row {row_index} column {column!r}"
-                    values[i] = as_conversation(value, cell) if i == 0 else completion_value(value, cell)
+                    values[i] = prompt_value(value, cell) if i == 0 else completion_value(value, cell)
                 elif value is not None and not isinstance(value, str):
                     raise ValueError(
                         f"{where}: row {row_index} column {column!r} holds {type(value).__name__}, expected text or "
@@ -521,7 +521,8 @@ def triplets_from_file(
         if id_column:
             source_id = str(row[id_column])
         else:
-            source_id = f"{stem}:{hashlib.sha1((prompt if isinstance(prompt, str) else repr(prompt)).encode()).hexdigest()[:12]}"
+            key = prompt if isinstance(prompt, str) else repr(prompt)  # text as before; a conversation by its repr
+            source_id = f"{stem}:{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         collector.add(Triplet(prompt=prompt, chosen=chosen, rejected=rejected, source_id=source_id, strategy="given"))
     collector.counts["rows"] = len(table)
     return collector.result("rows", "empty", "identical_pairs", "duplicates", "given")

@@ -239,9 +239,9 @@ class PreferenceDataModule(TokenizedDataModule):
     def __init__(self, train_sources: list[PreferenceSource] | None = None,
                  val_sources: list[PreferenceSource] | None = None, val_fraction: float = 0.05,
                  closest_ratio: float = 0.5, max_pairs_per_problem: int | None = 8, prompt_template: str = "{prompt}",
-                 chat_template: bool = False, pad_to_multiple_of: int | None = None, tokenizer: str | None = None, max_length: int = 1024,
-                 batch_size: int = 8, eval_batch_size: int | None = None, group_by_length: bool = True,
-                 num_workers: int = 0, seed: int | None = None) -> None:
+                 chat_template: bool = False, pad_to_multiple_of: int | None = None, tokenizer: str | None = None,
+                 max_length: int = 1024, batch_size: int = 8, eval_batch_size: int | None = None,
+                 group_by_length: bool = True, num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, group_by_length=group_by_length,
                          num_workers=num_workers, seed=seed, prompt_template=prompt_template,

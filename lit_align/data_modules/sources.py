@@ -121,8 +121,7 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
                  "completion": rng.choice(t.incorrect_solutions)[1] if i in noisy else t.canonical_solution}
                 for i, t in enumerate(tasks)]
         return rows[: source.limit] if source.limit is not None else rows
-    from lit_align.data_modules.chat import (assistant_turns, completion_value, is_messages, prompt_value,
-                                             split_conversation)
+    from lit_align.data_modules.chat import assistant_turns, completion_value, prompt_value, split_conversation
 
     if source.assistant_turns not in ("last", "all"):
         raise DataError(f"assistant_turns must be 'last' or 'all', got {source.assistant_turns!r}")
@@ -135,14 +134,9 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
             pairs = [split_conversation(value, where) for value, where in cells]
         return [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
     rows = load_rows(source, (source.prompt_column, source.completion_column))
-    out = []
-    for i, r in enumerate(rows):
-        prompt, completion = r[source.prompt_column], r[source.completion_column]
-        out.append({
-            "prompt": prompt_value(prompt, _cell(source, i, source.prompt_column)) if is_messages(prompt) else str(prompt),
-            "completion": (completion_value(completion, _cell(source, i, source.completion_column))
-                           if is_messages(completion) else str(completion))})
-    return out
+    return [{"prompt": prompt_value(r[source.prompt_column], _cell(source, i, source.prompt_column)),
+             "completion": completion_value(r[source.completion_column], _cell(source, i, source.completion_column))}
+            for i, r in enumerate(rows)]
 
 
 def _cell(source: DataSource, row: int, column: str) -> str:

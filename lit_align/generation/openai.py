@@ -171,12 +171,8 @@ class OpenAIBackend(GenerationBackend):
 
             async def one(prompt: str) -> list[Completion]:
                 async with limit:
-                    if self.chat:
-                        payload = await self._request(pool, "POST", "/chat/completions",
-                                                      self.chat_request_body(prompt, params, model))
-                    else:
-                        payload = await self._request(pool, "POST", "/completions",
-                                                      self.request_body(prompt, params, model))
+                    path = "/chat/completions" if self.chat else "/completions"
+                    payload = await self._request(pool, "POST", path, self.request_body(prompt, params, model))
                 return self.parse_completions(payload, params)
 
             return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -184,26 +180,16 @@ class OpenAIBackend(GenerationBackend):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def request_body(self, prompt: str, params: SamplingParams, model: str) -> dict:
-        """The JSON body of the completions request for one prompt."""
-        body: dict[str, Any] = {
-            "model": model, "prompt": prompt, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "n": params.n, "logprobs": 1,
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if self.vllm_extensions:
-            body["return_tokens_as_token_ids"] = True
-        body.update(self.extra_body)
-        return body
-
-    def chat_request_body(self, prompt: str, params: SamplingParams, model: str) -> dict:
-        """The JSON body of the chat completions request for one prompt, asked as one user message."""
-        body: dict[str, Any] = {
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": params.max_new_tokens,
-            "temperature": params.temperature, "top_p": params.top_p, "n": params.n,
-        }
+        """The JSON body of the request for one prompt: a completions request, or with ``chat`` a chat completions
+        request asking the prompt as one user message (no log-probabilities or token ids asked for)."""
+        body: dict[str, Any] = {"model": model, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                "top_p": params.top_p, "n": params.n}
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body.update(prompt=prompt, logprobs=1)
+            if self.vllm_extensions:
+                body["return_tokens_as_token_ids"] = True
         if params.stop:
             body["stop"] = list(params.stop)
         if params.seed is not None:
@@ -225,7 +211,8 @@ class OpenAIBackend(GenerationBackend):
 
     def _completion(self, choice: dict) -> Completion:
         if self.chat:  # a chat reply: its text only
-            text = (choice.get("message") or {}).get("content") if isinstance(choice.get("message"), dict) else None
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
             if not isinstance(text, str):
                 raise ServerRequestError(f"server at {self.base_url} returned a chat choice without message content: "
                                          f"{str(choice)[:200]}")

@@ -3,9 +3,8 @@
     python -m lit_align.generation.serve --model DIR --port 8000     # or --model preset:tiny
 
 It answers ``POST /v1/completions`` and ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models`` and
-``GET /health`` through the
-``hf`` backend, one generation at a time (requests queue on a lock), with the standard library's threaded
-HTTP server. It has no authentication, so it binds loopback addresses only. It is meant for tests and for
+``GET /health`` through the ``hf`` backend, one generation at a time (requests queue on a lock), with the standard
+library's threaded HTTP server. It has no authentication, so it binds loopback addresses only. It is meant for tests and for
 sampling on one machine; ``vllm serve`` is the fast choice on a GPU.
 
 What it supports of the completions API: ``prompt`` (a string or a list of strings), ``max_tokens``,

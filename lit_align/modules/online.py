@@ -222,8 +222,8 @@ class OnlineModule(AlignmentModule):
             problem's function replaces the prompt's, :mod:`lit_align.execution.replies`), and a reply ends at the
             model's end-of-sequence token, not at the function-completion stop strings.
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
-        generation_kwargs: extra arguments of the backend (hf: share_prompt, drop_ended_rows, reserve_cache, synchronize; vllm:
-            gpu_memory_utilization...; openai: base_url...).
+        generation_kwargs: extra arguments of the backend (hf: share_prompt, drop_ended_rows, reserve_cache,
+            synchronize; vllm: gpu_memory_utilization...; openai: base_url...).
         generation_batch_size: sequences decoded together by the hf backend.
         micro_batch_size: rollouts per forward/backward pass; gradients of a minibatch are accumulated over these.
         val_temperature: sampling temperature on held-out prompts (0: greedy, the usual pass@1).
