@@ -12,7 +12,7 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_align.data_modules.chat import Prompt, render_chat_prompt
+from lit_align.data_modules.chat import Prompt, render_chat_prompt, turn_end_ids
 from lit_align.data_modules.sampler import LengthGroupedBatchSampler, TaggedBatch
 from lit_align.data_modules.sources import DataError, missing_local_path
 
@@ -110,6 +110,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.prompt_template = prompt_template
         self.chat_template = chat_template
         self.tokenizer = None
+        self._turn_end: list[int] | None = None
         self.train_items: list = []
         self.val_items: list = []
         self.dropped: dict[str, int] = {}
@@ -162,6 +163,17 @@ class TokenizedDataModule(L.LightningDataModule):
             return render_chat_prompt(self.resolve_tokenizer(), prompt)
         text = self.prompt_template.format(prompt=prompt)
         return render_chat_prompt(self.resolve_tokenizer(), (("user", text),)) if self.chat_template else text
+
+    def completion_end(self, prompt: Prompt) -> list[int]:
+        """The token ids that end a completion of ``prompt``: where the prompt goes through the chat template, the
+        ones the template ends an assistant message with (:func:`~lit_align.data_modules.chat.turn_end_ids`), else the
+        EOS token."""
+        tokenizer = self.resolve_tokenizer()
+        if isinstance(prompt, str) and not self.chat_template:
+            return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        if self._turn_end is None:
+            self._turn_end = turn_end_ids(tokenizer)
+        return self._turn_end
 
     # -- tokenizer ------------------------------------------------------------------------------------------------
     def resolve_tokenizer(self, module=None):

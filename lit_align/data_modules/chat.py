@@ -5,14 +5,18 @@ format of TRL and the hub's chat datasets) and a completion as the assistant's m
 "content": ...}]``) instead of text. Loaders turn such a prompt into a :data:`Conversation` (a hashable tuple of
 ``(role, content)`` pairs) and such a completion into the assistant's text; the data module renders the conversation
 with the tokenizer's chat template when it tokenizes (:func:`render_chat_prompt`), ending in the template's
-generation prompt, so the completion that follows is the assistant's reply.
+generation prompt, so the completion that follows is the assistant's reply, ended the way the template ends an
+assistant message (:func:`turn_end_ids`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Union
 
 from lit_align.data_modules.sources import DataError
+
+log = logging.getLogger(__name__)
 
 Conversation = tuple[tuple[str, str], ...]
 """A chat prompt: ``(role, content)`` pairs in order (a tuple, so prompts stay hashable for deduplication)."""
@@ -113,6 +117,65 @@ def require_chat_template(tokenizer) -> None:
                         "chat (instruct) model's tokenizer, or text prompts without chat_template")
 
 
+_REPLY = "LitAlignReplyMarker"
+"""An assistant message's content, found again in the rendered conversation to see what the template writes after it."""
+
+
+def turn_end(tokenizer) -> str | None:
+    """The text the chat template writes after an assistant message's content, up to and including the first special
+    token in it (``"<|im_end|>"`` for Qwen, ``"<end_of_turn>"`` for Gemma, ``"\\n<|EOT|>"`` for DeepSeek-Coder
+    instruct): what a reply must end with so that a trained model ends its turns as the template does. None when the
+    template writes no special token there (or cannot render a user message followed by an assistant message)."""
+    require_chat_template(tokenizer)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # a template's own raise_exception (e.g. a required system message): no turn end known
+        log.warning("lit_align: the chat template of %r could not render a user and an assistant message (%s); "
+                    "replies end with the EOS token", getattr(tokenizer, "name_or_path", ""), err)
+        return None
+    at = text.rfind(_REPLY)
+    if at < 0:
+        return None
+    after = text[at + len(_REPLY):]
+    found = [(after.find(token), token) for token in special_tokens(tokenizer) if token in after]
+    if not found:
+        return None
+    start, token = min(found, key=lambda pair: (pair[0], -len(pair[1])))
+    return after[:start + len(token)]
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """The token ids that end a chat reply in training data: :func:`turn_end`'s, else the EOS token (none without
+    one). Equal to ``[eos_token_id]`` for templates that end assistant messages with the EOS token (Qwen2.5,
+    Llama-3.1 instruct)."""
+    end = turn_end(tokenizer)
+    if end is not None:
+        return list(tokenizer(end, add_special_tokens=False)["input_ids"])
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+def turn_end_token_id(tokenizer) -> int | None:
+    """The special token that ends an assistant message in the tokenizer's chat template (the last of
+    :func:`turn_end`), which generation must stop at; None without a chat template or such a token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    end = turn_end(tokenizer)
+    return tokenizer.convert_tokens_to_ids(_last_special(tokenizer, end)) if end is not None else None
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens: BOS/EOS/PAD/..., its additional special tokens and added tokens marked special
+    (where chat templates' markers such as ``<|im_end|>`` or ``<end_of_turn>`` are)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    tokens |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if t.special}
+    return sorted(t for t in tokens if t)
+
+
+def _last_special(tokenizer, text: str) -> str:
+    return max((t for t in special_tokens(tokenizer) if text.endswith(t)), key=len)
+
+
 def _adds_bos(tokenizer) -> bool:
     """Whether encoding with special tokens puts the BOS token first (Llama-style tokenizers do, GPT-2/Qwen do not)."""
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -125,4 +188,5 @@ def _preview(value: Any, limit: int = 80) -> str:
 
 
 __all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "is_messages",
-           "prompt_value", "render_chat_prompt", "require_chat_template", "split_conversation", "split_pair"]
+           "prompt_value", "render_chat_prompt", "require_chat_template", "special_tokens", "split_conversation", "split_pair",
+           "turn_end", "turn_end_ids", "turn_end_token_id"]

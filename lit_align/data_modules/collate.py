@@ -18,16 +18,19 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
-    """Completion token ids, followed by the end-of-sequence token so the model learns to stop."""
+def encode_completion(tokenizer, completion: str, end: Sequence[int] | None = None) -> list[int]:
+    """Completion token ids followed by ``end``, so the model learns to stop: by default the end-of-sequence token (a
+    chat reply's end is its template's, :func:`~lit_align.data_modules.chat.turn_end_ids`)."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos else ids
+    return ids + list([tokenizer.eos_token_id] if end is None else end)
 
 
-def encode_example(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None) -> dict[str, list[int]]:
-    """input_ids = prompt + completion + eos; labels mask the prompt. ``prompt_ids`` reuses an already tokenized prompt."""
+def encode_example(tokenizer, prompt: str, completion: str, prompt_ids: list[int] | None = None,
+                   end: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """input_ids = prompt + completion + end (default: eos); labels mask the prompt. ``prompt_ids`` reuses an already
+    tokenized prompt."""
     p = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt)
-    c = encode_completion(tokenizer, completion)
+    c = encode_completion(tokenizer, completion, end)
     return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
 
 

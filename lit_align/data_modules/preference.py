@@ -305,14 +305,18 @@ class PreferenceDataModule(TokenizedDataModule):
         tok = self.resolve_tokenizer()
         formatted = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(t.prompt for t in triplets)}
         prompts = list(dict.fromkeys(formatted.values()))
-        completions = list(dict.fromkeys(c for t in triplets for c in (t.chosen, t.rejected)))
         prompt_ids = dict(zip(prompts, _encode_all(tok, prompts, add_special_tokens=True)))
-        eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
-        completion_ids = dict(zip(completions, _encode_all(tok, completions, add_special_tokens=False, suffix=eos)))
+        ends = {prompt: tuple(self.completion_end(prompt)) for prompt in formatted}  # EOS, or a chat reply's turn end
+        completions = list(dict.fromkeys((c, ends[t.prompt]) for t in triplets for c in (t.chosen, t.rejected)))
+        completion_ids = {}
+        for end in dict.fromkeys(e for _, e in completions):
+            texts = [c for c, e in completions if e == end]
+            completion_ids.update(((c, end), ids) for c, ids in
+                                  zip(texts, _encode_all(tok, texts, add_special_tokens=False, suffix=end)))
         items = []
         for i, t in enumerate(triplets):
-            p = prompt_ids[formatted[t.prompt]]
-            c, r = completion_ids[t.chosen], completion_ids[t.rejected]
+            p, end = prompt_ids[formatted[t.prompt]], ends[t.prompt]
+            c, r = completion_ids[t.chosen, end], completion_ids[t.rejected, end]
             items.append(EncodedTriplet(p, c, r, index=i, key=content_key(p, c, r), source_id=t.source_id))
         return items
 

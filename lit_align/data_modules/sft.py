@@ -58,7 +58,8 @@ class SFTDataModule(TokenizedDataModule):
     def _encode(self, pairs: list[dict]) -> list[dict[str, list[int]]]:
         tok = self.resolve_tokenizer()
         prompts = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(p["prompt"] for p in pairs)}
-        return [encode_example(tok, prompts[p["prompt"]], p["completion"]) for p in pairs]
+        return [encode_example(tok, prompts[p["prompt"]], p["completion"], end=self.completion_end(p["prompt"]))
+                for p in pairs]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:

@@ -81,6 +81,10 @@ class Completion:
     None when the backend could not obtain them."""
     finish_reason: str
     """"stop" (a stop string or end-of-sequence ended it) or "length" (max_new_tokens reached)."""
+    end_token_id: int | None = None
+    """The end-of-sequence token that ended the completion (not in ``token_ids``): the tokenizer's EOS, or another the
+    model declares (its generation config's, a chat template's end of turn). None when a stop string or the length
+    ended it, or the backend cannot tell (a server)."""
 
 
 class GenerationBackend(ABC):

@@ -59,8 +59,11 @@ def rust_decoder(tokenizer) -> Callable[..., str] | None:
 
 
 def model_eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """End-of-sequence ids declared by the tokenizer, the model config and its generation config."""
-    ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    """End-of-sequence ids declared by the tokenizer, the model config and its generation config, and the token its
+    chat template ends an assistant message with (a chat model's reply ends there even where the configs omit it)."""
+    from lit_align.data_modules.chat import turn_end_token_id
+
+    ids = _as_id_list(getattr(tokenizer, "eos_token_id", None)) + _as_id_list(turn_end_token_id(tokenizer))
     for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         ids += _as_id_list(getattr(config, "eos_token_id", None))
     return sorted(set(ids))
@@ -122,7 +125,7 @@ class HFBackend(GenerationBackend):
             model: a Hugging Face causal LM or a peft model wrapping one.
             tokenizer: its tokenizer; it is never modified (padding is done here, on the left).
             batch_size: sequences decoded together (a prompt with n completions counts n times).
-            eos_token_ids: token ids that end a completion; default: the tokenizer's and the model config's eos.
+            eos_token_ids: token ids that end a completion; default: :func:`model_eos_ids`.
             add_special_tokens: let the tokenizer add its special tokens (BOS) to each prompt, as training does.
             synchronize: every process of the distributed run makes the same number of forward passes: each decodes
                 as many batches as the busiest one (a one-token filler batch where it has none left) and keeps stepping
@@ -269,6 +272,7 @@ class HFBackend(GenerationBackend):
         tokens_out: list[list[int]] = [[] for _ in range(batch)]
         logprobs_out: list[list[float]] = [[] for _ in range(batch)]
         reasons: list[str | None] = ["length" if filler else None] * batch
+        ended_by: list[int | None] = [None] * batch  # the end-of-sequence token each row drew, if it drew one
         live = list(range(batch))  # the batch row of each row still decoded (drop_ended_rows drops the others)
         for _ in range(params.max_new_tokens):
             if all(r is not None for r in reasons):
@@ -286,7 +290,7 @@ class HFBackend(GenerationBackend):
                 if reasons[b] is not None:
                     continue
                 if tok in self.eos_token_ids:
-                    reasons[b] = "stop"
+                    reasons[b], ended_by[b] = "stop", tok
                     continue
                 tokens_out[b].append(tok)
                 logprobs_out[b].append(lp)
@@ -311,7 +315,8 @@ class HFBackend(GenerationBackend):
             next_position = next_position + 1
 
         completions = []
-        for ids, lps, reason in zip(tokens_out, logprobs_out, reasons):
+        for ids, lps, reason, end in zip(tokens_out, logprobs_out, reasons, ended_by):
             text, kept, _ = cut_at_stop(ids, self.decode, params.stop)
-            completions.append(Completion(text=text, token_ids=ids[:kept], logprobs=lps[:kept], finish_reason=reason or "length"))
+            completions.append(Completion(text=text, token_ids=ids[:kept], logprobs=lps[:kept],
+                                          finish_reason=reason or "length", end_token_id=end))
         return completions

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lit_align.generation.base import Completion, GenerationBackend, SamplingParams, check_prompts, cut_at_stop
+from lit_align.generation.hf import model_eos_ids
 
 INSTALL_HINT = "the vllm backend needs vLLM: pip install lit_align[vllm] (Linux with a CUDA GPU)"
 
@@ -31,12 +32,14 @@ def import_vllm():
     return vllm
 
 
-def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` equivalent to ``params``.
+def vllm_sampling_kwargs(params: SamplingParams, stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` equivalent to ``params``, ending completions also at
+    ``stop_token_ids`` (the ``hf`` backend's :func:`~lit_align.generation.hf.model_eos_ids`).
 
     ``logprobs=0`` asks for the sampled token's log-probability only; the stop string is left out of the text.
     """
     return {
+        "stop_token_ids": list(stop_token_ids),
         "n": params.n,
         "temperature": float(params.temperature),
         "top_p": float(params.top_p) if params.temperature > 0 else 1.0,
@@ -47,6 +50,18 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
     }
+
+
+def _generation_config(path: str) -> Any:
+    """An object with the checkpoint's generation config (for :func:`model_eos_ids`); without one, nothing declared."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+    except OSError:
+        return SimpleNamespace()
 
 
 def _logprob_value(entry: Any) -> float:
@@ -66,13 +81,14 @@ def completion_from_vllm(
     if output.logprobs is not None:
         logprobs = [_logprob_value(step[tok]) for tok, step in zip(ids, output.logprobs)]
     stopped = output.finish_reason == "stop"
+    end = None
     if stopped and ids and ids[-1] in set(eos_token_ids):
-        ids = ids[:-1]
+        end, ids = ids[-1], ids[:-1]
         logprobs = logprobs[:-1] if logprobs is not None else None
     text, kept, _ = cut_at_stop(ids, decode, stop)
     return Completion(
         text=text, token_ids=ids[:kept], logprobs=logprobs[:kept] if logprobs is not None else None,
-        finish_reason="stop" if stopped else "length",
+        finish_reason="stop" if stopped else "length", end_token_id=end,
     )
 
 
@@ -175,8 +191,7 @@ class VLLMBackend(GenerationBackend):
         self._vllm = vllm
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = model_eos_ids(_generation_config(path), self.tokenizer)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -185,7 +200,7 @@ class VLLMBackend(GenerationBackend):
         prompts = check_prompts(prompts)
         if not prompts:
             return []
-        sampling = self._vllm.SamplingParams(**vllm_sampling_kwargs(params))
+        sampling = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, self.eos_token_ids))
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         return [[completion_from_vllm(o, self.decode, self.eos_token_ids, params.stop) for o in request.outputs]
                 for request in outputs]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import ModuleDict
 from torchmetrics import MeanMetric
 
+from lit_align.data_modules.chat import turn_end_ids
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.prompts import PromptBatch, PromptItem
 from lit_align.execution.metrics import pass_at_k
@@ -219,8 +220,9 @@ class OnlineModule(AlignmentModule):
             none with ``extract_code``; use [] for whole programs (CodeContests).
         extract_code: the completions are a chat model's replies (the data's ``chat_template: true``): the execution
             reward and validation run the code taken out of each (its first fenced block; a reply that defines the
-            problem's function replaces the prompt's, :mod:`lit_align.execution.replies`), and a reply ends at the
-            model's end-of-sequence token, not at the function-completion stop strings.
+            problem's function replaces the prompt's, :mod:`lit_align.execution.replies`), a reply ends at the
+            model's end-of-sequence or end-of-turn token, not at the function-completion stop strings, and a reward
+            model scores it ended as its chat template ends a reply.
         generation_backend: "hf" (the live policy), "vllm" or "openai" (see lit_align.generation).
         generation_kwargs: extra arguments of the backend (hf: share_prompt, drop_ended_rows, reserve_cache,
             synchronize; vllm: gpu_memory_utilization...; openai: base_url...).
@@ -524,10 +526,14 @@ class OnlineModule(AlignmentModule):
         """The completion's tokens plus the end-of-sequence token when that is what ended it.
 
         A completion that stopped without a stop string in its text ended on end-of-sequence: that token was an
-        action of the policy and is trained like the others. Completions cut by a stop string or by
+        action of the policy and is trained like the others. It is the one the backend reports
+        (``Completion.end_token_id``: the generation config's or the chat template's end of turn may differ from the
+        tokenizer's EOS), else the tokenizer's EOS (a server does not say). Completions cut by a stop string or by
         ``max_new_tokens`` get no extra token.
         """
         ids = list(completion.token_ids)
+        if completion.end_token_id is not None:
+            return ids + [completion.end_token_id]
         decoded = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if completion.finish_reason == "stop" and find_stop(decoded, stop) is None:
             ids.append(self.tokenizer.eos_token_id)
@@ -592,8 +598,10 @@ class OnlineModule(AlignmentModule):
             self.check_prompts_have_tests(items, "batch")
             rewards, results = self.execute(items, texts)
             return torch.tensor(rewards, dtype=torch.float32, device=self.device), results
+        chat = self.hparams.extract_code and getattr(self.tokenizer, "chat_template", None)
         batches = list(reward_batches(self.tokenizer, [i.prompt for i in items], texts,
-                                      self.hparams.reward_model_batch_size))
+                                      self.hparams.reward_model_batch_size,
+                                      end=turn_end_ids(self.tokenizer) if chat else None))
         for batch in batches:
             self.step_tokens.add_scoring(batch["attention_mask"])
         if not self.hparams.share_prompt:

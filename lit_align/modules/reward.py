@@ -18,7 +18,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,11 +96,13 @@ class RewardModel(AlignmentModule):
         return sequence_rewards(self._scorer() if model is None else model, input_ids, attention_mask)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> Tensor:
+    def score(self, prompts: list[str], completions: list[str], batch_size: int = 16,
+              end: Sequence[int] | None = None) -> Tensor:
         """Rewards of (prompt, completion) pairs, (N,) float32 on the module's device, without gradient.
 
-        Each pair is encoded as in training (prompt tokens, completion tokens, end-of-sequence); apply any prompt
-        template yourself. Pairs are scored in batches of ``batch_size`` (:func:`reward_batches`), each prompt once for
+        Each pair is encoded as in training (prompt tokens, completion tokens, then ``end``: the end-of-sequence token
+        by default; a chat model's replies end as its template ends them,
+        :func:`~lit_align.data_modules.chat.turn_end_ids`); apply any prompt or chat template yourself. Pairs are scored in batches of ``batch_size`` (:func:`reward_batches`), each prompt once for
         all of its pairs in a batch with ``share_prompt``; the training/eval mode is restored afterwards.
         """
         if len(prompts) != len(completions):
@@ -110,7 +112,7 @@ class RewardModel(AlignmentModule):
             raise ValueError(f"score() batch_size must be >= 1, got {batch_size}")
         if self.model is None:
             self.configure_model()
-        return self.score_batches(reward_batches(self.tokenizer, prompts, completions, batch_size), len(prompts))
+        return self.score_batches(reward_batches(self.tokenizer, prompts, completions, batch_size, end), len(prompts))
 
     @torch.no_grad()
     def score_batches(self, batches: Iterable[dict[str, Tensor]], n: int) -> Tensor:
@@ -224,9 +226,10 @@ def _padded(seqs: list[list[int]], pad_token_id: int, left: bool = False) -> tup
     return ids, mask
 
 
-def reward_batches(tokenizer, prompts: list[str], completions: list[str],
-                   batch_size: int) -> Iterator[dict[str, Tensor]]:
-    """The (prompt, completion) pairs encoded as in training (prompt tokens, completion tokens, end-of-sequence), in
+def reward_batches(tokenizer, prompts: list[str], completions: list[str], batch_size: int,
+                   end: Sequence[int] | None = None) -> Iterator[dict[str, Tensor]]:
+    """The (prompt, completion) pairs encoded as in training (prompt tokens, completion tokens, ``end``: default
+    end-of-sequence), in
     batches of ``batch_size``: a prompt's pairs next to each other, the groups with the longest sequences first.
 
     Each batch holds ``rows`` (the pairs' positions in the input lists) and ``input_ids``/``attention_mask`` (the
@@ -235,7 +238,7 @@ def reward_batches(tokenizer, prompts: list[str], completions: list[str],
     ``prompt_attention_mask``, left-padded), the completions (``completion_input_ids``/``completion_attention_mask``,
     right-padded) and ``prompt_rows``, each pair's prompt row."""
     prompt_ids = {p: encode_prompt(tokenizer, p) for p in dict.fromkeys(prompts)}  # repeated prompts: tokenized once
-    completion_ids = [encode_completion(tokenizer, c) for c in completions]
+    completion_ids = [encode_completion(tokenizer, c, end) for c in completions]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         groups[p].append(i)

@@ -109,8 +109,9 @@ def test_eos_token_ends_the_completion_and_is_not_returned(tiny):
     j = next(i for i in range(2, 30) if ids[i] not in ids[:i])
     backend = HFBackend(model, tokenizer, eos_token_ids=[ids[j]])
     ended = backend.generate(["import os\n"], greedy(30))[0][0]
-    assert ended.token_ids == ids[:j] and ended.finish_reason == "stop"
+    assert ended.token_ids == ids[:j] and ended.finish_reason == "stop" and ended.end_token_id == ids[j]
     assert ended.text == backend.decode(ids[:j])
+    assert reference.end_token_id is None  # the length ended it
     assert HFBackend(model, tokenizer).eos_token_ids == {tokenizer.eos_token_id}
 
 

@@ -14,8 +14,8 @@ from lit_align.models import LoRAConfig, apply_lora, load_causal_lm, load_tokeni
 
 def test_sampling_params_convert_to_vllm_arguments():
     params = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, n=3, stop=["\nx"], seed=5)
-    assert vllm_sampling_kwargs(params) == {
-        "n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 7, "stop": ["\nx"], "seed": 5, "logprobs": 0,
+    assert vllm_sampling_kwargs(params, [2, 7]) == {
+        "stop_token_ids": [2, 7], "n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 7, "stop": ["\nx"], "seed": 5, "logprobs": 0,
         "include_stop_str_in_output": False, "skip_special_tokens": True,
     }
     greedy = vllm_sampling_kwargs(SamplingParams(temperature=0, top_p=0.5, stop=[]))
@@ -40,10 +40,13 @@ def test_vllm_output_loses_eos_and_stop_tokens_and_keeps_logprobs(tiny_dir):
                              logprobs=[step(t, -0.1 * (i + 1)) for i, t in enumerate(ids)])
     completion = completion_from_vllm(output, decode, [2], ["\nd"])
     assert (completion.text, completion.token_ids, completion.finish_reason) == ("ab", [101, 102], "stop")
+    assert completion.end_token_id is None  # a stop string ended it
     assert completion.logprobs == pytest.approx([-0.1, -0.2])
-    ended = SimpleNamespace(text="ab", token_ids=[101, 102, 2], finish_reason="stop", logprobs=None)
-    completion = completion_from_vllm(ended, decode, [2], [])
-    assert (completion.text, completion.token_ids, completion.logprobs) == ("ab", [101, 102], None)
+    for end in (2, 7):  # the tokenizer's EOS, or another end token (a chat template's end of turn)
+        ended = SimpleNamespace(text="ab", token_ids=[101, 102, end], finish_reason="stop", logprobs=None)
+        completion = completion_from_vllm(ended, decode, [2, 7], [])
+        assert (completion.text, completion.token_ids, completion.logprobs) == ("ab", [101, 102], None)
+        assert completion.end_token_id == end
     cut_short = SimpleNamespace(text="ab\n", token_ids=[101, 102, 14], finish_reason="length", logprobs=None)
     assert completion_from_vllm(cut_short, decode, [2], ["\nd"]).finish_reason == "length"
 
