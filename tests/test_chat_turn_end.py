@@ -1,6 +1,6 @@
 """A chat reply ends the way the model's chat template ends an assistant message: in training data (SFT and
 preference completions, reward-model scoring of online replies) and in generation (the turn's end token stops a
-completion and is the token trained after it), also for templates whose turn end is not the tokenizer's EOS (Gemma's
+completion, a server reports it, and it is the token trained after it), also for templates whose turn end is not the tokenizer's EOS (Gemma's
 <end_of_turn>, DeepSeek-Coder instruct's "\\n<|EOT|>")."""
 
 import pytest
@@ -15,6 +15,8 @@ from lit_align.data_modules.sources import DataSource
 from lit_align.generation import SamplingParams
 from lit_align.generation.base import Completion
 from lit_align.generation.hf import HFBackend
+from lit_align.generation.openai import OpenAIBackend
+from lit_align.generation.serve import CompletionService
 from lit_align.losses import IGNORE_INDEX
 from lit_align.models import load_causal_lm, load_tokenizer, materialize_preset
 from lit_align.modules.grpo import GRPO
@@ -108,12 +110,27 @@ def test_generation_stops_at_the_turn_end_and_online_training_keeps_it(turn_mode
     assert (ended.token_ids, ended.finish_reason, ended.end_token_id) == (free.token_ids[:3], "stop", END_OF_TURN)
     assert ended.text == tok.decode(free.token_ids[:3])
 
+    # lit_align's server reports it as vLLM does (stop_reason: the id of a stop token other than EOS), on both
+    # endpoints, and the client reads it back
+    service = CompletionService(backend, "m")
+    body = {"max_tokens": 6, "temperature": 0}
+    hook = model.register_forward_hook(end_after_three, with_kwargs=True)
+    answer = service.complete({**body, "prompt": prompt, "return_token_ids": True})
+    chat = service.chat({**body, "messages": [{"role": "user", "content": "hi"}]})
+    hook.remove()
+    assert answer["choices"][0]["stop_reason"] == chat["choices"][0]["stop_reason"] == END_OF_TURN
+    assert service.complete({**body, "prompt": prompt})["choices"][0]["stop_reason"] is None  # the length ended it
+    client = OpenAIBackend("http://127.0.0.1:1/v1", model="m", tokenizer=tok)
+    (parsed,) = client.parse_completions(answer, SamplingParams(max_new_tokens=6))
+    assert (parsed.text, parsed.token_ids, parsed.end_token_id) == (ended.text, ended.token_ids, END_OF_TURN)
+
     # the online objectives train the token that ended a rollout: the backend's, else the tokenizer's EOS
     module = GRPO(model_name_or_path=turn_model, extract_code=True)
     module.tokenizer = tok
     assert module.response_ids(ended, []) == free.token_ids[:3] + [END_OF_TURN]
-    from_server = Completion(text=ended.text, token_ids=ended.token_ids, logprobs=None, finish_reason="stop")
-    assert module.response_ids(from_server, []) == free.token_ids[:3] + [tok.eos_token_id]
+    assert module.response_ids(parsed, []) == free.token_ids[:3] + [END_OF_TURN]
+    unsaid = Completion(text=ended.text, token_ids=ended.token_ids, logprobs=None, finish_reason="stop")
+    assert module.response_ids(unsaid, []) == free.token_ids[:3] + [tok.eos_token_id]
 
 
 def test_a_reward_model_scores_chat_replies_ended_as_in_its_training(turn_model):

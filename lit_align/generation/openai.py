@@ -17,6 +17,8 @@ What comes back from the server, and how a :class:`Completion` is filled:
   token too; with a ``tokenizer`` the ids are trimmed to the fewest that cover ``text`` (the rule of the
   ``hf`` backend). When the server gives no ids at all (plain OpenAI), ``token_ids`` is the re-tokenized
   ``text`` if a ``tokenizer`` was given (not necessarily the tokens sampled), else ``[]``.
+- ``end_token_id``: the choice's ``stop_reason`` when it is a token id (vLLM's report of a stop token other than
+  the EOS token it ended on, such as a chat template's end of turn), else None.
 - ``logprobs`` are the server's ``token_logprobs`` for those ids, or None when the server gave no ids or no
   log-probabilities. vLLM's V1 engine returns raw log-probabilities (temperature 1), the convention of
   :mod:`lit_align.generation.base`; older engines returned temperature-scaled ones.
@@ -210,6 +212,13 @@ class OpenAIBackend(GenerationBackend):
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _completion(self, choice: dict) -> Completion:
+        completion = self._choice(choice)
+        stop_reason = choice.get("stop_reason")
+        if isinstance(stop_reason, int) and not isinstance(stop_reason, bool) and completion.finish_reason == "stop":
+            completion.end_token_id = stop_reason
+        return completion
+
+    def _choice(self, choice: dict) -> Completion:
         if self.chat:  # a chat reply: its text only
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else None

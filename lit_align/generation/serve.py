@@ -13,7 +13,9 @@ log-probabilities at temperature 1; ``top_logprobs`` is null) and vLLM's ``retur
 ``return_token_ids``. Streaming, ``echo``, ``suffix``, ``best_of``, penalties and ``logit_bias`` are refused
 with HTTP 400 rather than ignored. A chat request's ``messages`` are rendered with the model's chat template (a model
 without one refuses them) and completed with the same fields (``max_completion_tokens`` is read as ``max_tokens``;
-``logprobs`` and ``tools`` are refused); each choice's ``message`` is the assistant's reply.
+``logprobs`` and ``tools`` are refused); each choice's ``message`` is the assistant's reply. As vLLM's, a choice's
+``stop_reason`` is the id of the token that ended it when that is not the tokenizer's EOS (a chat template's end of
+turn, a generation config's other end token), else null (this server does not name the stop string).
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ class CompletionService:
             for j, completion in enumerate(completions):
                 completion_tokens += len(completion.token_ids)
                 choice: dict[str, Any] = {"index": i * params.n + j, "text": completion.text, "logprobs": None,
-                                          "finish_reason": completion.finish_reason}
+                                          "finish_reason": completion.finish_reason,
+                                          "stop_reason": self._stop_reason(completion)}
                 if options["logprobs"] is not None:
                     choice["logprobs"] = self._logprobs(completion.token_ids, completion.logprobs, options["as_token_ids"])
                 if options["token_ids"]:
@@ -196,8 +199,12 @@ class CompletionService:
             request["max_tokens"] = body["max_completion_tokens"]
         response = self.complete({**request, "prompt": prompt})
         choices = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                    "finish_reason": c["finish_reason"]} for c in response["choices"]]
+                    "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]} for c in response["choices"]]
         return {**response, "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "choices": choices}
+
+    def _stop_reason(self, completion) -> int | None:
+        end = completion.end_token_id
+        return end if end is not None and end != self.backend.tokenizer.eos_token_id else None
 
     def _logprobs(self, token_ids: Sequence[int], logprobs: Sequence[float] | None, as_token_ids: bool) -> dict:
         decode = self.backend.decode
