@@ -161,3 +161,81 @@ def test_online_rewards_score_chat_replies_with_their_turn_end(tmp_path, turn_mo
         module.score(items, ["hello"])
         hook.remove()
     assert last == {True: END_OF_TURN, False: 2}
+
+
+def _nll_sum(model, item):
+    """The summed negative log-likelihood of an example's labelled tokens under ``model``."""
+    ids, labels = torch.tensor([item["input_ids"]]), torch.tensor([item["labels"]])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    target = labels[:, 1:]
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * (target != IGNORE_INDEX)).sum().item()
+
+
+def test_every_reply_of_a_conversation_in_one_sequence(tmp_path, turn_model):
+    """assistant_turns: all writes a conversation once with each reply a target: the tokens before each reply are those
+    of its own example, so the summed loss equals that of one example per reply, for one pass over the context."""
+    tok = load_tokenizer(turn_model)
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+             {"role": "assistant", "content": "the second"}, {"role": "user", "content": "q3"},
+             {"role": "assistant", "content": "3"}]
+    path = str(write_jsonl(tmp_path / "multi.jsonl", [{"messages": turns}]))
+
+    def sft(max_length=1024):
+        dm = SFTDataModule(train_sources=[DataSource(path=path, messages_column="messages", assistant_turns="all")],
+                           val_sources=[], val_fraction=0.0, tokenizer=turn_model, group_by_length=False,
+                           max_length=max_length)
+        dm.setup("fit")
+        return dm.train_items
+
+    (item,) = sft()
+    replies = [tok(text, add_special_tokens=False)["input_ids"] + [END_OF_TURN] for text in ("a1", "the second", "3")]
+    spans, run = [], []
+    for token, label in zip(item["input_ids"], item["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            run.append(token)
+        elif run:
+            spans, run = spans + [run], []
+    assert spans + [run] == replies
+    from lit_align.data_modules.chat import render_chat_prompt
+
+    model = load_causal_lm(turn_model).eval()
+    per_reply = []
+    for k, i in enumerate((2, 4, 6)):  # each reply as its own example: the same tokens before it
+        context = tuple((m["role"], m["content"]) for m in turns[:i])
+        prompt = tok(render_chat_prompt(tok, context))["input_ids"]
+        assert item["input_ids"][:len(prompt) + len(replies[k])] == prompt + replies[k]
+        per_reply.append({"input_ids": prompt + replies[k], "labels": [IGNORE_INDEX] * len(prompt) + replies[k]})
+    assert _nll_sum(model, item) == pytest.approx(sum(_nll_sum(model, e) for e in per_reply), rel=1e-5)
+    # a max_length between the second reply's end and the third's keeps the first two replies, as one example per
+    # reply would (the third's example would be dropped)
+    second_end = len(per_reply[1]["input_ids"])
+    (short,) = sft(max_length=second_end + 1)
+    assert short["input_ids"] == item["input_ids"][:second_end]
+
+
+def test_a_template_that_rewrites_earlier_turns_gets_one_example_per_reply(tmp_path, turn_model):
+    """A template that shows earlier replies otherwise than it asked for them (here: only their first word, as
+    reasoning models drop their thinking) cannot hold the replies in one sequence: each is its own example."""
+    from data_helpers import TURN_TEMPLATE
+
+    tok = load_tokenizer(turn_model)
+    tok.chat_template = TURN_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] if loop.last or m['role'] != "
+                                              "'assistant' else m['content'].split()[0] }}")
+    tok_dir = tmp_path / "rewriting"
+    tok.save_pretrained(tok_dir)
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1 because"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    path = str(write_jsonl(tmp_path / "multi.jsonl", [{"messages": turns}]))
+    dm = SFTDataModule(train_sources=[DataSource(path=path, messages_column="messages", assistant_turns="all")],
+                       val_sources=[], val_fraction=0.0, tokenizer=str(tok_dir), group_by_length=False)
+    dm.setup("fit")
+    second = tok("<s><start_of_turn>user\nq1<end_of_turn>\n<start_of_turn>model\na1<end_of_turn>\n"
+                 "<start_of_turn>user\nq2<end_of_turn>\n<start_of_turn>model\n")["input_ids"]
+    assert sorted(len(item["input_ids"]) for item in dm.train_items) == sorted(
+        [len(tok("<s><start_of_turn>user\nq1<end_of_turn>\n<start_of_turn>model\n")["input_ids"]) + 11,
+         len(second) + 3])
+    assert any(item["input_ids"][:len(second)] == second for item in dm.train_items)

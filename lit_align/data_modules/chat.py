@@ -71,18 +71,46 @@ def split_conversation(value: Any, where: str) -> tuple[Conversation, str]:
     return messages[:-1], messages[-1][1]
 
 
-def assistant_turns(value: Any, where: str) -> list[tuple[Conversation, str]]:
-    """Every assistant reply of a whole conversation as ``(the messages before it, its text)``: one training example per
-    reply, so each is a target once, with the conversation up to it (the dataset's earlier replies included) as its
-    prompt. A reply that opens the conversation has no prompt and is skipped; a conversation without any other is a
-    DataError."""
+def assistant_turns(value: Any, where: str) -> Conversation:
+    """A whole conversation whose every assistant reply is a target (``assistant_turns: all``), checked: it must have an
+    assistant message after at least one other message (a reply that opens the conversation has no prompt and is
+    context only); else a DataError naming ``where``."""
     messages = as_conversation(value, where)
-    turns = [(messages[:i], content) for i, (role, content) in enumerate(messages) if role == "assistant" and i > 0]
-    if not turns:
+    if not reply_turns(messages):
         roles = [role for role, _ in messages]
         raise DataError(f"{where}: a conversation needs an assistant message after at least one other message, got "
                         f"roles {roles}")
-    return turns
+    return messages
+
+
+def reply_turns(conversation: Conversation) -> list[tuple[Conversation, str]]:
+    """Every assistant reply of a conversation that follows another message, as ``(the messages before it, its
+    text)``."""
+    return [(conversation[:i], content) for i, (role, content) in enumerate(conversation) if role == "assistant" and i > 0]
+
+
+def conversation_segments(tokenizer, conversation: Conversation) -> list[tuple[str, bool]] | None:
+    """A conversation as one sequence in which every reply of :func:`reply_turns` is a target: ``(text, is_reply)``
+    segments in order, the context segments being what the chat template writes before each reply (the first one as
+    :func:`render_chat_prompt` gives it, ending in the generation prompt) and the replies their texts, each to be
+    followed by :func:`turn_end_ids`. So the tokens before each reply are the tokens that reply has as its own example.
+
+    None when that cannot be: the template writes no special token after a reply (the EOS token that ends a reply in
+    training is not in its rendering of the history), or its rendering of the conversation up to a later reply does
+    not begin with its rendering up to an earlier reply, that reply and its turn end (templates that rewrite earlier
+    turns, e.g. dropping their reasoning)."""
+    end = turn_end(tokenizer)
+    if end is None:
+        return None
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for context, reply in reply_turns(conversation):
+        prompt = render_chat_prompt(tokenizer, context)
+        if not prompt.startswith(rendered):
+            return None
+        segments += [(prompt[len(rendered):], False), (reply, True)]
+        rendered = prompt + reply + end
+    return segments
 
 
 def split_pair(chosen: Any, rejected: Any, where: str) -> tuple[Conversation, str, str]:
@@ -187,6 +215,6 @@ def _preview(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "is_messages",
-           "prompt_value", "render_chat_prompt", "require_chat_template", "special_tokens", "split_conversation", "split_pair",
+__all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "conversation_segments",
+           "is_messages", "prompt_value", "reply_turns", "render_chat_prompt", "require_chat_template", "special_tokens", "split_conversation", "split_pair",
            "turn_end", "turn_end_ids", "turn_end_token_id"]

@@ -6,7 +6,8 @@ import logging
 import random
 
 from lit_align.data_modules.base import TokenizedDataModule
-from lit_align.data_modules.collate import encode_example, pack_examples, pad_batch, pad_packed_batch
+from lit_align.data_modules.chat import Conversation, conversation_segments, reply_turns
+from lit_align.data_modules.collate import encode_completion, encode_example, pack_examples, pad_batch, pad_packed_batch
 from lit_align.data_modules.sources import DataError, DataSource, load_prompt_completions, mix
 from lit_align.losses import IGNORE_INDEX
 
@@ -47,6 +48,7 @@ class SFTDataModule(TokenizedDataModule):
             raise DataError("train_sources is empty: give at least one data source")
         self.val_fraction = val_fraction
         self.packing = packing
+        self._told_per_reply = False
 
     def _pairs(self, sources: list[DataSource]) -> list[dict[str, str]]:
         parts = [load_prompt_completions(s) for s in sources]
@@ -57,9 +59,53 @@ class SFTDataModule(TokenizedDataModule):
 
     def _encode(self, pairs: list[dict]) -> list[dict[str, list[int]]]:
         tok = self.resolve_tokenizer()
-        prompts = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(p["prompt"] for p in pairs)}
-        return [encode_example(tok, prompts[p["prompt"]], p["completion"], end=self.completion_end(p["prompt"]))
-                for p in pairs]
+        prompts = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(p["prompt"] for p in pairs
+                                                                                  if "conversation" not in p)}
+        encoded, cut = [], [0, 0]
+        for p in pairs:
+            if "conversation" in p:
+                encoded += self._encode_conversation(p["conversation"], cut)
+            else:
+                encoded.append(encode_example(tok, prompts[p["prompt"]], p["completion"],
+                                              end=self.completion_end(p["prompt"])))
+        if cut[0]:
+            log.warning("lit_align: %d replies past max_length=%d tokens left out of %d conversations (their earlier "
+                        "replies are kept)", cut[0], self.max_length, cut[1])
+        return encoded
+
+    def _encode_conversation(self, conversation: Conversation, cut: list[int]) -> list[dict[str, list[int]]]:
+        """A conversation whose every reply is a target (``assistant_turns: all``): one sequence with each reply
+        labelled (:func:`~lit_align.data_modules.chat.conversation_segments`), ending after the last reply that fits
+        in ``max_length`` (``cut`` counts the replies and conversations cut); one example per reply where the chat
+        template does not allow one sequence."""
+        tok = self.resolve_tokenizer()
+        segments = conversation_segments(tok, conversation)
+        end = self.completion_end(conversation)
+        if segments is None:
+            if not self._told_per_reply:
+                self._told_per_reply = True
+                log.info("lit_align: the chat template of %r cannot write a conversation's replies into one sequence "
+                         "(it ends a reply with no special token, or rewrites earlier turns), so each reply is its "
+                         "own example with the conversation up to it as the prompt", tok.name_or_path)
+            return [encode_example(tok, self.format_prompt(context), reply, end=end)
+                    for context, reply in reply_turns(conversation)]
+        input_ids, labels, ends = [], [], []
+        for k, (text, is_reply) in enumerate(segments):
+            if is_reply:
+                ids = encode_completion(tok, text, end)
+                labels += ids
+            else:  # context: the first segment starts the sequence as a prompt does (the tokenizer's BOS)
+                ids = tok(text, add_special_tokens=k == 0)["input_ids"]
+                labels += [IGNORE_INDEX] * len(ids)
+            input_ids += ids
+            if is_reply:
+                ends.append(len(input_ids))
+        fitting = [n for n in ends if n <= self.max_length]
+        keep = fitting[-1] if fitting else ends[0]  # nothing fits: the first reply, which length filtering drops
+        if fitting and len(fitting) < len(ends):
+            cut[0] += len(ends) - len(fitting)
+            cut[1] += 1
+        return [{"input_ids": input_ids[:keep], "labels": labels[:keep]}]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:

@@ -40,7 +40,9 @@ class DataSource:
     chat template)."""
     assistant_turns: Literal["last", "all"] = "last"
     """With ``messages_column``: train on the final reply only (``last``; earlier replies are context), or on every
-    assistant reply (``all``: one example per reply, the conversation up to it as the prompt)."""
+    assistant reply (``all``: the whole conversation as one sequence with each reply a target, so its context is
+    computed once; where the chat template does not allow that, one example per reply with the conversation up to it
+    as the prompt. A conversation longer than ``max_length`` keeps the replies that fit)."""
     weight: float = 1.0
     """Relative share of this source in a mixture (the paper mixes CodeContests and a dump about 1:1)."""
     limit: int | None = None
@@ -109,8 +111,9 @@ def load_suite_tasks(split: str, seed: int, problems_per_family: int | None) -> 
         raise DataError(f"task suite source: {err}") from None
 
 
-def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
-    """``[{"prompt", "completion"}]`` from one source."""
+def load_prompt_completions(source: DataSource) -> list[dict]:
+    """``[{"prompt", "completion"}]`` from one source; with ``assistant_turns: all``, ``[{"conversation"}]`` (whole
+    conversations, each reply a target)."""
     if source.path == TASK_SUITE:
         if not 0.0 <= source.incorrect_fraction <= 1.0:
             raise DataError(f"incorrect_fraction must be in [0, 1], got {source.incorrect_fraction}")
@@ -129,9 +132,8 @@ def load_prompt_completions(source: DataSource) -> list[dict[str, str]]:
         rows = load_rows(source, (source.messages_column,))
         cells = [(r[source.messages_column], _cell(source, i, source.messages_column)) for i, r in enumerate(rows)]
         if source.assistant_turns == "all":
-            pairs = [pair for value, where in cells for pair in assistant_turns(value, where)]
-        else:
-            pairs = [split_conversation(value, where) for value, where in cells]
+            return [{"conversation": assistant_turns(value, where)} for value, where in cells]
+        pairs = [split_conversation(value, where) for value, where in cells]
         return [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
     rows = load_rows(source, (source.prompt_column, source.completion_column))
     return [{"prompt": prompt_value(r[source.prompt_column], _cell(source, i, source.prompt_column)),
