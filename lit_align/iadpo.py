@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class OracleConfig:
     """openai: the server's base URL."""
     model: str | None = None
     """openai: the served model's name."""
+    chat: bool = False
+    """openai: ask the chat completions endpoint (an instruct model, as the report's Llama 3 70B, or a hosted API that
+    serves chat only): each answer is asked for as a whole function (:data:`ANSWER_PROMPT`) and the code of the reply
+    becomes the function's body (:func:`~lit_align.execution.replies.body_completion`)."""
+    api_key_env: str | None = None
+    """openai: the environment variable holding the server's API key (a hosted API); null sends none."""
     max_new_tokens: int = 1024
     """openai: most tokens per request."""
     max_seeds: int = 50
@@ -127,6 +134,12 @@ class IADPOConfig:
             raise IADPOError("iadpo config: new_per_hard must be >= 0, max_pairs_per_exercise and student.samples >= 1")
         if self.oracle.kind not in ("task_suite", "openai"):
             raise IADPOError(f"iadpo config: oracle.kind must be task_suite or openai, got {self.oracle.kind!r}")
+        if self.oracle.kind != "openai" and (self.oracle.chat or self.oracle.api_key_env):
+            raise IADPOError("iadpo config: oracle.chat and oracle.api_key_env are for oracle.kind: openai, not "
+                             f"{self.oracle.kind}")
+        if self.oracle.api_key_env and not os.environ.get(self.oracle.api_key_env):
+            raise IADPOError(f"iadpo config: oracle.api_key_env: the environment variable {self.oracle.api_key_env} "
+                             "is not set")
         data = self.fit.get("data") if isinstance(self.fit.get("data"), dict) else {}
         data_args = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
         for key, plain in (("prompt_template", "{prompt}"), ("chat_template", False)):
@@ -188,8 +201,9 @@ def check_fit_config(fit: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------------ oracles
 class Oracle(Protocol):
-    def answers(self, tasks: Sequence[CodeTask]) -> list[str]:
-        """The chosen completion of each exercise."""
+    def answers(self, tasks: Sequence[CodeTask]) -> list[str | None]:
+        """The chosen completion of each exercise; None where the oracle has no correct one (the exercise gets no pairs
+        that round)."""
 
     def new_exercises(self, hard: Sequence[CodeTask], per_task: int, exclude: set[str]) -> list[CodeTask]:
         """New exercises of the same kind as each hard one, none with a task id in ``exclude``."""
@@ -255,26 +269,53 @@ the keys "prompt" (a function signature and docstring, ending with a newline), "
 `def check(candidate):` with assert statements that call candidate only)."""
 
 
+ANSWER_PROMPT = """Complete this Python function. Reply with the whole function, its imports and any helper it needs \
+in one ```python code block.
+
+```python
+{prompt}```"""
+"""What a chat oracle (``oracle.chat``) is asked for each exercise's answer."""
+
+
 class EndpointOracle:
     """Oracle behind any generation backend (an OpenAI-compatible server, a larger local model).
 
-    Answers are the backend's greedy completions of each prompt. New exercises are asked for with
-    :data:`EXERCISE_PROMPT` and parsed from JSON; an exercise whose own solution fails its tests (run through the
-    execution sandbox) or that does not parse is dropped, with a logged count. Its incorrect solutions are empty.
+    Answers are the backend's greedy completions of each prompt or, with ``chat``, the code of its greedy replies to
+    :data:`ANSWER_PROMPT` as the function's body (:func:`~lit_align.execution.replies.body_completion`). Each answer
+    runs against its exercise's tests in the execution sandbox; one that fails is no chosen answer (the exercise
+    gets no pairs that round, counted in ``failed_answers`` and logged). New exercises are asked for with
+    :data:`EXERCISE_PROMPT` and parsed from JSON; an exercise whose own solution fails its tests or that does not
+    parse is dropped, with a logged count. Its incorrect solutions are empty.
     """
 
-    def __init__(self, backend, max_new_tokens: int = 1024, pool=None) -> None:
+    def __init__(self, backend, max_new_tokens: int = 1024, pool=None, chat: bool = False) -> None:
         self.backend = backend
         self.max_new_tokens = max_new_tokens
         self.pool = pool
+        self.chat = chat
         self.dropped = 0
+        self.failed_answers = 0
 
-    def answers(self, tasks: Sequence[CodeTask]) -> list[str]:
+    def answers(self, tasks: Sequence[CodeTask]) -> list[str | None]:
+        from lit_align.execution.replies import body_completion
         from lit_align.generation import SamplingParams
 
-        out = self.backend.generate([t.prompt for t in tasks], SamplingParams(max_new_tokens=self.max_new_tokens,
-                                                                              temperature=0.0))
-        return [c[0].text for c in out]
+        if not tasks:
+            return []
+        if self.chat:  # replies hold whole functions: no function-completion stop strings
+            params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop=[])
+            out = self.backend.generate([ANSWER_PROMPT.format(prompt=t.prompt) for t in tasks], params)
+            texts = [body_completion(t.prompt, t.entry_point, c[0].text) for t, c in zip(tasks, out)]
+        else:
+            params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
+            texts = [c[0].text for c in self.backend.generate([t.prompt for t in tasks], params)]
+        passed = run_completions(tasks, texts, self.pool)
+        failed = passed.count(False)
+        self.failed_answers += failed
+        if failed:
+            log.warning("lit_align: IADPO oracle: %d of %d answers failed their exercise's tests; those exercises get "
+                        "no pairs this round", failed, len(tasks))
+        return [text if ok else None for text, ok in zip(texts, passed)]
 
     def new_exercises(self, hard: Sequence[CodeTask], per_task: int, exclude: set[str]) -> list[CodeTask]:
         from lit_align.generation import SamplingParams
@@ -320,8 +361,10 @@ def build_oracle(config: IADPOConfig) -> Oracle:
         return TaskSuiteOracle(config.suite_seed, config.oracle.max_seeds)
     from lit_align.generation import build_backend
 
-    backend = build_backend("openai", base_url=config.oracle.base_url, model=config.oracle.model)
-    return EndpointOracle(backend, config.oracle.max_new_tokens)
+    oracle = config.oracle
+    key = os.environ.get(oracle.api_key_env) if oracle.api_key_env else None
+    backend = build_backend("openai", base_url=oracle.base_url, model=oracle.model, api_key=key, chat=oracle.chat)
+    return EndpointOracle(backend, oracle.max_new_tokens, chat=oracle.chat)
 
 
 # ------------------------------------------------------------------------------------------------------ execution
@@ -338,21 +381,25 @@ def run_completions(tasks: Sequence[CodeTask], completions: Sequence[str], pool=
 
 
 # ------------------------------------------------------------------------------------------------------ triplets
-def round_triplets(tasks: Sequence[CodeTask], chosen: Sequence[str], student_answers: Sequence[Sequence[str]],
+def round_triplets(tasks: Sequence[CodeTask], chosen: Sequence[str | None], student_answers: Sequence[Sequence[str]],
                    student_passed: Sequence[Sequence[bool]], max_pairs: int, seed: int) -> tuple[list[dict], dict]:
     """Triplet rows (prompt, chosen, rejected, source_id, origin) of one round, and counts.
 
     Rejected = the student's distinct failing answers; an exercise the student always passed (or whose failing answers
-    equal the chosen one) falls back to its known-incorrect solutions. At most ``max_pairs`` rows per exercise.
+    equal the chosen one) falls back to its known-incorrect solutions. At most ``max_pairs`` rows per exercise. An
+    exercise without a chosen answer (None: the oracle's failed its tests) has no rows (``no_oracle_answer``).
     """
     rows: list[dict] = []
     counts = {"exercises": len(tasks), "student_rejected": 0, "fallback_rejected": 0, "no_pairs": 0,
-              "student_pass_rate": 0.0}
+              "no_oracle_answer": 0, "student_pass_rate": 0.0}
     passes = total = 0
     for i, task in enumerate(tasks):
         rng = random.Random(f"{seed}/{task.task_id}")
         passes += sum(student_passed[i])
         total += len(student_passed[i])
+        if chosen[i] is None:
+            counts["no_oracle_answer"] += 1
+            continue
         failing = list(dict.fromkeys(a for a, ok in zip(student_answers[i], student_passed[i])
                                      if not ok and a.strip() and a.rstrip() != chosen[i].rstrip()))
         origin = "student"
@@ -505,7 +552,8 @@ def run_rounds(config: IADPOConfig, output: str | Path, merge: bool = True, orac
         rows, counts = round_triplets(tasks, oracle.answers(tasks), answers, passed, config.max_pairs_per_exercise,
                                       config.seed + r)
         if not rows:
-            raise IADPOError(f"round {r}: no triplets (no failing student answers and no incorrect solutions)")
+            raise IADPOError(f"round {r}: no triplets (no failing student answers and no incorrect solutions, or no oracle "
+                              "answer that passes its tests)")
         _write_rows(rows, triplets_path)
 
         # 2. DPO on the round's triplets, the adapter continuing from the last round

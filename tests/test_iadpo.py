@@ -157,3 +157,55 @@ def test_a_run_stopped_after_round_one_resumes_at_round_two_with_its_dataset(tmp
     assert (out / "model" / "config.json").is_file()
     # nothing left to do: a third call runs no round and refuses nothing (the model is there)
     assert [m["round"] for m in run_rounds(_config(rounds=2), out, merge=True)] == [0, 1]
+
+
+class ScriptedBackend:
+    """A generation backend that answers each prompt with the reply its function gives, recording the requests."""
+
+    def __init__(self, reply):
+        self.reply, self.requests = reply, []
+
+    def generate(self, prompts, params):
+        from lit_align.generation import Completion
+
+        self.requests.append((list(prompts), params))
+        return [[Completion(text=self.reply(p), token_ids=[], logprobs=None, finish_reason="stop")] for p in prompts]
+
+
+def test_an_oracles_answers_are_checked_and_a_chat_oracles_replies_become_function_bodies():
+    from lit_align.iadpo import ANSWER_PROMPT, EndpointOracle
+
+    a, b = load_task_suite(split="train", seed=0)[:2]
+    right = {a.prompt: a.canonical_solution, b.prompt: "    return None\n"}  # b's answer fails its tests
+
+    def whole_function(prompt):  # a chat model's reply: prose, and the whole function in a fence
+        task = a if a.prompt in prompt else b
+        return f"Here it is:\n```python\nimport math\n\n{task.prompt}{right[task.prompt]}\nprint('example')\n```\n"
+
+    chat = EndpointOracle(ScriptedBackend(whole_function), chat=True)
+    answers = chat.answers([a, b])
+    (prompts, params), = chat.backend.requests
+    assert prompts == [ANSWER_PROMPT.format(prompt=t.prompt) for t in (a, b)] and params.stop == []
+    # the function's body after its docstring, the import after it, the example call dropped; b's answer failed
+    assert answers == [a.canonical_solution + "\n\nimport math\n", None] and chat.failed_answers == 1
+    plain = EndpointOracle(ScriptedBackend(lambda p: right[p]))
+    assert plain.answers([a, b]) == [a.canonical_solution, None] and plain.failed_answers == 1
+    assert plain.backend.requests[0][0] == [a.prompt, b.prompt] and plain.backend.requests[0][1].stop  # continuations
+    rows, counts = round_triplets([a, b], [a.canonical_solution, None], [["    return 0\n"], ["    return 0\n"]],
+                                  [[False], [False]], max_pairs=2, seed=0)
+    assert [r["source_id"] for r in rows] == [a.task_id] and counts["no_oracle_answer"] == 1
+
+
+def test_a_chat_oracle_with_an_api_key_is_built_from_config(monkeypatch):
+    from lit_align.iadpo import build_oracle
+
+    monkeypatch.setenv("ORACLE_KEY", "sk-test")
+    oracle = build_oracle(IADPOConfig(fit={"model": {}}, oracle={"kind": "openai", "base_url": "https://api.example/v1",
+                                                                  "model": "big", "chat": True,
+                                                                  "api_key_env": "ORACLE_KEY"}))
+    assert (oracle.chat, oracle.backend.chat, oracle.backend.api_key) == (True, True, "sk-test")
+    monkeypatch.delenv("ORACLE_KEY")
+    with pytest.raises(IADPOError, match="oracle.api_key_env: the environment variable ORACLE_KEY is not set"):
+        IADPOConfig(fit={"model": {}}, oracle={"kind": "openai", "api_key_env": "ORACLE_KEY"})
+    with pytest.raises(IADPOError, match="oracle.chat and oracle.api_key_env are for oracle.kind: openai"):
+        IADPOConfig(fit={"model": {}}, oracle={"chat": True})

@@ -6,11 +6,16 @@ function again. :func:`extract_code` takes the code out of the reply; :func:`rep
 the HumanEval protocol appends to the prompt: the code as a continuation when it does not define the problem's
 function, or, when it does, a ``pass`` closing the prompt's (docstring-only) function followed by the reply's
 definition, which replaces it. Either way the program is run against the problem's unchanged tests in the sandbox.
+
+:func:`body_completion` turns a reply into what a base model would have written after the prompt (the function's
+body), for training on a chat model's answers (the IADPO oracle's chosen completions).
 """
 
 from __future__ import annotations
 
+import ast
 import re
+import textwrap
 
 from lit_align.execution.problems import FunctionProblem, StdioProblem
 
@@ -67,4 +72,50 @@ def reply_completion(problem: FunctionProblem | StdioProblem, reply: str, langua
     return f"\n{header.group(1)}    pass\n\n{code}"
 
 
-__all__ = ["defines_function", "extract_code", "reply_completion"]
+_KEPT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+"""Top-level statements of a reply kept beside the function it defines: what the function may use. Example calls,
+prints and ``if __name__ == "__main__":`` blocks are left out."""
+
+
+def body_completion(prompt: str, entry_point: str, reply: str) -> str:
+    """A chat reply as the continuation of a function prompt (signature and docstring): when the reply's code defines
+    ``entry_point``, that definition's body without its docstring, indented as the prompt's function body, followed by
+    the reply's imports, other definitions and constants (at the top level after the function: they exist by the time
+    it is called); example calls and ``__main__`` blocks are dropped. A reply that does not define the function, or whose
+    code does not parse, is taken as a continuation as it is."""
+    code = extract_code(reply, "python3")
+    if not defines_function(code, entry_point):
+        return code
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    lines = code.splitlines(keepends=True)
+    functions = [node for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point]
+    function = functions[-1]  # the definition in effect
+    body = function.body[1:] if ast.get_docstring(function, clean=False) is not None else function.body
+    header = re.search(rf"^([ \t]*)(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", prompt, re.MULTILINE)
+    indent = (header.group(1) if header else "") + "    "
+    if body and body[0].lineno == function.lineno:  # "def f(x): return x": the statements after the colon
+        text = "".join(ast.get_source_segment(code, node) + "\n" for node in body)
+    elif body:
+        text = textwrap.dedent("".join(lines[body[0].lineno - 1:function.end_lineno]))
+    else:
+        text = "pass\n"
+    completion, previous = textwrap.indent(text, indent), None
+    for node in tree.body:
+        if isinstance(node, _KEPT) and node not in functions:
+            imports = isinstance(node, (ast.Import, ast.ImportFrom)) and isinstance(previous, (ast.Import, ast.ImportFrom))
+            completion += ("" if imports else "\n\n") + textwrap.indent(_source(lines, node), indent[:-4])
+            previous = node
+    return completion
+
+
+def _source(lines: list[str], node: ast.stmt) -> str:
+    """A top-level statement's lines, decorators included."""
+    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    return "".join(lines[start - 1:node.end_lineno]).rstrip("\n") + "\n"
+
+
+__all__ = ["body_completion", "defines_function", "extract_code", "reply_completion"]

@@ -10,7 +10,7 @@ import pytest
 from lit_align.execution import ExecutionPool, IOTest, Status, StdioJob, StdioProblem
 from lit_align.execution.evaluate import main as evaluate
 from lit_align.execution.problems import FunctionJob
-from lit_align.execution.replies import defines_function, extract_code, reply_completion
+from lit_align.execution.replies import body_completion, defines_function, extract_code, reply_completion
 
 from .conftest import DOUBLE
 
@@ -53,6 +53,55 @@ def test_replies_run_against_the_problems_tests():
     # appended as it is, a fenced reply is not a program
     [raw] = ExecutionPool().run([FunctionJob(DOUBLE, WHOLE)])
     assert raw.status == Status.SYNTAX_ERROR
+
+
+HELPED = '''Sure:
+```python
+import operator
+from functools import reduce
+
+FACTOR = 2
+
+@staticmethod
+def unused():
+    pass
+
+def double(x):
+    """Double it.
+
+    Uses a helper."""
+    # the product
+    return times(x, FACTOR)
+
+def times(a, b):
+    return reduce(operator.mul, [a, b])
+
+print(double(3))
+if __name__ == "__main__":
+    assert double(1) == 2
+```'''
+
+
+def test_a_reply_as_the_body_that_continues_the_prompt():
+    """body_completion: what a base model would have written after the prompt (a chosen completion to train on)."""
+    body = body_completion(DOUBLE.prompt, "double", HELPED)
+    assert body == ("    return times(x, FACTOR)\n\n\nimport operator\nfrom functools import reduce\n"
+                    "\n\nFACTOR = 2\n\n\n@staticmethod\ndef unused():\n    pass\n"
+                    "\n\ndef times(a, b):\n    return reduce(operator.mul, [a, b])\n")
+    docstring_only = '```python\ndef double(x):\n    """Only a docstring."""\n```'
+    cases = [body, body_completion(DOUBLE.prompt, "double", "```python\ndef double(x): return x + x\n```"),
+             body_completion(DOUBLE.prompt, "double", BODY), body_completion(DOUBLE.prompt, "double", WRONG),
+             body_completion(DOUBLE.prompt, "double", docstring_only)]
+    assert cases[1:3] == ["    return x + x\n", "    return x * 2\n"]  # a one-line definition; a body as it is
+    assert cases[4] == "    pass\n"
+    results = ExecutionPool().run([FunctionJob(DOUBLE, c) for c in cases])
+    assert [r.status for r in results] == [Status.PASSED] * 3 + [Status.FAILED] * 2
+    # a method of a class indented in the prompt keeps its indentation
+    method = body_completion('class A:\n    def double(self, x):\n        """Twice."""\n', "double",
+                             "```python\ndef double(self, x):\n    return 2 * x\n```")
+    assert method == "        return 2 * x\n"
+    broken = "```python\ndef double(x):\n    return (\n```"
+    assert body_completion(DOUBLE.prompt, "double", broken) == "def double(x):\n    return (\n"  # as it is
 
 
 def test_a_stdio_reply_is_the_program_in_its_fence():
