@@ -95,18 +95,20 @@ def test_generation_stops_at_the_turn_end_and_online_training_keeps_it(turn_mode
     backend = HFBackend(model, tok)
     assert backend.eos_token_ids == {tok.eos_token_id, END_OF_TURN}
     prompt = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
-    free = backend.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0))[0][0]
-    assert free.finish_reason == "length" and len(free.token_ids) == 6
+    end_at = {"step": None}
 
-    def end_after_three(module, args, kwargs, out):  # the model's 4th token is its end of turn
+    def steer(module, args, kwargs, out):  # no end token is drawn, except <end_of_turn> as the 4th token when asked
+        out.logits[..., [tok.eos_token_id, END_OF_TURN]] = -1e4
         step = kwargs["input_ids"].shape[1] == 1 and kwargs["attention_mask"].shape[1] - len(tok(prompt)["input_ids"])
-        if step == 3:
+        if end_at["step"] is not None and step == end_at["step"]:
             out.logits[..., END_OF_TURN] = 1e4
         return out
 
-    hook = model.register_forward_hook(end_after_three, with_kwargs=True)
+    model.register_forward_hook(steer, with_kwargs=True)
+    free = backend.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0))[0][0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 6 and free.end_token_id is None
+    end_at["step"] = 3
     ended = backend.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0))[0][0]
-    hook.remove()
     assert (ended.token_ids, ended.finish_reason, ended.end_token_id) == (free.token_ids[:3], "stop", END_OF_TURN)
     assert ended.text == tok.decode(free.token_ids[:3])
 
@@ -114,11 +116,10 @@ def test_generation_stops_at_the_turn_end_and_online_training_keeps_it(turn_mode
     # endpoints, and the client reads it back
     service = CompletionService(backend, "m")
     body = {"max_tokens": 6, "temperature": 0}
-    hook = model.register_forward_hook(end_after_three, with_kwargs=True)
     answer = service.complete({**body, "prompt": prompt, "return_token_ids": True})
     chat = service.chat({**body, "messages": [{"role": "user", "content": "hi"}]})
-    hook.remove()
     assert answer["choices"][0]["stop_reason"] == chat["choices"][0]["stop_reason"] == END_OF_TURN
+    end_at["step"] = None
     assert service.complete({**body, "prompt": prompt})["choices"][0]["stop_reason"] is None  # the length ended it
     client = OpenAIBackend("http://127.0.0.1:1/v1", model="m", tokenizer=tok)
     (parsed,) = client.parse_completions(answer, SamplingParams(max_new_tokens=6))
