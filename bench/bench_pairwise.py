@@ -24,6 +24,10 @@ Settings:
 - ``equal``: both fp32, no gradient checkpointing, random batches (lit_align ``group_by_length=False``), so the
   figure compares the implementations and not their defaults. ``equal-noshare`` (lit_align only) also turns off
   ``share_prompt`` (each prompt computed once for its two completions), to show what that part contributes.
+- ``ckpt``: ``equal`` with gradient checkpointing on, for both. lit_align's policy pass cannot share the prompt
+  through a KV cache then (the backward re-runs the blocks) and packs each pair into one row instead
+  (``lit_align.modules.packed_pairs``); ``ckpt-nopack`` (lit_align only) runs the policy's 2B full sequences as
+  before packing existed (the reference still shares through its cache), ``ckpt-noshare`` shares nothing.
 - ``recommended``: each library's own defaults for this job. lit_align: the module and ``PreferenceDataModule`` as
   they come (length-grouped batches, fp32, no gradient checkpointing). TRL: the trainer's config as it comes
   (``gradient_checkpointing=True``, ``bf16=True`` for all three), only the values above set.
@@ -109,14 +113,18 @@ def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, ste
                 times["end"], times["cpu_end"] = time.perf_counter(), time.process_time()
 
     L.seed_everything(0, verbose=False)
+    checkpointing = settings.startswith("ckpt")
     common = dict(model_name_or_path=model_dir, lora=LoRAConfig(**LORA),
-                  optimizer=OptimizerConfig(lr=LR, schedule="constant"), share_prompt=settings != "equal-noshare")
+                  optimizer=OptimizerConfig(lr=LR, schedule="constant"), gradient_checkpointing=checkpointing,
+                  share_prompt=settings not in ("equal-noshare", "ckpt-noshare"))
     if objective == "dpo":
         module = DPO(beta=BETA, **common)
     elif objective == "orpo":
         module = ORPO(orpo_lambda=BETA, **common)
     else:
         module = RewardModel(**common)
+    if settings == "ckpt-nopack":
+        module._packing_ok = False  # the policy's full sequences, as before packed pairs
     data = PreferenceDataModule(train_sources=[PreferenceSource(path=pairs, kind="triplets")], val_sources=[],
                                 val_fraction=0.0, tokenizer=model_dir, max_length=MAX_LENGTH, batch_size=batch_size,
                                 group_by_length=settings == "recommended")
@@ -125,8 +133,9 @@ def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, ste
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, datamodule=data)
     return _result(times, steps, warmup, batch_size, baseline,
-                   {"group_by_length": settings == "recommended", "precision": "32-true", "gradient_checkpointing": False,
-                    "reference": getattr(module, "reference_mode", None), "share_prompt": module.hparams.share_prompt})
+                   {"group_by_length": settings == "recommended", "precision": "32-true",
+                    "gradient_checkpointing": checkpointing, "reference": getattr(module, "reference_mode", None),
+                    "share_prompt": module.hparams.share_prompt, "packed_pairs": getattr(module, "_packing_ok", None)})
 
 
 def run_trl(objective: str, settings: str, model_dir: str, pairs: str, steps: int, warmup: int,
@@ -153,7 +162,7 @@ def run_trl(objective: str, settings: str, model_dir: str, pairs: str, steps: in
     transformers.set_seed(0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     dataset = datasets.load_dataset("json", data_files=pairs, split="train")
-    overrides = {} if settings == "recommended" else {"gradient_checkpointing": False, "bf16": False}
+    overrides = {} if settings == "recommended" else {"gradient_checkpointing": settings == "ckpt", "bf16": False}
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=batch_size,
                   max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", max_length=MAX_LENGTH, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
@@ -228,7 +237,9 @@ def print_medians(results: list[dict]) -> None:
         print(f"  {run:24s} {m['pairs_per_s']:7.2f} {m['pairs_per_cpu_s']:7.2f} {m['s_per_step'] * 1000:7.1f} "
               f"{m['peak_rss_delta_mib']:7.1f}")
     for ours, theirs in (("lit_align:recommended", "trl:recommended"), ("lit_align:equal", "trl:equal"),
-                         ("lit_align:equal-noshare", "trl:equal")):
+                         ("lit_align:equal-noshare", "trl:equal"), ("lit_align:ckpt", "trl:ckpt"),
+                         ("lit_align:ckpt-nopack", "trl:ckpt"), ("lit_align:ckpt-noshare", "trl:ckpt"),
+                         ("lit_align:ckpt", "lit_align:ckpt-nopack")):
         if ours in medians and theirs in medians:
             a, b = medians[ours], medians[theirs]
             print(f"  {ours} / {theirs}: throughput {a['pairs_per_s'] / b['pairs_per_s']:.2f}x wall, "

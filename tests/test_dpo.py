@@ -230,21 +230,75 @@ def test_frozen_copy_runs_policy_and_reference_once_each(batch):
 
 
 @pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable:FutureWarning")  # enabled by its current name
-def test_gradient_checkpointing_shares_prompts_only_in_the_pass_without_gradient(batch):
-    """Checkpointed layers re-run in the backward pass, which a pass filling a KV cache cannot: the policy runs the
-    full sequences, while the adapter-disabled reference (no gradient, nothing re-run) still shares its prompts. The
-    loss is the one without any sharing, and the modules' training modes are left as they were."""
+def test_gradient_checkpointing_shares_prompts_through_a_cache_only_in_the_pass_without_gradient(batch):
+    """Checkpointed layers re-run in the backward pass, which a pass filling a KV cache cannot: the policy runs one
+    packed row per pair (prompt | chosen | rejected), while the adapter-disabled reference (no gradient, nothing re-run)
+    shares its prompts through the cache. The first packed pass is checked against full rows once. The loss is the one
+    without any sharing, and the modules' training modes are left as they were."""
     module = _built(lora=_lora(), gradient_checkpointing=True).train()
     rows = ForwardCounter(module.model).rows
     module.log_metrics = lambda *a, **k: None
     loss = module.training_step(batch, 0)
     loss.backward()
-    assert rows == [5, 10, 10]  # reference: 5 prompts, then 10 completions on their cache; policy: 10 full sequences
+    # reference: 5 prompts, then 10 completions on their cache; the check: 5 packed rows and 10 full sequences without
+    # gradient; the policy: 5 packed rows
+    assert rows == [5, 10, 5, 10, 5] and module._packing_ok
     assert module._prompt_sharing_ok  # the prompt pass returned its cache (transformers < 5 drops it in train mode)
     assert all(m.training for m in module.model.modules())
+    rows.clear()
+    assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [5, 10, 5]
     module.hparams.share_prompt = False
     rows.clear()
     assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [10, 10]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_pairs_give_the_full_sequence_numbers_and_gradients_under_checkpointing(batch, attention):
+    """One row per pair, the rejected tokens masked from the chosen and positioned after the prompt: each completion
+    token's log-probability and the gradients equal those of full sequences (float32 rounding), with gradient
+    checkpointing on; the shared-cache pass without gradient gives the same token log-probabilities."""
+    module = _built(lora=_lora(), gradient_checkpointing=True, attn_implementation=attention).train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    grads, sums = {}, {}
+    for share in (True, False):
+        module.hparams.share_prompt = share
+        module.zero_grad()
+        out = module.concatenated_logps(batch)
+        (out["chosen_logps"].sum() - 2 * out["rejected_logps"].sum()).backward()
+        grads[share] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+        sums[share] = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+        assert out["mask"].sum() == (batch["labels"] != losses.IGNORE_INDEX).sum()
+    assert module._packing_ok and torch.allclose(sums[True], sums[False], atol=1e-4)
+    for a, b in zip(grads[True], grads[False]):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    with torch.no_grad():
+        packed, mask = module._packed_token_logps(batch, None)
+        cached, cached_mask = module._shared_prompt_token_logps(batch, None)
+    assert torch.equal(mask, cached_mask) and (packed - cached).abs().max() < 1e-4
+
+
+def test_packing_falls_back_to_full_sequences_where_the_attention_would_not_apply_its_mask(batch, caplog):
+    module = _built(gradient_checkpointing=True).train()
+    module.model.config._attn_implementation = "flash_attention_2"  # not used with a custom 4D mask at all
+    assert not module._use_packed_pairs(batch) and module._packing_ok is None
+    module.model.config._attn_implementation = "sdpa"
+    forward = module.model.forward
+
+    def ignoring_masks(*args, attention_mask=None, **kwargs):  # an architecture that drops a 4D mask
+        return forward(*args, attention_mask=attention_mask if attention_mask.dim() == 2 else None, **kwargs)
+
+    module.model.forward = ignoring_masks
+    rows = ForwardCounter(module.model).rows
+    out = module.concatenated_logps(batch)
+    assert module._packing_ok is False and "packed pairs differ from full sequences" in caplog.text
+    assert rows == [5, 10, 10]  # the check (packed, full), then full sequences
+    module.hparams.share_prompt = False
+    reference = module.concatenated_logps(batch)
+    assert torch.allclose(out["chosen_logps"], reference["chosen_logps"])
 
 
 @pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")  # the KV cache goes by its current name
