@@ -37,10 +37,10 @@ The same for both libraries:
 Each library's own default, left as it is: the optimizer implementation (both torch's fused AdamW on CUDA: lit_align's
 ``optimizer.fused`` default, TRL's ``optim="adamw_torch_fused"``; the table's settings record what ran), how log-probabilities are computed (lit_align: logits then
 a float32 cross-entropy, DPO only over completion positions; TRL: its fused, chunked LM-head), batch order, TRL's
-per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on: under gradient checkpointing only
-its reference pass (no gradient, nothing re-run) computes each prompt once and the policy runs full sequences;
-without checkpointing both do; with ``--compile`` only the reference (a frozen copy, not compiled; under ``--lora`` the
-reference is the compiled policy and runs full sequences).
+per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on: without checkpointing each
+prompt runs once through a KV cache in the policy's and the reference's passes; under gradient checkpointing or with
+``--compile`` the reference (a frozen copy, not compiled) still does, and the policy packs each pair into one row,
+prompt | chosen | rejected, with a 4D attention mask (``packed_pairs``; ``--no-packed-pairs``: its full sequences).
 
 What is measured, per run:
 
@@ -156,6 +156,7 @@ class Spec:
     attn: str
     threads: int | None
     compile: bool = False
+    packed_pairs: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------- model and data
@@ -380,7 +381,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
         module = SFT(**module_args)
         data = SFTDataModule(train_sources=[DataSource(path=spec.sft_data)], **data_args)
     else:
-        module = DPO(beta=BETA, **module_args)
+        module = DPO(beta=BETA, packed_pairs=spec.packed_pairs, **module_args)
         data = PreferenceDataModule(train_sources=[PreferenceSource(path=spec.dpo_data, kind="triplets")], **data_args)
     data.collate = log.wrap(data.collate)  # the loaders read self.collate
     trainer = L.Trainer(max_steps=spec.steps, accelerator="cuda" if cuda else "cpu", devices=1,
@@ -394,7 +395,8 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
                 "optimizer": describe_optimizer(trainer.optimizers[0])}
     if objective == "dpo":
         settings.update(reference=module.reference_mode, share_prompt=module.hparams.share_prompt,
-                        prompt_sharing_used=module._use_prompt_sharing({"prompt_input_ids": None}))
+                        prompt_sharing_used=module._use_prompt_sharing({"prompt_input_ids": None}),
+                        packed_pairs=module.hparams.packed_pairs, packed_pairs_checked=module._packing_ok)
     return summarize(spec, objective, module.model, log, clock, memory, settings)
 
 
@@ -644,6 +646,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile: lit_align's torch_compile (each decoder block), TRL's torch_compile "
                              "training argument (the whole model); the warm-up steps must cover the compilation")
+    parser.add_argument("--packed-pairs", action=argparse.BooleanOptionalAction, default=True,
+                        help="lit_align DPO: where the policy's pass cannot reuse a prompt's cache (checkpointing, "
+                             "--compile), pack each pair into one row (the module's packed_pairs)")
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                         help="attention implementation (both libraries)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
@@ -693,7 +698,7 @@ def main() -> None:
         spec = Spec(model_dir=str(model_dir), sft_data=str(sft), dpo_data=str(dpo), seq_len=args.seq_len,
                     steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=args.device,
                     precision=asdict(precision), lora=args.lora, gradient_checkpointing=args.gradient_checkpointing,
-                    attn=args.attn, threads=args.threads, compile=args.compile)
+                    attn=args.attn, threads=args.threads, compile=args.compile, packed_pairs=args.packed_pairs)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(asdict(spec), indent=2))
         for run in args.runs:

@@ -117,14 +117,13 @@ def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, ste
     common = dict(model_name_or_path=model_dir, lora=LoRAConfig(**LORA),
                   optimizer=OptimizerConfig(lr=LR, schedule="constant"), gradient_checkpointing=checkpointing,
                   share_prompt=settings not in ("equal-noshare", "ckpt-noshare"))
+    packing = {"packed_pairs": settings != "ckpt-nopack"}  # DPO and ORPO; the reward model has no such pass
     if objective == "dpo":
-        module = DPO(beta=BETA, **common)
+        module = DPO(beta=BETA, **common, **packing)
     elif objective == "orpo":
-        module = ORPO(orpo_lambda=BETA, **common)
+        module = ORPO(orpo_lambda=BETA, **common, **packing)
     else:
         module = RewardModel(**common)
-    if settings == "ckpt-nopack":
-        module._packing_ok = False  # the policy's full sequences, as before packed pairs
     data = PreferenceDataModule(train_sources=[PreferenceSource(path=pairs, kind="triplets")], val_sources=[],
                                 val_fraction=0.0, tokenizer=model_dir, max_length=MAX_LENGTH, batch_size=batch_size,
                                 group_by_length=settings == "recommended")
@@ -135,7 +134,7 @@ def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, ste
     return _result(times, steps, warmup, batch_size, baseline,
                    {"group_by_length": settings == "recommended", "precision": "32-true",
                     "gradient_checkpointing": checkpointing, "reference": getattr(module, "reference_mode", None),
-                    "share_prompt": module.hparams.share_prompt, "packed_pairs": getattr(module, "_packing_ok", None)})
+                    "share_prompt": module.hparams.share_prompt, "packed_pairs": module.hparams.get("packed_pairs")})
 
 
 def run_trl(objective: str, settings: str, model_dir: str, pairs: str, steps: int, warmup: int,

@@ -247,6 +247,9 @@ def test_gradient_checkpointing_shares_prompts_through_a_cache_only_in_the_pass_
     assert all(m.training for m in module.model.modules())
     rows.clear()
     assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [5, 10, 5]
+    module.hparams.packed_pairs = False  # the policy's 2B full sequences; the reference still shares its cache
+    rows.clear()
+    assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [5, 10, 10]
     module.hparams.share_prompt = False
     rows.clear()
     assert module.training_step(batch, 0).item() == pytest.approx(loss.item(), abs=1e-6) and rows == [10, 10]
@@ -273,8 +276,10 @@ def test_packed_pairs_give_the_full_sequence_numbers_and_gradients_under_checkpo
         sums[share] = torch.cat([out["chosen_logps"], out["rejected_logps"]])
         assert out["mask"].sum() == (batch["labels"] != losses.IGNORE_INDEX).sum()
     assert module._packing_ok and torch.allclose(sums[True], sums[False], atol=1e-4)
+    # float32 summation order (the packed row's attention sums over other keys): measured up to 5e-6 of each tensor's
+    # largest gradient over 20 random inits and 1.1e-5 in 1 of 13 runs of this test; a wrong mask or position is O(1)
     for a, b in zip(grads[True], grads[False]):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        assert (a - b).abs().max() <= 3e-5 * b.abs().max()
     with torch.no_grad():
         packed, mask = module._packed_token_logps(batch, None)
         cached, cached_mask = module._shared_prompt_token_logps(batch, None)

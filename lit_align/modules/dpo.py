@@ -51,13 +51,15 @@ class DPO(PreferenceModule):
         reference_batch_size: pairs per forward pass when precomputing reference log-probs (default: the DataModule's
             eval_batch_size).
         share_prompt: compute each prompt once for its chosen and rejected completions (reused keys/values).
+        packed_pairs: where a pass cannot reuse keys/values (the policy under gradient checkpointing or
+            torch_compile), share the prompt by packing each pair into one row instead (with share_prompt).
         disable_dropout: turn dropout off in the policy and the reference.
     """
 
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
                  reference: ReferenceMode = "auto", reference_placement: Literal["shard", "replicate"] = "shard",
-                 reference_batch_size: int | None = None, share_prompt: bool = True, disable_dropout: bool = True,
-                 **kwargs) -> None:
+                 reference_batch_size: int | None = None, share_prompt: bool = True, packed_pairs: bool = True,
+                 disable_dropout: bool = True, **kwargs) -> None:
         if not beta > 0:
             raise ValueError(f"DPO beta must be > 0 (it scales the implicit reward), got beta={beta}")
         if not 0.0 <= label_smoothing < 0.5:
@@ -66,7 +68,8 @@ class DPO(PreferenceModule):
             raise ValueError(f"DPO rpo_alpha must be >= 0 (weight of the chosen NLL term), got rpo_alpha={rpo_alpha}")
         if reference not in ("auto", "adapter_disabled", "frozen_copy", "precomputed"):
             raise ValueError(f"DPO reference must be auto, adapter_disabled, frozen_copy or precomputed, got {reference!r}")
-        super().__init__(*args, share_prompt=share_prompt, disable_dropout=disable_dropout, **kwargs)
+        super().__init__(*args, share_prompt=share_prompt, packed_pairs=packed_pairs,
+                         disable_dropout=disable_dropout, **kwargs)
         if reference == "adapter_disabled" and self.lora_config is None:
             raise ValueError("DPO reference='adapter_disabled' needs a LoRA adapter (`lora`); without one use "
                              "'frozen_copy' or 'precomputed'")

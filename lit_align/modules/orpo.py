@@ -31,14 +31,17 @@ class ORPO(PreferenceModule):
     Args:
         orpo_lambda: weight lambda of the odds-ratio term in Eq. 4 (the paper's "ORPO beta 0.1"); must be >= 0.
         share_prompt: compute each prompt once for its chosen and rejected completions (reused keys/values).
+        packed_pairs: where a pass cannot reuse keys/values (the policy under gradient checkpointing or
+            torch_compile), share the prompt by packing each pair into one row instead (with share_prompt).
         disable_dropout: turn dropout off in the policy.
     """
 
-    def __init__(self, *args, orpo_lambda: float = 0.1, share_prompt: bool = True, disable_dropout: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, orpo_lambda: float = 0.1, share_prompt: bool = True, packed_pairs: bool = True,
+                 disable_dropout: bool = True, **kwargs) -> None:
         if not orpo_lambda >= 0:
             raise ValueError(f"ORPO orpo_lambda must be >= 0 (the weight of the odds-ratio term), got {orpo_lambda}")
-        super().__init__(*args, share_prompt=share_prompt, disable_dropout=disable_dropout, **kwargs)
+        super().__init__(*args, share_prompt=share_prompt, packed_pairs=packed_pairs,
+                         disable_dropout=disable_dropout, **kwargs)
 
     def compute_loss(self, chosen_nll: Tensor, chosen_mean_logps: Tensor, rejected_mean_logps: Tensor,
                      ) -> tuple[Tensor, Tensor, Tensor]:

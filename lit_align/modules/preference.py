@@ -90,15 +90,20 @@ class PreferenceModule(AlignmentModule):
         share_prompt: run each prompt once for both of its completions: the prompt's keys and values are computed a
             single time and reused by the chosen and the rejected row (needs a model with a KV cache). With gradient
             or activation checkpointing, whose recomputation cannot re-run a cached pass, only passes without gradient
-            share (the reference, validation); with torch_compile none through the compiled policy. Off: one
-            forward pass over the 2B full sequences.
+            share through the cache (the reference, validation); with torch_compile none through the compiled policy.
+            Off: one forward pass over the 2B full sequences.
+        packed_pairs: where the cache cannot be used (the policy's pass under checkpointing or torch_compile), pack
+            each pair into one row, prompt | chosen | rejected (:mod:`~lit_align.modules.packed_pairs`), so the prompt
+            still runs once; needs share_prompt and an attention that applies a 4D mask (sdpa, eager). Off: those
+            passes run the 2B full sequences.
         disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
             of the same weights agree exactly and the implicit rewards are not noise.
     """
 
     data_kind = "preference"
 
-    def __init__(self, *args, share_prompt: bool = True, disable_dropout: bool = True, **kwargs) -> None:
+    def __init__(self, *args, share_prompt: bool = True, packed_pairs: bool = True, disable_dropout: bool = True,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._packing_ok: bool | None = None  # checked against full rows on the first packed batch
 
@@ -151,10 +156,13 @@ class PreferenceModule(AlignmentModule):
 
     def _use_packed_pairs(self, batch: dict[str, Any], model: nn.Module | None = None) -> bool:
         """Share the prompt in one packed row per pair (:mod:`~lit_align.modules.packed_pairs`) where a cache may not
-        be filled (checkpointing, compiled blocks): ``share_prompt`` on, the batch split at the prompt, an attention
+        be filled (checkpointing, compiled blocks): ``share_prompt`` and ``packed_pairs`` on, the batch split at the
+        prompt, an attention
         that applies a 4D mask, and the first packed pass of the run equal to full rows (:meth:`_check_packing`)."""
         net = model if model is not None else self.model
-        if not (self.hparams.get("share_prompt") and "prompt_input_ids" in batch and self._packing_ok is not False):
+        hp = self.hparams
+        if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
+                and self._packing_ok is not False):
             return False
         attention = getattr(getattr(net, "config", None), "_attn_implementation", None)
         if attention not in PACKABLE_ATTENTION:
