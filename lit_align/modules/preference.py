@@ -157,8 +157,8 @@ class PreferenceModule(AlignmentModule):
     def _use_packed_pairs(self, batch: dict[str, Any], model: nn.Module | None = None) -> bool:
         """Share the prompt in one packed row per pair (:mod:`~lit_align.modules.packed_pairs`) where a cache may not
         be filled (checkpointing, compiled blocks): ``share_prompt`` and ``packed_pairs`` on, the batch split at the
-        prompt, an attention
-        that applies a 4D mask, and the first packed pass of the run equal to full rows (:meth:`_check_packing`)."""
+        prompt, an attention that applies a 4D mask, and the first packed pass of the run equal to full rows
+        (:meth:`_check_packing`)."""
         net = model if model is not None else self.model
         hp = self.hparams
         if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
@@ -181,7 +181,9 @@ class PreferenceModule(AlignmentModule):
             full, full_mask = self._full_token_logps(batch, net)
         tokens = mask.sum(-1)
         difference = float(((packed.sum(-1) - full.sum(-1)).abs() / tokens.clamp(min=1)).max())
-        tolerance = 1e-3 if self._compute_dtype(net) == torch.float32 and not torch.is_autocast_enabled() else 0.1
+        device = batch["prompt_input_ids"].device.type
+        exact = self._compute_dtype(net) == torch.float32 and not torch.is_autocast_enabled(device)
+        tolerance = 1e-3 if exact else 0.1
         self._packing_ok = bool(torch.equal(tokens, full_mask.sum(-1))) and difference <= tolerance
         if not self._packing_ok:
             log.warning("lit_align: packed pairs differ from full sequences on this model (largest difference %.3g "
