@@ -396,7 +396,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
     if objective == "dpo":
         settings.update(reference=module.reference_mode, share_prompt=module.hparams.share_prompt,
                         prompt_sharing_used=module._use_prompt_sharing({"prompt_input_ids": None}),
-                        packed_pairs=module.hparams.packed_pairs, packed_pairs_checked=module._packing_ok)
+                        packed_pairs=module.hparams.packed_pairs, packed_pairs_checked=module.packing.ok)
     return summarize(spec, objective, module.model, log, clock, memory, settings)
 
 

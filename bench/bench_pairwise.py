@@ -117,13 +117,13 @@ def run_lit_align(objective: str, settings: str, model_dir: str, pairs: str, ste
     common = dict(model_name_or_path=model_dir, lora=LoRAConfig(**LORA),
                   optimizer=OptimizerConfig(lr=LR, schedule="constant"), gradient_checkpointing=checkpointing,
                   share_prompt=settings not in ("equal-noshare", "ckpt-noshare"))
-    packing = {"packed_pairs": settings != "ckpt-nopack"}  # DPO and ORPO; the reward model has no such pass
+    packing = {"packed_pairs": settings != "ckpt-nopack"}
     if objective == "dpo":
         module = DPO(beta=BETA, **common, **packing)
     elif objective == "orpo":
         module = ORPO(orpo_lambda=BETA, **common, **packing)
     else:
-        module = RewardModel(**common)
+        module = RewardModel(**common, **packing)
     data = PreferenceDataModule(train_sources=[PreferenceSource(path=pairs, kind="triplets")], val_sources=[],
                                 val_fraction=0.0, tokenizer=model_dir, max_length=MAX_LENGTH, batch_size=batch_size,
                                 group_by_length=settings == "recommended")

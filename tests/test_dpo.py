@@ -242,7 +242,7 @@ def test_gradient_checkpointing_shares_prompts_through_a_cache_only_in_the_pass_
     loss.backward()
     # reference: 5 prompts, then 10 completions on their cache; the check: 5 packed rows and 10 full sequences without
     # gradient; the policy: 5 packed rows
-    assert rows == [5, 10, 5, 10, 5] and module._packing_ok
+    assert rows == [5, 10, 5, 10, 5] and module.packing.ok
     assert module._prompt_sharing_ok  # the prompt pass returned its cache (transformers < 5 drops it in train mode)
     assert all(m.training for m in module.model.modules())
     rows.clear()
@@ -275,7 +275,7 @@ def test_packed_pairs_give_the_full_sequence_numbers_and_gradients_under_checkpo
         grads[share] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
         sums[share] = torch.cat([out["chosen_logps"], out["rejected_logps"]])
         assert out["mask"].sum() == (batch["labels"] != losses.IGNORE_INDEX).sum()
-    assert module._packing_ok and torch.allclose(sums[True], sums[False], atol=1e-4)
+    assert module.packing.ok and torch.allclose(sums[True], sums[False], atol=1e-4)
     # float32 summation order (the packed row's attention sums over other keys): measured up to 5e-6 of each tensor's
     # largest gradient over 20 random inits and 1.1e-5 in 1 of 13 runs of this test; a wrong mask or position is O(1)
     for a, b in zip(grads[True], grads[False]):
@@ -289,7 +289,7 @@ def test_packed_pairs_give_the_full_sequence_numbers_and_gradients_under_checkpo
 def test_packing_falls_back_to_full_sequences_where_the_attention_would_not_apply_its_mask(batch, caplog):
     module = _built(gradient_checkpointing=True).train()
     module.model.config._attn_implementation = "flash_attention_2"  # not used with a custom 4D mask at all
-    assert not module._use_packed_pairs(batch) and module._packing_ok is None
+    assert not module._use_packed_pairs(batch) and module.packing.ok is None
     module.model.config._attn_implementation = "sdpa"
     forward = module.model.forward
 
@@ -299,7 +299,7 @@ def test_packing_falls_back_to_full_sequences_where_the_attention_would_not_appl
     module.model.forward = ignoring_masks
     rows = ForwardCounter(module.model).rows
     out = module.concatenated_logps(batch)
-    assert module._packing_ok is False and "packed pairs differ from full sequences" in caplog.text
+    assert module.packing.ok is False and "packed pairs differ from full sequences" in caplog.text
     assert rows == [5, 10, 10]  # the check (packed, full), then full sequences
     module.hparams.share_prompt = False
     reference = module.concatenated_logps(batch)

@@ -222,6 +222,33 @@ def test_reward_model_heldout_accuracy_beats_chance(tmp_path):
     assert accuracy == pytest.approx(result["val/rewards/accuracies"], abs=2 / len(heldout) + 1e-6)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_under_checkpointing_pairs_are_packed_one_row_each_with_the_full_sequence_rewards_and_gradients(attention):
+    """A training pass under gradient checkpointing cannot fill a cache: each pair runs as one packed row (prompt,
+    chosen, rejected; the first packed pass checked against full rows once), with the full rows' rewards and
+    gradients; packed_pairs: false runs the full rows."""
+    torch.manual_seed(0)
+    module = RewardModel(lora=LoRAConfig(r=4), gradient_checkpointing=True, attn_implementation=attention)
+    module.configure_model()
+    _perturb_head(module)
+    module.train()
+    dm = _data(train_sources=[PreferenceSource(limit=40)], val_sources=[])
+    dm.setup()
+    batch = dm.collate(dm.train_items[::9][:6])
+    rows = backbone_rows(module)
+    rewards, grads = {}, {}
+    for packed in (True, False):
+        module.hparams.packed_pairs = packed
+        module.zero_grad()
+        rewards[packed] = module.pair_rewards(batch)
+        (rewards[packed][:6] - 2 * rewards[packed][6:]).sum().backward()
+        grads[packed] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+    assert rows == [6, 12, 6, 12]  # the check (packed, full, without gradient), packed rows; then full rows
+    assert module.packing.ok and torch.allclose(rewards[True], rewards[False], atol=1e-5)
+    for a, b in zip(grads[True], grads[False]):
+        assert (a - b).abs().max() <= 3e-5 * b.abs().max()
+
+
 def backbone_rows(module) -> list[int]:
     """Record the rows of every forward call of a RewardModel's backbone."""
     rows = []

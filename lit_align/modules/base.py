@@ -355,6 +355,17 @@ class AlignmentModule(L.LightningModule):
     def _compute_dtype(net: torch.nn.Module) -> torch.dtype:
         return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
+    def exact_pass(self, net: torch.nn.Module, like: Tensor) -> bool:
+        """Whether a pass of ``net`` on tensors like ``like`` runs in float32 (float32 weights, no autocast on that
+        device): what tolerance two ways of computing the same numbers can be held to."""
+        return self._compute_dtype(net) == torch.float32 and not torch.is_autocast_enabled(like.device.type)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad token id (0 without one): what fills rows the module builds itself."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        return pad if pad is not None else 0
+
     def completion_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                          position_ids: Tensor | None = None, model: torch.nn.Module | None = None) -> dict[str, Tensor]:
         """Per-token and per-sequence log-probs of the completion tokens (labels != -100) of each row.

@@ -16,6 +16,7 @@ causal kernels; it is meant for the passes that cannot share through a cache.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -24,15 +25,54 @@ from torch import Tensor
 
 from lit_align import losses
 
+log = logging.getLogger(__name__)
+
 PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that apply a custom 4D mask as given (flash attention and flex attention do not)."""
+
+
+class PackingCheck:
+    """Whether a module may run packed rows: its network's attention applies a 4D mask as given, and the run's first
+    packed pass gave what full sequences give (checked once, :meth:`verify`; ``ok`` is None until then)."""
+
+    def __init__(self) -> None:
+        self.ok: bool | None = None
+
+    def usable(self, net: torch.nn.Module) -> bool:
+        """Not refused by an earlier check, and ``net``'s attention implementation in :data:`PACKABLE_ATTENTION`."""
+        return self.ok is not False and attention_implementation(net) in PACKABLE_ATTENTION
+
+    def verify(self, packed: Tensor, full: Tensor, scale: Tensor | float, exact: bool) -> bool:
+        """Record whether ``packed`` equals ``full`` within a tolerance: 1e-3 per unit of ``scale`` (a completion's
+        token count for log-probability sums) where the pass was ``exact`` (float32), 0.1 in half precision; warn
+        when not."""
+        difference = float(((packed.float() - full.float()).abs() / torch.as_tensor(scale).clamp(min=1)).max())
+        self.ok = difference <= (1e-3 if exact else 0.1)
+        if not self.ok:
+            log.warning("lit_align: packed pairs differ from full sequences on this model (largest difference %.3g); "
+                        "running full sequences where the prompt cannot be shared through a cache", difference)
+        return self.ok
+
+
+def attention_implementation(net: torch.nn.Module) -> str | None:
+    """The attention implementation of a transformers model (under peft or FSDP wrappers too), if it says."""
+    return getattr(getattr(net, "config", None), "_attn_implementation", None)
+
+
+def packed_mask_dtype(net: torch.nn.Module) -> torch.dtype | None:
+    """What :func:`packed_pairs` should build the mask as for ``net``: additive in its compute dtype for eager
+    attention (which adds the mask to the scores), boolean (None) for SDPA."""
+    if attention_implementation(net) != "eager":
+        return None
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
 
 def packed_pairs(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The batch's ``B`` pairs as ``B`` packed rows (right-padded to the longest): ``input_ids`` and ``position_ids``
     (B, L), ``attention_mask`` (B, 1, L, L): True where a query may attend to a key, or with ``mask_dtype`` a float
-    mask of 0 and that dtype's minimum (eager attention adds it); and ``positions`` (2B, C): the position whose
-    logits predict each completion token of ``completion_labels`` (chosen rows first). Built from the batch's split
+    mask of 0 and that dtype's minimum (eager attention adds it); ``positions`` (2B, C): the position whose
+    logits predict each completion token of ``completion_labels`` (chosen rows first); and ``ends`` (2B,): the
+    position of each completion's last token (where a reward model reads its score). Built from the batch's split
     layout (:func:`~lit_align.data_modules.preference.collate_pairs`), with tensor operations only."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     completion_ids, completion_mask = batch["completion_input_ids"], batch["completion_attention_mask"]
@@ -61,7 +101,9 @@ def packed_pairs(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dty
     chosen_positions = prompt_len - 1 + j
     rejected_positions = torch.where(j == 0, prompt_len - 1, prompt_len + chosen_len - 1 + j)
     positions = torch.cat([chosen_positions, rejected_positions]).clamp(max=int(total.max()) - 1)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed, "positions": positions}
+    ends = torch.cat([prompt_len + chosen_len - 1, total - 1]).squeeze(-1)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed, "positions": positions,
+            "ends": ends}
 
 
 def packed_token_logps(logits: Tensor, first_position: int, packed: dict[str, Tensor],
@@ -87,4 +129,5 @@ def packed_token_logps(logits: Tensor, first_position: int, packed: dict[str, Te
     return token_logps * mask, mask
 
 
-__all__ = ["PACKABLE_ATTENTION", "packed_pairs", "packed_token_logps"]
+__all__ = ["PACKABLE_ATTENTION", "PackingCheck", "attention_implementation", "packed_mask_dtype", "packed_pairs",
+           "packed_token_logps"]

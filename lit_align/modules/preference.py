@@ -7,7 +7,6 @@ chosen first; :func:`shared_prompt_forward` runs each prompt once and both compl
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
@@ -19,9 +18,7 @@ from lit_align import losses
 from lit_align.generation.hf import inference_mode
 from lit_align.models import cache_keyword, disable_dropout, returned_cache
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
-from lit_align.modules.packed_pairs import PACKABLE_ATTENTION, packed_pairs, packed_token_logps
-
-log = logging.getLogger(__name__)
+from lit_align.modules.packed_pairs import PackingCheck, packed_mask_dtype, packed_pairs, packed_token_logps
 
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -105,7 +102,7 @@ class PreferenceModule(AlignmentModule):
     def __init__(self, *args, share_prompt: bool = True, packed_pairs: bool = True, disable_dropout: bool = True,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._packing_ok: bool | None = None  # checked against full rows on the first packed batch
+        self.packing = PackingCheck()  # packed rows checked against full ones on the first packed batch
 
     def configure_extra_models(self) -> None:
         if self.hparams.disable_dropout:
@@ -162,42 +159,27 @@ class PreferenceModule(AlignmentModule):
         net = model if model is not None else self.model
         hp = self.hparams
         if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
-                and self._packing_ok is not False):
+                and self.packing.usable(net)):
             return False
-        attention = getattr(getattr(net, "config", None), "_attn_implementation", None)
-        if attention not in PACKABLE_ATTENTION:
-            return False
-        if self._packing_ok is None:
+        if self.packing.ok is None:
             self._check_packing(batch, net)
-        return bool(self._packing_ok)
+        return bool(self.packing.ok)
 
     def _check_packing(self, batch: dict[str, Any], net: nn.Module) -> None:
         """Compare the packed pass with full rows once, without gradient, on the run's first packed batch: an
         architecture whose attention does not apply the 4D mask as given (or positions as given) shows here, and the run
-        keeps full rows, with a warning. Compared: each completion's log-probability, within 1e-3 per token in float32
-        (0.1 in half precision), and its token count."""
+        keeps full rows, with a warning. Compared: each completion's log-probability per token
+        (:meth:`~lit_align.modules.packed_pairs.PackingCheck.verify`)."""
         with torch.no_grad():
             packed, mask = self._packed_token_logps(batch, net)
-            full, full_mask = self._full_token_logps(batch, net)
-        tokens = mask.sum(-1)
-        difference = float(((packed.sum(-1) - full.sum(-1)).abs() / tokens.clamp(min=1)).max())
-        device = batch["prompt_input_ids"].device.type
-        exact = self._compute_dtype(net) == torch.float32 and not torch.is_autocast_enabled(device)
-        tolerance = 1e-3 if exact else 0.1
-        self._packing_ok = bool(torch.equal(tokens, full_mask.sum(-1))) and difference <= tolerance
-        if not self._packing_ok:
-            log.warning("lit_align: packed pairs differ from full sequences on this model (largest difference %.3g "
-                        "per token); running full sequences where the prompt cannot be shared through a cache",
-                        difference)
+            full, _ = self._full_token_logps(batch, net)
+        self.packing.verify(packed.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, batch["input_ids"]))
 
     def _packed_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         """One row per pair, prompt | chosen | rejected, with the mask and positions of
         :func:`~lit_align.modules.packed_pairs.packed_pairs`; logits from the shortest prompt's last position on."""
         net = model if model is not None else self.model
-        eager = getattr(net.config, "_attn_implementation", None) == "eager"
-        dtype = self._compute_dtype(net) if eager else None
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        packed = packed_pairs(batch, pad, mask_dtype=dtype)
+        packed = packed_pairs(batch, self.pad_token_id, mask_dtype=packed_mask_dtype(net))
         first = int(batch["prompt_attention_mask"].sum(-1).min()) - 1
         keep = packed["input_ids"].size(1) - first
         logits = self.forward_keeping_logits(net, keep, input_ids=packed["input_ids"],

@@ -30,6 +30,7 @@ from lit_align.data_modules.collate import encode_completion, encode_prompt
 from lit_align.models import apply_lora, checkpoint_hyperparameters, load_causal_lm, save_tokenizer
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.models import disable_dropout
+from lit_align.modules.packed_pairs import PackingCheck, packed_mask_dtype, packed_pairs
 from lit_align.modules.preference import shared_prompt_forward
 
 log = logging.getLogger(__name__)
@@ -50,18 +51,24 @@ class RewardModel(AlignmentModule):
         margin: optional margin the chosen reward must exceed the rejected one by (null: Eq. 2 exactly).
         share_prompt: run each prompt once for both completions of a pair (its keys/values are reused). With
             gradient or activation checkpointing, whose recomputation cannot re-run a cached pass, only passes without
-            gradient share (validation); with torch_compile none.
+            gradient share through the cache (validation); with torch_compile none.
+        packed_pairs: where the cache cannot be used (training under checkpointing or torch_compile), pack each pair
+            into one row, prompt | chosen | rejected (:mod:`~lit_align.modules.packed_pairs`), so the prompt still
+            runs once; needs share_prompt and an attention that applies a 4D mask (sdpa, eager). Off: those passes
+            run the 2B full sequences.
         disable_dropout: turn dropout off, so the two sides of a pair are scored by the same network.
     """
 
     data_kind = "preference"
 
-    def __init__(self, *args, margin: float | None = None, share_prompt: bool = True, disable_dropout: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, margin: float | None = None, share_prompt: bool = True, packed_pairs: bool = True,
+                 disable_dropout: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # save_hyperparameters finds these by walking the __init__ frames, which DeepSpeed's zero.Init interrupts with
         # a wrapper of its own (an online objective loads its sharded reward model inside one): record them explicitly
-        self.hparams.update(margin=margin, share_prompt=share_prompt, disable_dropout=disable_dropout)
+        self.hparams.update(margin=margin, share_prompt=share_prompt, packed_pairs=packed_pairs,
+                            disable_dropout=disable_dropout)
+        self.packing = PackingCheck()  # packed rows checked against full ones on the first packed batch
         if self.lora_config is not None:  # the new head must be trained fully, not through an adapter
             keep = list(dict.fromkeys([*(self.lora_config.modules_to_save or []), "score"]))
             self.lora_config = replace(self.lora_config, modules_to_save=keep)
@@ -142,7 +149,25 @@ class RewardModel(AlignmentModule):
                 return shared_prompt_rewards(self._scorer(), batch)
             except NO_CACHE_ERRORS as err:
                 self.prompt_sharing_failed(err)
+        elif self._use_packed_pairs(batch):
+            return packed_pair_rewards(self._scorer(), batch, self.pad_token_id)
         return self(batch["input_ids"], batch["attention_mask"])
+
+    def _use_packed_pairs(self, batch: dict[str, Any]) -> bool:
+        """Score the pairs packed one row each (:func:`packed_pair_rewards`) where the cache may not be filled: a pair
+        batch split at the prompt (not :func:`reward_batches`' groups), ``share_prompt`` and ``packed_pairs`` on, an
+        attention that applies a 4D mask, and the first packed pass equal to full rows (checked once, without
+        gradient)."""
+        hp = self.hparams
+        if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
+                and "prompt_rows" not in batch and self.packing.usable(self.model)):
+            return False
+        if self.packing.ok is None:
+            with torch.no_grad():
+                packed = packed_pair_rewards(self._scorer(), batch, self.pad_token_id)
+                full = self(batch["input_ids"], batch["attention_mask"])
+            self.packing.verify(packed, full, 1.0, self.exact_pass(self.model, batch["input_ids"]))
+        return bool(self.packing.ok)
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rewards = self.pair_rewards(batch)
@@ -212,6 +237,17 @@ def shared_prompt_rewards(scorer: nn.Module, batch: dict[str, Tensor]) -> Tensor
     Raises one of ``NO_CACHE_ERRORS`` when the model has no usable KV cache."""
     _, out, _ = shared_prompt_forward(getattr(scorer, scorer.base_model_prefix), batch, batch.get("prompt_rows"))
     return _last_token_rewards(scorer, out.last_hidden_state, batch["completion_attention_mask"])
+
+
+def packed_pair_rewards(scorer: nn.Module, batch: dict[str, Tensor], pad_token_id: int) -> Tensor:
+    """Rewards (2B,) in float32, chosen rows first, of a pair batch split at the prompt, each pair run as one packed
+    row (:func:`~lit_align.modules.packed_pairs.packed_pairs`): the head at each completion's last token."""
+    backbone = getattr(scorer, scorer.base_model_prefix)
+    packed = packed_pairs(batch, pad_token_id, mask_dtype=packed_mask_dtype(scorer))
+    hidden = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                      position_ids=packed["position_ids"], use_cache=False).last_hidden_state
+    rows = torch.arange(packed["ends"].size(0), device=hidden.device) % hidden.size(0)
+    return scorer.score(hidden[rows, packed["ends"]]).squeeze(-1).float()
 
 
 def _padded(seqs: list[list[int]], pad_token_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
