@@ -60,7 +60,7 @@ def _generation_config(path: str) -> Any:
 
     try:
         return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
-    except OSError:
+    except (OSError, ValueError):
         return SimpleNamespace()
 
 

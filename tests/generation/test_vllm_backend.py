@@ -99,3 +99,20 @@ def test_vllm_engine_generates_like_the_hf_backend_and_syncs_lora_weights(tiny_d
     assert [r[0].token_ids for r in synced] == [r[0].token_ids for r in expected]
     for r, e in zip(synced, expected):
         assert r[0].logprobs == pytest.approx(e[0].logprobs, abs=1e-3)
+
+
+def test_the_engine_stops_at_every_end_token_the_checkpoint_declares(tmp_path):
+    """The vllm backend's end tokens (its stop_token_ids, and what it strips from completions): the tokenizer's EOS, the
+    generation config's and the chat template's end of turn, as the hf backend's; a directory without a generation
+    config declares none."""
+    from data_helpers import make_turn_chat_model
+    from transformers import GenerationConfig
+
+    from lit_align.generation.hf import model_eos_ids
+    from lit_align.generation.vllm import _generation_config
+
+    model_dir = make_turn_chat_model(tmp_path / "chat")
+    GenerationConfig(eos_token_id=[2, 7]).save_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    assert model_eos_ids(_generation_config(model_dir), tokenizer) == [2, 7, 261]  # 261: <end_of_turn>
+    assert model_eos_ids(_generation_config(str(tmp_path / "missing")), tokenizer) == [2, 261]
