@@ -67,67 +67,83 @@ def packed_mask_dtype(net: torch.nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
 
-def packed_pairs(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The batch's ``B`` pairs as ``B`` packed rows (right-padded to the longest): ``input_ids`` and ``position_ids``
-    (B, L), ``attention_mask`` (B, 1, L, L): True where a query may attend to a key, or with ``mask_dtype`` a float
-    mask of 0 and that dtype's minimum (eager attention adds it); ``positions`` (2B, C): the position whose
-    logits predict each completion token of ``completion_labels`` (chosen rows first); and ``ends`` (2B,): the
-    position of each completion's last token (where a reward model reads its score). Built from the batch's split
-    layout (:func:`~lit_align.data_modules.preference.collate_pairs`), with tensor operations only."""
-    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    completion_ids, completion_mask = batch["completion_input_ids"], batch["completion_attention_mask"]
-    b, width = prompt_ids.shape
-    c_width = completion_ids.size(1)
-    prompt_len = prompt_mask.sum(-1, keepdim=True)
-    chosen_len = completion_mask[:b].sum(-1, keepdim=True)
-    total = prompt_len + chosen_len + completion_mask[b:].sum(-1, keepdim=True)
-    t = torch.arange(int(total.max()), device=prompt_ids.device).unsqueeze(0)
-    in_prompt, in_chosen = t < prompt_len, (t >= prompt_len) & (t < prompt_len + chosen_len)
-    in_rejected = (t >= prompt_len + chosen_len) & (t < total)
-    prompt_tokens = prompt_ids.gather(1, (width - prompt_len + t).clamp(0, width - 1))  # left-padded prompts
-    chosen_tokens = completion_ids[:b].gather(1, (t - prompt_len).clamp(0, c_width - 1))
-    rejected_tokens = completion_ids[b:].gather(1, (t - prompt_len - chosen_len).clamp(0, c_width - 1))
-    input_ids = torch.where(in_prompt, prompt_tokens, torch.where(
-        in_chosen, chosen_tokens, torch.where(in_rejected, rejected_tokens, torch.full_like(t, pad_token_id))))
-    position_ids = torch.where(in_rejected, t - chosen_len, t)
-    # query q may see key k: k <= q, k a real token, and not (q rejected and k chosen)
-    causal = t.unsqueeze(-1) >= t.unsqueeze(-2)  # (1, L, L)
-    allowed = causal & (t < total).unsqueeze(1) & ~(in_rejected.unsqueeze(-1) & in_chosen.unsqueeze(1))
+def packed_groups(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                  of_row: Tensor, pad_token_id: int, mask_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Completions packed after their shared prompts: one row per prompt, the prompt then each of its completions.
+
+    ``prompt_ids``/``prompt_mask`` (G, P) left-padded; ``completion_ids``/``completion_mask`` (N, C) right-padded;
+    ``of_row`` (N,) each completion's prompt. Returns ``input_ids`` and ``position_ids`` (G, L), right-padded to the
+    longest row; ``attention_mask`` (G, 1, L, L): a token sees the earlier tokens of its prompt and of its own
+    completion only (True where it may, or with ``mask_dtype`` 0 there and that dtype's minimum elsewhere, for eager
+    attention, which adds it); ``index`` (N, C): where each completion token sits in its prompt's row (clamped on
+    padding). A completion's positions continue from its prompt's length, as in its own full sequence, so every output
+    at its tokens equals that of a pass over prompt + completion. Tensor operations only."""
+    device = prompt_ids.device
+    width, c_width = prompt_ids.size(1), completion_ids.size(1)
+    prompt_len, completion_len = prompt_mask.sum(-1), completion_mask.sum(-1)
+    same = of_row.unsqueeze(0) == of_row.unsqueeze(1)  # (N, N)
+    earlier = torch.tril(same, diagonal=-1).to(completion_len.dtype)  # [n, m]: m is before n in n's row
+    start = prompt_len[of_row] + earlier @ completion_len  # where each completion begins in its row
+    total = prompt_len.index_add(0, of_row, completion_len)
+    length = int(total.max())
+    t = torch.arange(length, device=device).unsqueeze(0)
+    in_prompt = t < prompt_len.unsqueeze(-1)
+    input_ids = torch.where(in_prompt, prompt_ids.gather(1, (width - prompt_len.unsqueeze(-1) + t).clamp(0, width - 1)),
+                            torch.full_like(t, pad_token_id))
+    position_ids = torch.where(in_prompt, t, torch.zeros_like(t))
+    segment = torch.where(in_prompt, -1, -2)  # -1: prompt, -2: padding, n: completion n
+    k = torch.arange(c_width, device=device).unsqueeze(0)
+    index = start.unsqueeze(-1) + k
+    real = k < completion_len.unsqueeze(-1)
+    rows, cols = of_row.unsqueeze(-1).expand_as(index)[real], index[real]
+    input_ids[rows, cols] = completion_ids[real]
+    position_ids[rows, cols] = (prompt_len[of_row].unsqueeze(-1) + k).expand_as(index)[real]
+    segment[rows, cols] = torch.arange(of_row.numel(), device=device).unsqueeze(-1).expand_as(index)[real]
+    query, key = segment.unsqueeze(-1), segment.unsqueeze(-2)
+    allowed = (t.unsqueeze(-1) >= t.unsqueeze(-2)) & (key != -2) & ((key == -1) | (key == query))
     allowed = allowed.unsqueeze(1)
     if mask_dtype is not None:
-        allowed = torch.zeros(allowed.shape, dtype=mask_dtype, device=allowed.device).masked_fill(
+        allowed = torch.zeros(allowed.shape, dtype=mask_dtype, device=device).masked_fill(
             ~allowed, torch.finfo(mask_dtype).min)
-    j = torch.arange(c_width, device=prompt_ids.device).unsqueeze(0)
-    chosen_positions = prompt_len - 1 + j
-    rejected_positions = torch.where(j == 0, prompt_len - 1, prompt_len + chosen_len - 1 + j)
-    positions = torch.cat([chosen_positions, rejected_positions]).clamp(max=int(total.max()) - 1)
-    ends = torch.cat([prompt_len + chosen_len - 1, total - 1]).squeeze(-1)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed, "positions": positions,
-            "ends": ends}
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
+            "index": index.clamp(max=length - 1)}
+
+
+def packed_pairs(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """A preference batch's ``B`` pairs as ``B`` packed rows (:func:`packed_groups`): each prompt but its last token,
+    then the chosen and the rejected completion, each led by that last prompt token, so the outputs at a completion's
+    own positions predict all of its tokens. Adds to :func:`packed_groups`' keys ``ends`` (2B,): the position of each
+    completion's last token (where a reward model reads its score). From the batch's split layout
+    (:func:`~lit_align.data_modules.preference.collate_pairs`; prompts left-padded, so their last column is their last
+    token)."""
+    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    completion_ids, completion_mask = batch["completion_input_ids"], batch["completion_attention_mask"]
+    b = prompt_ids.size(0)
+    of_row = torch.arange(2 * b, device=prompt_ids.device) % b
+    led_ids = torch.cat([prompt_ids[of_row, -1:], completion_ids], dim=1)
+    led_mask = torch.cat([prompt_mask[of_row, -1:], completion_mask], dim=1)
+    packed = packed_groups(prompt_ids[:, :-1], prompt_mask[:, :-1], led_ids, led_mask, of_row, pad_token_id,
+                           mask_dtype)
+    packed["ends"] = packed["index"].gather(1, (led_mask.sum(-1, keepdim=True) - 1)).squeeze(-1)
+    return packed
 
 
 def packed_token_logps(logits: Tensor, first_position: int, packed: dict[str, Tensor],
                        labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token log-probabilities ``(2B, C)`` of the completions in ``labels`` (``completion_labels``, chosen rows
-    first) and their mask, from the packed rows' ``logits`` (B, K, V), which start at position ``first_position``.
-
-    One fused cross-entropy gives each packed position's log-probability of the next packed token (every chosen token,
-    and every rejected token but the first); a second one, over B positions, the rejected completions' first tokens
-    from the prompts' last positions."""
+    first) and their mask, from :func:`packed_pairs` rows' ``logits`` (B, K, V), which start at position
+    ``first_position``: one fused cross-entropy gives each packed position's log-probability of the next packed token,
+    and completion token ``k`` is the one after its completion's position ``k`` (the first being the prompt's last
+    token)."""
     b = logits.size(0)
     mask = labels != losses.IGNORE_INDEX
     following = packed["input_ids"][:, first_position + 1:first_position + logits.size(1)]
     next_logps, _ = losses.token_logps(logits[:, :following.size(1) + 1], torch.cat(
         [following[:, :1], following], dim=1))  # (B, K - 1): position first + t predicting token first + t + 1
-    at = (packed["positions"] - first_position).clamp(0, next_logps.size(1) - 1)
+    at = (packed["index"][:, :labels.size(1)] - first_position).clamp(0, next_logps.size(1) - 1)
     rows = torch.arange(2 * b, device=logits.device) % b
-    token_logps = next_logps[rows.unsqueeze(-1), at]
-    prompt_last = at[b:, 0]  # the rejected rows' first tokens are predicted where the chosen ones' are
-    first = -F.cross_entropy(logits[torch.arange(b, device=logits.device), prompt_last].float(),
-                             labels[b:, 0].clamp(min=0), reduction="none")
-    token_logps = torch.cat([token_logps[:b], torch.cat([first.unsqueeze(-1), token_logps[b:, 1:]], dim=1)])
-    return token_logps * mask, mask
+    return next_logps[rows.unsqueeze(-1), at] * mask, mask
 
 
-__all__ = ["PACKABLE_ATTENTION", "PackingCheck", "attention_implementation", "packed_mask_dtype", "packed_pairs",
-           "packed_token_logps"]
+__all__ = ["PACKABLE_ATTENTION", "PackingCheck", "attention_implementation", "packed_groups", "packed_mask_dtype",
+           "packed_pairs", "packed_token_logps"]
