@@ -119,7 +119,7 @@ def _model_dir(model_path: str, dtype: str) -> str:
 
 
 def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_batch_size: int,
-                         completion_tokens: int | None = None) -> dict:
+                         completion_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
     """GRPO's passes over one batch of rollouts with ``share_prompt`` on and off, timed alternately in this process.
 
     Rollouts: each prompt with K completions, its canonical solution cut at K different lengths (k+1)/K, so
@@ -127,12 +127,13 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
     ``completion_tokens`` x (k+1)/K of them (longer completions than the task suite's short solutions). Passes, as a GRPO step with beta > 0 and several
     updates runs them: the statistics (old log-probs and the frozen reference copy's log-probs, without gradient)
     and one forward/backward pass over every rollout in micro-batches of ``micro_batch_size``. Medians over
-    ``repeats`` rounds; the two settings' log-probs are compared too."""
+    ``repeats`` rounds; the two settings' log-probs are compared too. With ``gradient_checkpointing`` the training
+    pass cannot share through a cache and packs each prompt's rows into one row instead (``packed_groups``)."""
     from lit_align.generation import Completion, SamplingParams
     from lit_align.modules.grpo import GRPO
 
     module = GRPO(model_name_or_path=_model_dir(model_path, "float32"), samples_per_prompt=k, beta=0.04,
-                  micro_batch_size=micro_batch_size)
+                  micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
     module.configure_model()
     module.train()
     tok = module.tokenizer
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of the first ones (the first 16 are all one family, whose completions end "
                              "together; 14 spreads 16 prompts over every family)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="--prompt-sharing only: rows per pass")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="--prompt-sharing only: checkpointed blocks (the training pass packs each prompt's rows)")
     parser.add_argument("--completion-tokens", type=int, default=None,
                         help="--prompt-sharing only: random completions of up to this many tokens instead of the "
                              "task suite's solutions")
@@ -409,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         results = {"setup": setup, "reward_scoring": bench_reward_scoring(args.reward_scoring, items, args.k,
                                                                           args.repeats, args.reward_batch_size)}
     elif args.prompt_sharing:
-        setup.update(micro_batch_size=args.micro_batch_size, completion_tokens=args.completion_tokens)
-        results = {"setup": setup, "prompt_sharing": bench_prompt_sharing(args.model, items, args.k, args.repeats,
-                                                                          args.micro_batch_size, args.completion_tokens)}
+        setup.update(micro_batch_size=args.micro_batch_size, completion_tokens=args.completion_tokens,
+                     gradient_checkpointing=args.gradient_checkpointing)
+        results = {"setup": setup, "prompt_sharing": bench_prompt_sharing(
+            args.model, items, args.k, args.repeats, args.micro_batch_size, args.completion_tokens,
+            args.gradient_checkpointing)}
     elif args.kv_cache:
         setup.update(device=args.device, dtype=args.dtype)
         settings = {"reserved": {"reserve_cache": True}, "transformers_default": {"reserve_cache": False}}

@@ -70,20 +70,50 @@ def test_a_pass_with_gradient_shares_prompts_and_gives_the_full_sequence_gradien
         assert (a - b).abs().max() <= 1e-5 * max(float(b.abs().max()), 1.0)
 
 
-def test_no_sharing_where_every_row_has_its_own_prompt_or_a_checkpointed_pass_has_gradient(rollouts):
+def test_a_checkpointed_pass_with_gradient_packs_a_prompts_rows_and_nothing_is_shared_without_repeats(rollouts):
     module = _ppo(gradient_checkpointing=True).train()
     counted = RowCounter(module.model).rows
     module.rollout_forward(rollouts.rows(torch.tensor([0, 3])))  # prompts 0 and 1: nothing to share
     assert counted == [2]
     counted.clear()
-    loss = module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))["logps"].sum()  # checkpointed: the full rows
+    # checkpointed, with gradient: no cache; prompt 0 and its 2 rows packed into 1 row (the first time also checked
+    # against the 2 full rows, without gradient)
+    loss = module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))["logps"].sum()
     loss.backward()
-    assert counted[0] == 2 and module.model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
+    assert counted == [1, 2, 1] and module.packing.ok
+    assert module.model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
+    counted.clear()
+    module.hparams.packed_groups = False
+    module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))
+    assert counted == [2]  # the full rows
     counted.clear()
     with torch.no_grad():
         module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))  # without gradient nothing re-runs: shared
     assert counted == [1, 2]
     assert module._prompt_sharing_ok and all(m.training for m in module.model.modules())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_groups_give_the_full_sequence_numbers_and_gradients_under_checkpointing(rollouts, attention):
+    """A prompt and its rows' responses packed into one row, each response seeing the prompt and itself: log-probs,
+    values, logits and gradients equal those of the full rows, with gradient checkpointing on."""
+    module = _ppo(gradient_checkpointing=True, attn_implementation=attention).train()
+    rows = rollouts.rows(torch.tensor([4, 0, 5, 2]))  # prompt 1 twice, prompt 0 twice, shuffled
+    grads, outs, counted = {}, {}, RowCounter(module.model).rows
+    for packed in (True, False):
+        module.hparams.packed_groups = packed
+        module.zero_grad()
+        out = module.rollout_forward(rows, with_values=True)
+        (out["logps"].sum() + out["values"].pow(2).sum()).backward()
+        outs[packed] = out
+        grads[packed] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+    assert counted == [2, 4, 2, 4]  # the check (packed, full), the packed pass; then the full rows
+    mask = rows["response_mask"]
+    for key in ("logps", "values"):
+        assert torch.allclose(outs[True][key], outs[False][key], atol=2e-5), key
+    assert torch.allclose(outs[True]["logits"][mask], outs[False]["logits"][mask], atol=2e-5)  # where they predict
+    for a, b in zip(grads[True], grads[False]):  # float32 summation order, as for packed pairs (tests/test_dpo.py)
+        assert (a - b).abs().max() <= 3e-5 * max(float(b.abs().max()), 1.0)
 
 
 def test_grpo_update_runs_the_same_loss_with_and_without_sharing(rollouts):

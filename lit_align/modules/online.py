@@ -50,6 +50,7 @@ from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
 from lit_align.modules.preference import shared_prompt_forward
+from lit_align.modules.packed_pairs import PackingCheck, packed_groups, packed_mask_dtype
 from lit_align.modules.reward import RewardNetwork, full_rows, load_reward_model, reward_batches, reward_model_base
 
 # checkpoints store the reward scale in their hyperparameters; let torch.load(weights_only=True) read it
@@ -242,6 +243,12 @@ class OnlineModule(AlignmentModule):
             same passes); DDP and ZeRO-1/2 share. The reward model (``reward: reward_model``) scores each prompt
             once for its completions in a batch of ``reward_model_batch_size`` pairs under the same conditions (off
             here turns that off too; a replicated reward model also follows its own ``share_prompt``).
+        packed_groups: where a pass over rollouts cannot reuse a prompt's keys/values (with gradient under
+            activation checkpointing, or through a ``torch_compile``d policy), still run each prompt once by packing
+            it and its completions in the micro-batch into one row, each completion seeing the prompt and itself
+            (:func:`~lit_align.modules.packed_pairs.packed_groups`; with share_prompt, an attention that applies a
+            4D mask (sdpa, eager), and not under FSDP or ZeRO-3 over several processes). The first packed pass of a
+            run is checked against full rows once. Off: those passes run the full rows.
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -281,9 +288,11 @@ class OnlineModule(AlignmentModule):
         disable_dropout: bool = True,
         reference_placement: Literal["shard", "replicate"] = "shard",
         share_prompt: bool = True,
+        packed_groups: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.packing = PackingCheck()  # packed rows checked against full ones on the first packed pass
         reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
         self.hparams["reward_model"] = reward_model
         if reference_placement not in ("shard", "replicate"):
@@ -672,11 +681,9 @@ class OnlineModule(AlignmentModule):
             shared = self._shared_prompt_outputs(rows, net, with_values)
             if shared is not None:
                 return shared
-        t = rows["response_ids"].size(1)
-        out = self.forward_keeping_logits(net, t + 1, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                                          position_ids=rows["position_ids"], use_cache=False,
-                                          output_hidden_states=with_values)
-        return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
+        elif self._use_packed_groups(rows, net):
+            return self._packed_outputs(rows, net, with_values)
+        return self._full_outputs(rows, net, with_values)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
         """Whether :meth:`response_window` runs ``rows`` with their prompts shared: :meth:`shares_prompts`, fewer
@@ -689,6 +696,69 @@ class OnlineModule(AlignmentModule):
             return False  # FSDP, ZeRO-3: every process must make the same forward passes, whatever its rows hold
         prompts = rows["prompt_index"]
         return prompts.unique().numel() < prompts.numel()
+
+    def _use_packed_groups(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
+        """Whether :meth:`response_window` packs each prompt of ``rows`` with its rows' responses into one row
+        (``packed_groups``): where the cache may not be used but ``share_prompt`` is on, fewer prompts than rows, a
+        prompt of more than one token, an attention that applies a 4D mask, not a network sharded over several
+        processes (the one-time check makes extra passes on one process only), and the check passed."""
+        hp = self.hparams
+        if not (hp.get("share_prompt") and hp.get("packed_groups", True) and "prompt_index" in rows
+                and self._prompt_sharing_ok and self.packing.usable(net)):
+            return False
+        if self._world_size() > 1 and gathers_weights_per_forward(net):
+            return False
+        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)
+        prompts = rows["prompt_index"]
+        if p < 2 or prompts.unique().numel() == prompts.numel():
+            return False
+        if self.packing.ok is None:
+            with torch.no_grad():
+                packed = self._window_logps(rows, *self._packed_outputs(rows, net, False))
+                full = self._window_logps(rows, *self._full_outputs(rows, net, False))
+            mask = rows["response_mask"]
+            self.packing.verify((packed * mask).sum(-1), (full * mask).sum(-1), mask.sum(-1),
+                                self.exact_pass(net, rows["input_ids"]))
+        return bool(self.packing.ok)
+
+    @staticmethod
+    def _window_logps(rows: dict[str, Tensor], logits: Tensor, hidden: Tensor | None) -> Tensor:
+        """Log-probabilities (N, t) of the response tokens from :meth:`response_window`'s logits."""
+        return -F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
+                                reduction="none").view_as(rows["response_ids"])
+
+    def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module,
+                        with_values: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` packed
+        with its rows' responses into one row (:func:`~lit_align.modules.packed_pairs.packed_groups`): all of the
+        prompt but its last column, then each row's window (that column and the response). Logits are computed from
+        the first window on and gathered per row."""
+        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)
+        prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
+        n = of_row.numel()
+        first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
+            0, of_row, torch.arange(n, device=of_row.device), reduce="amin")  # a row holding each prompt
+        ids, mask = rows["input_ids"], rows["attention_mask"]
+        packed = packed_groups(ids[first, :p - 1], mask[first, :p - 1], ids[:, p - 1:], mask[:, p - 1:], of_row,
+                               self.pad_token_id, packed_mask_dtype(net))
+        index = packed["index"]
+        length = packed["input_ids"].size(1)
+        out = self.forward_keeping_logits(net, length - int(index[:, 0].min()), input_ids=packed["input_ids"],
+                                          attention_mask=packed["attention_mask"], position_ids=packed["position_ids"],
+                                          use_cache=False, output_hidden_states=with_values)
+        at = (index - (length - out.logits.size(1))).clamp(min=0)
+        logits = out.logits[of_row.unsqueeze(-1), at]
+        hidden = out.hidden_states[-1][of_row.unsqueeze(-1), index] if with_values else None
+        return logits, hidden
+
+    def _full_outputs(self, rows: dict[str, Tensor], net: nn.Module,
+                      with_values: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`response_window`'s (logits, last hidden states or None) from a pass over the full rows."""
+        t = rows["response_ids"].size(1)
+        out = self.forward_keeping_logits(net, t + 1, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                          position_ids=rows["position_ids"], use_cache=False,
+                                          output_hidden_states=with_values)
+        return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
 
     def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
                                with_values: bool) -> tuple[Tensor, Tensor | None] | None:
