@@ -492,15 +492,11 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
                  "Lightning zeroes gradients after the forward pass, so the previous gradients are alive during it")
     if objective in PAIRWISE:
         notes.append("chosen and rejected sequences go through the model in one batch (2 x batch_size sequences)")
-    if objective in PAIRWISE:
+    if objective in PAIRWISE or online:
+        packed = "one packed row per pair, packed_pairs" if objective in PAIRWISE else "a prompt's rows packed into one, packed_groups"
         notes.append("activations are planned for full rows; prompt sharing (share_prompt: through a KV cache, or under "
-                     "gradient checkpointing or torch_compile one packed row per pair, packed_pairs, whose (B, L, L) "
-                     "attention mask is not counted) keeps one prompt's activations for both of its rows, so the "
-                     "training pass needs less")
-    elif online:
-        notes.append("activations are planned for full rows; prompt sharing (share_prompt; not in a training pass under "
-                     "gradient checkpointing or torch_compile) keeps one prompt's activations for all of its rows, so the "
-                     "training pass needs less")
+                     f"gradient checkpointing or torch_compile {packed}, whose (rows, L, L) attention mask is not "
+                     "counted) keeps one prompt's activations for all of its rows, so the training pass needs less")
     if inputs.reference in ("adapter", "copy"):
         notes.append("reference log-probs are computed under no_grad before the policy's forward: only their weights count")
     params = {"total": s.total_params, "trainable": trainable, "lora": lora_params, "matmul": s.matmul_params}
