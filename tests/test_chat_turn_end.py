@@ -1,7 +1,8 @@
 """A chat reply ends the way the model's chat template ends an assistant message: in training data (SFT and
 preference completions, reward-model scoring of online replies) and in generation (the turn's end token stops a
-completion, a server reports it, and it is the token trained after it), also for templates whose turn end is not the tokenizer's EOS (Gemma's
-<end_of_turn>, DeepSeek-Coder instruct's "\\n<|EOT|>")."""
+completion, a server reports it, and it is the token trained after it), also for templates whose turn end is not
+the tokenizer's EOS (Gemma's <end_of_turn>, DeepSeek-Coder instruct's "\\n<|EOT|>"); and a conversation's every
+reply in one sequence (assistant_turns: all)."""
 
 import pytest
 import torch

@@ -216,5 +216,6 @@ def _preview(value: Any, limit: int = 80) -> str:
 
 
 __all__ = ["Conversation", "Prompt", "as_conversation", "assistant_turns", "completion_value", "conversation_segments",
-           "is_messages", "prompt_value", "reply_turns", "render_chat_prompt", "require_chat_template", "special_tokens", "split_conversation", "split_pair",
+           "is_messages", "prompt_value", "reply_turns", "render_chat_prompt", "require_chat_template", "special_tokens",
+           "split_conversation", "split_pair",
            "turn_end", "turn_end_ids", "turn_end_token_id"]

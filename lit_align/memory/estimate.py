@@ -493,7 +493,8 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     if objective in PAIRWISE:
         notes.append("chosen and rejected sequences go through the model in one batch (2 x batch_size sequences)")
     if objective in PAIRWISE or online:
-        packed = "one packed row per pair, packed_pairs" if objective in PAIRWISE else "a prompt's rows packed into one, packed_groups"
+        packed = ("one packed row per pair, packed_pairs" if objective in PAIRWISE
+                  else "a prompt's rows packed into one, packed_groups")
         notes.append("activations are planned for full rows; prompt sharing (share_prompt: through a KV cache, or under "
                      f"gradient checkpointing or torch_compile {packed}, whose (rows, L, L) attention mask is not "
                      "counted) keeps one prompt's activations for all of its rows, so the training pass needs less")

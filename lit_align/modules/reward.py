@@ -109,8 +109,9 @@ class RewardModel(AlignmentModule):
 
         Each pair is encoded as in training (prompt tokens, completion tokens, then ``end``: the end-of-sequence token
         by default; a chat model's replies end as its template ends them,
-        :func:`~lit_align.data_modules.chat.turn_end_ids`); apply any prompt or chat template yourself. Pairs are scored in batches of ``batch_size`` (:func:`reward_batches`), each prompt once for
-        all of its pairs in a batch with ``share_prompt``; the training/eval mode is restored afterwards.
+        :func:`~lit_align.data_modules.chat.turn_end_ids`); apply any prompt or chat template yourself. Pairs are
+        scored in batches of ``batch_size`` (:func:`reward_batches`), each prompt once for all of its pairs in a batch
+        with ``share_prompt``; the training/eval mode is restored afterwards.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"score() needs one completion per prompt, got {len(prompts)} prompts and "

@@ -15,7 +15,8 @@ from lit_align.models import LoRAConfig, apply_lora, load_causal_lm, load_tokeni
 def test_sampling_params_convert_to_vllm_arguments():
     params = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, n=3, stop=["\nx"], seed=5)
     assert vllm_sampling_kwargs(params, [2, 7]) == {
-        "stop_token_ids": [2, 7], "n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 7, "stop": ["\nx"], "seed": 5, "logprobs": 0,
+        "stop_token_ids": [2, 7], "n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 7, "stop": ["\nx"], "seed": 5,
+        "logprobs": 0,
         "include_stop_str_in_output": False, "skip_special_tokens": True,
     }
     greedy = vllm_sampling_kwargs(SamplingParams(temperature=0, top_p=0.5, stop=[]))
