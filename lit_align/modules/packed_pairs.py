@@ -82,8 +82,9 @@ def packed_groups(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
     width, c_width = prompt_ids.size(1), completion_ids.size(1)
     prompt_len, completion_len = prompt_mask.sum(-1), completion_mask.sum(-1)
     same = of_row.unsqueeze(0) == of_row.unsqueeze(1)  # (N, N)
-    earlier = torch.tril(same, diagonal=-1).to(completion_len.dtype)  # [n, m]: m is before n in n's row
-    start = prompt_len[of_row] + earlier @ completion_len  # where each completion begins in its row
+    earlier = torch.tril(same, diagonal=-1)  # [n, m]: m is before n in n's row
+    # where each completion begins in its row (a sum, not a matmul: CUDA has no integer matmul)
+    start = prompt_len[of_row] + (earlier * completion_len.unsqueeze(0)).sum(-1)
     total = prompt_len.index_add(0, of_row, completion_len)
     length = int(total.max())
     t = torch.arange(length, device=device).unsqueeze(0)
