@@ -175,7 +175,7 @@ def _nll_sum(model, item):
     return -(picked * (target != IGNORE_INDEX)).sum().item()
 
 
-def test_every_reply_of_a_conversation_in_one_sequence(tmp_path, turn_model):
+def test_every_reply_of_a_conversation_in_one_sequence(tmp_path, turn_model, caplog):
     """assistant_turns: all writes a conversation once with each reply a target: the tokens before each reply are those
     of its own example, so the summed loss equals that of one example per reply, for one pass over the context."""
     tok = load_tokenizer(turn_model)
@@ -217,6 +217,7 @@ def test_every_reply_of_a_conversation_in_one_sequence(tmp_path, turn_model):
     second_end = len(per_reply[1]["input_ids"])
     (short,) = sft(max_length=second_end + 1)
     assert short["input_ids"] == item["input_ids"][:second_end]
+    assert f"1 replies past max_length={second_end + 1} tokens left out of 1 conversations" in caplog.text
 
 
 def test_a_template_that_rewrites_earlier_turns_gets_one_example_per_reply(tmp_path, turn_model):

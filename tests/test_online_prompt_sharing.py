@@ -51,9 +51,13 @@ def test_statistics_with_shared_prompts_equal_the_full_sequence_ones(rollouts):
     assert (stats[True]["old_logps"] != stats[True]["ref_logps"]).any()  # the adapter moved the policy off the reference
 
 
-def test_a_pass_with_gradient_shares_prompts_and_gives_the_full_sequence_gradients(rollouts):
-    """Rows in a shuffled minibatch order, as run_updates draws them: prompt 1 twice, prompt 0 twice."""
-    module = _ppo()
+@pytest.mark.parametrize("checkpointing,attention", [(False, "sdpa"), (True, "sdpa"), (True, "eager")],
+                         ids=["cache", "packed-sdpa", "packed-eager"])
+def test_a_pass_with_gradient_shares_prompts_and_gives_the_full_sequence_gradients(rollouts, checkpointing, attention):
+    """Rows in a shuffled minibatch order, as run_updates draws them: prompt 1 twice, prompt 0 twice. Each prompt runs
+    once, through the KV cache or, under gradient checkpointing, packed with its rows' responses into one row (each
+    response seeing the prompt and itself); log-probs, values, logits and gradients equal those of the full rows."""
+    module = _ppo(gradient_checkpointing=checkpointing, attn_implementation=attention).train()
     rows = rollouts.rows(torch.tensor([4, 0, 5, 2]))
     grads, outs, counted = {}, {}, RowCounter(module.model).rows
     for share in (True, False):
@@ -63,11 +67,15 @@ def test_a_pass_with_gradient_shares_prompts_and_gives_the_full_sequence_gradien
         (out["logps"].sum() + out["values"].pow(2).sum()).backward()
         outs[share] = out
         grads[share] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
-    assert counted == [2, 4, 4]
-    for key in ("logps", "values", "logits"):
+    # cache: 2 prompts, then 4 windows on their cache; packed: the run's check (2 packed rows, 4 full rows), then 2
+    # packed rows; then the 4 full rows
+    assert counted == ([2, 4, 2, 4] if checkpointing else [2, 4, 4])
+    mask = rows["response_mask"]
+    for key in ("logps", "values"):
         assert torch.allclose(outs[True][key], outs[False][key], atol=2e-5), key
-    for a, b in zip(grads[True], grads[False]):
-        assert (a - b).abs().max() <= 1e-5 * max(float(b.abs().max()), 1.0)
+    assert torch.allclose(outs[True]["logits"][mask], outs[False]["logits"][mask], atol=2e-5)  # where they predict
+    for a, b in zip(grads[True], grads[False]):  # float32 summation order, as for DPO (tests/test_dpo.py)
+        assert (a - b).abs().max() <= (3e-5 if checkpointing else 1e-5) * max(float(b.abs().max()), 1.0)
 
 
 def test_a_checkpointed_pass_with_gradient_packs_a_prompts_rows_and_nothing_is_shared_without_repeats(rollouts):
@@ -91,29 +99,6 @@ def test_a_checkpointed_pass_with_gradient_packs_a_prompts_rows_and_nothing_is_s
         module.rollout_forward(rollouts.rows(torch.tensor([0, 1])))  # without gradient nothing re-runs: shared
     assert counted == [1, 2]
     assert module._prompt_sharing_ok and all(m.training for m in module.model.modules())
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_groups_give_the_full_sequence_numbers_and_gradients_under_checkpointing(rollouts, attention):
-    """A prompt and its rows' responses packed into one row, each response seeing the prompt and itself: log-probs,
-    values, logits and gradients equal those of the full rows, with gradient checkpointing on."""
-    module = _ppo(gradient_checkpointing=True, attn_implementation=attention).train()
-    rows = rollouts.rows(torch.tensor([4, 0, 5, 2]))  # prompt 1 twice, prompt 0 twice, shuffled
-    grads, outs, counted = {}, {}, RowCounter(module.model).rows
-    for packed in (True, False):
-        module.hparams.packed_groups = packed
-        module.zero_grad()
-        out = module.rollout_forward(rows, with_values=True)
-        (out["logps"].sum() + out["values"].pow(2).sum()).backward()
-        outs[packed] = out
-        grads[packed] = [p.grad.clone() for p in module.parameters() if p.requires_grad]
-    assert counted == [2, 4, 2, 4]  # the check (packed, full), the packed pass; then the full rows
-    mask = rows["response_mask"]
-    for key in ("logps", "values"):
-        assert torch.allclose(outs[True][key], outs[False][key], atol=2e-5), key
-    assert torch.allclose(outs[True]["logits"][mask], outs[False]["logits"][mask], atol=2e-5)  # where they predict
-    for a, b in zip(grads[True], grads[False]):  # float32 summation order, as for packed pairs (tests/test_dpo.py)
-        assert (a - b).abs().max() <= 3e-5 * max(float(b.abs().max()), 1.0)
 
 
 def test_grpo_update_runs_the_same_loss_with_and_without_sharing(rollouts):

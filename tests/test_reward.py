@@ -95,14 +95,19 @@ def test_training_step_is_bradley_terry_on_the_pair_rewards():
     assert expected.item() == pytest.approx(torch.log1p(torch.exp(-(d - 0.5))).mean().item(), abs=1e-6)
 
 
-def test_shared_prompt_rewards_equal_full_sequence_rewards():
-    module = RewardModel(lora=LoRAConfig(r=4, dropout=0.1))
+def _module_and_pairs(**kw):
+    """A LoRA reward model in training mode with a perturbed adapter, and a batch of 6 pairs from different tasks."""
+    module = RewardModel(lora=LoRAConfig(r=4, dropout=0.1), **kw)
     module.configure_model()
     _perturb_head(module)
     module.train()
     dm = _data(train_sources=[PreferenceSource(limit=40)], val_sources=[])
     dm.setup()
-    batch = dm.collate(dm.train_items[::9][:6])
+    return module, dm.collate(dm.train_items[::9][:6])
+
+
+def test_shared_prompt_rewards_equal_full_sequence_rewards():
+    module, batch = _module_and_pairs()
     backbone = module._scorer().model
     rows = []
     backbone.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
@@ -228,13 +233,7 @@ def test_under_checkpointing_pairs_are_packed_one_row_each_with_the_full_sequenc
     chosen, rejected; the first packed pass checked against full rows once), with the full rows' rewards and
     gradients; packed_pairs: false runs the full rows."""
     torch.manual_seed(0)
-    module = RewardModel(lora=LoRAConfig(r=4), gradient_checkpointing=True, attn_implementation=attention)
-    module.configure_model()
-    _perturb_head(module)
-    module.train()
-    dm = _data(train_sources=[PreferenceSource(limit=40)], val_sources=[])
-    dm.setup()
-    batch = dm.collate(dm.train_items[::9][:6])
+    module, batch = _module_and_pairs(gradient_checkpointing=True, attn_implementation=attention)
     rows = backbone_rows(module)
     rewards, grads = {}, {}
     for packed in (True, False):

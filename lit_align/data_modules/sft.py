@@ -61,22 +61,24 @@ class SFTDataModule(TokenizedDataModule):
         tok = self.resolve_tokenizer()
         prompts = {prompt: self.format_prompt(prompt) for prompt in dict.fromkeys(p["prompt"] for p in pairs
                                                                                   if "conversation" not in p)}
-        encoded, cut = [], [0, 0]
+        encoded, cut = [], []
         for p in pairs:
             if "conversation" in p:
-                encoded += self._encode_conversation(p["conversation"], cut)
+                examples, left_out = self._encode_conversation(p["conversation"])
+                encoded += examples
+                cut += [left_out] if left_out else []
             else:
                 encoded.append(encode_example(tok, prompts[p["prompt"]], p["completion"],
                                               end=self.completion_end(p["prompt"])))
-        if cut[0]:
+        if cut:
             log.warning("lit_align: %d replies past max_length=%d tokens left out of %d conversations (their earlier "
-                        "replies are kept)", cut[0], self.max_length, cut[1])
+                        "replies are kept)", sum(cut), self.max_length, len(cut))
         return encoded
 
-    def _encode_conversation(self, conversation: Conversation, cut: list[int]) -> list[dict[str, list[int]]]:
+    def _encode_conversation(self, conversation: Conversation) -> tuple[list[dict[str, list[int]]], int]:
         """A conversation whose every reply is a target (``assistant_turns: all``): one sequence with each reply
         labelled (:func:`~lit_align.data_modules.chat.conversation_segments`), ending after the last reply that fits
-        in ``max_length`` (``cut`` counts the replies and conversations cut); one example per reply where the chat
+        in ``max_length``, and the number of replies left out that way; one example per reply where the chat
         template does not allow one sequence."""
         tok = self.resolve_tokenizer()
         segments = conversation_segments(tok, conversation)
@@ -88,7 +90,7 @@ class SFTDataModule(TokenizedDataModule):
                          "(it ends a reply with no special token, or rewrites earlier turns), so each reply is its "
                          "own example with the conversation up to it as the prompt", tok.name_or_path)
             return [encode_example(tok, self.format_prompt(context), reply, end=end)
-                    for context, reply in reply_turns(conversation)]
+                    for context, reply in reply_turns(conversation)], 0
         input_ids, labels, ends = [], [], []
         for k, (text, is_reply) in enumerate(segments):
             if is_reply:
@@ -102,10 +104,8 @@ class SFTDataModule(TokenizedDataModule):
                 ends.append(len(input_ids))
         fitting = [n for n in ends if n <= self.max_length]
         keep = fitting[-1] if fitting else ends[0]  # nothing fits: the first reply, which length filtering drops
-        if fitting and len(fitting) < len(ends):
-            cut[0] += len(ends) - len(fitting)
-            cut[1] += 1
-        return [{"input_ids": input_ids[:keep], "labels": labels[:keep]}]
+        left_out = len(ends) - len(fitting) if fitting else 0
+        return [{"input_ids": input_ids[:keep], "labels": labels[:keep]}], left_out
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:

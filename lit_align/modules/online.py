@@ -112,6 +112,14 @@ class Rollouts:
                 "prompt_index": torch.div(index, self.group_size, rounding_mode="floor")}
 
 
+def response_logps(window: Tensor, response_ids: Tensor) -> Tensor:
+    """Log-probabilities (N, t), in float32, of the response tokens under :meth:`OnlineModule.response_window`'s
+    logits (N, t + 1, V): column k predicts response token k (padding is not masked here)."""
+    logits = window[:, :-1]
+    return -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), response_ids.reshape(-1),
+                            reduction="none").view_as(response_ids)
+
+
 def _is_deepspeed(strategy) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -657,11 +665,8 @@ class OnlineModule(AlignmentModule):
         :meth:`value_head_outputs` at that same position (the state before token k).
         """
         logits, hidden = self.response_window(rows, model, with_values)
-        logits = logits[:, :-1]
         mask = rows["response_mask"]
-        logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
-                                 reduction="none").view_as(mask)
-        result = {"logps": logps * mask, "logits": logits}
+        result = {"logps": response_logps(logits, rows["response_ids"]) * mask, "logits": logits[:, :-1]}
         if with_values:
             result["values"] = self.value_head_outputs(hidden[:, :-1]) * mask
         return result
@@ -686,11 +691,15 @@ class OnlineModule(AlignmentModule):
         return self._full_outputs(rows, net, with_values)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
-        """Whether :meth:`response_window` runs ``rows`` with their prompts shared: :meth:`shares_prompts`, fewer
-        prompts than rows, and a network whose forward passes gather no weights from other processes (under FSDP and
-        ZeRO-3 every process makes the same passes, and a shared pass is two where another process's rows may need
-        one)."""
-        if "prompt_index" not in rows or not self.shares_prompts(net):
+        """Whether :meth:`response_window` runs ``rows`` with their prompts shared through a KV cache:
+        :meth:`shares_prompts` and :meth:`_repeats_prompts`."""
+        return self.shares_prompts(net) and self._repeats_prompts(rows, net)
+
+    def _repeats_prompts(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
+        """Whether ``rows`` hold a prompt more than once, on a network whose forward passes gather no weights from
+        other processes (under FSDP and ZeRO-3 every process makes the same passes, and a shared pass, or the one-time
+        check of packed rows, is more passes where another process's rows may need one)."""
+        if "prompt_index" not in rows:
             return False
         if self._world_size() > 1 and gathers_weights_per_forward(net):
             return False  # FSDP, ZeRO-3: every process must make the same forward passes, whatever its rows hold
@@ -699,48 +708,41 @@ class OnlineModule(AlignmentModule):
 
     def _use_packed_groups(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
         """Whether :meth:`response_window` packs each prompt of ``rows`` with its rows' responses into one row
-        (``packed_groups``): where the cache may not be used but ``share_prompt`` is on, fewer prompts than rows, a
-        prompt of more than one token, an attention that applies a 4D mask, not a network sharded over several
-        processes (the one-time check makes extra passes on one process only), and the check passed."""
+        (``packed_groups``): where the cache may not be used but ``share_prompt`` is on, :meth:`_repeats_prompts`, a
+        prompt of more than one column, an attention that applies a 4D mask, and the run's one comparison of packed
+        with full rows passed."""
         hp = self.hparams
-        if not (hp.get("share_prompt") and hp.get("packed_groups", True) and "prompt_index" in rows
-                and self._prompt_sharing_ok and self.packing.usable(net)):
-            return False
-        if self._world_size() > 1 and gathers_weights_per_forward(net):
-            return False
         p = rows["input_ids"].size(1) - rows["response_ids"].size(1)
-        prompts = rows["prompt_index"]
-        if p < 2 or prompts.unique().numel() == prompts.numel():
-            return False
-        if self.packing.ok is None:
-            with torch.no_grad():
-                packed = self._window_logps(rows, *self._packed_outputs(rows, net, False))
-                full = self._window_logps(rows, *self._full_outputs(rows, net, False))
-            mask = rows["response_mask"]
-            self.packing.verify((packed * mask).sum(-1), (full * mask).sum(-1), mask.sum(-1),
-                                self.exact_pass(net, rows["input_ids"]))
-        return bool(self.packing.ok)
+        return bool(hp.get("share_prompt") and hp.get("packed_groups", True) and p >= 2
+                    and self._repeats_prompts(rows, net)
+                    and self.packing.allows(net, lambda: self._compare_packing(rows, net)))
 
-    @staticmethod
-    def _window_logps(rows: dict[str, Tensor], logits: Tensor, hidden: Tensor | None) -> Tensor:
-        """Log-probabilities (N, t) of the response tokens from :meth:`response_window`'s logits."""
-        return -F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), rows["response_ids"].reshape(-1),
-                                reduction="none").view_as(rows["response_ids"])
+    def _compare_packing(self, rows: dict[str, Tensor], net: nn.Module) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """Each row's response log-probability from packed rows and from full rows, for the run's one check."""
+        mask = rows["response_mask"]
+        packed = response_logps(self._packed_outputs(rows, net, False)[0], rows["response_ids"]) * mask
+        full = response_logps(self._full_outputs(rows, net, False)[0], rows["response_ids"]) * mask
+        return packed.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, rows["input_ids"])
 
-    def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module,
-                        with_values: bool) -> tuple[Tensor, Tensor | None]:
-        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` packed
-        with its rows' responses into one row (:func:`~lit_align.modules.packed_pairs.packed_groups`): all of the
-        prompt but its last column, then each row's window (that column and the response). Logits are computed from
-        the first window on and gathered per row."""
-        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)
+    def _split_at_prompt(self, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``rows`` split for a pass that runs each distinct prompt once: each row's prompt (``of_row``), each
+        prompt's head (all of the prompt but its last column: ids and mask, from a row holding it) and each row's
+        window (the last prompt column and the response: ids and mask), whose outputs are :meth:`response_window`'s."""
+        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)  # the padded prompt width
         prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
         n = of_row.numel()
         first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
             0, of_row, torch.arange(n, device=of_row.device), reduce="amin")  # a row holding each prompt
         ids, mask = rows["input_ids"], rows["attention_mask"]
-        packed = packed_groups(ids[first, :p - 1], mask[first, :p - 1], ids[:, p - 1:], mask[:, p - 1:], of_row,
-                               self.pad_token_id, packed_mask_dtype(net))
+        return of_row, ids[first, :p - 1], mask[first, :p - 1], ids[:, p - 1:], mask[:, p - 1:]
+
+    def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module,
+                        with_values: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` packed
+        with its rows' windows into one row (:func:`~lit_align.modules.packed_pairs.packed_groups`). Logits are
+        computed from the first window on and gathered per row."""
+        of_row, *split = self._split_at_prompt(rows)
+        packed = packed_groups(*split, of_row, self.pad_token_id, packed_mask_dtype(net))
         index = packed["index"]
         length = packed["input_ids"].size(1)
         out = self.forward_keeping_logits(net, length - int(index[:, 0].min()), input_ids=packed["input_ids"],
@@ -767,17 +769,11 @@ class OnlineModule(AlignmentModule):
         second pass's outputs are the window itself (nothing concatenated, no second copy of the logits). None where a
         prompt is a single token (nothing to share: the full pass runs), and None with sharing off from then on when
         the model returns no usable cache."""
-        p = rows["input_ids"].size(1) - rows["response_ids"].size(1)  # the padded prompt width
-        prompts, of_row = rows["prompt_index"].unique(return_inverse=True)
-        n = of_row.numel()
-        first = torch.full((prompts.numel(),), n, dtype=torch.long, device=of_row.device).scatter_reduce(
-            0, of_row, torch.arange(n, device=of_row.device), reduce="amin")  # a row holding each prompt
-        ids, mask = rows["input_ids"], rows["attention_mask"]
-        head = mask[first, :p - 1]
-        if p < 2 or not bool((head.sum(-1) > 0).all()):
+        of_row, head_ids, head, window_ids, window_mask = self._split_at_prompt(rows)
+        if head.size(1) == 0 or not bool((head.sum(-1) > 0).all()):
             return None
-        batch = {"prompt_input_ids": ids[first, :p - 1], "prompt_attention_mask": head,
-                 "completion_input_ids": ids[:, p - 1:], "completion_attention_mask": mask[:, p - 1:]}
+        batch = {"prompt_input_ids": head_ids, "prompt_attention_mask": head,
+                 "completion_input_ids": window_ids, "completion_attention_mask": window_mask}
         try:
             _, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values, logits_to_keep=1)
         except NO_CACHE_ERRORS as err:

@@ -17,7 +17,7 @@ causal kernels; it is meant for the passes that cannot share through a cache.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that apply a custom 4D mask as given (flash attention and flex attention do not)."""
 
 
+Comparison = tuple[Tensor, Tensor, "Tensor | float", bool]
+"""What :meth:`PackingCheck.allows` compares: (packed result, full-row result, scale, exact), as :meth:`verify` takes."""
+
+
 class PackingCheck:
     """Whether a module may run packed rows: its network's attention applies a 4D mask as given, and the run's first
     packed pass gave what full sequences give (checked once, :meth:`verify`; ``ok`` is None until then)."""
@@ -41,6 +45,16 @@ class PackingCheck:
     def usable(self, net: torch.nn.Module) -> bool:
         """Not refused by an earlier check, and ``net``'s attention implementation in :data:`PACKABLE_ATTENTION`."""
         return self.ok is not False and attention_implementation(net) in PACKABLE_ATTENTION
+
+    def allows(self, net: torch.nn.Module, compare: Callable[[], Comparison]) -> bool:
+        """Whether packed rows may run through ``net`` now: :meth:`usable`, and the first time ``compare()`` (run
+        without gradient: a packed and a full-row pass over the same rows) agreeing (:meth:`verify`)."""
+        if not self.usable(net):
+            return False
+        if self.ok is None:
+            with torch.no_grad():
+                self.verify(*compare())
+        return bool(self.ok)
 
     def verify(self, packed: Tensor, full: Tensor, scale: Tensor | float, exact: bool) -> bool:
         """Record whether ``packed`` equals ``full`` within a tolerance: 1e-3 per unit of ``scale`` (a completion's

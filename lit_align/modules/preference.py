@@ -155,25 +155,19 @@ class PreferenceModule(AlignmentModule):
         """Share the prompt in one packed row per pair (:mod:`~lit_align.modules.packed_pairs`) where a cache may not
         be filled (checkpointing, compiled blocks): ``share_prompt`` and ``packed_pairs`` on, the batch split at the
         prompt, an attention that applies a 4D mask, and the first packed pass of the run equal to full rows
-        (:meth:`_check_packing`)."""
+        (:meth:`_compare_packing`)."""
         net = model if model is not None else self.model
         hp = self.hparams
-        if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
-                and self.packing.usable(net)):
-            return False
-        if self.packing.ok is None:
-            self._check_packing(batch, net)
-        return bool(self.packing.ok)
+        return bool(hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
+                    and self.packing.allows(net, lambda: self._compare_packing(batch, net)))
 
-    def _check_packing(self, batch: dict[str, Any], net: nn.Module) -> None:
-        """Compare the packed pass with full rows once, without gradient, on the run's first packed batch: an
-        architecture whose attention does not apply the 4D mask as given (or positions as given) shows here, and the run
-        keeps full rows, with a warning. Compared: each completion's log-probability per token
-        (:meth:`~lit_align.modules.packed_pairs.PackingCheck.verify`)."""
-        with torch.no_grad():
-            packed, mask = self._packed_token_logps(batch, net)
-            full, _ = self._full_token_logps(batch, net)
-        self.packing.verify(packed.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, batch["input_ids"]))
+    def _compare_packing(self, batch: dict[str, Any], net: nn.Module) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """The packed pass against full rows, for the run's one check: an architecture whose attention does not apply
+        the 4D mask as given (or positions as given) shows here, and the run keeps full rows, with a warning.
+        Compared: each completion's log-probability per token."""
+        packed, mask = self._packed_token_logps(batch, net)
+        full, _ = self._full_token_logps(batch, net)
+        return packed.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, batch["input_ids"])
 
     def _packed_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         """One row per pair, prompt | chosen | rejected, with the mask and positions of

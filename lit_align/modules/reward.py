@@ -160,15 +160,11 @@ class RewardModel(AlignmentModule):
         attention that applies a 4D mask, and the first packed pass equal to full rows (checked once, without
         gradient)."""
         hp = self.hparams
-        if not (hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
-                and "prompt_rows" not in batch and self.packing.usable(self.model)):
-            return False
-        if self.packing.ok is None:
-            with torch.no_grad():
-                packed = packed_pair_rewards(self._scorer(), batch, self.pad_token_id)
-                full = self(batch["input_ids"], batch["attention_mask"])
-            self.packing.verify(packed, full, 1.0, self.exact_pass(self.model, batch["input_ids"]))
-        return bool(self.packing.ok)
+        compare = lambda: (packed_pair_rewards(self._scorer(), batch, self.pad_token_id),  # noqa: E731
+                           self(batch["input_ids"], batch["attention_mask"]), 1.0,
+                           self.exact_pass(self.model, batch["input_ids"]))
+        return bool(hp.get("share_prompt") and hp.get("packed_pairs", True) and "prompt_input_ids" in batch
+                    and "prompt_rows" not in batch and self.packing.allows(self.model, compare))
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rewards = self.pair_rewards(batch)
