@@ -98,8 +98,8 @@ def test_generation_stops_at_the_turn_end_and_online_training_keeps_it(turn_mode
     prompt = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
     end_at = {"step": None}
 
-    def steer(module, args, kwargs, out):  # no end token is drawn, except <end_of_turn> as the 4th token when asked
-        out.logits[..., [tok.eos_token_id, END_OF_TURN]] = -1e4
+    def steer(module, args, kwargs, out):  # no special token is drawn, except <end_of_turn> as the 4th when asked
+        out.logits[..., tok.all_special_ids] = -1e4  # (a randomly initialised model may favour <unk> or an end token)
         step = kwargs["input_ids"].shape[1] == 1 and kwargs["attention_mask"].shape[1] - len(tok(prompt)["input_ids"])
         if end_at["step"] is not None and step == end_at["step"]:
             out.logits[..., END_OF_TURN] = 1e4
