@@ -14,8 +14,9 @@ body), for training on a chat model's answers (the IADPO oracle's chosen complet
 from __future__ import annotations
 
 import ast
+import io
 import re
-import textwrap
+import tokenize
 
 from lit_align.execution.problems import FunctionProblem, StdioProblem
 
@@ -79,10 +80,12 @@ prints and ``if __name__ == "__main__":`` blocks are left out."""
 
 def body_completion(prompt: str, entry_point: str, reply: str) -> str:
     """A chat reply as the continuation of a function prompt (signature and docstring): when the reply's code defines
-    ``entry_point``, that definition's body without its docstring, indented as the prompt's function body, followed by
-    the reply's imports, other definitions and constants (at the top level after the function: they exist by the time
-    it is called); example calls and ``__main__`` blocks are dropped. A reply that does not define the function, or whose
-    code does not parse, is taken as a continuation as it is."""
+    ``entry_point``, that definition's body without its docstring (comments before its first statement included),
+    indented as the prompt's function body, followed by the reply's imports, other definitions and constants at the
+    top level (after the function, so they exist by the time it is called, and global for a method prompt too);
+    example calls and ``__main__`` blocks are dropped. Only indentation changes: the lines of a multi-line string keep
+    their text. A reply that does not define the function, or whose code does not parse, is taken as a continuation as
+    it is."""
     code = extract_code(reply, "python3")
     if not defines_function(code, entry_point):
         return code
@@ -98,18 +101,57 @@ def body_completion(prompt: str, entry_point: str, reply: str) -> str:
     header = re.search(rf"^([ \t]*)(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", prompt, re.MULTILINE)
     indent = (header.group(1) if header else "") + "    "
     if body and body[0].lineno == function.lineno:  # "def f(x): return x": the statements after the colon
-        text = "".join(ast.get_source_segment(code, node) + "\n" for node in body)
+        completion = "".join(indent + ast.get_source_segment(code, node) + "\n" for node in body)
     elif body:
-        text = textwrap.dedent("".join(lines[body[0].lineno - 1:function.end_lineno]))
+        first = body[0].lineno
+        while first > function.lineno + 1 and lines[first - 2].strip().startswith("#"):
+            first -= 1  # the comments right above the first statement belong to the body
+        completion = _reindent(lines, first, function.end_lineno, body[0].col_offset, indent, _string_lines(code))
     else:
-        text = "pass\n"
-    completion, previous = textwrap.indent(text, indent), None
+        completion = indent + "pass\n"
+    previous = None
     for node in tree.body:
         if isinstance(node, _KEPT) and node not in functions:
             imports = isinstance(node, (ast.Import, ast.ImportFrom)) and isinstance(previous, (ast.Import, ast.ImportFrom))
-            completion += ("" if imports else "\n\n") + textwrap.indent(_source(lines, node), indent[:-4])
+            completion += ("" if imports else "\n\n") + _source(lines, node)
             previous = node
     return completion
+
+
+def _string_lines(code: str) -> set[int]:
+    """Numbers (from 1) of the lines that continue a string begun on an earlier line: their text, leading
+    whitespace included, is the string's."""
+    rows, opened = set(), []
+    starts = {getattr(tokenize, name) for name in ("FSTRING_START", "TSTRING_START") if hasattr(tokenize, name)}
+    ends = {getattr(tokenize, name) for name in ("FSTRING_END", "TSTRING_END") if hasattr(tokenize, name)}
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            if token.type in starts:  # Python 3.12+: an f-string is several tokens
+                opened.append(token.start[0])
+            elif token.type in ends and opened:
+                rows.update(range(opened.pop() + 1, token.end[0] + 1))
+            elif token.type == tokenize.STRING:
+                rows.update(range(token.start[0] + 1, token.end[0] + 1))
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return rows
+
+
+def _reindent(lines: list[str], first: int, last: int, width: int, indent: str, verbatim: set[int]) -> str:
+    """Lines ``first`` to ``last`` (from 1) with up to ``width`` characters of leading whitespace replaced by
+    ``indent``; lines in ``verbatim`` (a string's continuation) as they are, blank lines empty."""
+    text = []
+    for number in range(first, last + 1):
+        line = lines[number - 1]
+        if number in verbatim:
+            text.append(line)
+        elif not line.strip():
+            text.append("\n")
+        else:
+            stripped = line.lstrip(" \t")
+            cut = min(width, len(line) - len(stripped))
+            text.append(indent + line[cut:])
+    return "".join(text).rstrip("\n") + "\n"
 
 
 def _source(lines: list[str], node: ast.stmt) -> str:

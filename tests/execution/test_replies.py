@@ -9,7 +9,7 @@ import pytest
 
 from lit_align.execution import ExecutionPool, IOTest, Status, StdioJob, StdioProblem
 from lit_align.execution.evaluate import main as evaluate
-from lit_align.execution.problems import FunctionJob
+from lit_align.execution.problems import FunctionJob, FunctionProblem
 from lit_align.execution.replies import body_completion, defines_function, extract_code, reply_completion
 
 from .conftest import DOUBLE
@@ -85,7 +85,7 @@ if __name__ == "__main__":
 def test_a_reply_as_the_body_that_continues_the_prompt():
     """body_completion: what a base model would have written after the prompt (a chosen completion to train on)."""
     body = body_completion(DOUBLE.prompt, "double", HELPED)
-    assert body == ("    return times(x, FACTOR)\n\n\nimport operator\nfrom functools import reduce\n"
+    assert body == ("    # the product\n    return times(x, FACTOR)\n\n\nimport operator\nfrom functools import reduce\n"
                     "\n\nFACTOR = 2\n\n\n@staticmethod\ndef unused():\n    pass\n"
                     "\n\ndef times(a, b):\n    return reduce(operator.mul, [a, b])\n")
     docstring_only = '```python\ndef double(x):\n    """Only a docstring."""\n```'
@@ -102,6 +102,39 @@ def test_a_reply_as_the_body_that_continues_the_prompt():
     assert method == "        return 2 * x\n"
     broken = "```python\ndef double(x):\n    return (\n```"
     assert body_completion(DOUBLE.prompt, "double", broken) == "def double(x):\n    return (\n"  # as it is
+
+
+MULTILINE = '''```python
+import textwrap
+
+def lines(x):
+  # two spaces deep in the reply
+  text = """a
+    b"""
+  other = f"""{x}
+  c"""
+  if x:
+      return textwrap.dedent(text + other)
+  return ("a"
+   "b")
+```'''
+
+
+def test_a_reply_body_keeps_its_strings_and_comments_when_reindented():
+    """Only indentation changes: a multi-line string's lines keep their leading spaces, and the comments before the
+    first statement stay with the body."""
+    prompt = 'class Text:\n    def lines(self, x):\n        """The lines."""\n'
+    body = body_completion(prompt, "lines", MULTILINE.replace("def lines(x)", "def lines(self, x)"))
+    assert body == ('        # two spaces deep in the reply\n        text = """a\n    b"""\n'
+                    '        other = f"""{x}\n  c"""\n        if x:\n            return textwrap.dedent(text + other)\n'
+                    '        return ("a"\n         "b")\n\n\nimport textwrap\n')
+    # the reply's import is global (at the top level, after the class), so the method can use it
+    problem = FunctionProblem(task_id="test/lines", prompt=prompt, entry_point="Text", test=(
+        "def check(candidate):\n"
+        "    assert candidate().lines(1) == 'a\\n    b1\\n  c'\n"
+        "    assert candidate().lines(0) == 'ab'\n"))
+    [result] = ExecutionPool().run([FunctionJob(problem, body)])
+    assert result.status == Status.PASSED, result
 
 
 def test_a_stdio_reply_is_the_program_in_its_fence():
