@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_align.callbacks.lora_merge import ExportError, export_merged_model
-from lit_align.models import LoRAConfig, apply_lora, load_causal_lm, load_tokenizer
+from lit_align.models import LoRAConfig, apply_lora, load_causal_lm, load_tokenizer, transformers_major
 
 PROBE = torch.tensor([[5, 104, 105, 106, 36, 40, 50, 60]])
 
@@ -113,3 +113,20 @@ def test_merge_lora_of_a_checkpoint_without_adapter_is_a_clear_error(tmp_path, p
     assert main(["merge-lora", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "m")]) == 2
     assert "holds no LoRA adapter" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_an_export_prints_no_transformers_progress_bars_and_restores_them(tmp_path, capfd):
+    """The export (reloading the base, writing shards) is one line of the caller's, not transformers' bars in the
+    middle of a fit's output; the bars are back on afterwards for the user's own loading."""
+    from transformers.utils import logging as hf_logging
+
+    model = _trained_adapter()
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    export_merged_model(model, load_tokenizer("preset:tiny"), tmp_path / "merged", base_model="preset:tiny")
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+    load_causal_lm(str(tmp_path / "merged"))  # the same call prints its bar outside an export (transformers 5 has one)
+    if transformers_major() >= 5:
+        assert "Loading weights" in capfd.readouterr().err

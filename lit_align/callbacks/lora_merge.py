@@ -9,6 +9,7 @@ it and merged there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -42,6 +43,7 @@ def export_merged_model(model, tokenizer, output_dir: str | Path, base_model: st
     """Write ``model`` (an HF model, or a peft model over ``base_model``) to ``output_dir`` as a merged HF directory.
 
     Returns the directory. Written to a temporary sibling first and renamed, so a failure never leaves half a model.
+    transformers' progress bars (reloading the base, writing shards) are off meanwhile: the caller reports the export.
     """
     from lit_align.models import load_causal_lm
 
@@ -49,25 +51,40 @@ def export_merged_model(model, tokenizer, output_dir: str | Path, base_model: st
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        if _is_peft(model):
-            from peft import PeftModel
+        with _no_transformers_bars():
+            if _is_peft(model):
+                from peft import PeftModel
 
-            model.save_pretrained(tmp / "adapter")
-            base = load_causal_lm(base_model, dtype=dtype, head=head)
-            merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
-        else:
-            merged = model
-        if dtype != "float32":
-            merged = merged.to(getattr(torch, dtype))
-        merged.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        tmp.rename(target)
+                model.save_pretrained(tmp / "adapter")
+                base = load_causal_lm(base_model, dtype=dtype, head=head)
+                merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
+            else:
+                merged = model
+            if dtype != "float32":
+                merged = merged.to(getattr(torch, dtype))
+            merged.save_pretrained(tmp, safe_serialization=True)
+            save_tokenizer(tokenizer, tmp)
+            if target.exists():
+                target.rmdir()  # empty (checked above)
+            tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' progress bars off (restored after): an export's reload and shard writing are one line of ours."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 class LoRAMerge(L.Callback):
