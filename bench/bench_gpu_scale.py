@@ -157,6 +157,7 @@ class Spec:
     threads: int | None
     compile: bool = False
     packed_pairs: bool = True
+    logits_chunk_size: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- model and data
@@ -377,6 +378,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
                        optimizer=OptimizerConfig(lr=LR, weight_decay=0.0, schedule="constant"))
     data_args = dict(val_sources=[], val_fraction=0.0, tokenizer=spec.model_dir, max_length=spec.seq_len,
                      batch_size=spec.batch_size)
+    module_args["logits_chunk_size"] = spec.logits_chunk_size
     if objective == "sft":
         module = SFT(**module_args)
         data = SFTDataModule(train_sources=[DataSource(path=spec.sft_data)], **data_args)
@@ -392,6 +394,7 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
     settings = {"precision": precision.lightning, "dtype": precision.load_dtype,
                 "gradient_checkpointing": spec.gradient_checkpointing, "attn": spec.attn,
                 "torch_compile": "each decoder block" if spec.compile else False,
+                "logits_chunk_size": spec.logits_chunk_size, "chunked_logps_checked": module.chunked_logps.ok,
                 "optimizer": describe_optimizer(trainer.optimizers[0])}
     if objective == "dpo":
         settings.update(reference=module.reference_mode, share_prompt=module.hparams.share_prompt,
@@ -649,6 +652,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--packed-pairs", action=argparse.BooleanOptionalAction, default=True,
                         help="lit_align DPO: where the policy's pass cannot reuse a prompt's cache (checkpointing, "
                              "--compile), pack each pair into one row (the module's packed_pairs)")
+    parser.add_argument("--logits-chunk-size", type=int, default=None,
+                        help="lit_align: the LM head and log-softmax this many tokens at a time (the modules' "
+                             "logits_chunk_size); unset: all logits at once")
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                         help="attention implementation (both libraries)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
@@ -698,7 +704,8 @@ def main() -> None:
         spec = Spec(model_dir=str(model_dir), sft_data=str(sft), dpo_data=str(dpo), seq_len=args.seq_len,
                     steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=args.device,
                     precision=asdict(precision), lora=args.lora, gradient_checkpointing=args.gradient_checkpointing,
-                    attn=args.attn, threads=args.threads, compile=args.compile, packed_pairs=args.packed_pairs)
+                    attn=args.attn, threads=args.threads, compile=args.compile, packed_pairs=args.packed_pairs,
+                    logits_chunk_size=args.logits_chunk_size)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(asdict(spec), indent=2))
         for run in args.runs:

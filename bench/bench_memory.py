@@ -53,11 +53,14 @@ class MemoryCase:
     precision: str = "32-true"
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False
+    logits_chunk_size: int | None = None
     note: str = ""
 
     def model_args(self) -> dict:
         args = {"model_name_or_path": self.model, "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
                 "quantize_4bit": self.quantize_4bit, "optimizer": {"lr": 1e-4}}
+        if self.logits_chunk_size:
+            args["logits_chunk_size"] = self.logits_chunk_size
         if self.lora_r:
             args["lora"] = {"r": self.lora_r, "alpha": 2 * self.lora_r, "dropout": self.lora_dropout,
                             "target_modules": "all-linear"}

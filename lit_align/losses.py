@@ -27,15 +27,19 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
     Returns ``(logps, mask)``, both (batch, seq - 1): ``logps[:, t]`` = log p(labels[:, t+1] | tokens <= t), zero where
     ``mask`` is False. Computed with a fused cross-entropy in float32, so no (batch, seq, vocab) log-softmax copy is kept.
     """
-    shifted_logits = logits[:, :-1, :]
-    shifted_labels = labels[:, 1:]
-    mask = shifted_labels != ignore_index
-    safe_labels = shifted_labels.masked_fill(~mask, 0)
+    return target_logps(logits[:, :-1, :], labels[:, 1:], ignore_index)
+
+
+def target_logps(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """:func:`token_logps` with the targets already shifted: ``logps[:, t]`` = log softmax(logits[:, t])[targets[:, t]]
+    (batch, n) in float32, zero where ``targets`` is ``ignore_index``, and that mask."""
+    mask = targets != ignore_index
+    safe_targets = targets.masked_fill(~mask, 0)
     nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)).float(),
-        safe_labels.reshape(-1),
+        logits.reshape(-1, logits.size(-1)).float(),
+        safe_targets.reshape(-1),
         reduction="none",
-    ).view_as(safe_labels)
+    ).view_as(safe_targets)
     return (-nll) * mask, mask
 
 
@@ -56,7 +60,12 @@ def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     than as one example. Prompt and padding tokens (``ignore_index`` in ``labels``) never count. Returns a scalar
     (0 with zero gradient if the batch holds no completion token).
     """
-    logps, mask = token_logps(logits, labels, ignore_index)
+    return token_mean_nll(*token_logps(logits, labels, ignore_index))
+
+
+def token_mean_nll(logps: Tensor, mask: Tensor) -> Tensor:
+    """:func:`sft_loss` from the completion tokens' log-probabilities ``logps`` and their ``mask``: minus their sum over
+    the number of tokens counted (0 with zero gradient for none)."""
     return -(logps.sum() / mask.sum().clamp(min=1))
 
 

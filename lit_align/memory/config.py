@@ -170,6 +170,7 @@ def inputs_from_config(config: dict, objective: str = "auto", reference: str = "
         value_head=objective == "ppo", reward_model=reward_model, reward_model_dtype=rm_dtype,
         reward_model_lora_params=rm_lora, reward_model_4bit=rm_4bit,
         reference_replicated=m_args.get("reference_placement") == "replicate",
+        logits_chunk_size=int(m_args["logits_chunk_size"]) if m_args.get("logits_chunk_size") else None,
         reward_model_replicated=m_args.get("reward_placement", "replicate") != "shard",
         notes=notes + ([f"packed sequences of {max_length} tokens"] if packing else []),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lit_align.memory.shapes import BLOCK_LINEARS, DTYPE_BYTES, GiB, MiB, ModelShape, NF4_BYTES_PER_PARAM, OBJECTIVES, PAIRWISE, PlanError, _namespace_to_dict
+from lit_align.memory.shapes import (BLOCK_LINEARS, CHUNKED_LOGITS, DTYPE_BYTES, GiB, MiB, ModelShape, NF4_BYTES_PER_PARAM,
+                                     OBJECTIVES, PAIRWISE, PlanError, _namespace_to_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -68,6 +69,8 @@ class PlanInputs:
     """LoRA adapter weights of a reward model trained with LoRA (kept in float32)."""
     reward_model_4bit: bool = False
     """The reward model was trained with QLoRA: its block linear weights load in NF4, the rest in float32."""
+    logits_chunk_size: int | None = None
+    """SFT, DPO, ORPO: the LM head and log-softmax over this many tokens at a time (the modules' option); None: all."""
     reference_replicated: bool = False
     """The frozen reference copy is a whole copy on every device (``reference_placement: replicate``), not sharded."""
     reward_model_replicated: bool = True
@@ -424,6 +427,13 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     logits_elems = seqs * logit_rows * (1 if objective == "reward" else s.vocab_size)
     logits_fwd = logits_elems * (10 if half_compute else 12)
     logits_bwd = logits_elems * 12
+    chunk = inputs.logits_chunk_size if objective in CHUNKED_LOGITS else None
+    if chunk:  # one chunk's logits at a time (float32 copies, softmax, gradient), the head's input rows kept for backward
+        head_rows = seqs * logit_rows * s.hidden_size * (2 if half_compute else 4)
+        logits_elems = min(chunk, seqs * logit_rows) * s.vocab_size
+        per_logit = 12 if half_compute else 10  # measured on CPU, fp32: 10.4 B per chunk logit at the peak
+        logits_fwd = logits_elems * per_logit + head_rows
+        logits_bwd = logits_elems * per_logit + 2 * head_rows + (s.head_params * 4 if full_ft else 0)
     mask = seqs * inputs.seq_len**2 if inputs.padded and inputs.attn_implementation != "flash_attention_2" else 0
     # the final norm and LM head input, plus rotary cos/sin (shared by all blocks)
     final = tokens * (final_norm_bytes(inputs, full_ft) + 2 * s.head_dim * (2 if mode == "half" else 4))
@@ -438,9 +448,14 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         acts = tokens * s.num_layers * per_layer + final
         act_note = f"{seqs} seqs x {inputs.seq_len} tokens x {s.num_layers} blocks x {per_layer:,.0f} B/token ({mode})"
     rows.append(Row("activations", acts, act_note))
-    rows.append(Row("logits + loss", max(logits_fwd, logits_bwd),
-                    f"{logits_elems / tokens:,.0f} logits per token; fp32 cross-entropy buffers"
-                    + (f" (over the {logit_rows} positions predicting the response)" if logit_rows < inputs.seq_len else "")))
+    if chunk:
+        rows.append(Row("logits + loss", max(logits_fwd, logits_bwd),
+                        f"logits_chunk_size: {min(chunk, seqs * logit_rows):,} tokens x {s.vocab_size:,} logits at a time; "
+                        "the LM head's input rows kept" + ("; the head's fp32 gradient sum" if full_ft else "")))
+    else:
+        rows.append(Row("logits + loss", max(logits_fwd, logits_bwd),
+                        f"{logits_elems / tokens:,.0f} logits per token; fp32 cross-entropy buffers"
+                        + (f" (over the {logit_rows} positions predicting the response)" if logit_rows < inputs.seq_len else "")))
     if mask:
         rows.append(Row("attention mask", mask, "(batch, 1, seq, seq) bool mask"))
 

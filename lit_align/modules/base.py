@@ -24,8 +24,10 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lit_align import losses
-from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
-                              load_causal_lm, load_tokenizer, pinned_model_path)
+from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters,
+                              gathers_weights_per_forward, import_model_classes, load_causal_lm, load_tokenizer,
+                              pinned_model_path)
+from lit_align.modules.chunked_logps import ChunkedLogpsCheck, chunked_target_logps, lm_head_parts
 
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,7 @@ class AlignmentModule(L.LightningModule):
         self._rng_state_to_restore: dict[str, Any] | None = None
         self._prompt_sharing_ok = True  # until a model returns no usable KV cache (prompt_sharing_failed)
         self._logits_to_keep_ok = True  # until an architecture refuses logits_to_keep (forward_keeping_logits)
+        self.chunked_logps = ChunkedLogpsCheck()  # the chunked LM head checked once against the model's logits
         self._loading_trainable_only = False
 
     # ------------------------------------------------------------------ construction
@@ -347,9 +350,64 @@ class AlignmentModule(L.LightningModule):
         same from the position ids itself).
         """
         net = model if model is not None else self.model
+        return net(**self.forward_inputs(net, input_ids, attention_mask, position_ids)).logits
+
+    def forward_inputs(self, net: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                       position_ids: Tensor | None = None) -> dict[str, Any]:
+        """:meth:`forward`'s keyword arguments for ``net``: the packed batches' block-diagonal mask where needed."""
         if position_ids is not None and attention_mask is None and self.hparams.attn_implementation != "flash_attention_2":
             attention_mask = packed_causal_mask(position_ids, self._compute_dtype(net))
-        return net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "use_cache": False}
+
+    def target_logps(self, net: torch.nn.Module, start: int, targets: Tensor, **inputs: Any) -> tuple[Tensor, Tensor]:
+        """Log-probabilities (B, n) in float32 of ``targets`` (B, n), the tokens positions ``start`` to
+        ``start + n - 1`` of the pass ``net(**inputs)`` predict (``IGNORE_INDEX`` where none is wanted: 0 there), and
+        their mask. Logits are computed from ``start`` on only; with ``logits_chunk_size`` (SFT, DPO, ORPO) not even
+        those are held whole: the backbone's last hidden states go through the LM head that many tokens at a time,
+        only at the wanted positions (:mod:`~lit_align.modules.chunked_logps`), once the run's first such pass has
+        given the model's own numbers."""
+        if self.uses_chunked_logps(net, inputs["input_ids"]):
+            return self._chunked_target_logps(net, start, targets, inputs)
+        keep = inputs["input_ids"].size(1) - start
+        logits = self.forward_keeping_logits(net, keep, **inputs).logits
+        return losses.target_logps(logits[:, -keep:][:, :targets.size(1)], targets)
+
+    def uses_chunked_logps(self, net: torch.nn.Module, input_ids: Tensor) -> bool:
+        """Whether a pass of ``net`` over ``input_ids`` computes its log-probabilities through the chunked LM head:
+        the module's ``logits_chunk_size`` is set, ``net``'s forward gathers no weights from other processes (FSDP
+        units and ZeRO-3 partitions hold the head's weight only inside the model's own forward), ``net`` splits into
+        backbone and head, and the run's first such pass found the two equal to the model's logits
+        (:meth:`_compare_chunked`, on a short probe of ``input_ids``)."""
+        return bool(self.hparams.get("logits_chunk_size")) and not gathers_weights_per_forward(net) and \
+            self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
+
+    def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probabilities (B, n) of ``targets`` (B, n; ``IGNORE_INDEX`` where none is wanted: 0 there) from the
+        backbone's last hidden states ``hidden`` (B, n, H) at the positions that predict them, through ``net``'s LM
+        head ``logits_chunk_size`` tokens at a time; and their mask."""
+        _, head = lm_head_parts(net)
+        mask = targets != losses.IGNORE_INDEX
+        wanted = chunked_target_logps(hidden[mask], head.weight, head.bias, targets[mask],
+                                      self.hparams.logits_chunk_size)
+        return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device).masked_scatter(mask, wanted), mask
+
+    def _chunked_target_logps(self, net: torch.nn.Module, start: int, targets: Tensor,
+                              inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        backbone, _ = lm_head_parts(net)
+        hidden = backbone(**inputs).last_hidden_state[:, start:start + targets.size(1)]
+        return self.chunked_logps_at(net, hidden, targets)
+
+    def _compare_chunked(self, net: torch.nn.Module, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """The chunked LM head against the model's own logits, for the run's one check, on a probe of the first 64
+        tokens of ``input_ids``' first row (a plain causal pass: what is checked is that the backbone's last hidden
+        states and the head give the model's logits, whatever the pass; so small that the logits it holds whole do not
+        matter where chunks were needed)."""
+        probe = input_ids[:1, :64]
+        inputs = {"input_ids": probe[:, :-1], "use_cache": False}
+        chunked, mask = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
+        full, _ = losses.target_logps(net(**inputs).logits, probe[:, 1:])
+        return chunked.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, probe)
 
     @staticmethod
     def _compute_dtype(net: torch.nn.Module) -> torch.dtype:

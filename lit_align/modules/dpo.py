@@ -54,12 +54,14 @@ class DPO(PreferenceModule):
         packed_pairs: where a pass cannot reuse keys/values (the policy under gradient checkpointing or
             torch_compile), share the prompt by packing each pair into one row instead (with share_prompt).
         disable_dropout: turn dropout off in the policy and the reference.
+        logits_chunk_size: run the LM head this many completion tokens at a time, so no (tokens x vocabulary)
+            logits are held (:class:`~lit_align.modules.preference.PreferenceModule`); null: all at once.
     """
 
     def __init__(self, *args, beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
                  reference: ReferenceMode = "auto", reference_placement: Literal["shard", "replicate"] = "shard",
                  reference_batch_size: int | None = None, share_prompt: bool = True, packed_pairs: bool = True,
-                 disable_dropout: bool = True, **kwargs) -> None:
+                 disable_dropout: bool = True, logits_chunk_size: int | None = None, **kwargs) -> None:
         if not beta > 0:
             raise ValueError(f"DPO beta must be > 0 (it scales the implicit reward), got beta={beta}")
         if not 0.0 <= label_smoothing < 0.5:
@@ -69,7 +71,7 @@ class DPO(PreferenceModule):
         if reference not in ("auto", "adapter_disabled", "frozen_copy", "precomputed"):
             raise ValueError(f"DPO reference must be auto, adapter_disabled, frozen_copy or precomputed, got {reference!r}")
         super().__init__(*args, share_prompt=share_prompt, packed_pairs=packed_pairs,
-                         disable_dropout=disable_dropout, **kwargs)
+                         disable_dropout=disable_dropout, logits_chunk_size=logits_chunk_size, **kwargs)
         if reference == "adapter_disabled" and self.lora_config is None:
             raise ValueError("DPO reference='adapter_disabled' needs a LoRA adapter (`lora`); without one use "
                              "'frozen_copy' or 'precomputed'")

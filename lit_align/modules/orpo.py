@@ -34,14 +34,16 @@ class ORPO(PreferenceModule):
         packed_pairs: where a pass cannot reuse keys/values (the policy under gradient checkpointing or
             torch_compile), share the prompt by packing each pair into one row instead (with share_prompt).
         disable_dropout: turn dropout off in the policy.
+        logits_chunk_size: run the LM head this many completion tokens at a time, so no (tokens x vocabulary)
+            logits are held (:class:`~lit_align.modules.preference.PreferenceModule`); null: all at once.
     """
 
     def __init__(self, *args, orpo_lambda: float = 0.1, share_prompt: bool = True, packed_pairs: bool = True,
-                 disable_dropout: bool = True, **kwargs) -> None:
+                 disable_dropout: bool = True, logits_chunk_size: int | None = None, **kwargs) -> None:
         if not orpo_lambda >= 0:
             raise ValueError(f"ORPO orpo_lambda must be >= 0 (the weight of the odds-ratio term), got {orpo_lambda}")
         super().__init__(*args, share_prompt=share_prompt, packed_pairs=packed_pairs,
-                         disable_dropout=disable_dropout, **kwargs)
+                         disable_dropout=disable_dropout, logits_chunk_size=logits_chunk_size, **kwargs)
 
     def compute_loss(self, chosen_nll: Tensor, chosen_mean_logps: Tensor, rejected_mean_logps: Tensor,
                      ) -> tuple[Tensor, Tensor, Tensor]:

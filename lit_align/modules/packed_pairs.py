@@ -20,7 +20,6 @@ import logging
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_align import losses
@@ -38,6 +37,10 @@ Comparison = tuple[Tensor, Tensor, "Tensor | float", bool]
 class PackingCheck:
     """Whether a module may run packed rows: its network's attention applies a 4D mask as given, and the run's first
     packed pass gave what full sequences give (checked once, :meth:`verify`; ``ok`` is None until then)."""
+
+    warning = ("lit_align: packed pairs differ from full sequences on this model (largest difference %.3g); running "
+               "full sequences where the prompt cannot be shared through a cache")
+    """Logged, with the largest difference, when the check fails."""
 
     def __init__(self) -> None:
         self.ok: bool | None = None
@@ -63,8 +66,7 @@ class PackingCheck:
         difference = float(((packed.float() - full.float()).abs() / torch.as_tensor(scale).clamp(min=1)).max())
         self.ok = difference <= (1e-3 if exact else 0.1)
         if not self.ok:
-            log.warning("lit_align: packed pairs differ from full sequences on this model (largest difference %.3g); "
-                        "running full sequences where the prompt cannot be shared through a cache", difference)
+            log.warning(self.warning, difference)
         return self.ok
 
 
@@ -143,22 +145,28 @@ def packed_pairs(batch: dict[str, Any], pad_token_id: int, mask_dtype: torch.dty
     return packed
 
 
-def packed_token_logps(logits: Tensor, first_position: int, packed: dict[str, Tensor],
-                       labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token log-probabilities ``(2B, C)`` of the completions in ``labels`` (``completion_labels``, chosen rows
-    first) and their mask, from :func:`packed_pairs` rows' ``logits`` (B, K, V), which start at position
-    ``first_position``: one fused cross-entropy gives each packed position's log-probability of the next packed token,
-    and completion token ``k`` is the one after its completion's position ``k`` (the first being the prompt's last
-    token)."""
-    b = logits.size(0)
+def packed_targets(packed: dict[str, Tensor], first_position: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """What to predict in :func:`packed_pairs` rows from ``first_position`` on, for the completions in ``labels``
+    (``completion_labels``, chosen rows first): ``targets`` (B, L - first_position - 1), the next packed token at each
+    position that predicts a completion token and ``IGNORE_INDEX`` elsewhere, and ``at`` (2B, C), where completion
+    token ``k``'s log-probability lands in them (``targets`` column; completion token ``k`` is the one after its
+    completion's position ``k``, the first being the prompt's last token)."""
+    b = packed["input_ids"].size(0)
+    following = packed["input_ids"][:, first_position + 1:]
+    at = (packed["index"][:, :labels.size(1)] - first_position).clamp(0, following.size(1) - 1)
+    rows = (torch.arange(2 * b, device=labels.device) % b).unsqueeze(-1).expand_as(at)
+    wanted = torch.zeros(following.shape, dtype=torch.bool, device=labels.device)
+    wanted[rows[labels != losses.IGNORE_INDEX], at[labels != losses.IGNORE_INDEX]] = True
+    return following.masked_fill(~wanted, losses.IGNORE_INDEX), at
+
+
+def unpack_logps(logps: Tensor, at: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities ``(2B, C)`` of the completions in ``labels`` and their mask, from the log-probabilities
+    of :func:`packed_targets`' ``targets`` (B, K)."""
     mask = labels != losses.IGNORE_INDEX
-    following = packed["input_ids"][:, first_position + 1:first_position + logits.size(1)]
-    next_logps, _ = losses.token_logps(logits[:, :following.size(1) + 1], torch.cat(
-        [following[:, :1], following], dim=1))  # (B, K - 1): position first + t predicting token first + t + 1
-    at = (packed["index"][:, :labels.size(1)] - first_position).clamp(0, next_logps.size(1) - 1)
-    rows = torch.arange(2 * b, device=logits.device) % b
-    return next_logps[rows.unsqueeze(-1), at] * mask, mask
+    rows = torch.arange(at.size(0), device=at.device) % logps.size(0)
+    return logps[rows.unsqueeze(-1), at] * mask, mask
 
 
 __all__ = ["PACKABLE_ATTENTION", "PackingCheck", "attention_implementation", "packed_groups", "packed_mask_dtype",
-           "packed_pairs", "packed_token_logps"]
+           "packed_pairs", "packed_targets", "unpack_logps"]

@@ -18,7 +18,9 @@ from lit_align import losses
 from lit_align.generation.hf import inference_mode
 from lit_align.models import cache_keyword, disable_dropout, returned_cache
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
-from lit_align.modules.packed_pairs import PackingCheck, packed_mask_dtype, packed_pairs, packed_token_logps
+from lit_align.modules.chunked_logps import check_chunk_size, lm_head_parts
+from lit_align.modules.packed_pairs import (PackingCheck, packed_mask_dtype, packed_pairs, packed_targets,
+                                            unpack_logps)
 
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -95,12 +97,17 @@ class PreferenceModule(AlignmentModule):
             passes run the 2B full sequences.
         disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
             of the same weights agree exactly and the implicit rewards are not noise.
+        logits_chunk_size: run the LM head over this many completion tokens at a time, on the backbone's last hidden
+            states, so no (tokens x vocabulary) logits are held (:mod:`~lit_align.modules.chunked_logps`), in the
+            policy's and the reference's passes; prompt and padding tokens skip the head. Checked once against the
+            model's own logits. null: the logits of every completion position at once.
     """
 
     data_kind = "preference"
 
     def __init__(self, *args, share_prompt: bool = True, packed_pairs: bool = True, disable_dropout: bool = True,
-                 **kwargs) -> None:
+                 logits_chunk_size: int | None = None, **kwargs) -> None:
+        check_chunk_size(logits_chunk_size)
         super().__init__(*args, **kwargs)
         self.packing = PackingCheck()  # packed rows checked against full ones on the first packed batch
 
@@ -175,22 +182,23 @@ class PreferenceModule(AlignmentModule):
         net = model if model is not None else self.model
         packed = packed_pairs(batch, self.pad_token_id, mask_dtype=packed_mask_dtype(net))
         first = int(batch["prompt_attention_mask"].sum(-1).min()) - 1
-        keep = packed["input_ids"].size(1) - first
-        logits = self.forward_keeping_logits(net, keep, input_ids=packed["input_ids"],
-                                             attention_mask=packed["attention_mask"],
-                                             position_ids=packed["position_ids"], use_cache=False).logits
-        return packed_token_logps(logits, packed["input_ids"].size(1) - logits.size(1), packed,
-                                  batch["completion_labels"])
+        targets, at = packed_targets(packed, first, batch["completion_labels"])
+        logps, _ = self.target_logps(net, first, targets, input_ids=packed["input_ids"],
+                                     attention_mask=packed["attention_mask"], position_ids=packed["position_ids"],
+                                     use_cache=False)
+        return unpack_logps(logps, at, batch["completion_labels"])
 
     def _full_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
+        """The 2B full sequences; logits from the first completion token's predecessor on."""
+        net = model if model is not None else self.model
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         seq = input_ids.size(1)
         start = batch.get("completion_start")
         if start is None:  # a batch built elsewhere: the first position holding a completion label in any row
             start = int((labels != losses.IGNORE_INDEX).int().argmax(-1).min())
-        keep = min(seq, seq - int(start) + 1)
-        logits = self._logits(input_ids, attention_mask, keep, model)
-        return losses.token_logps(logits, labels[:, seq - logits.size(1):])
+        first = max(0, int(start) - 1)
+        return self.target_logps(net, first, labels[:, first + 1:], input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False)
 
     def _shared_prompt_token_logps(self, batch: dict[str, Any], model: nn.Module | None) -> tuple[Tensor, Tensor]:
         """Prompts (B rows, left-padded) once with a KV cache, then the 2B completions on top of the repeated cache.
@@ -199,6 +207,12 @@ class PreferenceModule(AlignmentModule):
         rest. Positions continue from each prompt's own length, so the numbers match the full-sequence pass.
         """
         net = model if model is not None else self.model
+        if self.uses_chunked_logps(net, batch["completion_input_ids"]):
+            return self._chunked_shared_prompt_token_logps(batch, net)
+        return self._logits_shared_prompt_token_logps(batch, net)
+
+    def _logits_shared_prompt_token_logps(self, batch: dict[str, Any], net: nn.Module) -> tuple[Tensor, Tensor]:
+        """:meth:`_shared_prompt_token_logps` through the model's logits."""
         labels = batch["completion_labels"]
         prompt_out, out, both = shared_prompt_forward(net, batch, logits_to_keep=1)
         first = -F.cross_entropy(prompt_out.logits[both, -1].float(), labels[:, 0].clamp(min=0), reduction="none")
@@ -207,10 +221,13 @@ class PreferenceModule(AlignmentModule):
         token_logps = torch.cat([(first * first_mask).unsqueeze(-1), rest], dim=-1)
         return token_logps, torch.cat([first_mask.unsqueeze(-1), rest_mask], dim=-1)
 
-    def _logits(self, input_ids: Tensor, attention_mask: Tensor, keep: int, model: nn.Module | None) -> Tensor:
-        net = model if model is not None else self.model
-        return self.forward_keeping_logits(net, keep, input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).logits
+    def _chunked_shared_prompt_token_logps(self, batch: dict[str, Any], net: nn.Module) -> tuple[Tensor, Tensor]:
+        """:meth:`_shared_prompt_token_logps` through the backbone and the chunked LM head: the last prompt position's
+        hidden state predicts each completion's first token, the completion's own positions the rest."""
+        backbone, _ = lm_head_parts(net)
+        prompt_out, out, both = shared_prompt_forward(backbone, batch)
+        hidden = torch.cat([prompt_out.last_hidden_state[both, -1:], out.last_hidden_state[:, :-1]], dim=1)
+        return self.chunked_logps_at(net, hidden, batch["completion_labels"])
 
     # ------------------------------------------------------------------ steps
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""Token log-probabilities from a decoder's last hidden states and its LM head, a chunk of tokens at a time.
+
+A causal LM's loss over ``N`` tokens and a vocabulary of ``V`` materializes ``(N, V)`` logits, a float32 copy for the
+cross-entropy and, in the backward pass, their gradient: for DeepSeek-Coder's 32,256-token vocabulary that is about
+0.4 MiB per token, more than everything else a checkpointed 1.3B-parameter model keeps per token. Here the LM head and
+its log-softmax run ``chunk`` tokens at a time and keep nothing of that size: the forward pass keeps one float32
+log-probability per token, and the backward pass recomputes each chunk's logits to get its gradient (one more LM-head
+matmul per token, about 5% more compute for a 1.3B model). Only the tokens whose log-probability is wanted go through
+the head (completion tokens, not the prompt or padding).
+
+:func:`chunked_target_logps` is the numerical kernel; :func:`lm_head_parts` finds the backbone and the head of a
+transformers causal LM (under a peft wrapper too), and :class:`ChunkedLogpsCheck` records whether the two agree with
+the model's own forward pass (checked once per run: an architecture that scales or caps its logits does not).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lit_align.modules.packed_pairs import PackingCheck
+
+
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] per row, ``chunk`` rows at a time (see :func:`chunked_target_logps`)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                dtype: torch.dtype) -> Tensor:
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        for s in range(0, hidden.size(0), chunk):
+            logits = _logits(hidden[s:s + chunk].to(dtype), w, b)
+            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for s in range(0, hidden.size(0), chunk):
+            h = hidden[s:s + chunk].to(dtype)
+            # d log p[target] / d logits = onehot(target) - softmax(logits), times the incoming gradient
+            d_logits = _logits(h, w, b).softmax(-1).neg_()
+            d_logits.scatter_add_(1, targets[s:s + chunk, None], torch.ones_like(d_logits[:, :1]))
+            d_logits.mul_(grad[s:s + chunk, None].float())
+            d_logits = d_logits.to(dtype)
+            if need_hidden:
+                grad_hidden[s:s + chunk] = d_logits @ w
+            if need_weight:
+                grad_weight.add_(d_logits.t() @ h)
+            if need_bias:
+                grad_bias.add_(d_logits.float().sum(0))
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One chunk's logits in float32 (the matmul in ``hidden``'s dtype, as the LM head computes them)."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+def chunked_target_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                         dtype: torch.dtype | None = None) -> Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[n, targets[n]]`` for each of the ``N`` rows of ``hidden`` (N, H), as
+    float32 (N,), without an ``(N, V)`` tensor beyond one chunk of ``chunk`` rows, in the forward or the backward
+    pass. The matmul runs in ``dtype`` (default: ``weight``'s; the autocast dtype under autocast, as an LM head would),
+    the log-softmax in float32. Gradients flow to ``hidden``, ``weight`` and ``bias`` where they require them."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if dtype is None:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, chunk, dtype)
+
+
+def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """``(backbone, head)`` of a transformers causal LM (or a peft model over one): the decoder whose
+    ``last_hidden_state`` the head turns into logits, and the head, a plain ``nn.Linear``. None for anything else (a
+    head with an adapter or quantized weights, a model without ``get_decoder``)."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") and hasattr(net, "peft_config") else net
+    get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    try:
+        backbone, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if backbone is None or backbone is base or type(head) is not nn.Linear:
+        return None
+    return backbone, head
+
+
+def check_chunk_size(logits_chunk_size: int | None) -> None:
+    """Refuse a ``logits_chunk_size`` option below 1 (null is fine), before anything is built."""
+    if logits_chunk_size is not None and (isinstance(logits_chunk_size, bool) or logits_chunk_size < 1):
+        raise ValueError(f"logits_chunk_size must be >= 1 (tokens per chunk) or null, got {logits_chunk_size}")
+
+
+class ChunkedLogpsCheck(PackingCheck):
+    """Whether a module may compute log-probabilities through :func:`chunked_target_logps`: its network splits into a
+    backbone and a plain linear head (:func:`lm_head_parts`), and the run's first chunked pass gave what the model's
+    own logits give (checked once, without gradient; a model that scales, caps or post-processes its logits differs)."""
+
+    warning = ("lit_align: log-probabilities through the chunked LM head differ from this model's logits (largest "
+               "difference %.3g); computing the logits whole (logits_chunk_size has no effect)")
+
+    def usable(self, net: nn.Module) -> bool:
+        return self.ok is not False and lm_head_parts(net) is not None
+
+
+__all__ = ["ChunkedLogpsCheck", "check_chunk_size", "chunked_target_logps", "lm_head_parts"]
