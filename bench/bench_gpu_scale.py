@@ -36,7 +36,8 @@ The same for both libraries:
 
 Each library's own default, left as it is: the optimizer implementation (both torch's fused AdamW on CUDA: lit_align's
 ``optimizer.fused`` default, TRL's ``optim="adamw_torch_fused"``; the table's settings record what ran), how log-probabilities are computed (lit_align: logits then
-a float32 cross-entropy, DPO only over completion positions; TRL: its fused, chunked LM-head), batch order, TRL's
+a float32 cross-entropy, DPO only over completion positions, or with ``--logits-chunk-size K`` its LM head and
+log-softmax K completion tokens at a time, the modules' ``logits_chunk_size``; TRL: its fused, chunked LM-head), batch order, TRL's
 per-step metrics and logging every 10 steps. lit_align's ``share_prompt`` is on: without checkpointing each
 prompt runs once through a KV cache in the policy's and the reference's passes; under gradient checkpointing or with
 ``--compile`` the reference (a frozen copy, not compiled) still does, and the policy packs each pair into one row,

@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,8 +57,23 @@ class MemoryCase:
     logits_chunk_size: int | None = None
     note: str = ""
 
+    def model_path(self) -> str:
+        """``model``, with ``bench-shape:NAME`` built once (bench_gpu_scale.py's random Llama of shape NAME with
+        DeepSeek-Coder's 32k vocabulary, fp32) under the temporary directory."""
+        if not self.model.startswith("bench-shape:"):
+            return self.model
+        shape = self.model.split(":", 1)[1]
+        target = Path(tempfile.gettempdir()) / "lit_align-bench-models" / f"{shape}-float32"
+        if not (target / "config.json").exists():
+            sys.path.insert(0, str(REPO / "bench"))
+            from bench_gpu_scale import build_model_dir
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            build_model_dir(shape, target, "float32")
+        return str(target)
+
     def model_args(self) -> dict:
-        args = {"model_name_or_path": self.model, "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
+        args = {"model_name_or_path": self.model_path(), "dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
                 "quantize_4bit": self.quantize_4bit, "optimizer": {"lr": 1e-4}}
         if self.logits_chunk_size:
             args["logits_chunk_size"] = self.logits_chunk_size
@@ -85,6 +101,18 @@ CASES = [
                note="QLoRA, weights dominated"),
     MemoryCase("tiny-base-lora-r16-bf16-gc-b4-s512", lora_r=16, dtype="bfloat16", gradient_checkpointing=True,
                seq_len=512, note="bf16 weights, gradient checkpointing"),
+]
+# DeepSeek-Coder's 32k vocabulary on a 2-layer, hidden-128 Llama: the logits dominate, with and without logits_chunk_size
+VOCAB32K = "bench-shape:tiny"
+CASES += [
+    MemoryCase("tiny32k-full-b4-s256", model=VOCAB32K, note="32k-vocabulary logits dominated"),
+    MemoryCase("tiny32k-full-b4-s256-chunk256", model=VOCAB32K, logits_chunk_size=256, note="the LM head in chunks of 256"),
+    MemoryCase("tiny32k-full-gc-b4-s256-chunk64", model=VOCAB32K, logits_chunk_size=64, gradient_checkpointing=True,
+               note="chunks of 64, gradient checkpointing"),
+    MemoryCase("tiny32k-lora-r8-b4-s256-chunk256", model=VOCAB32K, lora_r=8, logits_chunk_size=256,
+               note="LoRA (frozen head), chunks of 256"),
+    MemoryCase("tiny32k-bf16mixed-b4-s256-chunk128", model=VOCAB32K, precision="bf16-mixed", logits_chunk_size=128,
+               note="autocast, chunks of 128"),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

@@ -7,7 +7,8 @@
 # It installs the carried wheels (TRL, datasets) beside the machine's own PyTorch stack, prints the versions, then
 # runs bench/bench_gpu_scale.py: SFT and DPO of lit_align and TRL on a random DeepSeek-Coder-1.3B-shaped model at 4096
 # tokens in bf16, with gradient checkpointing (the issue's setting), then lit_align with torch_compile and without
-# checkpointing, then lit_align's DPO without packed pairs, then both without checkpointing, as far as time allows, then the hf
+# checkpointing, then lit_align with the LM head in chunks (--logits-chunk-size 1024), then lit_align's DPO without
+# packed pairs, then both without checkpointing, as far as time allows, then the hf
 # backend's KV caches (bench/bench_grpo.py --kv-cache) and its batch-row savings (--batch-rows). Results land in $OUT
 # (or ./gpu-session-out): gpu_scale*.json, gpu_kv_cache.json, gpu_batch_rows.json and their .txt, and the worker logs
 # as logs.tar.gz.
@@ -55,6 +56,8 @@ run_bench() {  # name, extra args...; skipped when less than 150 s of the budget
 run_bench gpu_scale
 # lit_align's best setting for the MFU target: blocks compiled (torch_compile), no recomputation
 run_bench gpu_scale_compile --runs lit_align:sft lit_align:dpo --compile --no-gradient-checkpointing
+# lit_align with the LM head and log-softmax 1024 tokens at a time (logits_chunk_size), as TRL's fused head is chunked
+run_bench gpu_scale_chunked --runs lit_align:sft lit_align:dpo --logits-chunk-size 1024
 # lit_align's DPO under checkpointing without packed pairs (the policy's full sequences), to decide packed_pairs' default
 run_bench gpu_scale_dpo_nopack --runs lit_align:dpo --no-packed-pairs
 run_bench gpu_scale_no_ckpt --no-gradient-checkpointing

@@ -98,7 +98,8 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     tests/deepspeed_cpu.py; a "-bf16" suffix: ``precision: bf16-mixed``, as those configs have; "-qlora": LoRA r=8 over
     a 4-bit base; "-accum": the processes' micro-batches are halved and accumulated over 2 (the same examples per
     optimizer step), batches unsorted by length (so the single process's batch is the window's micro-batches in
-    order). The single process (devices=1) runs the same settings without a strategy or accumulation."""
+    order); "-chunked": ``logits_chunk_size: 16``. The single process (devices=1) runs the same settings without a
+    strategy or accumulation."""
     from lit_align.data_modules.sft import SFTDataModule
     from lit_align.data_modules.sources import DataSource
     from lit_align.models import LoRAConfig
@@ -111,9 +112,10 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     sharded = strategy != "ddp"
     accumulate = 2 if precision == "accum" and devices > 1 else 1
     qlora = {"lora": LoRAConfig(r=8, dropout=0.0), "quantize_4bit": True} if precision == "qlora" else {}
+    chunks = {"logits_chunk_size": 16} if precision == "chunked" else {}
     module = SFT(model_name_or_path="preset:tiny", optimizer=OptimizerConfig(lr=1e-2 if qlora else 1e-3,
                                                                              schedule="constant"),
-                 gradient_checkpointing=sharded, **qlora)
+                 gradient_checkpointing=sharded, **qlora, **chunks)
     chosen = strategy if devices > 1 else "auto"
     if strategy == "fsdp" and devices > 1:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -190,8 +192,8 @@ def _two_and_one(sft_runs, tmp_path: Path, strategy: str) -> tuple[list[dict], d
     return ranks, json.loads((single_out / "rank0.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp-bf16", "fsdp-qlora", "deepspeed2", "deepspeed2-qlora",
-                                                      "deepspeed3-bf16"))
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "ddp-chunked", "fsdp-bf16", "fsdp-qlora", "deepspeed2",
+                                                      "deepspeed2-qlora", "deepspeed3-bf16"))
 def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
@@ -202,7 +204,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
     QLoRA (bitsandbytes' CPU path) under FSDP: the 4-bit base (its packed storage in the compute dtype, which FSDP
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
-    matched to 3e-7 when run by hand; left out of the suite for time.)"""
+    matched to 3e-7 when run by hand; left out of the suite for time.) DDP with the LM head in chunks of 16 tokens
+    (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward, and DDP still
+    averages it."""
     ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first

@@ -38,7 +38,7 @@ class Launch:
     ``objective``: one of tests/test_ddp_objectives.py's (dpo, dpo-full, orpo, reward, grpo, ...), trained with its
     batch per process for ``steps`` steps, resumed from the final checkpoint of the group's earlier run ``resume``
     when given, with gradient-norm clipping ``clip``; "sft": tests/test_ddp_sft.py's SFT run, ``strategy`` carrying
-    its variant suffix (-bf16, -qlora, -accum); "online-ppo"/"online-raft": tests/test_online_ddp.py's run (PPO
+    its variant suffix (-bf16, -qlora, -accum, -chunked); "online-ppo"/"online-raft": tests/test_online_ddp.py's run (PPO
     scoring with a reward model the launcher writes into the run's directory first)."""
 
     name: str
@@ -59,7 +59,7 @@ def _online(objective: str, strategy: str) -> Launch:
 
 GROUPS: dict[str, list[Launch]] = {
     "ddp": [Launch(o, o, "ddp") for o in ("dpo", "orpo", "reward", "grpo")]
-    + [_sft("ddp"), _sft("ddp-accum"), _online("ppo", "ddp"), _online("raft", "ddp")],
+    + [_sft("ddp"), _sft("ddp-accum"), _sft("ddp-chunked"), _online("ppo", "ddp"), _online("raft", "ddp")],
     "fsdp": [Launch(o, o, "fsdp", FSDP_CLIP) for o in ("dpo", "dpo-full", "dpo-full-replicated", "orpo", "grpo",
                                                        "grpo-full", "grpo-full-replicated")] + [
         Launch("dpo-first", "dpo", "fsdp-sharded", FSDP_CLIP, steps=2),  # sharded checkpoint, then a resume from it
