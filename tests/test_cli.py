@@ -702,6 +702,24 @@ def test_help_names_every_command_and_subcommand_usage_stays_short(capsys, monke
     assert capsys.readouterr().out.startswith("usage: lit_align [options] fit [-h] [-c CONFIG] [--print_config")
 
 
+@pytest.mark.parametrize("key, cls", [("model", f"modules.{c}") for c in (
+    "sft.SFT", "reward.RewardModel", "dpo.DPO", "orpo.ORPO", "ppo.PPO", "grpo.GRPO", "raft.RAFT")] + [
+    ("data", f"data_modules.{c}") for c in ("sft.SFTDataModule", "preference.PreferenceDataModule",
+                                            "prompts.PromptsDataModule")])
+def test_every_module_option_has_its_description_in_the_help(capsys, key, cls):
+    """``lit_align fit --model.help CLASS`` (and ``--data.help``) describes every option (read from the docstrings'
+    Args sections: a class docstring with a line that starts with a Sphinx role was read as reStructuredText, and
+    SFT's option went blank)."""
+    with pytest.raises(SystemExit):
+        main(["fit", f"--{key}.help", f"lit_align.{cls}"])
+    out = capsys.readouterr().out
+    entries = re.findall(rf"^  (--{key}\.\S+(?: [A-Z_]+)?(?:, --{key}\.\S+(?: [A-Z_]+)?)?)(.*?)(?=^  --|\Z)", out,
+                         re.MULTILINE | re.DOTALL)
+    assert len(entries) > 10
+    blank = [option for option, text in entries if " ".join(text.split()).startswith("(type:")]
+    assert not blank, blank
+
+
 def test_version_names_the_releases_and_cpu_results_json_records(capsys):
     """``lit_align --version`` (and ``-V``): lit_align's version, then one line per release and the CPU, the same
     values ``results.json`` records, so two machines' outputs can be compared line by line."""

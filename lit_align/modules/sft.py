@@ -25,17 +25,16 @@ class SFT(AlignmentModule):
     two numbers per step).
     The logged step ``loss`` and ``tokens`` are the global figures too (of the micro-batch).
 
-    Gradient accumulation is token-weighted as well: with ``accumulate_grad_batches`` > 1,
-    :class:`~lit_align.data_modules.sft.SFTDataModule` tags each training batch with its accumulation window's
-    completion tokens over every process (``window_tokens``), and
-    the loss is scaled so that an optimizer step's gradient is that of the token mean over all its micro-batches, as
-    one process with the whole window in one batch computes it. With another DataModule (no tag) accumulation
-    averages the micro-batches' token means.
+    Gradient accumulation is token-weighted as well: with ``accumulate_grad_batches`` > 1, the DataModule
+    (:class:`~lit_align.data_modules.sft.SFTDataModule`) tags each training batch with its accumulation window's
+    completion tokens over every process (``window_tokens``), and the loss is scaled so that an optimizer step's
+    gradient is that of the token mean over all its micro-batches, as one process with the whole window in one batch
+    computes it. With another DataModule (no tag) accumulation averages the micro-batches' token means.
 
     Args:
         logits_chunk_size: run the LM head and the loss over this many completion tokens at a time, on the backbone's
             last hidden states, so no (tokens x vocabulary) logits are held in the forward or the backward pass
-            (:mod:`~lit_align.modules.chunked_logps`: about 0.4 MiB less per token for a 32k vocabulary, for one more
+            (lit_align/modules/chunked_logps.py; about 0.4 MiB less per token for a 32k vocabulary, for one more
             LM-head matmul per token); prompt and padding tokens skip the head. Checked once against the model's own
             logits. null: every position's logits at once. Not with an overridden ``compute_loss``, which takes the
             logits.
