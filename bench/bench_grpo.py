@@ -119,7 +119,8 @@ def _model_dir(model_path: str, dtype: str) -> str:
 
 
 def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_batch_size: int,
-                         completion_tokens: int | None = None, gradient_checkpointing: bool = False) -> dict:
+                         completion_tokens: int | None = None, gradient_checkpointing: bool = False,
+                         logits_chunk_size: int | None = None) -> dict:
     """GRPO's passes over one batch of rollouts with ``share_prompt`` on and off, timed alternately in this process.
 
     Rollouts: each prompt with K completions, its canonical solution cut at K different lengths (k+1)/K, so
@@ -128,12 +129,18 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
     updates runs them: the statistics (old log-probs and the frozen reference copy's log-probs, without gradient)
     and one forward/backward pass over every rollout in micro-batches of ``micro_batch_size``. Medians over
     ``repeats`` rounds; the two settings' log-probs are compared too. With ``gradient_checkpointing`` the training
-    pass cannot share through a cache and packs each prompt's rows into one row instead (``packed_groups``)."""
+    pass cannot share through a cache and packs each prompt's rows into one row instead (``packed_groups``). With
+    ``logits_chunk_size`` every pass runs the LM head that many response tokens at a time (the module's option).
+    ``peak_rss_gib``: the process's peak resident memory after the passes (the model load included), to compare runs
+    with and without ``logits_chunk_size``."""
+    from bench_pairwise import _reset_peak_rss, _status_kib
+
     from lit_align.generation import Completion, SamplingParams
     from lit_align.modules.grpo import GRPO
 
     module = GRPO(model_name_or_path=_model_dir(model_path, "float32"), samples_per_prompt=k, beta=0.04,
-                  micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
+                  micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
+                  logits_chunk_size=logits_chunk_size)
     module.configure_model()
     module.train()
     tok = module.tokenizer
@@ -161,6 +168,7 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
         for index in every.split(micro_batch_size):
             module.rollout_forward(rollouts.rows(index))["logps"].sum().backward()
 
+    baseline_kib = _reset_peak_rss()
     times: dict[str, dict[str, list[float]]] = {m: {"statistics": [], "training": []} for m in ("shared", "full")}
     stats = {}
     for _ in range(repeats + 1):  # the first round warms up
@@ -182,6 +190,9 @@ def bench_prompt_sharing(model_path: str, items, k: int, repeats: int, micro_bat
     for mode, timed in times.items():
         result[mode] = {name: statistics.median(ts[1:]) for name, ts in timed.items()}
     result["speedup"] = {name: result["full"][name] / result["shared"][name] for name in ("statistics", "training")}
+    result["peak_rss_gib"] = _status_kib("VmHWM") / 2**20
+    result["peak_rss_over_start_gib"] = (_status_kib("VmHWM") - baseline_kib) / 2**20
+    result["logits_chunk_size"] = logits_chunk_size
     return result
 
 
@@ -385,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completion-tokens", type=int, default=None,
                         help="--prompt-sharing only: random completions of up to this many tokens instead of the "
                              "task suite's solutions")
+    parser.add_argument("--logits-chunk-size", type=int, default=None,
+                        help="--prompt-sharing only: the module's logits_chunk_size (the LM head this many tokens at "
+                             "a time)")
     parser.add_argument("--no-share-prompt", action="store_true",
                         help="the lit_align GRPO step with share_prompt off in the module and the hf backend (each "
                              "rollout's prompt run in full)")
@@ -413,10 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                           args.repeats, args.reward_batch_size)}
     elif args.prompt_sharing:
         setup.update(micro_batch_size=args.micro_batch_size, completion_tokens=args.completion_tokens,
-                     gradient_checkpointing=args.gradient_checkpointing)
+                     gradient_checkpointing=args.gradient_checkpointing, logits_chunk_size=args.logits_chunk_size)
         results = {"setup": setup, "prompt_sharing": bench_prompt_sharing(
             args.model, items, args.k, args.repeats, args.micro_batch_size, args.completion_tokens,
-            args.gradient_checkpointing)}
+            args.gradient_checkpointing, args.logits_chunk_size)}
     elif args.kv_cache:
         setup.update(device=args.device, dtype=args.dtype)
         settings = {"reserved": {"reserve_cache": True}, "transformers_default": {"reserve_cache": False}}

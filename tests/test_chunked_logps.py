@@ -182,3 +182,79 @@ def test_a_model_that_post_processes_its_logits_keeps_them(pairs, caplog):
     assert module.chunked_logps.ok is False and "chunked LM head differ" in caplog.text
     module.hparams.logits_chunk_size = None
     assert torch.allclose(out["token_logps"], module.concatenated_logps(pairs)["token_logps"])
+
+
+# ---------------------------------------------------------------- the online objectives' passes over rollouts
+@pytest.fixture(scope="module")
+def rollouts():
+    from lit_align.data_modules.prompts import PromptBatch, PromptSource, load_prompt_items
+    from test_online_prompt_sharing import _ppo
+
+    torch.manual_seed(0)
+    return _ppo().generate_rollouts(PromptBatch(load_prompt_items(PromptSource(split="train", limit=2))))
+
+
+@pytest.mark.parametrize("path", ["cache", "packed", "full"])
+def test_online_log_probabilities_entropy_values_and_gradients_through_chunks_equal_the_logits(rollouts, path):
+    """PPO's pass over rollouts (prompts shared through the KV cache; packed under checkpointing; full rows): log-probs,
+    values, the entropy the losses read (``token_entropy``) and the gradients of all three are the logits' own."""
+    from lit_align.modules.online import OnlineModule
+    from test_online_prompt_sharing import _ppo
+
+    rows = rollouts.rows(torch.tensor([4, 0, 5, 2]))
+    mask = rows["response_mask"]
+    results = {}
+    for chunk in (None, 5):
+        torch.manual_seed(0)
+        module = _ppo(gradient_checkpointing=path == "packed", share_prompt=path != "full",
+                      logits_chunk_size=chunk).train()
+        out = module.rollout_forward(rows, with_values=True)
+        entropy = OnlineModule.token_entropy(out) * mask
+        (out["logps"].sum() + out["values"].pow(2).sum() + entropy.sum()).backward()
+        results[chunk] = (out, entropy, [p.grad for p in module.parameters() if p.requires_grad], module)
+    (out, entropy, grads, _), (chunked, chunked_entropy, chunked_grads, module) = results[None], results[5]
+    assert module.chunked_logps.ok is True and "logits" not in chunked
+    assert module.packing.ok is (True if path == "packed" else None)
+    for key in ("logps", "values"):
+        assert torch.allclose(chunked[key], out[key], atol=2e-5), key
+    assert torch.allclose(chunked_entropy, entropy, atol=2e-5)
+    for g, e in zip(chunked_grads, grads):
+        assert (g - e).abs().max() <= 1e-5 * max(float(e.abs().max()), 1.0)
+
+
+def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
+    from lit_align.modules.grpo import GRPO
+    from lit_align.modules.raft import RAFT
+    from test_online_prompt_sharing import _randomized
+
+    grpo, raft = {}, {}
+    for chunk in (None, 4):
+        torch.manual_seed(0)
+        module = GRPO(samples_per_prompt=3, beta=0.1, lora=LoRAConfig(r=4), micro_batch_size=3, logits_chunk_size=chunk)
+        module.configure_model()
+        _randomized(module)
+        rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+        stats = module.rollout_statistics(rollouts, with_reference=True)
+        out = module.rollout_forward(rollouts.rows(torch.arange(3)))
+        mask = rollouts.response_mask[:3, :out["logps"].size(1)]
+        batch = {"old_logps": None, "ref_logps": stats["ref_logps"][:3, :mask.size(1)], "mask": mask,
+                 "advantages": torch.tensor([[1.0], [-1.0], [0.0]]).expand_as(mask)}
+        loss, figures = module.compute_loss(out, batch)
+        grpo[chunk] = (loss.item(), figures["entropy"].item())
+        torch.manual_seed(0)
+        module = RAFT(samples_per_prompt=3, lora=LoRAConfig(r=4), logits_chunk_size=chunk)
+        module.configure_model()
+        _randomized(module)
+        seen = []
+        module.run_updates = lambda n, loss_fn, *a, **k: seen.append(loss_fn(torch.arange(n))[0].item()) or {}
+        rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+        module.update(rollouts)
+        raft[chunk] = seen[0]
+    assert grpo[4] == pytest.approx(grpo[None], abs=1e-5) and raft[4] == pytest.approx(raft[None], abs=1e-5)
+
+    class Weighted(RAFT):
+        def compute_loss(self, logits, labels):
+            return super().compute_loss(logits, labels) * 2
+
+    with pytest.raises(ValueError, match="Weighted overrides compute_loss"):
+        Weighted(logits_chunk_size=8)

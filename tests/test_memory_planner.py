@@ -191,6 +191,15 @@ def test_objectives_resolve_reference_and_pairs():
     assert kv.bytes == 2 * 4 * 128 * 4 * 8 * 96  # K and V, 4 layers, kv width 128, fp32, 8 sequences, 96 tokens
     # logits only at the 33 positions predicting a response token (logits_to_keep), fp32 cross-entropy buffers
     assert estimate(grpo).row("logits + loss") == 8 * 33 * TINY.vocab_size * 12
+    # logits_chunk_size: 64 of those 264 positions' logits at a time (fp32: 10 bytes each at the peak measured on CPU),
+    # the head's input rows kept for backward twice (the rows and their gradient); full fine-tuning adds the head's
+    # fp32 gradient sum
+    chunked = inputs_from_config({**cfg, "model": {**cfg["model"], "init_args": {
+        **cfg["model"]["init_args"], "logits_chunk_size": 64}}}, samples_per_prompt=4, max_new_tokens=32)
+    plan = estimate(chunked)
+    assert plan.row("logits + loss") == (64 * TINY.vocab_size * 10 + 2 * 8 * 33 * TINY.hidden_size * 4
+                                         + TINY.head_params * 4)
+    assert "logits_chunk_size: 64 tokens" in next(r.note for r in plan.rows if r.component == "logits + loss")
     cfg["model"]["init_args"].update(samples_per_prompt=8, max_new_tokens=16, micro_batch_size=4, beta=0.0)
     grpo = inputs_from_config(cfg)  # the module's own keys: micro-batches of 4 rollouts, no KL so no reference
     assert (grpo.batch_size, grpo.generation_batch, grpo.seq_len, grpo.reference) == (4, 16, 80, "none")

@@ -70,7 +70,8 @@ class PlanInputs:
     reward_model_4bit: bool = False
     """The reward model was trained with QLoRA: its block linear weights load in NF4, the rest in float32."""
     logits_chunk_size: int | None = None
-    """SFT, DPO, ORPO: the LM head and log-softmax over this many tokens at a time (the modules' option); None: all."""
+    """The LM head and log-softmax over this many tokens at a time (every objective but the reward model: the modules'
+    option); None: all at once."""
     reference_replicated: bool = False
     """The frozen reference copy is a whole copy on every device (``reference_placement: replicate``), not sharded."""
     reward_model_replicated: bool = True

@@ -17,7 +17,7 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 OBJECTIVES = ("sft", "reward", "dpo", "orpo", "ppo", "grpo", "raft")
 PAIRWISE = {"reward", "dpo", "orpo"}  # chosen and rejected go through the model together
 ONLINE = {"ppo", "grpo", "raft"}
-CHUNKED_LOGITS = {"sft", "dpo", "orpo"}  # the objectives with a logits_chunk_size option
+CHUNKED_LOGITS = {"sft", "dpo", "orpo", "ppo", "grpo", "raft"}  # the objectives with a logits_chunk_size option
 
 
 class PlanError(ValueError):

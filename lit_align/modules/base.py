@@ -382,15 +382,20 @@ class AlignmentModule(L.LightningModule):
         return bool(self.hparams.get("logits_chunk_size")) and not gathers_weights_per_forward(net) and \
             self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
 
-    def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor,
+                         entropy: bool = False) -> tuple[Tensor, ...]:
         """Log-probabilities (B, n) of ``targets`` (B, n; ``IGNORE_INDEX`` where none is wanted: 0 there) from the
         backbone's last hidden states ``hidden`` (B, n, H) at the positions that predict them, through ``net``'s LM
-        head ``logits_chunk_size`` tokens at a time; and their mask."""
+        head ``logits_chunk_size`` tokens at a time; their mask; with ``entropy``, the entropy (B, n) of each wanted
+        position's distribution too (0 elsewhere)."""
         _, head = lm_head_parts(net)
         mask = targets != losses.IGNORE_INDEX
         wanted = chunked_target_logps(hidden[mask], head.weight, head.bias, targets[mask],
-                                      self.hparams.logits_chunk_size)
-        return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device).masked_scatter(mask, wanted), mask
+                                      self.hparams.logits_chunk_size, entropy=entropy)
+        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        if entropy:
+            return zeros.masked_scatter(mask, wanted[0]), mask, zeros.masked_scatter(mask, wanted[1])
+        return zeros.masked_scatter(mask, wanted), mask
 
     def _chunked_target_logps(self, net: torch.nn.Module, start: int, targets: Tensor,
                               inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -22,37 +22,52 @@ from lit_align.modules.packed_pairs import PackingCheck
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[target] per row, ``chunk`` rows at a time (see :func:`chunked_target_logps`)."""
+    """log softmax(hidden @ weight.T + bias)[target] per row and, with ``with_entropy``, the distribution's entropy,
+    ``chunk`` rows at a time (see :func:`chunked_target_logps`)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                dtype: torch.dtype) -> Tensor:
-        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+                dtype: torch.dtype, with_entropy: bool) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        n = hidden.size(0)
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        for s in range(0, hidden.size(0), chunk):
+        for s in range(0, n, chunk):
             logits = _logits(hidden[s:s + chunk].to(dtype), w, b)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1)
+            lse = logits.logsumexp(-1)
+            logps[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
+            if with_entropy:  # H = logsumexp(z) - sum_i p_i z_i
+                entropy[s:s + chunk] = lse - (logits.softmax(-1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.dtype = chunk, dtype
-        return out
+        return logps, entropy
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad_logps: Tensor | None, grad_entropy: Tensor | None):
         hidden, weight, bias, targets = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        if grad_logps is None and (grad_entropy is None or grad_entropy.numel() == 0):
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None
         for s in range(0, hidden.size(0), chunk):
             h = hidden[s:s + chunk].to(dtype)
-            # d log p[target] / d logits = onehot(target) - softmax(logits), times the incoming gradient
-            d_logits = _logits(h, w, b).softmax(-1).neg_()
-            d_logits.scatter_add_(1, targets[s:s + chunk, None], torch.ones_like(d_logits[:, :1]))
-            d_logits.mul_(grad[s:s + chunk, None].float())
+            logits = _logits(h, w, b)
+            probs = logits.softmax(-1)
+            d_logits = torch.zeros_like(probs)
+            if grad_logps is not None:  # d log p[target] / d z = onehot(target) - p
+                g = grad_logps[s:s + chunk, None].float()
+                d_logits.sub_(probs * g).scatter_add_(1, targets[s:s + chunk, None], g)
+            if grad_entropy is not None and grad_entropy.numel():  # d H / d z = -p (z - sum_i p_i z_i)
+                mean = (probs * logits).sum(-1, keepdim=True)
+                d_logits.sub_(logits.sub_(mean).mul_(probs).mul_(grad_entropy[s:s + chunk, None].float()))
+            del logits, probs
             d_logits = d_logits.to(dtype)
             if need_hidden:
                 grad_hidden[s:s + chunk] = d_logits @ w
@@ -61,7 +76,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             if need_bias:
                 grad_bias.add_(d_logits.float().sum(0))
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -73,18 +88,20 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def chunked_target_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                         dtype: torch.dtype | None = None) -> Tensor:
+                         dtype: torch.dtype | None = None, entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax(hidden @ weight.T + bias)[n, targets[n]]`` for each of the ``N`` rows of ``hidden`` (N, H), as
     float32 (N,), without an ``(N, V)`` tensor beyond one chunk of ``chunk`` rows, in the forward or the backward
-    pass. The matmul runs in ``dtype`` (default: ``weight``'s; the autocast dtype under autocast, as an LM head would),
-    the log-softmax in float32. Gradients flow to ``hidden``, ``weight`` and ``bias`` where they require them."""
+    pass; with ``entropy``, also each row's distribution's entropy (N,) (a tuple). The matmul runs in ``dtype``
+    (default: ``weight``'s; the autocast dtype under autocast, as an LM head would), the softmax in float32. Gradients
+    flow to ``hidden``, ``weight`` and ``bias`` where they require them, from either output."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if dtype is None:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, chunk, dtype)
+        logps, entropies = _ChunkedTargetLogps.apply(hidden, weight, bias, targets, chunk, dtype, entropy)
+    return (logps, entropies) if entropy else logps
 
 
 def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:

@@ -89,7 +89,7 @@ class GRPO(OnlineModule):
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped surrogate with group advantages + beta * KL to the reference, aggregated per loss_aggregation.
 
-        ``out``: this pass's ``logps`` and ``logits`` (N, t); ``batch``: ``old_logps`` (None for a single update:
+        ``out``: this pass's ``logps`` and ``logits`` (N, t; with ``logits_chunk_size``, ``entropy`` instead); ``batch``: ``old_logps`` (None for a single update:
         the current log-probs, detached), ``ref_logps`` (None when beta = 0), ``advantages`` (N, t) and ``mask``.
         """
         hp = self.hparams
@@ -106,7 +106,7 @@ class GRPO(OnlineModule):
             loss = loss + hp.beta * kl
             figures["kl"] = kl.detach()
         with torch.no_grad():
-            figures["entropy"] = losses.masked_mean(losses.entropy_from_logits(out["logits"]), mask)
+            figures["entropy"] = losses.masked_mean(self.token_entropy(out), mask)
         return loss, figures
 
     def update(self, rollouts: Rollouts) -> dict[str, float | Tensor]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import ModuleDict
 from torchmetrics import MeanMetric
 
+from lit_align import losses
 from lit_align.data_modules.chat import turn_end_ids
 from lit_align.data_modules.collate import encode_prompt
 from lit_align.data_modules.prompts import PromptBatch, PromptItem
@@ -49,6 +50,7 @@ from lit_align.generation.base import BackendName, check_backend_kwargs, find_st
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
+from lit_align.modules.chunked_logps import check_chunk_size, lm_head_parts
 from lit_align.modules.preference import shared_prompt_forward
 from lit_align.modules.packed_pairs import PackingCheck, packed_groups, packed_mask_dtype
 from lit_align.modules.reward import RewardNetwork, full_rows, load_reward_model, reward_batches, reward_model_base
@@ -257,6 +259,11 @@ class OnlineModule(AlignmentModule):
             (:func:`~lit_align.modules.packed_pairs.packed_groups`; with share_prompt, an attention that applies a
             4D mask (sdpa, eager), and not under FSDP or ZeRO-3 over several processes). The first packed pass of a
             run is checked against full rows once. Off: those passes run the full rows.
+        logits_chunk_size: in the passes over rollouts (the policy's, the reference's), run the LM head and the
+            log-softmax over this many response tokens at a time, on the backbone's last hidden states, so no
+            (tokens x vocabulary) logits are held (lit_align/modules/chunked_logps.py); the entropy comes from the same
+            chunks, and the losses receive it as ``out["entropy"]`` instead of ``out["logits"]``. Checked once against
+            the model's own logits. null: the logits of every response position at once.
         reference_placement: where the frozen reference copy of full fine-tuning (lora: null, with a KL reference)
             lives on several devices. shard: a submodule, which FSDP and DeepSpeed ZeRO-3 shard like the policy and
             gather for its forward passes (least memory); replicate: kept outside the module tree, a whole copy on every
@@ -297,8 +304,10 @@ class OnlineModule(AlignmentModule):
         reference_placement: Literal["shard", "replicate"] = "shard",
         share_prompt: bool = True,
         packed_groups: bool = True,
+        logits_chunk_size: int | None = None,
         **kwargs: Any,
     ) -> None:
+        check_chunk_size(logits_chunk_size)
         super().__init__(*args, **kwargs)
         self.packing = PackingCheck()  # packed rows checked against full ones on the first packed pass
         reward_model = pinned_model_path(reward_model)  # a link's model now, as model_name_or_path (AlignmentModule)
@@ -658,37 +667,53 @@ class OnlineModule(AlignmentModule):
     # ------------------------------------------------------------------ forward passes
     def rollout_forward(self, rows: dict[str, Tensor], model: nn.Module | None = None,
                         with_values: bool = False) -> dict[str, Tensor]:
-        """Per-response-token log-probs (N, t) of ``model`` (default the policy), its logits there, optionally values.
+        """Per-response-token log-probs (N, t) of ``model`` (default the policy), its logits there (with
+        ``logits_chunk_size`` its entropy there instead, ``entropy``), optionally values.
 
         ``logps[:, k]`` is log pi(response token k | prompt, response tokens < k) at temperature 1, computed in float32
         and zero on padding; ``logits[:, k]`` the logits that predicted it; ``values[:, k]`` come from
         :meth:`value_head_outputs` at that same position (the state before token k).
         """
-        logits, hidden = self.response_window(rows, model, with_values)
+        net = model if model is not None else self.model
         mask = rows["response_mask"]
-        result = {"logps": response_logps(logits, rows["response_ids"]) * mask, "logits": logits[:, :-1]}
+        if self.uses_chunked_logps(net, rows["input_ids"]):  # logits_chunk_size: entropy instead of logits
+            _, hidden = self.response_window(rows, model, with_values, with_logits=False)
+            targets = rows["response_ids"].masked_fill(mask == 0, losses.IGNORE_INDEX)
+            logps, _, entropy = self.chunked_logps_at(net, hidden[:, :-1], targets, entropy=True)
+            result = {"logps": logps, "entropy": entropy}
+        else:
+            logits, hidden = self.response_window(rows, model, with_values)
+            result = {"logps": response_logps(logits, rows["response_ids"]) * mask, "logits": logits[:, :-1]}
         if with_values:
             result["values"] = self.value_head_outputs(hidden[:, :-1]) * mask
         return result
 
+    @staticmethod
+    def token_entropy(out: dict[str, Tensor]) -> Tensor:
+        """The entropy (N, t) of the policy at each response position of :meth:`rollout_forward`'s ``out``: computed
+        with the log-probabilities under ``logits_chunk_size``, else from its logits."""
+        return out["entropy"] if "entropy" in out else losses.entropy_from_logits(out["logits"])
+
     def response_window(self, rows: dict[str, Tensor], model: nn.Module | None = None,
-                        with_values: bool = False) -> tuple[Tensor, Tensor | None]:
+                        with_values: bool = False, with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Logits (N, t + 1, V) of ``model`` (default the policy) at the last prompt column and the t response columns
         of ``rows`` (column k predicts response token k; the last predicts nothing), and with ``with_values`` the last
         hidden states there (else None); the pass is counted in :attr:`step_tokens`.
 
         Logits are computed only there (``logits_to_keep``), and with ``share_prompt`` each distinct prompt of ``rows``
-        runs once and its rows' responses on its cached keys/values (see :meth:`_use_prompt_sharing`).
+        runs once and its rows' responses on its cached keys/values (see :meth:`_use_prompt_sharing`). Without
+        ``with_logits``: no logits (None), only the backbone's last hidden states there, for the chunked LM head
+        (``logits_chunk_size``).
         """
         net = model if model is not None else self.model
         self.count_pass(rows)
         if self._use_prompt_sharing(rows, net):
-            shared = self._shared_prompt_outputs(rows, net, with_values)
+            shared = self._shared_prompt_outputs(rows, net, with_values, with_logits)
             if shared is not None:
                 return shared
         elif self._use_packed_groups(rows, net):
-            return self._packed_outputs(rows, net, with_values)
-        return self._full_outputs(rows, net, with_values)
+            return self._packed_outputs(rows, net, with_values, with_logits)
+        return self._full_outputs(rows, net, with_values, with_logits)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
         """Whether :meth:`response_window` runs ``rows`` with their prompts shared through a KV cache:
@@ -720,8 +745,13 @@ class OnlineModule(AlignmentModule):
     def _compare_packing(self, rows: dict[str, Tensor], net: nn.Module) -> tuple[Tensor, Tensor, Tensor, bool]:
         """Each row's response log-probability from packed rows and from full rows, for the run's one check."""
         mask = rows["response_mask"]
-        packed = response_logps(self._packed_outputs(rows, net, False)[0], rows["response_ids"]) * mask
-        full = response_logps(self._full_outputs(rows, net, False)[0], rows["response_ids"]) * mask
+        if self.uses_chunked_logps(net, rows["input_ids"]):  # no logits held whole here either
+            targets = rows["response_ids"].masked_fill(mask == 0, losses.IGNORE_INDEX)
+            packed, full = (self.chunked_logps_at(net, outputs(rows, net, False, with_logits=False)[1][:, :-1], targets)[0]
+                            for outputs in (self._packed_outputs, self._full_outputs))
+        else:
+            packed = response_logps(self._packed_outputs(rows, net, False)[0], rows["response_ids"]) * mask
+            full = response_logps(self._full_outputs(rows, net, False)[0], rows["response_ids"]) * mask
         return packed.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, rows["input_ids"])
 
     def _split_at_prompt(self, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -736,34 +766,39 @@ class OnlineModule(AlignmentModule):
         ids, mask = rows["input_ids"], rows["attention_mask"]
         return of_row, ids[first, :p - 1], mask[first, :p - 1], ids[:, p - 1:], mask[:, p - 1:]
 
-    def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module,
-                        with_values: bool) -> tuple[Tensor, Tensor | None]:
+    def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
+                        with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` packed
         with its rows' windows into one row (:func:`~lit_align.modules.packed_pairs.packed_groups`). Logits are
         computed from the first window on and gathered per row."""
         of_row, *split = self._split_at_prompt(rows)
         packed = packed_groups(*split, of_row, self.pad_token_id, packed_mask_dtype(net))
         index = packed["index"]
+        inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+                  "position_ids": packed["position_ids"], "use_cache": False}
+        if not with_logits:
+            return None, lm_head_parts(net)[0](**inputs).last_hidden_state[of_row.unsqueeze(-1), index]
         length = packed["input_ids"].size(1)
-        out = self.forward_keeping_logits(net, length - int(index[:, 0].min()), input_ids=packed["input_ids"],
-                                          attention_mask=packed["attention_mask"], position_ids=packed["position_ids"],
-                                          use_cache=False, output_hidden_states=with_values)
+        out = self.forward_keeping_logits(net, length - int(index[:, 0].min()), **inputs,
+                                          output_hidden_states=with_values)
         at = (index - (length - out.logits.size(1))).clamp(min=0)
         logits = out.logits[of_row.unsqueeze(-1), at]
         hidden = out.hidden_states[-1][of_row.unsqueeze(-1), index] if with_values else None
         return logits, hidden
 
-    def _full_outputs(self, rows: dict[str, Tensor], net: nn.Module,
-                      with_values: bool) -> tuple[Tensor, Tensor | None]:
+    def _full_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
+                      with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """:meth:`response_window`'s (logits, last hidden states or None) from a pass over the full rows."""
         t = rows["response_ids"].size(1)
-        out = self.forward_keeping_logits(net, t + 1, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                                          position_ids=rows["position_ids"], use_cache=False,
-                                          output_hidden_states=with_values)
+        inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+                  "position_ids": rows["position_ids"], "use_cache": False}
+        if not with_logits:
+            return None, lm_head_parts(net)[0](**inputs).last_hidden_state[:, -(t + 1):]
+        out = self.forward_keeping_logits(net, t + 1, **inputs, output_hidden_states=with_values)
         return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
 
-    def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module,
-                               with_values: bool) -> tuple[Tensor, Tensor | None] | None:
+    def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
+                               with_logits: bool = True) -> tuple[Tensor | None, Tensor | None] | None:
         """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` run
         once: all of the prompt but its last column, whose token then runs with each row's response, so that the
         second pass's outputs are the window itself (nothing concatenated, no second copy of the logits). None where a
@@ -775,6 +810,9 @@ class OnlineModule(AlignmentModule):
         batch = {"prompt_input_ids": head_ids, "prompt_attention_mask": head,
                  "completion_input_ids": window_ids, "completion_attention_mask": window_mask}
         try:
+            if not with_logits:
+                _, out, _ = shared_prompt_forward(lm_head_parts(net)[0], batch, of_row)
+                return None, out.last_hidden_state
             _, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values, logits_to_keep=1)
         except NO_CACHE_ERRORS as err:
             self.prompt_sharing_failed(err)

@@ -139,7 +139,7 @@ class PPO(OnlineModule):
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped surrogate + vf_coef * clipped value loss - entropy_coef * entropy, token-averaged.
 
-        ``out``: this pass's ``logps``, ``values``, ``logits`` (N, t); ``batch``: the rollout-time ``old_logps``,
+        ``out``: this pass's ``logps``, ``values``, ``logits`` (N, t; with ``logits_chunk_size``, ``entropy`` instead); ``batch``: the rollout-time ``old_logps``,
         ``old_values``, ``advantages``, ``returns`` and ``mask`` of the same rows. Override to try a variant.
         """
         hp = self.hparams
@@ -149,7 +149,7 @@ class PPO(OnlineModule):
         value_loss, value_clip_fraction = losses.ppo_value_loss(
             out["values"], batch["old_values"], batch["returns"], mask, clip_range=hp.clip_range_value)
         with torch.set_grad_enabled(hp.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = losses.masked_mean(losses.entropy_from_logits(out["logits"]), mask)
+            entropy = losses.masked_mean(self.token_entropy(out), mask)
         loss = policy_loss + hp.vf_coef * value_loss - hp.entropy_coef * entropy
         figures = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "clip_fraction": clip_fraction,
                    "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl, "entropy": entropy.detach()}

@@ -54,6 +54,9 @@ class RAFT(OnlineModule):
         num_minibatches: int = 1,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("logits_chunk_size") is not None and type(self).compute_loss is not RAFT.compute_loss:
+            raise ValueError(f"logits_chunk_size needs RAFT's own loss: {type(self).__name__} overrides "
+                             f"compute_loss(logits, labels), which takes whole logits; leave logits_chunk_size null")
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
@@ -119,10 +122,13 @@ class RAFT(OnlineModule):
 
         def loss_fn(index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             rows = rollouts.rows(kept[index])
+            targets = rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX)
+            if self.uses_chunked_logps(self.model, rows["input_ids"]):  # logits_chunk_size: the same loss, in chunks
+                _, hidden = self.response_window(rows, with_logits=False)
+                return losses.token_mean_nll(*self.chunked_logps_at(self.model, hidden[:, :-1], targets)), {}
             logits, _ = self.response_window(rows)
             # aligned with the logits: the last prompt column (ignored), then the response tokens
-            labels = F.pad(rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX), (1, 0),
-                           value=losses.IGNORE_INDEX)
+            labels = F.pad(targets, (1, 0), value=losses.IGNORE_INDEX)
             return self.compute_loss(logits, labels), {}
 
         figures.update(self.run_updates(len(kept), loss_fn, hp.sft_epochs, hp.num_minibatches,
