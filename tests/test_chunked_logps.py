@@ -258,3 +258,19 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
 
     with pytest.raises(ValueError, match="Weighted overrides compute_loss"):
         Weighted(logits_chunk_size=8)
+
+
+def test_a_network_that_gathers_its_weights_per_forward_keeps_its_logits(pairs, caplog, monkeypatch):
+    """Under FSDP or ZeRO-3 the head's weight is whole only inside the model's forward: the option has no effect, and
+    says so once."""
+    import lit_align.modules.base as base
+
+    monkeypatch.setattr(base, "gathers_weights_per_forward", lambda net: True)
+    module = DPO(lora=LoRAConfig(r=4, dropout=0.0), logits_chunk_size=8, share_prompt=False)
+    module.configure_model()
+    with caplog.at_level(logging.WARNING):
+        out = module.concatenated_logps(pairs)
+        module.concatenated_logps(pairs)
+    assert module.chunked_logps.ok is False and caplog.text.count("has no effect under FSDP") == 1
+    module.hparams.logits_chunk_size = None
+    assert torch.equal(out["token_logps"], module.concatenated_logps(pairs)["token_logps"])

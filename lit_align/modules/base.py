@@ -363,8 +363,8 @@ class AlignmentModule(L.LightningModule):
     def target_logps(self, net: torch.nn.Module, start: int, targets: Tensor, **inputs: Any) -> tuple[Tensor, Tensor]:
         """Log-probabilities (B, n) in float32 of ``targets`` (B, n), the tokens positions ``start`` to
         ``start + n - 1`` of the pass ``net(**inputs)`` predict (``IGNORE_INDEX`` where none is wanted: 0 there), and
-        their mask. Logits are computed from ``start`` on only; with ``logits_chunk_size`` (SFT, DPO, ORPO) not even
-        those are held whole: the backbone's last hidden states go through the LM head that many tokens at a time,
+        their mask. Logits are computed from ``start`` on only; with the module's ``logits_chunk_size`` not even those
+        are held whole: the backbone's last hidden states go through the LM head that many tokens at a time,
         only at the wanted positions (:mod:`~lit_align.modules.chunked_logps`), once the run's first such pass has
         given the model's own numbers."""
         if self.uses_chunked_logps(net, inputs["input_ids"]):
@@ -379,8 +379,13 @@ class AlignmentModule(L.LightningModule):
         units and ZeRO-3 partitions hold the head's weight only inside the model's own forward), ``net`` splits into
         backbone and head, and the run's first such pass found the two equal to the model's logits
         (:meth:`_compare_chunked`, on a short probe of ``input_ids``)."""
-        return bool(self.hparams.get("logits_chunk_size")) and not gathers_weights_per_forward(net) and \
-            self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
+        if not self.hparams.get("logits_chunk_size"):
+            return False
+        if self.chunked_logps.ok is not False and gathers_weights_per_forward(net):
+            self.chunked_logps.ok = False
+            log.warning("lit_align: logits_chunk_size has no effect under FSDP or DeepSpeed ZeRO-3 (the LM head's "
+                        "weights are gathered only inside the model's own forward); computing the logits whole")
+        return self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
 
     def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor,
                          entropy: bool = False) -> tuple[Tensor, ...]:
@@ -408,7 +413,7 @@ class AlignmentModule(L.LightningModule):
         tokens of ``input_ids``' first row (a plain causal pass: what is checked is that the backbone's last hidden
         states and the head give the model's logits, whatever the pass; so small that the logits it holds whole do not
         matter where chunks were needed)."""
-        probe = input_ids[:1, :64]
+        probe = input_ids[:1, :64].repeat(1, 2 if input_ids.size(1) < 2 else 1)  # at least one token to predict
         inputs = {"input_ids": probe[:, :-1], "use_cache": False}
         chunked, mask = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
         full, _ = losses.target_logps(net(**inputs).logits, probe[:, 1:])
