@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lit_align import losses
 from lit_align.data_modules.preference import PreferenceDataModule
 from lit_align.models import LoRAConfig
-from lit_align.modules.chunked_logps import chunked_target_logps, lm_head_parts
+from lit_align.modules.chunked_logps import chunked_target_logps, head_is_whole, lm_head_parts
 from lit_align.modules.dpo import DPO
 from lit_align.modules.orpo import ORPO
 from lit_align.modules.sft import SFT
@@ -260,17 +260,22 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
         Weighted(logits_chunk_size=8)
 
 
-def test_a_network_that_gathers_its_weights_per_forward_keeps_its_logits(pairs, caplog, monkeypatch):
-    """Under FSDP or ZeRO-3 the head's weight is whole only inside the model's forward: the option has no effect, and
-    says so once."""
-    import lit_align.modules.base as base
-
-    monkeypatch.setattr(base, "gathers_weights_per_forward", lambda net: True)
+def test_a_network_whose_head_is_a_shard_keeps_its_logits(pairs, caplog):
+    """A network that is its own FSDP root, or a ZeRO-3 partition, holds its head's whole weight only inside its own
+    forward (here: the head's weight replaced by an empty one, as a ZeRO-3 partition's): the option has no effect, and
+    says so once. (Under FSDP inside Lightning's root unit the head is whole: tests/test_ddp_sft.py, fsdp-chunked.)"""
     module = DPO(lora=LoRAConfig(r=4, dropout=0.0), logits_chunk_size=8, share_prompt=False)
     module.configure_model()
+    _, head = lm_head_parts(module.model)
+    whole = head.weight
+    head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    assert not head_is_whole(module.model)
     with caplog.at_level(logging.WARNING):
-        out = module.concatenated_logps(pairs)
-        module.concatenated_logps(pairs)
-    assert module.chunked_logps.ok is False and caplog.text.count("has no effect under FSDP") == 1
+        module._compare_chunked = lambda *a: pytest.fail("the one-time check must not run on a shard")
+        assert not module.uses_chunked_logps(module.model, pairs["input_ids"])
+        module.uses_chunked_logps(module.model, pairs["input_ids"])
+    assert module.chunked_logps.ok is False and caplog.text.count("has no effect on this network") == 1
+    head.weight = whole
+    out = module.concatenated_logps(pairs)
     module.hparams.logits_chunk_size = None
     assert torch.equal(out["token_logps"], module.concatenated_logps(pairs)["token_logps"])

@@ -84,7 +84,7 @@ class Recorder(L.Callback):
              "param_sum": param_sum, "dtypes": sorted({str(p.dtype) for p in pl_module.parameters()}),
              "master_dtypes": sorted({str(t.dtype) for t in masters}),
              "fsdp_compute_dtype": str(getattr(getattr(root, "mixed_precision", None), "param_dtype", None)),
-             "local_numel": local_numel, "linear4bit": linear4bit}))
+             "local_numel": local_numel, "linear4bit": linear4bit, "chunked_logps": pl_module.chunked_logps.ok}))
 
 
 CLIP = 0.5  # FSDP and DeepSpeed runs; binds at every step: the one-process gradient norms before clipping are 4-12
@@ -192,8 +192,9 @@ def _two_and_one(sft_runs, tmp_path: Path, strategy: str) -> tuple[list[dict], d
     return ranks, json.loads((single_out / "rank0.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", on_two_processes("ddp", "ddp-chunked", "fsdp-bf16", "fsdp-qlora", "deepspeed2",
-                                                      "deepspeed2-qlora", "deepspeed3-bf16"))
+@pytest.mark.parametrize("strategy", on_two_processes("ddp", "ddp-chunked", "fsdp-bf16", "fsdp-qlora", "fsdp-chunked",
+                                                      "deepspeed2", "deepspeed2-qlora", "deepspeed2-chunked",
+                                                      "deepspeed3-bf16"))
 def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
@@ -204,9 +205,10 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
     QLoRA (bitsandbytes' CPU path) under FSDP: the 4-bit base (its packed storage in the compute dtype, which FSDP
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
-    matched to 3e-7 when run by hand; left out of the suite for time.) DDP with the LM head in chunks of 16 tokens
-    (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward, and DDP still
-    averages it."""
+    matched to 3e-7 when run by hand; left out of the suite for time.) DDP, FSDP and ZeRO-2 with the LM head in chunks
+    of 16 tokens (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward, and DDP
+    and DeepSpeed still reduce it; under FSDP the head belongs to the root unit, whole while Lightning runs training_step inside it, and
+    its gradient is reduce-scattered as the model's own."""
     ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first
@@ -231,6 +233,8 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
         assert ranks[0]["dtypes"] == ["torch.float32"] and ranks[0]["fsdp_compute_dtype"] == "torch.bfloat16"
     if bf16:
         assert single["dtypes"] == ["torch.float32"]
+    if strategy.endswith("chunked"):  # the chunked head ran (its one-time check passed), on every process
+        assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
     if qlora:  # every block linear of the tiny preset (4 layers x 7) is a 4-bit layer; FSDP shards them
         assert ranks[0]["linear4bit"] == ranks[1]["linear4bit"] == single["linear4bit"] == 28
         share = 2 if strategy.startswith("fsdp") else 1

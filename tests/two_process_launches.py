@@ -67,10 +67,11 @@ GROUPS: dict[str, list[Launch]] = {
         Launch("grpo-first", "grpo", "fsdp", FSDP_CLIP, steps=2),  # an online objective's full checkpoint, then a resume
         Launch("grpo-resumed", "grpo", "fsdp", FSDP_CLIP, resume="grpo-first"),
         Launch("reward", "reward", "fsdp", REWARD_CLIP),
-        _sft("fsdp-bf16"), _sft("fsdp-qlora"), _online("ppo", "fsdp"), _online("raft", "fsdp")],
+        _sft("fsdp-bf16"), _sft("fsdp-qlora"), _sft("fsdp-chunked"), _online("ppo", "fsdp"), _online("raft", "fsdp")],
     "deepspeed2": [Launch("dpo", "dpo", "deepspeed2", DEEPSPEED_CLIP), Launch("grpo", "grpo", "deepspeed2", DEEPSPEED_CLIP),
                    Launch("dpo-compiled", "dpo-compiled", "deepspeed2", DEEPSPEED_CLIP),  # torch_compile under ZeRO-2
-                   _sft("deepspeed2"), _sft("deepspeed2-qlora"), _sft("deepspeed2-accum"), _online("raft", "deepspeed2")],
+                   _sft("deepspeed2"), _sft("deepspeed2-qlora"), _sft("deepspeed2-accum"), _sft("deepspeed2-chunked"),
+                   _online("raft", "deepspeed2")],
     "deepspeed3": [Launch(o, o, "deepspeed3", DEEPSPEED_CLIP) for o in ("dpo", "dpo-full", "grpo-full")] + [
         Launch("orpo", "orpo", "deepspeed3"),
         Launch("dpo-first", "dpo", "deepspeed3", DEEPSPEED_CLIP, steps=2),  # a ZeRO-3 checkpoint, then a resume from it

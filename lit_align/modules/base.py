@@ -24,10 +24,9 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lit_align import losses
-from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters,
-                              gathers_weights_per_forward, import_model_classes, load_causal_lm, load_tokenizer,
-                              pinned_model_path)
-from lit_align.modules.chunked_logps import ChunkedLogpsCheck, chunked_target_logps, lm_head_parts
+from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
+                              load_causal_lm, load_tokenizer, pinned_model_path)
+from lit_align.modules.chunked_logps import ChunkedLogpsCheck, chunked_target_logps, head_is_whole, lm_head_parts
 
 
 log = logging.getLogger(__name__)
@@ -375,16 +374,18 @@ class AlignmentModule(L.LightningModule):
 
     def uses_chunked_logps(self, net: torch.nn.Module, input_ids: Tensor) -> bool:
         """Whether a pass of ``net`` over ``input_ids`` computes its log-probabilities through the chunked LM head:
-        the module's ``logits_chunk_size`` is set, ``net``'s forward gathers no weights from other processes (FSDP
-        units and ZeRO-3 partitions hold the head's weight only inside the model's own forward), ``net`` splits into
-        backbone and head, and the run's first such pass found the two equal to the model's logits
+        the module's ``logits_chunk_size`` is set, ``net`` splits into backbone and head, the head's weight is whole
+        here (under FSDP the policy's head belongs to the root unit, which Lightning runs ``training_step`` inside, so
+        it is; a network that is its own FSDP root, as the online objectives' policy, or a ZeRO-3 partition has it
+        whole only inside its own forward), and the run's first such pass found the two equal to the model's logits
         (:meth:`_compare_chunked`, on a short probe of ``input_ids``)."""
         if not self.hparams.get("logits_chunk_size"):
             return False
-        if self.chunked_logps.ok is not False and gathers_weights_per_forward(net):
+        if self.chunked_logps.ok is not False and not head_is_whole(net):
             self.chunked_logps.ok = False
-            log.warning("lit_align: logits_chunk_size has no effect under FSDP or DeepSpeed ZeRO-3 (the LM head's "
-                        "weights are gathered only inside the model's own forward); computing the logits whole")
+            log.warning("lit_align: logits_chunk_size has no effect on this network: its LM head's weight is a shard "
+                        "outside the model's own forward (a network that is its own FSDP root, DeepSpeed ZeRO-3); "
+                        "computing the logits whole")
         return self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
 
     def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor,

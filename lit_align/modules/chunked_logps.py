@@ -121,6 +121,14 @@ def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
+def head_is_whole(net: nn.Module) -> bool:
+    """Whether ``net``'s LM head (:func:`lm_head_parts`) holds its whole weight now: not a shard of an FSDP unit whose
+    forward is not running, nor an empty ZeRO-3 partition (both keep ``out_features`` x ``in_features`` only while the
+    head's own unit runs)."""
+    parts = lm_head_parts(net)
+    return parts is not None and tuple(parts[1].weight.shape) == (parts[1].out_features, parts[1].in_features)
+
+
 def check_chunk_size(logits_chunk_size: int | None) -> None:
     """Refuse a ``logits_chunk_size`` option below 1 (null is fine), before anything is built."""
     if logits_chunk_size is not None and (isinstance(logits_chunk_size, bool) or logits_chunk_size < 1):
@@ -139,4 +147,4 @@ class ChunkedLogpsCheck(PackingCheck):
         return self.ok is not False and lm_head_parts(net) is not None
 
 
-__all__ = ["ChunkedLogpsCheck", "check_chunk_size", "chunked_target_logps", "lm_head_parts"]
+__all__ = ["ChunkedLogpsCheck", "check_chunk_size", "chunked_target_logps", "head_is_whole", "lm_head_parts"]
