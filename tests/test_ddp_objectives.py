@@ -77,7 +77,8 @@ class Recorder(L.Callback):
              "grad_norms": self.grad_norms or getattr(pl_module, "grad_norms", []), "reference": self.reference,
              "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module, wrapper=trainer.strategy.model),
              "flops_per_batch": _flops_of_a_batch(trainer, pl_module),
-             "compiled_blocks": sum(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules())}))
+             "compiled_blocks": sum(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()),
+             "chunked_logps": pl_module.chunked_logps.ok}))
 
 
 def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
@@ -204,7 +205,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "dpo-compiled", "dpo-full", "dpo-full-replicated", "dpo-qlora", "orpo", "reward"):
+    if objective in ("dpo", "dpo-compiled", "dpo-full", "dpo-full-replicated", "dpo-full-chunked", "dpo-qlora", "orpo",
+                     "reward"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
@@ -216,7 +218,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
             module = ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
         elif objective.startswith("dpo-full"):  # full fine-tuning: the reference is a frozen copy of the initial policy
             module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
-                         reference_placement="replicate" if objective.endswith("replicated") else "shard")
+                         reference_placement="replicate" if objective.endswith("replicated") else "shard",
+                         logits_chunk_size=8 if objective.endswith("chunked") else None)
         else:
             module = DPO(beta=0.1, lora=lora, optimizer=optimizer, quantize_4bit=objective == "dpo-qlora",
                          torch_compile=objective == "dpo-compiled")

@@ -83,6 +83,16 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
             assert rank["reference"] == {"fsdp_units": 0, "partitioned": False, "local_numel": whole}
 
 
+def test_dpo_full_finetuning_with_the_head_in_chunks_under_fsdp(fsdp_runs, tmp_path):
+    """logits_chunk_size 8 with every weight training: the policy's and the sharded reference's heads are in the root
+    unit, whole while training_step runs inside it; the head's gradient from the chunks is reduce-scattered like the
+    rest, so the curve is one process's, and the chunked head ran on every process."""
+    ranks, single = _compare("dpo-full-chunked", fsdp_runs("dpo-full-chunked"), tmp_path, strategy="fsdp", clip=CLIP)
+    assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
+
+
 def test_orpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path):
     """ORPO's NLL term is a token mean over both processes' chosen tokens (the halves hold different counts)."""
     ranks, single = _compare("orpo", fsdp_runs("orpo"), tmp_path, strategy="fsdp", clip=CLIP)
