@@ -429,12 +429,19 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     logits_fwd = logits_elems * (10 if half_compute else 12)
     logits_bwd = logits_elems * 12
     chunk = inputs.logits_chunk_size if objective in CHUNKED_LOGITS else None
-    if chunk:  # one chunk's logits at a time (float32 copies, softmax, gradient), the head's input rows kept for backward
+
+    def chunked_logits(size: int) -> tuple[float, float]:
+        """(forward, backward) bytes with the LM head ``size`` tokens at a time: one chunk's logits (float32 copies,
+        softmax, gradient), the head's input rows kept for backward (and their gradient), the head's fp32 gradient
+        sum under full fine-tuning."""
         head_rows = seqs * logit_rows * s.hidden_size * (2 if half_compute else 4)
-        logits_elems = min(chunk, seqs * logit_rows) * s.vocab_size
         per_logit = 12 if half_compute else 10  # measured on CPU, fp32: 10.4 B per chunk logit at the peak
-        logits_fwd = logits_elems * per_logit + head_rows
-        logits_bwd = logits_elems * per_logit + 2 * head_rows + (s.head_params * 4 if full_ft else 0)
+        elems = min(size, seqs * logit_rows) * s.vocab_size
+        return (elems * per_logit + head_rows,
+                elems * per_logit + 2 * head_rows + (s.head_params * 4 if full_ft else 0))
+
+    if chunk:
+        logits_fwd, logits_bwd = chunked_logits(chunk)
     mask = seqs * inputs.seq_len**2 if inputs.padded and inputs.attn_implementation != "flash_attention_2" else 0
     # the final norm and LM head input, plus rotary cos/sin (shared by all blocks)
     final = tokens * (final_norm_bytes(inputs, full_ft) + 2 * s.head_dim * (2 if mode == "half" else 4))
@@ -459,6 +466,10 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
                         + (f" (over the {logit_rows} positions predicting the response)" if logit_rows < inputs.seq_len else "")))
     if mask:
         rows.append(Row("attention mask", mask, "(batch, 1, seq, seq) bool mask"))
+    if not chunk and objective in CHUNKED_LOGITS and max(logits_fwd, logits_bwd) > acts:
+        notes.append(f"the logits outweigh the activations: model.init_args.logits_chunk_size 1024 (the LM head 1024 "
+                     f"tokens at a time) would plan {_fmt(max(chunked_logits(1024)))} for them instead of "
+                     f"{_fmt(max(logits_fwd, logits_bwd))}")
 
     # ---- sharding / data-parallel extras
     extra_dp = 0.0
