@@ -6,11 +6,13 @@ cross-entropy and, in the backward pass, their gradient: for DeepSeek-Coder's 32
 its log-softmax run ``chunk`` tokens at a time and keep nothing of that size: the forward pass keeps one float32
 log-probability per token, and the backward pass recomputes each chunk's logits to get its gradient (one more LM-head
 matmul per token, about 5% more compute for a 1.3B model). Only the tokens whose log-probability is wanted go through
-the head (completion tokens, not the prompt or padding).
+the head (completion tokens, not the prompt or padding). With ``entropy`` the same chunks give each position's entropy
+too (the online objectives' entropy bonus and metric), with its gradient.
 
 :func:`chunked_target_logps` is the numerical kernel; :func:`lm_head_parts` finds the backbone and the head of a
-transformers causal LM (under a peft wrapper too), and :class:`ChunkedLogpsCheck` records whether the two agree with
-the model's own forward pass (checked once per run: an architecture that scales or caps its logits does not).
+transformers causal LM (under a peft wrapper too), :func:`head_is_whole` whether the head's weight may be used outside
+the model's forward now (not an FSDP or ZeRO-3 shard), and :class:`ChunkedLogpsCheck` records whether the two agree
+with the model's own forward pass (checked once per run: an architecture that scales or caps its logits does not).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class PreferenceModule(AlignmentModule):
         disable_dropout: turn dropout off in the policy (and reference), so the policy's and the reference's log-probs
             of the same weights agree exactly and the implicit rewards are not noise.
         logits_chunk_size: run the LM head over this many completion tokens at a time, on the backbone's last hidden
-            states, so no (tokens x vocabulary) logits are held (:mod:`~lit_align.modules.chunked_logps`), in the
+            states, so no (tokens x vocabulary) logits are held (lit_align/modules/chunked_logps.py), in the
             policy's and the reference's passes; prompt and padding tokens skip the head. Checked once against the
             model's own logits. null: the logits of every completion position at once.
     """
