@@ -225,7 +225,7 @@ def test_online_log_probabilities_entropy_values_and_gradients_through_chunks_eq
 def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
     from lit_align.modules.grpo import GRPO
     from lit_align.modules.raft import RAFT
-    from test_online_prompt_sharing import _randomized
+    from test_online_prompt_sharing import _randomized, grpo_loss
 
     grpo, raft = {}, {}
     for chunk in (None, 4):
@@ -233,13 +233,7 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
         module = GRPO(samples_per_prompt=3, beta=0.1, lora=LoRAConfig(r=4), micro_batch_size=3, logits_chunk_size=chunk)
         module.configure_model()
         _randomized(module)
-        rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
-        stats = module.rollout_statistics(rollouts, with_reference=True)
-        out = module.rollout_forward(rollouts.rows(torch.arange(3)))
-        mask = rollouts.response_mask[:3, :out["logps"].size(1)]
-        batch = {"old_logps": None, "ref_logps": stats["ref_logps"][:3, :mask.size(1)], "mask": mask,
-                 "advantages": torch.tensor([[1.0], [-1.0], [0.0]]).expand_as(mask)}
-        loss, figures = module.compute_loss(out, batch)
+        loss, figures = grpo_loss(module, rollouts)
         grpo[chunk] = (loss.item(), figures["entropy"].item())
         torch.manual_seed(0)
         module = RAFT(samples_per_prompt=3, lora=LoRAConfig(r=4), logits_chunk_size=chunk)

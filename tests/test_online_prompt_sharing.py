@@ -101,6 +101,18 @@ def test_a_checkpointed_pass_with_gradient_packs_a_prompts_rows_and_nothing_is_s
     assert module._prompt_sharing_ok and all(m.training for m in module.model.modules())
 
 
+def grpo_loss(module, rollouts):
+    """GRPO's (loss, figures) over the first prompt's 3 rollouts: fixed rewards and advantages, the reference
+    log-probs from the batch's statistics."""
+    rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    stats = module.rollout_statistics(rollouts, with_reference=True)
+    out = module.rollout_forward(rollouts.rows(torch.arange(3)))
+    mask = rollouts.response_mask[:3, :out["logps"].size(1)]
+    batch = {"old_logps": None, "ref_logps": stats["ref_logps"][:3, :mask.size(1)], "mask": mask,
+             "advantages": torch.tensor([[1.0], [-1.0], [0.0]]).expand_as(mask)}
+    return module.compute_loss(out, batch)
+
+
 def test_grpo_update_runs_the_same_loss_with_and_without_sharing(rollouts):
     losses = {}
     module = GRPO(samples_per_prompt=3, beta=0.1, lora=LoRAConfig(r=4), micro_batch_size=3)
@@ -108,13 +120,7 @@ def test_grpo_update_runs_the_same_loss_with_and_without_sharing(rollouts):
     _randomized(module)
     for share in (True, False):
         module.hparams.share_prompt = share
-        rollouts.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
-        stats = module.rollout_statistics(rollouts, with_reference=True)
-        out = module.rollout_forward(rollouts.rows(torch.arange(3)))
-        mask = rollouts.response_mask[:3, :out["logps"].size(1)]
-        batch = {"old_logps": None, "ref_logps": stats["ref_logps"][:3, :mask.size(1)], "mask": mask,
-                 "advantages": torch.tensor([[1.0], [-1.0], [0.0]]).expand_as(mask)}
-        losses[share] = module.compute_loss(out, batch)[0]
+        losses[share] = grpo_loss(module, rollouts)[0]
     assert losses[True].item() == pytest.approx(losses[False].item(), abs=1e-5)
 
 

@@ -122,6 +122,11 @@ def response_logps(window: Tensor, response_ids: Tensor) -> Tensor:
                             reduction="none").view_as(response_ids)
 
 
+def response_targets(rows: dict[str, Tensor]) -> Tensor:
+    """The response tokens of ``rows`` (N, t) as targets: ``IGNORE_INDEX`` on padding."""
+    return rows["response_ids"].masked_fill(~rows["response_mask"].bool(), losses.IGNORE_INDEX)
+
+
 def _is_deepspeed(strategy) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -678,8 +683,7 @@ class OnlineModule(AlignmentModule):
         mask = rows["response_mask"]
         if self.uses_chunked_logps(net, rows["input_ids"]):  # logits_chunk_size: entropy instead of logits
             _, hidden = self.response_window(rows, model, with_values, with_logits=False)
-            targets = rows["response_ids"].masked_fill(mask == 0, losses.IGNORE_INDEX)
-            logps, _, entropy = self.chunked_logps_at(net, hidden[:, :-1], targets, entropy=True)
+            logps, _, entropy = self.chunked_logps_at(net, hidden[:, :-1], response_targets(rows), entropy=True)
             result = {"logps": logps, "entropy": entropy}
         else:
             logits, hidden = self.response_window(rows, model, with_values)
@@ -746,7 +750,7 @@ class OnlineModule(AlignmentModule):
         """Each row's response log-probability from packed rows and from full rows, for the run's one check."""
         mask = rows["response_mask"]
         if self.uses_chunked_logps(net, rows["input_ids"]):  # no logits held whole here either
-            targets = rows["response_ids"].masked_fill(mask == 0, losses.IGNORE_INDEX)
+            targets = response_targets(rows)
             packed, full = (self.chunked_logps_at(net, outputs(rows, net, False, with_logits=False)[1][:, :-1], targets)[0]
                             for outputs in (self._packed_outputs, self._full_outputs))
         else:

@@ -155,8 +155,9 @@ def packed_targets(packed: dict[str, Tensor], first_position: int, labels: Tenso
     following = packed["input_ids"][:, first_position + 1:]
     at = (packed["index"][:, :labels.size(1)] - first_position).clamp(0, following.size(1) - 1)
     rows = (torch.arange(2 * b, device=labels.device) % b).unsqueeze(-1).expand_as(at)
+    real = labels != losses.IGNORE_INDEX
     wanted = torch.zeros(following.shape, dtype=torch.bool, device=labels.device)
-    wanted[rows[labels != losses.IGNORE_INDEX], at[labels != losses.IGNORE_INDEX]] = True
+    wanted[rows[real], at[real]] = True
     return following.masked_fill(~wanted, losses.IGNORE_INDEX), at
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_align import losses
-from lit_align.modules.online import OnlineModule, Rollouts
+from lit_align.modules.online import OnlineModule, Rollouts, response_targets
 
 
 class RAFT(OnlineModule):
@@ -122,7 +122,7 @@ class RAFT(OnlineModule):
 
         def loss_fn(index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             rows = rollouts.rows(kept[index])
-            targets = rows["response_ids"].masked_fill(~rows["response_mask"], losses.IGNORE_INDEX)
+            targets = response_targets(rows)
             if self.uses_chunked_logps(self.model, rows["input_ids"]):  # logits_chunk_size: the same loss, in chunks
                 _, hidden = self.response_window(rows, with_logits=False)
                 return losses.token_mean_nll(*self.chunked_logps_at(self.model, hidden[:, :-1], targets)), {}
