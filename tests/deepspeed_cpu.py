@@ -33,8 +33,13 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     strategy_name = "deepspeed_cpu_test"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, partition_all: bool = False, **kwargs) -> None:
+        """``partition_all``: ZeRO-3 partitions every weight, the small ones too (DeepSpeed keeps a weight of under
+        ``stage3_param_persistence_threshold`` = 1e5 elements whole on every process by default: the tiny preset's LM
+        head among them, where a real model's is partitioned)."""
         super().__init__(*args, **kwargs)
+        if partition_all:
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         # ZeRO-3 keeps a gathered parameter while it is used again within `stage3_max_reuse_distance` elements of the
         # recorded module order; it checks that by walking the order from each module, and the default (1e9, more
         # than the tiny preset holds) walks all of it at every module: 40% of a ZeRO-3 run's time here. 0 releases

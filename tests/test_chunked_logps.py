@@ -255,9 +255,10 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
 
 
 def test_a_network_whose_head_is_a_shard_keeps_its_logits(pairs, caplog):
-    """A network that is its own FSDP root, or a ZeRO-3 partition, holds its head's whole weight only inside its own
-    forward (here: the head's weight replaced by an empty one, as a ZeRO-3 partition's): the option has no effect, and
-    says so once. (Under FSDP inside Lightning's root unit the head is whole: tests/test_ddp_sft.py, fsdp-chunked.)"""
+    """A network that is its own FSDP root holds its head's whole weight only inside its own forward (here: the head's
+    weight replaced by an empty one, as a shard's): the option has no effect, and says so once. (Under FSDP inside
+    Lightning's root unit the head is whole: tests/test_ddp_sft.py, fsdp-chunked; under ZeRO-3 DeepSpeed gathers it
+    when read inside the training step: tests/test_deepspeed.py.)"""
     module = DPO(lora=LoRAConfig(r=4, dropout=0.0), logits_chunk_size=8, share_prompt=False)
     module.configure_model()
     _, head = lm_head_parts(module.model)

@@ -78,7 +78,7 @@ class Recorder(L.Callback):
              "partitioned": is_zero3_partitioned(pl_module), "parameters": count_parameters(pl_module, wrapper=trainer.strategy.model),
              "flops_per_batch": _flops_of_a_batch(trainer, pl_module),
              "compiled_blocks": sum(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()),
-             "chunked_logps": pl_module.chunked_logps.ok}))
+             "chunked_logps": pl_module.chunked_logps.ok, "head_numel": _head_numel(pl_module)}))
 
 
 def gathered(trainer: L.Trainer, pl_module: L.LightningModule):
@@ -176,15 +176,22 @@ def _grpo_class():
     return FixedRolloutsGRPO
 
 
-def make_strategy(strategy: str, devices: int, even_alone: bool = False):
+def _head_numel(pl_module) -> int | None:
+    """Elements of the policy's LM head weight held here now (outside the forward: 0 for a ZeRO-3 partition)."""
+    head = pl_module.model.get_output_embeddings() if hasattr(pl_module.model, "get_output_embeddings") else None
+    return None if head is None else head.weight.numel()
+
+
+def make_strategy(strategy: str, devices: int, even_alone: bool = False, partition_all: bool = False):
     """"ddp", or "fsdp"/"fsdp-sharded": FSDP on CPU (tests/fsdp_cpu.py) with one unit per decoder block, activation
-    checkpointing, and full or sharded checkpoints. One process runs without a strategy unless ``even_alone``."""
+    checkpointing, and full or sharded checkpoints. One process runs without a strategy unless ``even_alone``.
+    ``partition_all``: ZeRO-3 partitions the small weights too (the tiny preset's LM head)."""
     if devices == 1 and not even_alone:
         return "auto"
     if strategy == "ddp":
         return "ddp"
     if strategy.startswith("deepspeed"):  # "deepspeed2" / "deepspeed3": ZeRO stage 2 or 3 on CPU (tests/deepspeed_cpu.py)
-        return CPUDeepSpeedStrategy(stage=int(strategy[-1]))
+        return CPUDeepSpeedStrategy(stage=int(strategy[-1]), partition_all=partition_all)
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from fsdp_cpu import CPUFSDPStrategy
@@ -232,7 +239,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         module = _grpo_class()(samples_per_prompt=K, beta=0.04, loss_aggregation="token", micro_batch_size=3,
                                max_new_tokens=16, lora=None if full else lora, max_grad_norm=clip or 1.0,
                                optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer,
-                               reference_placement="replicate" if objective.endswith("replicated") else "shard")
+                               reference_placement="replicate" if objective.endswith("replicated") else "shard",
+                               logits_chunk_size=8 if objective.endswith("chunked") else None)
         module.recorded, module.grad_norms = [], []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)
@@ -243,7 +251,8 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
         from lit_align.callbacks.lora_merge import LoRAMerge
 
         callbacks.append(LoRAMerge(output_dir=str(out / "merged")))
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices, even_alone),
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=make_strategy(strategy, devices, even_alone,
+                                                                                   objective.endswith("chunked")),
                         use_distributed_sampler=False, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=callbacks,

@@ -84,7 +84,8 @@ class Recorder(L.Callback):
              "param_sum": param_sum, "dtypes": sorted({str(p.dtype) for p in pl_module.parameters()}),
              "master_dtypes": sorted({str(t.dtype) for t in masters}),
              "fsdp_compute_dtype": str(getattr(getattr(root, "mixed_precision", None), "param_dtype", None)),
-             "local_numel": local_numel, "linear4bit": linear4bit, "chunked_logps": pl_module.chunked_logps.ok}))
+             "local_numel": local_numel, "linear4bit": linear4bit, "chunked_logps": pl_module.chunked_logps.ok,
+             "head_numel": pl_module.model.get_output_embeddings().weight.numel()}))  # outside the forward: ZeRO-3's 0
 
 
 CLIP = 0.5  # FSDP and DeepSpeed runs; binds at every step: the one-process gradient norms before clipping are 4-12
@@ -126,7 +127,7 @@ def run_sft(data_file: Path, out: Path, batch_size: int, devices: int, strategy:
     elif strategy.startswith("deepspeed") and devices > 1:
         from deepspeed_cpu import CPUDeepSpeedStrategy
 
-        chosen = CPUDeepSpeedStrategy(stage=int(strategy[-1]))
+        chosen = CPUDeepSpeedStrategy(stage=int(strategy[-1]), partition_all=bool(chunks))  # the head: a partition
     data = SFTDataModule(train_sources=[DataSource(path=str(data_file))], val_fraction=0.0, max_length=256,
                          batch_size=batch_size // accumulate, tokenizer="preset:tiny", group_by_length=precision != "accum")
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=chosen, gradient_clip_val=CLIP if sharded else None,
@@ -194,7 +195,7 @@ def _two_and_one(sft_runs, tmp_path: Path, strategy: str) -> tuple[list[dict], d
 
 @pytest.mark.parametrize("strategy", on_two_processes("ddp", "ddp-chunked", "fsdp-bf16", "fsdp-qlora", "fsdp-chunked",
                                                       "deepspeed2", "deepspeed2-qlora", "deepspeed2-chunked",
-                                                      "deepspeed3-bf16"))
+                                                      "deepspeed3-bf16", "deepspeed3-chunked"))
 def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_path, strategy):
     """DDP; FSDP full fine-tuning with the settings of configs/iotacode/multi_gpu/sft_fsdp.yaml (weights, gradients
     and optimizer state sharded per decoder block, gradient checkpointing, norm clipping over the shards); DeepSpeed
@@ -205,10 +206,12 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
     QLoRA (bitsandbytes' CPU path) under FSDP: the 4-bit base (its packed storage in the compute dtype, which FSDP
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
-    matched to 3e-7 when run by hand; left out of the suite for time.) DDP, FSDP and ZeRO-2 with the LM head in chunks
-    of 16 tokens (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward, and DDP
-    and DeepSpeed still reduce it; under FSDP the head belongs to the root unit, whole while Lightning runs training_step inside it, and
-    its gradient is reduce-scattered as the model's own."""
+    matched to 3e-7 when run by hand; left out of the suite for time.) DDP, FSDP, ZeRO-2 and ZeRO-3 with the LM head
+    in chunks of 16 tokens (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward,
+    and DDP and DeepSpeed still reduce it; under FSDP the head belongs to the root unit, whole while Lightning runs
+    training_step inside it, and its gradient is reduce-scattered as the model's own; under ZeRO-3 (every weight
+    partitioned here, the tiny head too) DeepSpeed gathers the head's partition when the chunked pass reads it inside
+    the training step, and again for the backward."""
     ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first
@@ -235,6 +238,8 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
         assert single["dtypes"] == ["torch.float32"]
     if strategy.endswith("chunked"):  # the chunked head ran (its one-time check passed), on every process
         assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
+    if strategy == "deepspeed3-chunked":  # the head's weight was a partition outside the engine's forward
+        assert ranks[0]["head_numel"] == ranks[1]["head_numel"] == 0 < single["head_numel"]
     if qlora:  # every block linear of the tiny preset (4 layers x 7) is a 4-bit layer; FSDP shards them
         assert ranks[0]["linear4bit"] == ranks[1]["linear4bit"] == single["linear4bit"] == 28
         share = 2 if strategy.startswith("fsdp") else 1

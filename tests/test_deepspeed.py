@@ -145,6 +145,22 @@ def test_grpo_under_zero_matches_one_process(two_process_runs, tmp_path, strateg
         assert ranks[0]["reference"]["local_numel"] < 0.75 * single["reference"]["local_numel"]
 
 
+@pytest.mark.parametrize("objective", [pytest.param(o, marks=pytest.mark.two_process("deepspeed3"))
+                                       for o in ("dpo-full-chunked", "grpo-full-chunked")])
+def test_the_head_in_chunks_under_zero3_matches_one_process(two_process_runs, tmp_path, objective):
+    """Full fine-tuning with ``logits_chunk_size: 8`` under ZeRO-3 with every weight partitioned, the LM heads of the
+    policy and of its frozen reference included: the chunked passes read a head's weight outside its module's forward,
+    and DeepSpeed gathers a partitioned weight read inside its engine's forward (the training step) for the module
+    running it, until that module's backward is done. DPO (a step per batch) and GRPO (its optimizer steps and
+    backward passes inside the training step) follow one process's curve, the chunked head used on every process."""
+    ranks, single = _compare(objective, two_process_runs("deepspeed3", objective), tmp_path, strategy="deepspeed3",
+                             clip=CLIP)
+    assert min(single["grad_norms"]) > 2 * CLIP
+    assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
+    assert ranks[0]["head_numel"] == ranks[1]["head_numel"] == 0 < single["head_numel"]  # partitions here
+    assert ranks[0]["reference"]["partitioned"]
+
+
 def test_online_objectives_refuse_a_conflicting_deepspeed_clip_before_building_the_model():
     from lit_align.modules.grpo import GRPO
 

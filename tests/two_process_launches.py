@@ -72,12 +72,13 @@ GROUPS: dict[str, list[Launch]] = {
                    Launch("dpo-compiled", "dpo-compiled", "deepspeed2", DEEPSPEED_CLIP),  # torch_compile under ZeRO-2
                    _sft("deepspeed2"), _sft("deepspeed2-qlora"), _sft("deepspeed2-accum"), _sft("deepspeed2-chunked"),
                    _online("raft", "deepspeed2")],
-    "deepspeed3": [Launch(o, o, "deepspeed3", DEEPSPEED_CLIP) for o in ("dpo", "dpo-full", "grpo-full")] + [
+    "deepspeed3": [Launch(o, o, "deepspeed3", DEEPSPEED_CLIP) for o in ("dpo", "dpo-full", "dpo-full-chunked", "grpo-full",
+                                                                        "grpo-full-chunked")] + [
         Launch("orpo", "orpo", "deepspeed3"),
         Launch("dpo-first", "dpo", "deepspeed3", DEEPSPEED_CLIP, steps=2),  # a ZeRO-3 checkpoint, then a resume from it
         Launch("dpo-resumed", "dpo", "deepspeed3", DEEPSPEED_CLIP, resume="dpo-first"),
         Launch("reward", "reward", "deepspeed3", REWARD_CLIP),
-        _sft("deepspeed3-bf16"), _online("ppo", "deepspeed3"), _online("raft", "deepspeed3")],
+        _sft("deepspeed3-bf16"), _sft("deepspeed3-chunked"), _online("ppo", "deepspeed3"), _online("raft", "deepspeed3")],
 }
 """The runs by group (strategy), in launch order (DeepSpeed's last): every test that compares a 2-process run finds it
 here by group and name."""

@@ -376,15 +376,16 @@ class AlignmentModule(L.LightningModule):
         """Whether a pass of ``net`` over ``input_ids`` computes its log-probabilities through the chunked LM head:
         the module's ``logits_chunk_size`` is set, ``net`` splits into backbone and head, the head's weight is whole
         here (under FSDP the policy's head belongs to the root unit, which Lightning runs ``training_step`` inside, so
-        it is; a network that is its own FSDP root, as the online objectives' policy, or a ZeRO-3 partition has it
-        whole only inside its own forward), and the run's first such pass found the two equal to the model's logits
+        it is; under ZeRO-3 DeepSpeed gathers a partition read inside its engine's forward, the training step, so it
+        is; a network that is its own FSDP root, as the online objectives' policy, has it whole only inside its own
+        forward), and the run's first such pass found the two equal to the model's logits
         (:meth:`_compare_chunked`, on a short probe of ``input_ids``)."""
         if not self.hparams.get("logits_chunk_size"):
             return False
         if self.chunked_logps.ok is not False and not head_is_whole(net):
             self.chunked_logps.ok = False
             log.warning("lit_align: logits_chunk_size has no effect on this network: its LM head's weight is a shard "
-                        "outside the model's own forward (a network that is its own FSDP root, DeepSpeed ZeRO-3); "
+                        "outside the model's own forward (a network that is its own FSDP root); "
                         "computing the logits whole")
         return self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
 

@@ -11,7 +11,7 @@ too (the online objectives' entropy bonus and metric), with its gradient.
 
 :func:`chunked_target_logps` is the numerical kernel; :func:`lm_head_parts` finds the backbone and the head of a
 transformers causal LM (under a peft wrapper too), :func:`head_is_whole` whether the head's weight may be used outside
-the model's forward now (not an FSDP or ZeRO-3 shard), and :class:`ChunkedLogpsCheck` records whether the two agree
+the model's forward now (not an FSDP shard), and :class:`ChunkedLogpsCheck` records whether the two agree
 with the model's own forward pass (checked once per run: an architecture that scales or caps its logits does not).
 """
 
@@ -126,7 +126,8 @@ def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 def head_is_whole(net: nn.Module) -> bool:
     """Whether ``net``'s LM head (:func:`lm_head_parts`) holds its whole weight now: not a shard of an FSDP unit whose
     forward is not running, nor an empty ZeRO-3 partition (both keep ``out_features`` x ``in_features`` only while the
-    head's own unit runs)."""
+    head's own unit runs; DeepSpeed gathers a partition read inside its engine's forward, so within a training step
+    the head is whole, also under ZeRO-3)."""
     parts = lm_head_parts(net)
     return parts is not None and tuple(parts[1].weight.shape) == (parts[1].out_features, parts[1].in_features)
 
