@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lit_align import losses
 from lit_align.data_modules.preference import PreferenceDataModule
 from lit_align.models import LoRAConfig
-from lit_align.modules.chunked_logps import chunked_target_logps, head_is_whole, lm_head_parts
+from lit_align.modules.chunked_logps import chunked_target_logps, lm_head_parts
 from lit_align.modules.dpo import DPO
 from lit_align.modules.orpo import ORPO
 from lit_align.modules.sft import SFT
@@ -254,23 +254,26 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
         Weighted(logits_chunk_size=8)
 
 
-def test_a_network_whose_head_is_a_shard_keeps_its_logits(pairs, caplog):
-    """A network that is its own FSDP root holds its head's whole weight only inside its own forward (here: the head's
-    weight replaced by an empty one, as a shard's): the option has no effect, and says so once. (Under FSDP inside
-    Lightning's root unit the head is whole: tests/test_ddp_sft.py, fsdp-chunked; under ZeRO-3 DeepSpeed gathers it
-    when read inside the training step: tests/test_deepspeed.py.)"""
+def test_a_model_that_computes_its_logits_without_calling_its_head_module_keeps_them(pairs, caplog):
+    """The chunked head stands in for the head module's forward inside the model's forward (where FSDP and ZeRO-3
+    hold its weight whole); a model that multiplies by the head's weight itself never calls it: the one-time check
+    fails (an infinite difference), with a warning, and the logits' own numbers run from then on."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
     module = DPO(lora=LoRAConfig(r=4, dropout=0.0), logits_chunk_size=8, share_prompt=False)
     module.configure_model()
-    _, head = lm_head_parts(module.model)
-    whole = head.weight
-    head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    assert not head_is_whole(module.model)
+    base = module.model.get_base_model()
+
+    def by_weight(input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **kwargs).last_hidden_state
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return CausalLMOutputWithPast(logits=F.linear(hidden, base.lm_head.weight))
+
+    base.forward = by_weight
     with caplog.at_level(logging.WARNING):
-        module._compare_chunked = lambda *a: pytest.fail("the one-time check must not run on a shard")
-        assert not module.uses_chunked_logps(module.model, pairs["input_ids"])
-        module.uses_chunked_logps(module.model, pairs["input_ids"])
-    assert module.chunked_logps.ok is False and caplog.text.count("has no effect on this network") == 1
-    head.weight = whole
-    out = module.concatenated_logps(pairs)
+        out = module.concatenated_logps(pairs)
+    assert module.chunked_logps.ok is False and "largest difference inf" in caplog.text
+    assert "forward" not in base.lm_head.__dict__  # the head module's own forward is back
     module.hparams.logits_chunk_size = None
     assert torch.equal(out["token_logps"], module.concatenated_logps(pairs)["token_logps"])

@@ -126,16 +126,21 @@ def test_an_online_run_resumed_from_a_full_fsdp_checkpoint_continues_the_curve(f
     assert max(abs(a - b) for a, b in zip(before + after, one)) < TOLERANCE, (before + after, one)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "grpo-full", "grpo-full-replicated"])
+@pytest.mark.parametrize("objective", ["grpo", "grpo-full", "grpo-full-replicated", "grpo-full-chunked"])
 def test_grpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path, objective):
     """Online objectives step inside training_step, so they wrap their networks in FSDP units themselves
     (OnlineModule.shard_with_fsdp: the policy, with LoRA or fully trained, and the frozen reference copy, each its own
     root; or with reference_placement replicate a whole reference per process, untouched by FSDP) and the step runs
     outside any FSDP forward. Clipping binds at every step: the norm is taken over every root's shards on both
-    processes."""
+    processes. With the LM head in chunks of 8 (``logits_chunk_size``): the head, in each network's root unit, is a
+    shard outside that network's forward; the chunked head runs inside it (in place of the head module's forward),
+    for the policy's passes and the sharded reference's, on every process."""
     ranks, single = _compare(objective, fsdp_runs(objective), tmp_path, strategy="fsdp", clip=CLIP)
     assert len({round(s["loss"], 6) for s in single["steps"]}) == len(single["steps"])
     assert min(single["grad_norms"]) > 2 * CLIP
+    if objective == "grpo-full-chunked":
+        assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
+        assert ranks[0]["reference"]["fsdp_units"] == 5
     if objective == "grpo-full-replicated":
         assert ranks[0]["reference"] == {"fsdp_units": 0, "partitioned": False, "local_numel": single["reference"]["local_numel"]}
     if objective == "grpo-full":  # the frozen reference is sharded too: one unit per decoder block and a root

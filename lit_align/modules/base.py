@@ -26,7 +26,7 @@ from torchmetrics import Metric
 from lit_align import losses
 from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
                               load_causal_lm, load_tokenizer, pinned_model_path)
-from lit_align.modules.chunked_logps import ChunkedLogpsCheck, chunked_target_logps, head_is_whole, lm_head_parts
+from lit_align.modules.chunked_logps import ChunkedLogpsCheck, HeadCall, HeadNotCalled, head_in_chunks
 
 
 log = logging.getLogger(__name__)
@@ -363,9 +363,8 @@ class AlignmentModule(L.LightningModule):
         """Log-probabilities (B, n) in float32 of ``targets`` (B, n), the tokens positions ``start`` to
         ``start + n - 1`` of the pass ``net(**inputs)`` predict (``IGNORE_INDEX`` where none is wanted: 0 there), and
         their mask. Logits are computed from ``start`` on only; with the module's ``logits_chunk_size`` not even those
-        are held whole: the backbone's last hidden states go through the LM head that many tokens at a time,
-        only at the wanted positions (:mod:`~lit_align.modules.chunked_logps`), once the run's first such pass has
-        given the model's own numbers."""
+        are held whole: the LM head runs that many tokens at a time, only at the wanted positions
+        (:mod:`~lit_align.modules.chunked_logps`), once the run's first such pass has given the model's own numbers."""
         if self.uses_chunked_logps(net, inputs["input_ids"]):
             return self._chunked_target_logps(net, start, targets, inputs)
         keep = inputs["input_ids"].size(1) - start
@@ -374,51 +373,39 @@ class AlignmentModule(L.LightningModule):
 
     def uses_chunked_logps(self, net: torch.nn.Module, input_ids: Tensor) -> bool:
         """Whether a pass of ``net`` over ``input_ids`` computes its log-probabilities through the chunked LM head:
-        the module's ``logits_chunk_size`` is set, ``net`` splits into backbone and head, the head's weight is whole
-        here (under FSDP the policy's head belongs to the root unit, which Lightning runs ``training_step`` inside, so
-        it is; under ZeRO-3 DeepSpeed gathers a partition read inside its engine's forward, the training step, so it
-        is; a network that is its own FSDP root, as the online objectives' policy, has it whole only inside its own
-        forward), and the run's first such pass found the two equal to the model's logits
-        (:meth:`_compare_chunked`, on a short probe of ``input_ids``)."""
+        the module's ``logits_chunk_size`` is set, ``net`` is a causal LM with a plain linear head, and the run's
+        first such pass found the two equal to the model's logits (:meth:`_compare_chunked`, on a short probe of
+        ``input_ids``)."""
         if not self.hparams.get("logits_chunk_size"):
             return False
-        if self.chunked_logps.ok is not False and not head_is_whole(net):
-            self.chunked_logps.ok = False
-            log.warning("lit_align: logits_chunk_size has no effect on this network: its LM head's weight is a shard "
-                        "outside the model's own forward (a network that is its own FSDP root); "
-                        "computing the logits whole")
         return self.chunked_logps.allows(net, lambda: self._compare_chunked(net, input_ids))
 
-    def chunked_logps_at(self, net: torch.nn.Module, hidden: Tensor, targets: Tensor,
-                         entropy: bool = False) -> tuple[Tensor, ...]:
-        """Log-probabilities (B, n) of ``targets`` (B, n; ``IGNORE_INDEX`` where none is wanted: 0 there) from the
-        backbone's last hidden states ``hidden`` (B, n, H) at the positions that predict them, through ``net``'s LM
-        head ``logits_chunk_size`` tokens at a time; their mask; with ``entropy``, the entropy (B, n) of each wanted
-        position's distribution too (0 elsewhere)."""
-        _, head = lm_head_parts(net)
-        mask = targets != losses.IGNORE_INDEX
-        wanted = chunked_target_logps(hidden[mask], head.weight, head.bias, targets[mask],
-                                      self.hparams.logits_chunk_size, entropy=entropy)
-        zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-        if entropy:
-            return zeros.masked_scatter(mask, wanted[0]), mask, zeros.masked_scatter(mask, wanted[1])
-        return zeros.masked_scatter(mask, wanted), mask
+    def chunked_head(self, net: torch.nn.Module, calls: list[HeadCall], entropy: bool = False):
+        """A context in which ``net``'s passes call its LM head as ``calls`` say, ``logits_chunk_size`` tokens at a
+        time (:func:`~lit_align.modules.chunked_logps.head_in_chunks`): a pass's ``logits`` are then the wanted
+        log-probabilities (B, n, 1), with ``entropy`` (B, n, 2), computed inside the model's own forward."""
+        return head_in_chunks(net, calls, self.hparams.logits_chunk_size, entropy)
 
     def _chunked_target_logps(self, net: torch.nn.Module, start: int, targets: Tensor,
                               inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        backbone, _ = lm_head_parts(net)
-        hidden = backbone(**inputs).last_hidden_state[:, start:start + targets.size(1)]
-        return self.chunked_logps_at(net, hidden, targets)
+        keep, n = inputs["input_ids"].size(1) - start, targets.size(1)
+        with self.chunked_head(net, [(lambda hidden: hidden[:, -keep:][:, :n], targets)]):
+            out = self.forward_keeping_logits(net, keep, **inputs).logits
+        return out[..., 0], targets != losses.IGNORE_INDEX
 
     def _compare_chunked(self, net: torch.nn.Module, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """The chunked LM head against the model's own logits, for the run's one check, on a probe of the first 64
-        tokens of ``input_ids``' first row (a plain causal pass: what is checked is that the backbone's last hidden
-        states and the head give the model's logits, whatever the pass; so small that the logits it holds whole do not
-        matter where chunks were needed)."""
+        tokens of ``input_ids``' first row (a plain causal pass: what is checked is that the head, given what the
+        model gives it, yields the model's logits, whatever the pass; so small that the logits it holds whole do not
+        matter where chunks were needed). A model whose forward does not call its head module fails it (an infinite
+        difference)."""
         probe = input_ids[:1, :64].repeat(1, 2 if input_ids.size(1) < 2 else 1)  # at least one token to predict
         inputs = {"input_ids": probe[:, :-1], "use_cache": False}
-        chunked, mask = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
-        full, _ = losses.target_logps(net(**inputs).logits, probe[:, 1:])
+        full, mask = losses.target_logps(net(**inputs).logits, probe[:, 1:])
+        try:
+            chunked, _ = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
+        except HeadNotCalled:
+            chunked = torch.full_like(full, float("inf"))
         return chunked.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, probe)
 
     @staticmethod

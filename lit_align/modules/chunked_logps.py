@@ -9,17 +9,26 @@ matmul per token, about 5% more compute for a 1.3B model). Only the tokens whose
 the head (completion tokens, not the prompt or padding). With ``entropy`` the same chunks give each position's entropy
 too (the online objectives' entropy bonus and metric), with its gradient.
 
-:func:`chunked_target_logps` is the numerical kernel; :func:`lm_head_parts` finds the backbone and the head of a
-transformers causal LM (under a peft wrapper too), :func:`head_is_whole` whether the head's weight may be used outside
-the model's forward now (not an FSDP shard), and :class:`ChunkedLogpsCheck` records whether the two agree
-with the model's own forward pass (checked once per run: an architecture that scales or caps its logits does not).
+The head runs inside the model's own forward pass (:func:`head_in_chunks` stands in for the head module's forward
+while a pass runs): there the head's weight is whole wherever the model's is sharded (an FSDP unit, a ZeRO-3
+partition: both gather it for the module's forward, and again for its backward), and the pass's output, which FSDP and
+DeepSpeed hook for the backward, is what the loss uses.
+
+:func:`chunked_target_logps` is the numerical kernel, :func:`head_logps` applies it at the wanted positions of a batch;
+:func:`lm_head_parts` finds the backbone and the head of a transformers causal LM (under a peft wrapper too), and
+:class:`ChunkedLogpsCheck` records whether the chunked head agrees with the model's own logits (checked once per run:
+an architecture that scales or caps its logits, or computes them without calling its head module, does not).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
+from lit_align.losses import IGNORE_INDEX
 from lit_align.modules.packed_pairs import PackingCheck
 
 
@@ -123,13 +132,57 @@ def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
-def head_is_whole(net: nn.Module) -> bool:
-    """Whether ``net``'s LM head (:func:`lm_head_parts`) holds its whole weight now: not a shard of an FSDP unit whose
-    forward is not running, nor an empty ZeRO-3 partition (both keep ``out_features`` x ``in_features`` only while the
-    head's own unit runs; DeepSpeed gathers a partition read inside its engine's forward, so within a training step
-    the head is whole, also under ZeRO-3)."""
-    parts = lm_head_parts(net)
-    return parts is not None and tuple(parts[1].weight.shape) == (parts[1].out_features, parts[1].in_features)
+def head_logps(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk: int, entropy: bool = False) -> Tensor:
+    """``head``'s log-probabilities of ``targets`` (B, n; ``IGNORE_INDEX`` where none is wanted) from the last hidden
+    states ``hidden`` (B, n, H) at the positions that predict them, through :func:`chunked_target_logps` at the wanted
+    positions only: float32 (B, n, 1), or with ``entropy`` (B, n, 2), the entropy of each position's distribution
+    second; 0 where nothing is wanted."""
+    mask = targets != IGNORE_INDEX
+    wanted = chunked_target_logps(hidden[mask], head.weight, head.bias, targets[mask], chunk, entropy=entropy)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    return torch.stack([zeros.masked_scatter(mask, w) for w in (wanted if entropy else (wanted,))], dim=-1)
+
+
+HeadCall = tuple[Callable[[Tensor], Tensor], Tensor] | None
+"""What the LM head computes at one call under :func:`head_in_chunks`: ``(select, targets)``, :func:`head_logps` of
+``targets`` from ``select(hidden states the head was given)``; None: the head's own logits."""
+
+
+class HeadNotCalled(RuntimeError):
+    """The model's forward did not call its LM head module as often as :func:`head_in_chunks` was told it would."""
+
+
+@contextmanager
+def head_in_chunks(net: nn.Module, calls: Sequence[HeadCall], chunk: int, entropy: bool = False) -> Iterator[None]:
+    """While open, the ``i``-th call of ``net``'s LM head module (:func:`lm_head_parts`) computes ``calls[i]``
+    (:data:`HeadCall`) in chunks of ``chunk`` tokens instead of logits, so a pass of ``net`` returns those
+    log-probabilities (and entropies) as its ``logits``. The head's weight is read inside the model's forward, where
+    it is whole also under FSDP and ZeRO-3. Raises :class:`HeadNotCalled` where the head module was called more or
+    fewer times (a model that computes its logits without calling it)."""
+    _, head = lm_head_parts(net)
+    pending = list(calls)
+    own = head.__dict__.get("forward")  # an instance-level forward someone else set, restored after
+
+    def forward(hidden: Tensor) -> Tensor:
+        if not pending:
+            raise HeadNotCalled("the LM head module was called more often than the pass was planned for")
+        call = pending.pop(0)
+        if call is None:
+            return own(hidden) if own is not None else type(head).forward(head, hidden)
+        select, targets = call
+        return head_logps(head, select(hidden), targets, chunk, entropy)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    if pending:
+        raise HeadNotCalled(f"the model's forward did not call its LM head module ({len(pending)} call(s) left): it "
+                            f"computes its logits some other way")
 
 
 def check_chunk_size(logits_chunk_size: int | None) -> None:
@@ -150,4 +203,5 @@ class ChunkedLogpsCheck(PackingCheck):
         return self.ok is not False and lm_head_parts(net) is not None
 
 
-__all__ = ["ChunkedLogpsCheck", "check_chunk_size", "chunked_target_logps", "head_is_whole", "lm_head_parts"]
+__all__ = ["ChunkedLogpsCheck", "HeadCall", "HeadNotCalled", "check_chunk_size", "chunked_target_logps", "head_in_chunks",
+           "head_logps", "lm_head_parts"]

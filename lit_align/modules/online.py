@@ -50,7 +50,7 @@ from lit_align.generation.base import BackendName, check_backend_kwargs, find_st
 from lit_align.generation.hf import inference_mode
 from lit_align.models import disable_dropout, gathers_weights_per_forward, load_causal_lm, pinned_model_path
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
-from lit_align.modules.chunked_logps import check_chunk_size, lm_head_parts
+from lit_align.modules.chunked_logps import check_chunk_size
 from lit_align.modules.preference import shared_prompt_forward
 from lit_align.modules.packed_pairs import PackingCheck, packed_groups, packed_mask_dtype
 from lit_align.modules.reward import RewardNetwork, full_rows, load_reward_model, reward_batches, reward_model_base
@@ -682,9 +682,8 @@ class OnlineModule(AlignmentModule):
         net = model if model is not None else self.model
         mask = rows["response_mask"]
         if self.uses_chunked_logps(net, rows["input_ids"]):  # logits_chunk_size: entropy instead of logits
-            _, hidden = self.response_window(rows, model, with_values, with_logits=False)
-            logps, _, entropy = self.chunked_logps_at(net, hidden[:, :-1], response_targets(rows), entropy=True)
-            result = {"logps": logps, "entropy": entropy}
+            out, hidden = self.response_window(rows, model, with_values, targets=response_targets(rows), entropy=True)
+            result = {"logps": out[..., 0], "entropy": out[..., 1]}
         else:
             logits, hidden = self.response_window(rows, model, with_values)
             result = {"logps": response_logps(logits, rows["response_ids"]) * mask, "logits": logits[:, :-1]}
@@ -698,26 +697,27 @@ class OnlineModule(AlignmentModule):
         with the log-probabilities under ``logits_chunk_size``, else from its logits."""
         return out["entropy"] if "entropy" in out else losses.entropy_from_logits(out["logits"])
 
-    def response_window(self, rows: dict[str, Tensor], model: nn.Module | None = None,
-                        with_values: bool = False, with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    def response_window(self, rows: dict[str, Tensor], model: nn.Module | None = None, with_values: bool = False,
+                        targets: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Logits (N, t + 1, V) of ``model`` (default the policy) at the last prompt column and the t response columns
         of ``rows`` (column k predicts response token k; the last predicts nothing), and with ``with_values`` the last
         hidden states there (else None); the pass is counted in :attr:`step_tokens`.
 
         Logits are computed only there (``logits_to_keep``), and with ``share_prompt`` each distinct prompt of ``rows``
-        runs once and its rows' responses on its cached keys/values (see :meth:`_use_prompt_sharing`). Without
-        ``with_logits``: no logits (None), only the backbone's last hidden states there, for the chunked LM head
-        (``logits_chunk_size``).
+        runs once and its rows' responses on its cached keys/values (see :meth:`_use_prompt_sharing`). With
+        ``targets`` (N, t; :func:`response_targets`): no logits, the LM head in chunks of ``logits_chunk_size``
+        instead, giving the log-probabilities of ``targets`` (N, t, 1), with ``entropy`` (N, t, 2), entropy second
+        (:meth:`chunked_head`).
         """
         net = model if model is not None else self.model
         self.count_pass(rows)
         if self._use_prompt_sharing(rows, net):
-            shared = self._shared_prompt_outputs(rows, net, with_values, with_logits)
+            shared = self._shared_prompt_outputs(rows, net, with_values, targets, entropy)
             if shared is not None:
                 return shared
         elif self._use_packed_groups(rows, net):
-            return self._packed_outputs(rows, net, with_values, with_logits)
-        return self._full_outputs(rows, net, with_values, with_logits)
+            return self._packed_outputs(rows, net, with_values, targets, entropy)
+        return self._full_outputs(rows, net, with_values, targets, entropy)
 
     def _use_prompt_sharing(self, rows: dict[str, Tensor], net: nn.Module) -> bool:
         """Whether :meth:`response_window` runs ``rows`` with their prompts shared through a KV cache:
@@ -751,7 +751,7 @@ class OnlineModule(AlignmentModule):
         mask = rows["response_mask"]
         if self.uses_chunked_logps(net, rows["input_ids"]):  # no logits held whole here either
             targets = response_targets(rows)
-            packed, full = (self.chunked_logps_at(net, outputs(rows, net, False, with_logits=False)[1][:, :-1], targets)[0]
+            packed, full = (outputs(rows, net, False, targets)[0][..., 0]
                             for outputs in (self._packed_outputs, self._full_outputs))
         else:
             packed = response_logps(self._packed_outputs(rows, net, False)[0], rows["response_ids"]) * mask
@@ -771,17 +771,21 @@ class OnlineModule(AlignmentModule):
         return of_row, ids[first, :p - 1], mask[first, :p - 1], ids[:, p - 1:], mask[:, p - 1:]
 
     def _packed_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
-                        with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` packed
-        with its rows' windows into one row (:func:`~lit_align.modules.packed_pairs.packed_groups`). Logits are
-        computed from the first window on and gathered per row."""
+                        targets: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """:meth:`response_window`'s (logits or chunked log-probabilities, last hidden states or None) with each
+        distinct prompt of ``rows`` packed with its rows' windows into one row
+        (:func:`~lit_align.modules.packed_pairs.packed_groups`). Logits are computed from the first window on and
+        gathered per row; the chunked head gathers the hidden states it is given."""
         of_row, *split = self._split_at_prompt(rows)
         packed = packed_groups(*split, of_row, self.pad_token_id, packed_mask_dtype(net))
         index = packed["index"]
         inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
                   "position_ids": packed["position_ids"], "use_cache": False}
-        if not with_logits:
-            return None, lm_head_parts(net)[0](**inputs).last_hidden_state[of_row.unsqueeze(-1), index]
+        if targets is not None:
+            with self.chunked_head(net, [(lambda hidden: hidden[of_row.unsqueeze(-1), index[:, :-1]], targets)],
+                                   entropy):
+                out = net(**inputs, output_hidden_states=with_values)
+            return out.logits, out.hidden_states[-1][of_row.unsqueeze(-1), index] if with_values else None
         length = packed["input_ids"].size(1)
         out = self.forward_keeping_logits(net, length - int(index[:, 0].min()), **inputs,
                                           output_hidden_states=with_values)
@@ -791,33 +795,39 @@ class OnlineModule(AlignmentModule):
         return logits, hidden
 
     def _full_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
-                      with_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`response_window`'s (logits, last hidden states or None) from a pass over the full rows."""
+                      targets: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """:meth:`response_window`'s (logits or chunked log-probabilities, last hidden states or None) from a pass
+        over the full rows."""
         t = rows["response_ids"].size(1)
         inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
                   "position_ids": rows["position_ids"], "use_cache": False}
-        if not with_logits:
-            return None, lm_head_parts(net)[0](**inputs).last_hidden_state[:, -(t + 1):]
-        out = self.forward_keeping_logits(net, t + 1, **inputs, output_hidden_states=with_values)
-        return out.logits[:, -(t + 1):], out.hidden_states[-1][:, -(t + 1):] if with_values else None
+        chunked = targets is not None
+        with self.chunked_head(net, [(lambda hidden: hidden[:, -(t + 1):-1], targets)], entropy) if chunked \
+                else nullcontext():
+            out = self.forward_keeping_logits(net, t + 1, **inputs, output_hidden_states=with_values)
+        return (out.logits if chunked else out.logits[:, -(t + 1):],
+                out.hidden_states[-1][:, -(t + 1):] if with_values else None)
 
     def _shared_prompt_outputs(self, rows: dict[str, Tensor], net: nn.Module, with_values: bool,
-                               with_logits: bool = True) -> tuple[Tensor | None, Tensor | None] | None:
-        """:meth:`response_window`'s (logits, last hidden states or None) with each distinct prompt of ``rows`` run
-        once: all of the prompt but its last column, whose token then runs with each row's response, so that the
-        second pass's outputs are the window itself (nothing concatenated, no second copy of the logits). None where a
-        prompt is a single token (nothing to share: the full pass runs), and None with sharing off from then on when
-        the model returns no usable cache."""
+                               targets: Tensor | None = None,
+                               entropy: bool = False) -> tuple[Tensor, Tensor | None] | None:
+        """:meth:`response_window`'s (logits or chunked log-probabilities, last hidden states or None) with each
+        distinct prompt of ``rows`` run once: all of the prompt but its last column, whose token then runs with each
+        row's response, so that the second pass's outputs are the window itself (nothing concatenated, no second copy
+        of the logits). None where a prompt is a single token (nothing to share: the full pass runs), and None with
+        sharing off from then on when the model returns no usable cache."""
         of_row, head_ids, head, window_ids, window_mask = self._split_at_prompt(rows)
         if head.size(1) == 0 or not bool((head.sum(-1) > 0).all()):
             return None
         batch = {"prompt_input_ids": head_ids, "prompt_attention_mask": head,
                  "completion_input_ids": window_ids, "completion_attention_mask": window_mask}
+        # chunked: the prompt pass's one position of logits as they are, the window's through the chunked head
+        chunked = self.chunked_head(net, [None, (lambda hidden: hidden[:, :-1], targets)], entropy) \
+            if targets is not None else nullcontext()
         try:
-            if not with_logits:
-                _, out, _ = shared_prompt_forward(lm_head_parts(net)[0], batch, of_row)
-                return None, out.last_hidden_state
-            _, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values, logits_to_keep=1)
+            with chunked:
+                _, out, _ = shared_prompt_forward(net, batch, of_row, output_hidden_states=with_values,
+                                                  logits_to_keep=1)
         except NO_CACHE_ERRORS as err:
             self.prompt_sharing_failed(err)
             return None

@@ -18,7 +18,7 @@ from lit_align import losses
 from lit_align.generation.hf import inference_mode
 from lit_align.models import cache_keyword, disable_dropout, returned_cache
 from lit_align.modules.base import NO_CACHE_ERRORS, AlignmentModule
-from lit_align.modules.chunked_logps import check_chunk_size, lm_head_parts
+from lit_align.modules.chunked_logps import check_chunk_size
 from lit_align.modules.packed_pairs import (PackingCheck, packed_mask_dtype, packed_pairs, packed_targets,
                                             unpack_logps)
 
@@ -222,12 +222,15 @@ class PreferenceModule(AlignmentModule):
         return token_logps, torch.cat([first_mask.unsqueeze(-1), rest_mask], dim=-1)
 
     def _chunked_shared_prompt_token_logps(self, batch: dict[str, Any], net: nn.Module) -> tuple[Tensor, Tensor]:
-        """:meth:`_shared_prompt_token_logps` through the backbone and the chunked LM head: the last prompt position's
-        hidden state predicts each completion's first token, the completion's own positions the rest."""
-        backbone, _ = lm_head_parts(net)
-        prompt_out, out, both = shared_prompt_forward(backbone, batch)
-        hidden = torch.cat([prompt_out.last_hidden_state[both, -1:], out.last_hidden_state[:, :-1]], dim=1)
-        return self.chunked_logps_at(net, hidden, batch["completion_labels"])
+        """:meth:`_shared_prompt_token_logps` through the chunked LM head: in the prompt pass the last prompt
+        position predicts each completion's first token, in the completion pass the completion's own positions the
+        rest."""
+        labels = batch["completion_labels"]
+        both = torch.arange(batch["prompt_input_ids"].size(0), device=labels.device).repeat(2)  # the pair layout
+        with self.chunked_head(net, [(lambda hidden: hidden[both, -1:], labels[:, :1]),
+                                     (lambda hidden: hidden[:, :-1], labels[:, 1:])]):
+            prompt_out, out, _ = shared_prompt_forward(net, batch, logits_to_keep=1)
+        return torch.cat([prompt_out.logits[..., 0], out.logits[..., 0]], dim=1), labels != losses.IGNORE_INDEX
 
     # ------------------------------------------------------------------ steps
     def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -124,8 +124,8 @@ class RAFT(OnlineModule):
             rows = rollouts.rows(kept[index])
             targets = response_targets(rows)
             if self.uses_chunked_logps(self.model, rows["input_ids"]):  # logits_chunk_size: the same loss, in chunks
-                _, hidden = self.response_window(rows, with_logits=False)
-                return losses.token_mean_nll(*self.chunked_logps_at(self.model, hidden[:, :-1], targets)), {}
+                out, _ = self.response_window(rows, targets=targets)
+                return losses.token_mean_nll(out[..., 0], targets != losses.IGNORE_INDEX), {}
             logits, _ = self.response_window(rows)
             # aligned with the logits: the last prompt column (ignored), then the response tokens
             labels = F.pad(targets, (1, 0), value=losses.IGNORE_INDEX)
