@@ -50,7 +50,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             lse = logits.logsumexp(-1)
             logps[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
             if with_entropy:  # H = logsumexp(z) - sum_i p_i z_i
-                entropy[s:s + chunk] = lse - (logits.softmax(-1) * logits).sum(-1)
+                entropy[s:s + chunk] = lse - _row_dot(logits.softmax(-1), logits)
+            del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.dtype = chunk, dtype
         return logps, entropy
@@ -71,23 +72,36 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             h = hidden[s:s + chunk].to(dtype)
             logits = _logits(h, w, b)
             probs = logits.softmax(-1)
-            d_logits = torch.zeros_like(probs)
+            # two (chunk x V) tensors at most: the entropy's gradient is written over the logits, the log-probability's
+            # over the probabilities
+            d_logits = None
+            if grad_entropy is not None and grad_entropy.numel():  # d H / d z = -p (z - sum_i p_i z_i)
+                d_logits = logits.sub_(_row_dot(probs, logits)[:, None]).mul_(probs)
+                d_logits.mul_(grad_entropy[s:s + chunk, None].float().neg())
+            del logits
             if grad_logps is not None:  # d log p[target] / d z = onehot(target) - p
                 g = grad_logps[s:s + chunk, None].float()
-                d_logits.sub_(probs * g).scatter_add_(1, targets[s:s + chunk, None], g)
-            if grad_entropy is not None and grad_entropy.numel():  # d H / d z = -p (z - sum_i p_i z_i)
-                mean = (probs * logits).sum(-1, keepdim=True)
-                d_logits.sub_(logits.sub_(mean).mul_(probs).mul_(grad_entropy[s:s + chunk, None].float()))
-            del logits, probs
+                d_target = probs.mul_(g.neg()).scatter_add_(1, targets[s:s + chunk, None], g)
+                d_logits = d_target if d_logits is None else d_logits.add_(d_target)
+            del probs
             d_logits = d_logits.to(dtype)
             if need_hidden:
                 grad_hidden[s:s + chunk] = d_logits @ w
             if need_weight:
-                grad_weight.add_(d_logits.t() @ h)
+                if d_logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(d_logits.t(), h)  # in place: no (V x H) temporary
+                else:
+                    grad_weight.add_(d_logits.t() @ h)
             if need_bias:
                 grad_bias.add_(d_logits.float().sum(0))
+            del d_logits
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
                 grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for (n, V) tensors, through a batched matmul: no (n x V) temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
