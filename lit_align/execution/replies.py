@@ -80,7 +80,8 @@ prints and ``if __name__ == "__main__":`` blocks are left out."""
 
 def body_completion(prompt: str, entry_point: str, reply: str) -> str:
     """A chat reply as the continuation of a function prompt (signature and docstring): when the reply's code defines
-    ``entry_point``, that definition's body without its docstring (comments before its first statement included),
+    ``entry_point``, that definition's body without its docstring (comments before its first statement and after
+    its last included),
     indented as the prompt's function body, followed by the reply's imports, other definitions and constants at the
     top level (after the function, so they exist by the time it is called, and global for a method prompt too);
     example calls and ``__main__`` blocks are dropped. Only indentation changes: the lines of a multi-line string keep
@@ -106,7 +107,8 @@ def body_completion(prompt: str, entry_point: str, reply: str) -> str:
         first = body[0].lineno
         while first > function.lineno + 1 and lines[first - 2].strip().startswith("#"):
             first -= 1  # the comments right above the first statement belong to the body
-        completion = _reindent(lines, first, function.end_lineno, body[0].col_offset, indent, _string_lines(code))
+        completion = _reindent(lines, first, _last_body_line(lines, function), body[0].col_offset, indent,
+                               _string_lines(code))
     else:
         completion = indent + "pass\n"
     previous = None
@@ -116,6 +118,20 @@ def body_completion(prompt: str, entry_point: str, reply: str) -> str:
             completion += ("" if imports else "\n\n") + _source(lines, node)
             previous = node
     return completion
+
+
+def _last_body_line(lines: list[str], function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """The last line (from 1) of ``function``'s body with the comments after its last statement: those indented
+    deeper than its ``def`` (blank lines between them included), which the syntax tree leaves out."""
+    last = function.end_lineno
+    for number in range(last + 1, len(lines) + 1):
+        line = lines[number - 1]
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("#") or len(line) - len(line.lstrip(" \t")) <= function.col_offset:
+            break
+        last = number
+    return last
 
 
 def _string_lines(code: str) -> set[int]:

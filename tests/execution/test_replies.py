@@ -137,6 +137,14 @@ def test_a_reply_body_keeps_its_strings_and_comments_when_reindented():
     assert result.status == Status.PASSED, result
 
 
+def test_a_reply_body_keeps_the_comments_after_its_last_statement():
+    """Comments indented inside the function after its last statement belong to the body (the syntax tree ends at
+    the statement); a comment at the top level after it does not."""
+    reply = ("```python\ndef double(x):\n    y = x + x\n    return y\n    # y is even\n\n      # so is x + y\n"
+             "# a note about the module\nprint(double(2))\n```")
+    assert body_completion(DOUBLE.prompt, "double", reply) == "    y = x + x\n    return y\n    # y is even\n\n      # so is x + y\n"
+
+
 def test_a_stdio_reply_is_the_program_in_its_fence():
     problem = StdioProblem(task_id="sum", public_tests=(IOTest("1 2\n", "3\n"),))
     reply = "Read both numbers:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\nDone."
