@@ -207,11 +207,10 @@ def test_two_processes_match_one_process_with_the_doubled_batch(sft_runs, tmp_pa
     can flatten) is sharded like any frozen weight, and the LoRA adapter trains; under ZeRO-2 every process keeps the
     whole 4-bit base. (ZeRO-3 refuses QLoRA: tests/test_deepspeed.py. Under DDP, the same worker's "ddp-qlora"
     matched to 3e-7 when run by hand; left out of the suite for time.) DDP, FSDP, ZeRO-2 and ZeRO-3 with the LM head
-    in chunks of 16 tokens (``logits_chunk_size``): its gradient reaches the head's weight outside the model's forward,
-    and DDP and DeepSpeed still reduce it; under FSDP the head belongs to the root unit, whole while Lightning runs
-    training_step inside it, and its gradient is reduce-scattered as the model's own; under ZeRO-3 (every weight
-    partitioned here, the tiny head too) DeepSpeed gathers the head's partition when the chunked pass reads it inside
-    the training step, and again for the backward."""
+    in chunks of 16 tokens (``logits_chunk_size``): the chunks run inside the model's forward in place of the head
+    module's, so FSDP and ZeRO-3 (every weight partitioned here, the tiny head too) hold the head's weight whole there
+    and again for the backward, and the head's gradient from the chunks is reduced, reduce-scattered or partitioned
+    as the model's own."""
     ranks, single = _two_and_one(sft_runs, tmp_path, strategy)
     assert ranks[0]["world_size"] == 2 and len(single["losses"]) == len(ranks[0]["losses"]) == STEPS
     for k in range(STEPS):  # the same examples each step, rank 0's half first

@@ -149,10 +149,10 @@ def test_grpo_under_zero_matches_one_process(two_process_runs, tmp_path, strateg
                                        for o in ("dpo-full-chunked", "grpo-full-chunked")])
 def test_the_head_in_chunks_under_zero3_matches_one_process(two_process_runs, tmp_path, objective):
     """Full fine-tuning with ``logits_chunk_size: 8`` under ZeRO-3 with every weight partitioned, the LM heads of the
-    policy and of its frozen reference included: the chunked passes read a head's weight outside its module's forward,
-    and DeepSpeed gathers a partitioned weight read inside its engine's forward (the training step) for the module
-    running it, until that module's backward is done. DPO (a step per batch) and GRPO (its optimizer steps and
-    backward passes inside the training step) follow one process's curve, the chunked head used on every process."""
+    policy and of its frozen reference included: the chunks run inside each model's forward in place of the head
+    module's, where ZeRO-3 has gathered the head's weight (and gathers it again for the backward). DPO (a step per
+    batch) and GRPO (its optimizer steps and backward passes inside the training step) follow one process's curve, the
+    chunked head used on every process."""
     ranks, single = _compare(objective, two_process_runs("deepspeed3", objective), tmp_path, strategy="deepspeed3",
                              clip=CLIP)
     assert min(single["grad_norms"]) > 2 * CLIP

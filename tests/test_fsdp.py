@@ -84,9 +84,9 @@ def test_dpo_full_finetuning_with_a_sharded_or_replicated_frozen_reference_under
 
 
 def test_dpo_full_finetuning_with_the_head_in_chunks_under_fsdp(fsdp_runs, tmp_path):
-    """logits_chunk_size 8 with every weight training: the policy's and the sharded reference's heads are in the root
-    unit, whole while training_step runs inside it; the head's gradient from the chunks is reduce-scattered like the
-    rest, so the curve is one process's, and the chunked head ran on every process."""
+    """logits_chunk_size 8 with every weight training: the chunks run inside each model's forward (the policy's and
+    the sharded reference's), where FSDP holds the head's weight whole; the head's gradient from the chunks is
+    reduce-scattered like the rest, so the curve is one process's, and the chunked head ran on every process."""
     ranks, single = _compare("dpo-full-chunked", fsdp_runs("dpo-full-chunked"), tmp_path, strategy="fsdp", clip=CLIP)
     assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
     losses = [s["loss"] for s in single["steps"]]
