@@ -254,6 +254,45 @@ def test_grpo_and_raft_losses_through_chunks_equal_the_logits(rollouts):
         Weighted(logits_chunk_size=8)
 
 
+def test_the_head_module_computes_the_planned_calls_in_chunks_and_gets_its_forward_back():
+    """head_in_chunks: each call of the head module does what its plan says (the chunked log-probabilities and
+    entropies of the selected hidden states, or with None the head's own logits), the returned ``logits`` are those,
+    and the head module's forward is its own again afterwards: after the pass, after an error inside it, and where
+    the model called its head more or fewer times than planned (HeadNotCalled)."""
+    from lit_align.modules.chunked_logps import HeadNotCalled, head_in_chunks
+
+    module = SFT(model_name_or_path="preset:tiny")
+    module.configure_model()
+    net = module.model
+    _, head = lm_head_parts(net)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = ids[:, 5:].clone()
+    targets[1, -2:] = losses.IGNORE_INDEX  # nothing wanted there: 0
+    logits = net(input_ids=ids).logits
+    expected, _ = losses.target_logps(logits[:, 4:-1], targets)
+    probs = logits[:, 4:-1].float().softmax(-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) * (targets != losses.IGNORE_INDEX)
+    with head_in_chunks(net, [None, (lambda hidden: hidden[:, 4:-1], targets)], chunk=5, entropy=True):
+        first = net(input_ids=ids, logits_to_keep=1).logits
+        second = net(input_ids=ids).logits
+    assert torch.allclose(first, logits[:, -1:], atol=1e-6)  # the head's own logits where the plan says None
+    assert second.shape == (2, 7, 2)
+    assert torch.allclose(second[..., 0], expected, atol=1e-5) and torch.allclose(second[..., 1], entropy, atol=1e-4)
+    assert "forward" not in head.__dict__
+    with pytest.raises(HeadNotCalled, match="more often"):
+        with head_in_chunks(net, [(lambda hidden: hidden, targets)], chunk=5):
+            net(input_ids=ids[:, :7])
+            net(input_ids=ids[:, :7])
+    with pytest.raises(HeadNotCalled, match="did not call its LM head module"):
+        with head_in_chunks(net, [(lambda hidden: hidden, targets)], chunk=5):
+            pass
+    with pytest.raises(RuntimeError, match="no cache"):
+        with head_in_chunks(net, [None, None], chunk=5):
+            net(input_ids=ids)
+            raise RuntimeError("no cache")  # a pass that fails half-way (a model without a KV cache)
+    assert "forward" not in head.__dict__ and torch.equal(net(input_ids=ids).logits, logits)
+
+
 def test_a_model_that_computes_its_logits_without_calling_its_head_module_keeps_them(pairs, caplog):
     """The chunked head stands in for the head module's forward inside the model's forward (where FSDP and ZeRO-3
     hold its weight whole); a model that multiplies by the head's weight itself never calls it: the one-time check
