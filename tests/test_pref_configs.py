@@ -144,7 +144,7 @@ def test_hand_run_stages_chain_through_the_links_and_never_replace_a_real_direct
     assert torch.load(dpo / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert yaml.safe_load((dpo / "config.yaml").read_text())["model"]["init_args"]["model_name_or_path"] == str(link)
     err = capsys.readouterr().err
-    assert f"lit_align: {published} is not a link (a model copied there?), so it will be left as it is" in err
+    assert f"lit_align: {published} is not a link (a model `make quickstart` published, or one copied there), so it will be left as it is" in err
     assert f"{published} is not a link, so it was left as it is: it does not hold this run's model" in err
     assert not published.is_symlink() and (published / "config.json").read_text() == "{}"
     assert (dpo / "model" / "model.safetensors").exists()

@@ -116,9 +116,9 @@ class LoRAMerge(L.Callback):
         if trainer.is_global_zero:
             check_output_dir(self.export_dir(trainer))  # fail before training, not after hours of it
             if self._link_blocked():
-                pl_module.print(f"lit_align: {self.link} is not a link (a model copied there?), so it will be left as it "
-                                f"is and not point at this run's model; that goes to {self.export_dir(trainer)}",
-                                file=sys.stderr)
+                pl_module.print(f"lit_align: {self.link} is not a link (a model `make quickstart` published, or one "
+                                f"copied there), so it will be left as it is and not point at this run's model; that "
+                                f"goes to {self.export_dir(trainer)}", file=sys.stderr)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
