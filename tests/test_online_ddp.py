@@ -1,6 +1,7 @@
 """Online objectives under DDP, FSDP and DeepSpeed ZeRO-2/3: two CPU processes (gloo) generate for different prompts,
 score them with a reward model (replicated under DDP, sharded under FSDP and ZeRO-3), log global statistics and stay in
-sync.
+sync. Under FSDP, PPO's passes over rollouts run the LM head in chunks (``logits_chunk_size``) with an entropy bonus:
+the policy is its own FSDP root unit, and the chunks run inside its forward.
 
 Half the vocabulary ends a completion, so the processes' completions end at different points: under ZeRO-3, where
 every forward pass gathers the weights from both processes, the hf backend must keep their decoding loops in step
@@ -78,7 +79,9 @@ def run_objective(out: Path, objective: str, strategy: str, reward_model: str | 
         module = RecordingPPO(max_new_tokens=8, samples_per_prompt=2, ppo_epochs=1, num_minibatches=2,
                               micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3), generation_kwargs=early_ends,
                               reward="reward_model", reward_model=reward_model, reward_model_batch_size=3,
-                              reward_placement="replicate" if strategy == "ddp" else "shard")
+                              reward_placement="replicate" if strategy == "ddp" else "shard",
+                              # under FSDP: the LM head in chunks (the policy its own root unit) with an entropy bonus
+                              **({"logits_chunk_size": 4, "entropy_coef": 0.01} if strategy == "fsdp" else {}))
     module.seen, module.logged, module.validated, module.scored = [], [], [], []
     # PPO validates 3 held-out prompts one per batch at the end: 2 on the first process, 1 on the second (which then
     # gets an empty batch, so both run as many validation steps)
@@ -114,7 +117,7 @@ def run_objective(out: Path, objective: str, strategy: str, reward_model: str | 
         {"seen": module.seen, "logged": module.logged, "checksum": checksum, "world_size": trainer.world_size,
          "global_step": trainer.global_step, "validated": module.validated,
          "val_reward_mean": float(trainer.callback_metrics.get("val/reward_mean", float("nan"))), "scored": module.scored,
-         "sharded": gathers_weights_per_forward(module),
+         "sharded": gathers_weights_per_forward(module), "chunked_logps": module.chunked_logps.ok,
          "reward_sharded": module.reward_network is not None and gathers_weights_per_forward(module.reward_network)}))
 
 
@@ -176,6 +179,8 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
     ranks, reward_model = _ranks(two_process_runs, strategy, "ppo")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sharded"] == ranks[0]["reward_sharded"] == (strategy in ("deepspeed3", "fsdp"))
+    if strategy == "fsdp":  # PPO's passes over rollouts through the chunked head, with the entropy bonus, on both
+        assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is True
     # every process's rewards are the whole reward model's for its prompts and completions: loaded alone, after the run,
     # in the same process (under ZeRO-3 on another architecture than the policy's, whose classes outlive zero.Init)
     # and here
