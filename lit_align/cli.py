@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import itertools
 import logging
 import pkgutil
 import re
@@ -119,10 +120,12 @@ def class_value_error(message: str) -> str | None:
         return None
     chain: list[tuple[int, str]] = []
     detail: list[str] = []
+    last = 0
     for i, line in enumerate(lines):
         found = re.fullmatch(r'(\s*)Parser key "([\w.]+)":', line)
         if found is None:
             continue
+        last = i
         indent = len(found.group(1))
         if chain and indent <= chain[-1][0]:
             return None  # a second error beside the first: leave jsonargparse's message as it is
@@ -134,10 +137,39 @@ def class_value_error(message: str) -> str | None:
                     break
                 detail.append(text.strip())
             break
+    keys = [key for _, key in chain]
+    option = f"{keys[0]}.init_args.{'.'.join(keys[1:])}"
+    if len(chain) >= 2 and not detail:  # the option's own type is a union (``int | None``): its simple alternatives
+        detail = _union_value_error(lines[last + 1:], chain[-1][0], option)
     if len(chain) < 2 or not detail:
         return None
-    keys = [key for _, key in chain]
-    return f"{keys[0]}.init_args.{'.'.join(keys[1:])}: {' '.join(detail)}"
+    return f"{option}: {' '.join(detail)}"
+
+
+def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
+    """``["Expected a <class 'int'> or null.", "Got value: abc"]`` from jsonargparse's report under ``option`` (the
+    dotted key, for the hint) whose type is a union of simple types or dataclasses with None (``int | None``,
+    ``LoRAConfig | None``); [] for anything else."""
+    block = list(itertools.takewhile(lambda text: not text.strip() or len(text) - len(text.lstrip()) > indent, block))
+    subtypes = next((line.strip() for line in block if line.strip().startswith("Subtypes: [")), "")
+    names = re.findall(r"<class '([\w.]+)'>", subtypes)
+    given = [line.strip().removeprefix("Given value: ") for line in block if line.strip().startswith("Given value: ")]
+    if not names or len(given) != 1 or subtypes.count("<class ") != len(names) or subtypes.count(",") != len(names) - 1:
+        return []
+    shown = []
+    for name in names:
+        if name == "NoneType":
+            shown.append("null")
+        elif "." not in name:
+            shown.append(f"<class '{name}'>")
+        else:
+            module, _, cls_name = name.rpartition(".")
+            try:
+                fields = dataclasses.fields(getattr(importlib.import_module(module), cls_name))
+            except (ImportError, AttributeError, TypeError):
+                return []
+            shown.append(f"{cls_name} (its fields as options, e.g. --{option}.{fields[0].name})" if fields else cls_name)
+    return [f"Expected a {' or '.join(shown)}.", f"Got value: {given[0]}"]
 
 
 def lit_align_classes(base: type) -> list[str]:
@@ -156,6 +188,8 @@ def lit_align_classes(base: type) -> list[str]:
 def unknown_class_hint(message: str) -> str | None:
     """For a ``--model``/``--data`` class that does not exist (``SFTT``, ``lit_align.modules.sft.SFTT``, a config's
     ``class_path``): the nearest of lit_align's classes for that key, and all of them."""
+    if message.count('Parser key "') > 1:  # the class exists: the problem is one of its options' values
+        return None
     key = re.search(r'Parser key "(model|data)"', message)
     name = re.search(r"Expected a dot import path string: (\S+)|module '[\w.]+' has no attribute '(\w+)'", message)
     if key is None or name is None:

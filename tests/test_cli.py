@@ -62,6 +62,16 @@ def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
                                                    "typing.Literal['float32', 'bfloat16', 'float16', 'auto']. Got value: float61"),
     ([], "model:\n  class_path: SFT\n  init_args:\n    lora:\n      r: abc\n",
      "model.init_args.lora.r: Expected a <class 'int'>. Got value: abc"),  # a config file's key, two classes deep
+    # an option that may also be null: its alternatives in one line
+    (["--model.init_args.logits_chunk_size", "abc"], None,
+     "model.init_args.logits_chunk_size: Expected a <class 'int'> or null. Got value: abc"),
+    (["--data.init_args.eval_batch_size", "1.5"], None,
+     "data.init_args.eval_batch_size: Expected a <class 'int'> or null. Got value: 1.5"),
+    ([], "model:\n  class_path: SFT\n  init_args:\n    logits_chunk_size: abc\n",
+     "model.init_args.logits_chunk_size: Expected a <class 'int'> or null. Got value: abc"),
+    (["--model.init_args.lora", "abc"], None,  # not "lit_align's modules: ...": the class exists, its option's value not
+     "model.init_args.lora: Expected a LoRAConfig (its fields as options, e.g. --model.init_args.lora.r) or null. "
+     "Got value: abc"),
 ])
 def test_a_wrongly_typed_value_inside_a_class_is_one_line_naming_its_option(tmp_path, capsys, args, config, line):
     if config is not None:
