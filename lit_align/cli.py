@@ -147,29 +147,63 @@ def class_value_error(message: str) -> str | None:
 
 
 def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
-    """``["Expected a <class 'int'> or null.", "Got value: abc"]`` from jsonargparse's report under ``option`` (the
-    dotted key, for the hint) whose type is a union of simple types or dataclasses with None (``int | None``,
-    ``LoRAConfig | None``); [] for anything else."""
+    """``["Expected a <class 'int'> or null.", "Got value: abc"]`` from jsonargparse's report of a value that none of
+    a union's types (``int | None``, ``LoRAConfig | None``, ``list[DataSource] | None``, Literals) takes: the lines of
+    ``block`` indented deeper than ``indent``; ``option`` is the dotted key (named in a dataclass's hint). [] where the
+    report is not of that form."""
     block = list(itertools.takewhile(lambda text: not text.strip() or len(text) - len(text.lstrip()) > indent, block))
-    subtypes = next((line.strip() for line in block if line.strip().startswith("Subtypes: [")), "")
-    names = re.findall(r"<class '([\w.]+)'>", subtypes)
-    given = [line.strip().removeprefix("Given value: ") for line in block if line.strip().startswith("Given value: ")]
-    if not names or len(given) != 1 or subtypes.count("<class ") != len(names) or subtypes.count(",") != len(names) - 1:
+    levels = [len(text) - len(text.lstrip()) for text in block if text.strip()]
+    own = [text.strip() for text in block if text.strip() and len(text) - len(text.lstrip()) == min(levels, default=0)]
+    subtypes = next((text for text in own if text.startswith("Subtypes: [") and text.endswith("]")), None)
+    given = [text.removeprefix("Given value: ") for text in own if text.startswith("Given value: ")]
+    if subtypes is None or len(given) != 1:
         return []
-    shown = []
-    for name in names:
-        if name == "NoneType":
-            shown.append("null")
-        elif "." not in name:
-            shown.append(f"<class '{name}'>")
-        else:
-            module, _, cls_name = name.rpartition(".")
-            try:
-                fields = dataclasses.fields(getattr(importlib.import_module(module), cls_name))
-            except (ImportError, AttributeError, TypeError):
-                return []
-            shown.append(f"{cls_name} (its fields as options, e.g. --{option}.{fields[0].name})" if fields else cls_name)
+    shown = [_type_name(part, option) for part in _top_level_items(subtypes[len("Subtypes: ["):-1])]
+    if not shown or None in shown:
+        return []
     return [f"Expected a {' or '.join(shown)}.", f"Got value: {given[0]}"]
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: "A, list[B, C], D" -> ["A", "list[B, C]", "D"]."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[(") - (char in "])")
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    return items + [text[start:].strip()]
+
+
+def _type_name(text: str, option: str) -> str | None:
+    """A union member as jsonargparse prints it, for one line: None as null, a dataclass with how its fields are
+    given, module paths dropped (``list[lit_align.data_modules.sources.DataSource]`` -> ``list[DataSource]``)."""
+    if text == "<class 'NoneType'>":
+        return "null"
+    found = re.fullmatch(r"<class '([\w.]+)'>", text)
+    if found is None or "." not in found.group(1):
+        return re.sub(r"\b(?:[a-z_]\w*\.)+([A-Z]\w*)", r"\1", text)
+    module, _, name = found.group(1).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    if dataclasses.is_dataclass(cls) and dataclasses.fields(cls):
+        return f"{name} (its fields as options, e.g. --{option}.{dataclasses.fields(cls)[0].name})"
+    return name
+
+
+def top_level_value_error(message: str) -> str | None:
+    """jsonargparse's error for a plain option's value of the wrong type (``--trainer.max_steps abc``, or one that none
+    of a union's types takes: ``--trainer.precision bf17``) as one line naming the option; None for any other
+    message."""
+    lines = message.splitlines()
+    found = re.fullmatch(r'Parser key "([\w.]+)":', lines[0].strip()) if lines else None
+    if found is None or found.group(1) in ("model", "data") or message.count('Parser key "') > 1:
+        return None
+    rest = [text.strip() for text in lines[1:] if text.strip()]
+    detail = rest if len(rest) == 1 else _union_value_error(lines[1:], 0, found.group(1))
+    return f"{found.group(1)}: {' '.join(detail)}" if detail else None
 
 
 def lit_align_classes(base: type) -> list[str]:
@@ -226,7 +260,7 @@ class LitAlignParser(LightningArgumentParser):
                 command += " fit"
             message = f"{key}.init_args.{option}: {name} has no such option ('{command} --{key}.help {name}' lists them)"
             hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
-        elif value_error := class_value_error(message):
+        elif value_error := class_value_error(message) or top_level_value_error(message):
             message, hint = value_error, None
         else:
             hint = unknown_class_hint(message) or unknown_argument_hint(message, long_options(parser))

@@ -72,8 +72,17 @@ def test_a_wrong_typed_override_names_its_key_under_a_short_usage_line(capsys):
     (["--model.init_args.lora", "abc"], None,  # not "lit_align's modules: ...": the class exists, its option's value not
      "model.init_args.lora: Expected a LoRAConfig (its fields as options, e.g. --model.init_args.lora.r) or null. "
      "Got value: abc"),
+    (["--data.init_args.train_sources", "abc"], None,
+     "data.init_args.train_sources: Expected a list[DataSource] or null. Got value: abc"),
+    # the trainer's and the other top-level options too
+    (["--trainer.max_steps", "abc"], None, "trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
+    (["--checkpoint.every_n_train_steps", "x"], None,
+     "checkpoint.every_n_train_steps: Expected a <class 'int'> or null. Got value: x"),
+    (["--trainer.precision", "bf17"], None, "trainer.precision: Expected a Literal[64, 32, 16] or Literal["
+     "'transformer-engine', 'transformer-engine-float16', '16-true', '16-mixed', 'bf16-true', 'bf16-mixed', '32-true', "
+     "'64-true'] or Literal['64', '32', '16', 'bf16'] or null. Got value: bf17"),
 ])
-def test_a_wrongly_typed_value_inside_a_class_is_one_line_naming_its_option(tmp_path, capsys, args, config, line):
+def test_a_wrongly_typed_value_is_one_line_naming_its_option(tmp_path, capsys, args, config, line):
     if config is not None:
         (tmp_path / "c.yaml").write_text(config)
         args = ["--config", str(tmp_path / "c.yaml")]
