@@ -75,7 +75,9 @@ class SFT(AlignmentModule):
 
     def _log_perplexity(self, stage: str) -> None:
         if self.eval_nll[stage].update_count:
-            self.log(f"{stage}/perplexity", math.exp(min(float(self.eval_nll[stage].compute()), 50.0)))
+            # the metric's compute() is already over every process: the same value everywhere, so the mean that
+            # sync_dist takes changes nothing (and Lightning stops warning about an unsynchronised epoch value)
+            self.log(f"{stage}/perplexity", math.exp(min(float(self.eval_nll[stage].compute()), 50.0)), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
