@@ -268,6 +268,11 @@ def test_reward_model_is_planned_in_its_own_dtype_and_from_a_checkpoints_hyperpa
         ((blocks + rest) * 2 + lora * 4) / 2)
     with pytest.raises(PlanError, match="model.init_args.reward_model: checkpoint .*missing.ckpt.* does not exist"):
         reward_row(str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {}, "hyper_parameters": {"model_name_or_path": str(tmp_path / "gone")}},
+               tmp_path / "orphan.ckpt")  # a checkpoint whose base model directory is gone: both named
+    with pytest.raises(PlanError, match=r"model.init_args.reward_model \(the base model of .*orphan.ckpt\): local model "
+                                        r"directory .*gone.* does not exist"):
+        reward_row(str(tmp_path / "orphan.ckpt"))
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
     with pytest.raises(PlanError, match="has no model_name_or_path hyperparameter"):
         reward_row(str(tmp_path / "other.ckpt"))
@@ -316,6 +321,16 @@ def test_command_errors_name_the_field(capsys, tmp_path, monkeypatch):
     assert memory.main(["--config", dpo, "--model.init_args.model_name_or_path",
                         "deepseek-ai/deepseek-coder-1.3b-base"]) == 0
     assert "peak per device" in capsys.readouterr().out
+    # PPO's reward model missing too: the error names its own option (not the policy's, which is given here)
+    ppo = [str(REPO / "configs" / "iotacode" / "ppo.yaml"), "--model.init_args.model_name_or_path",
+           "deepseek-ai/deepseek-coder-1.3b-base"]
+    assert memory.main(["--config", *ppo]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "lit_align plan-memory: error: model.init_args.reward_model: local model directory 'runs/iotacode/reward-model' "
+        "does not exist (train and export the previous stage first; to plan before it exists, give the model that stage "
+        "starts from, which has the same architecture: --model.init_args.reward_model ID_OR_DIR")
+    assert memory.main(["--config", *ppo, "--model.init_args.reward_model", "deepseek-ai/deepseek-coder-1.3b-base"]) == 0
+    assert "reward model" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------- measured

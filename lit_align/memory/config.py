@@ -185,7 +185,7 @@ def reward_model_weights(path: str) -> tuple[ModelShape, str, int, bool]:
 
     option = "model.init_args.reward_model"
     if not path.endswith(".ckpt"):
-        return ModelShape.from_hf_config(load_model_config(path)), "float32", 0, False
+        return ModelShape.from_hf_config(load_model_config(path, option=option)), "float32", 0, False
     from lit_align.models import checkpoint_hyperparameters
 
     if not Path(path).expanduser().is_file():
@@ -197,10 +197,11 @@ def reward_model_weights(path: str) -> tuple[ModelShape, str, int, bool]:
     base = str(hp.get("model_name_or_path") or "")
     if not base:
         raise PlanError(f"{option}: {path!r} has no model_name_or_path hyperparameter: it is not a RewardModel checkpoint")
-    shape = ModelShape.from_hf_config(load_model_config(base))
+    base_config = load_model_config(base, option=f"{option} (the base model of {path})")
+    shape = ModelShape.from_hf_config(base_config)
     dtype = str(hp.get("dtype") or "float32")
     if dtype == "auto":
-        dtype = str(getattr(load_model_config(base), "torch_dtype", None) or "float32").replace("torch.", "")
+        dtype = str(getattr(base_config, "torch_dtype", None) or "float32").replace("torch.", "")
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"{option}: {path!r} was trained with dtype {dtype!r}, which the planner does not know")
     lora = hp.get("lora")

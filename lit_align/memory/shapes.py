@@ -133,8 +133,10 @@ KNOWN_CONFIGS: dict[str, dict] = {
 }
 
 
-def load_model_config(name_or_path: str, notes: list[str] | None = None):
-    """The config of a preset, a local model directory or a hub id (config.json only; never the weights)."""
+def load_model_config(name_or_path: str, notes: list[str] | None = None,
+                      option: str = "model.init_args.model_name_or_path"):
+    """The config of a preset, a local model directory or a hub id (config.json only; never the weights); errors name
+    ``option``, the config key that gave ``name_or_path``."""
     from pathlib import Path
 
     from lit_align.models import ModelLoadError, hub_kwargs, hub_retries_hint, looks_like_local_path, parse_preset
@@ -142,17 +144,17 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
     try:
         parsed = parse_preset(name_or_path)
     except ModelLoadError as err:
-        raise PlanError(f"model.init_args.model_name_or_path: {err}") from err
+        raise PlanError(f"{option}: {err}") from err
     if parsed is not None:
         return preset_config(parsed[0])
     from transformers import AutoConfig
 
     path = Path(name_or_path).expanduser()
     if looks_like_local_path(name_or_path) and not path.exists():
-        raise PlanError(f"model.init_args.model_name_or_path: local model directory {name_or_path!r} does not exist "
-                        "(train and export the previous stage first; to plan before it exists, give the model that "
-                        "stage starts from, which has the same architecture: --model.init_args.model_name_or_path "
-                        "ID_OR_DIR, for configs/iotacode deepseek-ai/deepseek-coder-1.3b-base)")
+        raise PlanError(f"{option}: local model directory {name_or_path!r} does not exist (train and export the "
+                        "previous stage first; to plan before it exists, give the model that stage starts from, which "
+                        f"has the same architecture: --{option.partition(' ')[0]} ID_OR_DIR, for configs/iotacode "
+                        "deepseek-ai/deepseek-coder-1.3b-base)")
     try:
         return AutoConfig.from_pretrained(name_or_path, **hub_kwargs(name_or_path))
     except (OSError, ValueError) as err:
@@ -162,10 +164,10 @@ def load_model_config(name_or_path: str, notes: list[str] | None = None):
                              f"{hub_retries_hint()}")
             return _known_config(name_or_path)
         if path.exists():
-            raise PlanError(f"model.init_args.model_name_or_path: {name_or_path!r} exists but has no readable "
+            raise PlanError(f"{option}: {name_or_path!r} exists but has no readable "
                             f"config.json ({type(err).__name__}: {err})") from err
         raise PlanError(
-            f"model.init_args.model_name_or_path: cannot read the config.json of {name_or_path!r}: it is not a local "
+            f"{option}: cannot read the config.json of {name_or_path!r}: it is not a local "
             "model directory and the Hugging Face hub could not provide it (offline, or no such id). Download it "
             f"once (`huggingface-cli download {name_or_path} config.json`) or point at a local directory. "
             f"Cause: {type(err).__name__}: {err}") from err
