@@ -651,6 +651,14 @@ def lora_to_dict(lora: LoRAConfig | None) -> dict | None:
     return None if lora is None else asdict(lora)
 
 
+def is_score_model(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model under a peft wrapper) is a transformers sequence scorer (a reward model:
+    ``...ForSequenceClassification``, a score head where a causal LM has its LM head)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def is_zero3_partitioned(model: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitioned ``model``'s parameters (each process holds a shard until gathered)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())

@@ -47,6 +47,19 @@ def test_parameter_counts_from_the_config_match_the_built_model():
     assert TINY_BASE.lora_params(4, ("q_proj",)) == sum(p.numel() for n, p in only_q.named_parameters() if "lora_" in n)
 
 
+def test_a_reward_model_is_planned_with_its_score_head_not_the_lm_head():
+    """Training the reward model (objective reward): the decoder under a one-output score head, as load_causal_lm
+    builds it with head="score", so the weights, gradients and AdamW state of the LM head are not counted."""
+    from lit_align.models import load_causal_lm
+
+    scorer = load_causal_lm("preset:tiny-base", head="score")
+    plan = estimate(PlanInputs(shape=TINY_BASE, objective="reward", accelerator="cpu"))
+    assert plan.params["total"] == sum(p.numel() for p in scorer.parameters()) == 4_855_040 - 260 * 256 + 256
+    assert plan.params["trainable"] == plan.params["total"]  # full fine-tuning
+    lm = estimate(PlanInputs(shape=TINY_BASE, objective="sft", accelerator="cpu"))
+    assert lm.row("weights") - plan.row("weights") == (260 * 256 - 256) * 4  # fp32
+
+
 def test_qwen2_biases_and_tied_heads_are_counted():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -157,6 +157,20 @@ def test_lora_flops_and_no_mfu_without_peak_on_cpu():
     assert "throughput/generated_tokens_per_sec" not in rec.metrics[2]
 
 
+def test_a_reward_models_flops_count_its_score_head_not_an_lm_head():
+    """The reward model's config is its causal LM's; under its score head the LM head's matmul is not in the pass,
+    so the FLOPs per token (6N) count the blocks' weights and the one-output head only (with LoRA too)."""
+    from lit_align.modules.reward import RewardModel
+
+    for lora in (None, {"r": 4, "alpha": 8, "dropout": 0.0}):
+        module = RewardModel(model_name_or_path="preset:tiny", lora=lora)
+        module.configure_model()
+        monitor = TokenThroughput(window_size=2, clock=FakeClock())
+        monitor._read_model(module)
+        assert monitor._shape.matmul_params == TINY.num_layers * TINY.block_linear_params() + 128
+        assert monitor._shape.matmul_params == TINY.matmul_params - 260 * 128 + 128
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="window_size must be >= 2"):
         TokenThroughput(window_size=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
-from lit_align.models import is_zero3_partitioned, save_tokenizer
+from lit_align.models import is_score_model, is_zero3_partitioned, save_tokenizer
 
 
 class ExportError(RuntimeError):
@@ -132,8 +132,7 @@ class LoRAMerge(L.Callback):
             model = _gathered_copy(trainer, pl_module)  # the same, for DeepSpeed ZeRO-3's partitions
         if not trainer.is_global_zero:
             return
-        head = "score" if type(model).__name__.endswith("ForSequenceClassification") or (
-            _is_peft(model) and type(model.get_base_model()).__name__.endswith("ForSequenceClassification")) else "lm"
+        head = "score" if is_score_model(model) else "lm"
         with torch.no_grad():
             self.exported_to = export_merged_model(model, pl_module.tokenizer, self.export_dir(trainer),
                                                    base_model=pl_module.hparams.model_name_or_path, dtype=self.dtype, head=head)

@@ -60,6 +60,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
@@ -69,7 +70,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_align.memory import ModelShape
-from lit_align.models import parameter_shape, whole_shapes
+from lit_align.models import is_score_model, parameter_shape, whole_shapes
 
 if TYPE_CHECKING:
     from lit_align.modules.online import StepTokens
@@ -192,7 +193,8 @@ class TokenThroughput(L.Callback):
         if config is None:
             raise AttributeError(f"TokenThroughput: {type(pl_module).__name__}.{self.model_attribute} has no Hugging Face "
                                  "config to read the model's shapes from; set model_attribute")
-        self._shape = ModelShape.from_hf_config(config)
+        # a reward model's config is its causal LM's: under a score head the LM head's matmul is not there
+        self._shape = replace(ModelShape.from_hf_config(config), score_head=is_score_model(model))
         trainable_matmul = lora = 0
         # FSDP and ZeRO-3 keep a shard here: count the whole parameter (Lightning's FSDP root wraps pl_module itself)
         shapes = whole_shapes(wrapper if wrapper is not None else pl_module)

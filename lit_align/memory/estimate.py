@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lit_align.memory.shapes import (BLOCK_LINEARS, CHUNKED_LOGITS, DTYPE_BYTES, GiB, MiB, ModelShape, NF4_BYTES_PER_PARAM,
@@ -309,6 +309,8 @@ def normalize_strategy(strategy: Any) -> StrategyInfo:
 def estimate(inputs: PlanInputs) -> MemoryPlan:
     """The per-device estimate for ``inputs``."""
     s = inputs.shape
+    if inputs.objective == "reward":  # the reward model trained: the decoder under a score head, no LM head
+        s = replace(s, score_head=True)
     rows: list[Row] = []
     notes = list(inputs.notes)
     mode = activation_mode(inputs)

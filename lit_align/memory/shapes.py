@@ -28,7 +28,8 @@ class PlanError(ValueError):
 # ---------------------------------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Llama-shaped causal LM, read from its config."""
+    """The sizes of a Llama-shaped causal LM, read from its config; with ``score_head`` the same decoder under a
+    one-output score head instead of its LM head (a reward model: transformers' ...ForSequenceClassification)."""
 
     vocab_size: int
     hidden_size: int
@@ -42,6 +43,7 @@ class ModelShape:
     qkv_bias_only: bool = False
     mlp_bias: bool = False
     model_type: str = "llama"
+    score_head: bool = False
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
@@ -96,6 +98,8 @@ class ModelShape:
 
     @property
     def head_params(self) -> int:
+        if self.score_head:
+            return self.hidden_size
         return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
 
     @property
@@ -108,8 +112,10 @@ class ModelShape:
 
     @property
     def matmul_params(self) -> int:
-        """Parameters used in matrix multiplications per token: every block linear plus the LM head (not the lookup)."""
-        return self.num_layers * self.block_linear_params() + self.vocab_size * self.hidden_size
+        """Parameters used in matrix multiplications per token: every block linear plus the LM head, or the score head
+        (not the lookup)."""
+        return self.num_layers * self.block_linear_params() + (self.hidden_size if self.score_head
+                                                               else self.vocab_size * self.hidden_size)
 
     def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
         shapes = self.linear_shapes()
