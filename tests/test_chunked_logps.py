@@ -283,7 +283,7 @@ def test_the_head_module_computes_the_planned_calls_in_chunks_and_gets_its_forwa
         with head_in_chunks(net, [(lambda hidden: hidden, targets)], chunk=5):
             net(input_ids=ids[:, :7])
             net(input_ids=ids[:, :7])
-    with pytest.raises(HeadNotCalled, match="did not call its LM head module"):
+    with pytest.raises(HeadNotCalled, match="forward did not call its LM head module"):
         with head_in_chunks(net, [(lambda hidden: hidden, targets)], chunk=5):
             pass
     with pytest.raises(RuntimeError, match="no cache"):
@@ -296,7 +296,7 @@ def test_the_head_module_computes_the_planned_calls_in_chunks_and_gets_its_forwa
 def test_a_model_that_computes_its_logits_without_calling_its_head_module_keeps_them(pairs, caplog):
     """The chunked head stands in for the head module's forward inside the model's forward (where FSDP and ZeRO-3
     hold its weight whole); a model that multiplies by the head's weight itself never calls it: the one-time check
-    fails (an infinite difference), with a warning, and the logits' own numbers run from then on."""
+    fails, with a warning saying so, and the logits' own numbers run from then on."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     module = DPO(lora=LoRAConfig(r=4, dropout=0.0), logits_chunk_size=8, share_prompt=False)
@@ -312,7 +312,7 @@ def test_a_model_that_computes_its_logits_without_calling_its_head_module_keeps_
     base.forward = by_weight
     with caplog.at_level(logging.WARNING):
         out = module.concatenated_logps(pairs)
-    assert module.chunked_logps.ok is False and "largest difference inf" in caplog.text
+    assert module.chunked_logps.ok is False and caplog.text.count("did not call its LM head module") == 1
     assert "forward" not in base.lm_head.__dict__  # the head module's own forward is back
     module.hparams.logits_chunk_size = None
     assert torch.equal(out["token_logps"], module.concatenated_logps(pairs)["token_logps"])

@@ -26,7 +26,7 @@ from torchmetrics import Metric
 from lit_align import losses
 from lit_align.models import (DType, LoRAConfig, apply_lora, compile_blocks, count_parameters, import_model_classes,
                               load_causal_lm, load_tokenizer, pinned_model_path)
-from lit_align.modules.chunked_logps import ChunkedLogpsCheck, HeadCall, HeadNotCalled, head_in_chunks
+from lit_align.modules.chunked_logps import ChunkedLogpsCheck, HeadCall, head_in_chunks
 
 
 log = logging.getLogger(__name__)
@@ -397,15 +397,12 @@ class AlignmentModule(L.LightningModule):
         """The chunked LM head against the model's own logits, for the run's one check, on a probe of the first 64
         tokens of ``input_ids``' first row (a plain causal pass: what is checked is that the head, given what the
         model gives it, yields the model's logits, whatever the pass; so small that the logits it holds whole do not
-        matter where chunks were needed). A model whose forward does not call its head module fails it (an infinite
-        difference)."""
+        matter where chunks were needed). A model whose forward does not call its head module raises
+        :class:`~lit_align.modules.chunked_logps.HeadNotCalled` here, which the check reports."""
         probe = input_ids[:1, :64].repeat(1, 2 if input_ids.size(1) < 2 else 1)  # at least one token to predict
         inputs = {"input_ids": probe[:, :-1], "use_cache": False}
         full, mask = losses.target_logps(net(**inputs).logits, probe[:, 1:])
-        try:
-            chunked, _ = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
-        except HeadNotCalled:
-            chunked = torch.full_like(full, float("inf"))
+        chunked, _ = self._chunked_target_logps(net, 0, probe[:, 1:], inputs)
         return chunked.sum(-1), full.sum(-1), mask.sum(-1), self.exact_pass(net, probe)
 
     @staticmethod

@@ -22,6 +22,7 @@ an architecture that scales or caps its logits, or computes them without calling
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -30,6 +31,8 @@ from torch import Tensor, nn
 
 from lit_align.losses import IGNORE_INDEX
 from lit_align.modules.packed_pairs import PackingCheck
+
+log = logging.getLogger(__name__)
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -195,8 +198,8 @@ def head_in_chunks(net: nn.Module, calls: Sequence[HeadCall], chunk: int, entrop
         else:
             head.forward = own
     if pending:
-        raise HeadNotCalled(f"the model's forward did not call its LM head module ({len(pending)} call(s) left): it "
-                            f"computes its logits some other way")
+        raise HeadNotCalled(f"this model's forward did not call its LM head module ({len(pending)} planned call(s) "
+                            f"left): it computes its logits some other way")
 
 
 def check_chunk_size(logits_chunk_size: int | None) -> None:
@@ -208,13 +211,22 @@ def check_chunk_size(logits_chunk_size: int | None) -> None:
 class ChunkedLogpsCheck(PackingCheck):
     """Whether a module may compute log-probabilities through :func:`chunked_target_logps`: its network splits into a
     backbone and a plain linear head (:func:`lm_head_parts`), and the run's first chunked pass gave what the model's
-    own logits give (checked once, without gradient; a model that scales, caps or post-processes its logits differs)."""
+    own logits give (checked once, without gradient; a model that scales, caps or post-processes its logits differs,
+    and one whose forward does not call its head module cannot run it: :class:`HeadNotCalled`)."""
 
     warning = ("lit_align: log-probabilities through the chunked LM head differ from this model's logits (largest "
                "difference %.3g); computing the logits whole (logits_chunk_size has no effect)")
 
     def usable(self, net: nn.Module) -> bool:
         return self.ok is not False and lm_head_parts(net) is not None
+
+    def allows(self, net: nn.Module, compare: Callable[[], tuple[Tensor, Tensor, Tensor | float, bool]]) -> bool:
+        try:
+            return super().allows(net, compare)
+        except HeadNotCalled as err:
+            self.ok = False
+            log.warning("lit_align: %s; computing the logits whole (logits_chunk_size has no effect)", err)
+            return False
 
 
 __all__ = ["ChunkedLogpsCheck", "HeadCall", "HeadNotCalled", "check_chunk_size", "chunked_target_logps", "head_in_chunks",
