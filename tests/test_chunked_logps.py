@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lit_align import losses
 from lit_align.data_modules.preference import PreferenceDataModule
 from lit_align.models import LoRAConfig
-from lit_align.modules.chunked_logps import chunked_target_logps, lm_head_parts
+from lit_align.modules.chunked_logps import chunked_target_logps, lm_head
 from lit_align.modules.dpo import DPO
 from lit_align.modules.orpo import ORPO
 from lit_align.modules.sft import SFT
@@ -176,7 +176,7 @@ def test_a_model_that_post_processes_its_logits_keeps_them(pairs, caplog):
         return out
 
     base.forward = scaled
-    assert lm_head_parts(module.model) is not None  # it looks like a plain head
+    assert lm_head(module.model) is not None  # it looks like a plain head
     with caplog.at_level(logging.WARNING):
         out = module.concatenated_logps(pairs)
     assert module.chunked_logps.ok is False and "chunked LM head differ" in caplog.text
@@ -264,7 +264,7 @@ def test_the_head_module_computes_the_planned_calls_in_chunks_and_gets_its_forwa
     module = SFT(model_name_or_path="preset:tiny")
     module.configure_model()
     net = module.model
-    _, head = lm_head_parts(net)
+    head = lm_head(net)
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     targets = ids[:, 5:].clone()
     targets[1, -2:] = losses.IGNORE_INDEX  # nothing wanted there: 0

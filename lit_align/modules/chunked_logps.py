@@ -15,7 +15,7 @@ partition: both gather it for the module's forward, and again for its backward),
 DeepSpeed hook for the backward, is what the loss uses.
 
 :func:`chunked_target_logps` is the numerical kernel, :func:`head_logps` applies it at the wanted positions of a batch;
-:func:`lm_head_parts` finds the backbone and the head of a transformers causal LM (under a peft wrapper too), and
+:func:`lm_head` finds the head of a transformers causal LM (under a peft wrapper too), and
 :class:`ChunkedLogpsCheck` records whether the chunked head agrees with the model's own logits (checked once per run:
 an architecture that scales or caps its logits, or computes them without calling its head module, does not).
 """
@@ -132,21 +132,16 @@ def chunked_target_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     return (logps, entropies) if entropy else logps
 
 
-def lm_head_parts(net: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """``(backbone, head)`` of a transformers causal LM (or a peft model over one): the decoder whose
-    ``last_hidden_state`` the head turns into logits, and the head, a plain ``nn.Linear``. None for anything else (a
-    head with an adapter or quantized weights, a model without ``get_decoder``)."""
+def lm_head(net: nn.Module) -> nn.Linear | None:
+    """The LM head of a transformers causal LM (or of a peft model over one), a plain ``nn.Linear``; None for anything
+    else (a head with an adapter or quantized weights, a model without ``get_output_embeddings``)."""
     base = net.get_base_model() if hasattr(net, "get_base_model") and hasattr(net, "peft_config") else net
-    get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
+    get_head = getattr(base, "get_output_embeddings", None)
     try:
-        backbone, head = get_decoder(), get_head()
+        head = get_head() if get_head is not None else None
     except (AttributeError, NotImplementedError):
         return None
-    if backbone is None or backbone is base or type(head) is not nn.Linear:
-        return None
-    return backbone, head
+    return head if type(head) is nn.Linear else None
 
 
 def head_logps(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk: int, entropy: bool = False) -> Tensor:
@@ -171,12 +166,12 @@ class HeadNotCalled(RuntimeError):
 
 @contextmanager
 def head_in_chunks(net: nn.Module, calls: Sequence[HeadCall], chunk: int, entropy: bool = False) -> Iterator[None]:
-    """While open, the ``i``-th call of ``net``'s LM head module (:func:`lm_head_parts`) computes ``calls[i]``
+    """While open, the ``i``-th call of ``net``'s LM head module (:func:`lm_head`) computes ``calls[i]``
     (:data:`HeadCall`) in chunks of ``chunk`` tokens instead of logits, so a pass of ``net`` returns those
     log-probabilities (and entropies) as its ``logits``. The head's weight is read inside the model's forward, where
     it is whole also under FSDP and ZeRO-3. Raises :class:`HeadNotCalled` where the head module was called more or
     fewer times (a model that computes its logits without calling it)."""
-    _, head = lm_head_parts(net)
+    head = lm_head(net)
     pending = list(calls)
     own = head.__dict__.get("forward")  # an instance-level forward someone else set, restored after
 
@@ -202,15 +197,20 @@ def head_in_chunks(net: nn.Module, calls: Sequence[HeadCall], chunk: int, entrop
                             f"left): it computes its logits some other way")
 
 
-def check_chunk_size(logits_chunk_size: int | None) -> None:
-    """Refuse a ``logits_chunk_size`` option below 1 (null is fine), before anything is built."""
+def check_chunk_size(logits_chunk_size: int | None, module: nn.Module | None = None,
+                     owner: type | None = None) -> None:
+    """Refuse a ``logits_chunk_size`` option below 1 (null is fine), before anything is built; and one set on
+    ``module`` whose class overrides ``owner``'s ``compute_loss(logits, labels)``, which takes whole logits."""
     if logits_chunk_size is not None and (isinstance(logits_chunk_size, bool) or logits_chunk_size < 1):
         raise ValueError(f"logits_chunk_size must be >= 1 (tokens per chunk) or null, got {logits_chunk_size}")
+    if logits_chunk_size is not None and owner is not None and type(module).compute_loss is not owner.compute_loss:
+        raise ValueError(f"logits_chunk_size needs {owner.__name__}'s own loss: {type(module).__name__} overrides "
+                         f"compute_loss(logits, labels), which takes whole logits; leave logits_chunk_size null")
 
 
 class ChunkedLogpsCheck(PackingCheck):
-    """Whether a module may compute log-probabilities through :func:`chunked_target_logps`: its network splits into a
-    backbone and a plain linear head (:func:`lm_head_parts`), and the run's first chunked pass gave what the model's
+    """Whether a module may compute log-probabilities through :func:`chunked_target_logps`: its network has a plain
+    linear LM head (:func:`lm_head`), and the run's first chunked pass gave what the model's
     own logits give (checked once, without gradient; a model that scales, caps or post-processes its logits differs,
     and one whose forward does not call its head module cannot run it: :class:`HeadNotCalled`)."""
 
@@ -218,7 +218,7 @@ class ChunkedLogpsCheck(PackingCheck):
                "difference %.3g); computing the logits whole (logits_chunk_size has no effect)")
 
     def usable(self, net: nn.Module) -> bool:
-        return self.ok is not False and lm_head_parts(net) is not None
+        return self.ok is not False and lm_head(net) is not None
 
     def allows(self, net: nn.Module, compare: Callable[[], tuple[Tensor, Tensor, Tensor | float, bool]]) -> bool:
         try:
@@ -230,4 +230,4 @@ class ChunkedLogpsCheck(PackingCheck):
 
 
 __all__ = ["ChunkedLogpsCheck", "HeadCall", "HeadNotCalled", "check_chunk_size", "chunked_target_logps", "head_in_chunks",
-           "head_logps", "lm_head_parts"]
+           "head_logps", "lm_head"]

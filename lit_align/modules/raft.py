@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_align import losses
+from lit_align.modules.chunked_logps import check_chunk_size
 from lit_align.modules.online import OnlineModule, Rollouts, response_targets
 
 
@@ -54,9 +55,7 @@ class RAFT(OnlineModule):
         num_minibatches: int = 1,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("logits_chunk_size") is not None and type(self).compute_loss is not RAFT.compute_loss:
-            raise ValueError(f"logits_chunk_size needs RAFT's own loss: {type(self).__name__} overrides "
-                             f"compute_loss(logits, labels), which takes whole logits; leave logits_chunk_size null")
+        check_chunk_size(kwargs.get("logits_chunk_size"), self, RAFT)
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")

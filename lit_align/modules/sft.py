@@ -43,10 +43,7 @@ class SFT(AlignmentModule):
     data_kind = "sft"
 
     def __init__(self, *args, logits_chunk_size: int | None = None, **kwargs) -> None:
-        check_chunk_size(logits_chunk_size)
-        if logits_chunk_size is not None and type(self).compute_loss is not SFT.compute_loss:
-            raise ValueError(f"logits_chunk_size needs SFT's own loss: {type(self).__name__} overrides "
-                             f"compute_loss(logits, labels), which takes whole logits; leave logits_chunk_size null")
+        check_chunk_size(logits_chunk_size, self, SFT)
         super().__init__(*args, **kwargs)
         self.eval_nll = ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
