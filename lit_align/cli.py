@@ -236,6 +236,31 @@ def unknown_class_hint(message: str) -> str | None:
     return f"did you mean {' or '.join(matches)}? ({listed})" if matches else listed
 
 
+def class_import_error(message: str) -> tuple[str, str | None] | None:
+    """For a ``class_path`` that cannot be imported (``--model.class_path my_objectives.IPO`` run from a directory
+    without ``my_objectives.py``, a class its module lacks, a short name no class has): one line naming the key and
+    the path, and a hint: the
+    nearest of lit_align's classes for a mistyped lit_align path, where lit_align looks for a module of the user's own
+    when the module is missing."""
+    key = re.match(r'\s*Parser key "([\w.]+)":', message)
+    bare = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key is not None and bare is not None and message.count('Parser key "') == 1:  # a name that is no class's
+        return (f"{key.group(1)}.class_path: {bare.group(1)} is neither a class lit_align knows by name nor an import "
+                f"path (module.Class)", unknown_class_hint(message))
+    found = re.search(r"Problem with given class_path '([^']+)':\s*(No module named '[^']+'|module '[\w.]+' has no "
+                      r"attribute '\w+')", message)
+    if key is None or found is None:
+        return None
+    path, reason = found.groups()
+    line = f"{key.group(1)}.class_path: cannot import {path} ({reason})"
+    if path.startswith("lit_align."):
+        return line, unknown_class_hint(f'Parser key "{key.group(1)}"\nExpected a dot import path string: {path}')
+    if reason.startswith("No module named"):
+        return line, (f"a class of your own is imported from its module's file in the directory lit_align runs from "
+                      f"({Path.cwd()}) or from a folder on PYTHONPATH")
+    return line, None
+
+
 class LitAlignParser(LightningArgumentParser):
     """LightningCLI's parser, whose error for an unknown option (of a module, a DataModule, the trainer, a callback)
     suggests the nearest real ones. Options are named in full: argparse's prefix matching would take ``--trainer.max_step``
@@ -262,6 +287,8 @@ class LitAlignParser(LightningArgumentParser):
             hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
         elif value_error := class_value_error(message) or top_level_value_error(message):
             message, hint = value_error, None
+        elif import_error := class_import_error(message):
+            message, hint = import_error
         else:
             hint = unknown_class_hint(message) or unknown_argument_hint(message, long_options(parser))
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)

@@ -10,6 +10,7 @@ lit_align module has a prediction step, and drawing completions from a trained m
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import typing
 
@@ -105,10 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.stdout.flush()  # here, not at the interpreter's exit, where a broken pipe can only be reported
     except BrokenPipeError:
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail
         return 141
+
+
+def importable_working_directory() -> None:
+    """Let a config name a class of the user's own by its module in the directory the command runs from
+    (``--model.class_path my_objectives.IPO`` next to ``my_objectives.py``), as ``python -m`` would: the console
+    script's ``sys.path`` starts with the script's own folder, not the working directory. Appended, so a file there
+    never shadows an installed package."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under the shell
+        return
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def dispatch(argv: list[str] | None = None) -> int:
@@ -118,6 +130,7 @@ def dispatch(argv: list[str] | None = None) -> int:
     directory holding another run) ends with a one-line error and exit status 2 instead of a traceback; called from
     Python, the exception propagates."""
     args = sys.argv[1:] if argv is None else list(argv)
+    importable_working_directory()
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
     if args and args[0] in NOT_COMMANDS:

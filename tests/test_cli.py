@@ -158,6 +158,42 @@ def test_an_unknown_class_or_nested_config_key_gets_a_hint(tmp_path, capsys, arg
     assert capsys.readouterr().err.splitlines()[-1] == f"  hint: {hint}"
 
 
+@pytest.mark.parametrize("args, line, hint", [
+    (["--model", "SFTT"], "model.class_path: SFTT is neither a class lit_align knows by name nor an import path "
+     "(module.Class)", f"did you mean SFT? ({MODULES})"),
+    (["--model", "lit_align.modules.dppo.DPO"], "model.class_path: cannot import lit_align.modules.dppo.DPO (module "
+     "'lit_align.modules' has no attribute 'dppo')", f"did you mean DPO? ({MODULES})"),
+    (["--model.class_path", "my_objectives.IPO"], "model.class_path: cannot import my_objectives.IPO (No module named "
+     "'my_objectives')", "a class of your own is imported from its module's file in the directory lit_align runs from "
+     "({cwd}) or from a folder on PYTHONPATH"),
+    (["--data", "json.Decoder"], "data.class_path: cannot import json.Decoder (module 'json' has no attribute "
+     "'Decoder')", None),
+])
+def test_a_class_that_cannot_be_imported_is_one_line(capsys, args, line, hint):
+    """jsonargparse's report (a dozen lines about union subtypes) becomes the key, the path and why it failed."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", CONFIG, *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2 if hint else -1] == f"error: {line}"
+    assert (err[-1] == f"  hint: {hint.format(cwd=Path.cwd())}") if hint else "hint" not in err[-2]
+
+
+def test_the_console_script_imports_a_class_from_the_working_directory(tmp_path):
+    """docs/objectives.md's IPO in ``my_objectives.py`` beside the user, named on the command line: the console script
+    (whose sys.path holds its own folder, not the working directory) imports it as ``python -m`` would."""
+    docs = (REPO / "docs" / "objectives.md").read_text()
+    (tmp_path / "my_objectives.py").write_text(re.search(r"```python\n(.*?)```", docs, re.S).group(1))
+    script = Path(sys.executable).parent / "lit_align"
+    assert script.exists(), "the package's console script is installed beside this interpreter"
+    out = subprocess.run([str(script), "fit", "--config", str(REPO / "configs/quickstart/dpo.yaml"), "--model.class_path",
+                          "my_objectives.IPO", "--model.init_args.beta", "0.5", "--print_config"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    model = yaml.safe_load(out.stdout)["model"]
+    assert model["class_path"] == "my_objectives.IPO" and model["init_args"]["beta"] == 0.5
+
+
 def test_nearest_options_ranks_by_last_name_then_by_spelling():
     from lit_align.hints import nearest_options
 
