@@ -143,7 +143,19 @@ def class_value_error(message: str) -> str | None:
         detail = _union_value_error(lines[last + 1:], chain[-1][0], option)
     if len(chain) < 2 or not detail:
         return None
-    return f"{option}: {' '.join(detail)}"
+    return f"{option}: {_literal_choices(' '.join(detail))}"
+
+
+def _literal_choices(text: str) -> str:
+    """jsonargparse's "Expected a typing.Literal['float32', 'bfloat16']. Got value: float61" as "Expected one of
+    float32, bfloat16. Got value: float61; did you mean float32?"; any other text as it is."""
+    found = re.fullmatch(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)", text)
+    if found is None:
+        return text
+    values = [v.strip("'\"") for v in _top_level_items(found.group(1))]
+    nearest = nearest_options(found.group(2), values)
+    return (f"Expected one of {', '.join(values)}. Got value: {found.group(2)}"
+            + (f"; did you mean {' or '.join(nearest)}?" if nearest else ""))
 
 
 def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
@@ -158,10 +170,19 @@ def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
     given = [text.removeprefix("Given value: ") for text in own if text.startswith("Given value: ")]
     if subtypes is None or len(given) != 1:
         return []
-    shown = [_type_name(part, option) for part in _top_level_items(subtypes[len("Subtypes: ["):-1])]
-    if not shown or None in shown:
+    items = _top_level_items(subtypes[len("Subtypes: ["):-1])
+    literal = [re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", item) for item in items]
+    values = list(dict.fromkeys(v.strip("'\"") for found in literal if found for v in _top_level_items(found.group(1))))
+    shown = [_type_name(item, option) for item, found in zip(items, literal) if found is None]
+    if not (shown or values) or None in shown:
         return []
-    return [f"Expected a {' or '.join(shown)}.", f"Got value: {given[0]}"]
+    if not values:
+        return [f"Expected a {' or '.join(shown)}.", f"Got value: {given[0]}"]
+    # Literal groups (trainer.precision has three: ints, names, and strings of the ints) as one list of plain values
+    nearest = nearest_options(given[0], values)
+    expected = f"one of {', '.join(values)}" + "".join(f", or {'' if t == 'null' else 'a '}{t}" for t in shown)
+    return [f"Expected {expected}.", f"Got value: {given[0]}" + (f"; did you mean {' or '.join(nearest)}?" if nearest
+                                                                  else "")]
 
 
 def _top_level_items(text: str) -> list[str]:
@@ -203,7 +224,7 @@ def top_level_value_error(message: str) -> str | None:
         return None
     rest = [text.strip() for text in lines[1:] if text.strip()]
     detail = rest if len(rest) == 1 else _union_value_error(lines[1:], 0, found.group(1))
-    return f"{found.group(1)}: {' '.join(detail)}" if detail else None
+    return f"{found.group(1)}: {_literal_choices(' '.join(detail))}" if detail else None
 
 
 def lit_align_classes(base: type) -> list[str]:
