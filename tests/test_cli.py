@@ -647,15 +647,28 @@ def test_progress_bar_counts_batches_not_optimizer_steps_when_max_steps_bounds_t
             bar = trainer.progress_bar_callback
             seen.update(total=bar.total_train_batches, description=bar._get_train_description(0).strip())
 
-    bar = ProgressBar()
-    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[bar, Look()])
-    data = SFTDataModule(train_sources=[DataSource(split="train", limit=40)], val_fraction=0.0,
-                         tokenizer="preset:tiny", batch_size=2)
-    trainer.fit(SFT(), datamodule=data)
-    assert seen == {"total": 6, "description": "Epoch 0"}
+        def on_train_end(self, trainer, pl_module):
+            bar = trainer.progress_bar_callback
+            task = bar.progress.tasks[bar.train_progress_bar_id]
+            seen.update(end=(task.completed, task.total))
+
+    def fit(max_steps, ckpt_path=None):
+        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[ProgressBar(), Look()])
+        data = SFTDataModule(train_sources=[DataSource(split="train", limit=40)], val_fraction=0.0,
+                             tokenizer="preset:tiny", batch_size=2)
+        trainer.fit(SFT(), datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    trainer = fit(3)
+    assert seen == {"total": 6, "description": "Epoch 0", "end": (6, 6)}
     assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == 6
+    # resumed up to step 5: Lightning's counter goes on from the 6 batches its epoch ran; the total counts them too
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    trainer = fit(5, ckpt_path=str(tmp_path / "step3.ckpt"))
+    assert seen["end"] == (10, 10) and trainer.global_step == 5
+    bar = ProgressBar()
     # an online objective: 4 optimizer steps per batch, 10 steps left -> 3 batches (the last one ends past max_steps)
     online = SimpleNamespace(automatic_optimization=False, optimizer_steps_per_batch=lambda: 4)
     bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=12, global_step=2, num_training_batches=50,
