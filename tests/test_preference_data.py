@@ -205,7 +205,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     bad_column = _write_jsonl(tmp_path / "cols.jsonl", [{"question": "p", "chosen": "x", "rejected": "y"}])
     dm = PreferenceDataModule(train_sources=[PreferenceSource(path=bad_column)], val_sources=[],
                               val_fraction=0.0, tokenizer="preset:tiny")
-    with pytest.raises(DataError, match="column 'prompt' is missing"):
+    with pytest.raises(DataError, match="has no column 'prompt'.*the source's prompt_column names"):
         dm.setup()
     dm = PreferenceDataModule(train_sources=[PreferenceSource(path=str(tmp_path / "none.jsonl"))],
                               tokenizer="preset:tiny")

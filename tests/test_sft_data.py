@@ -37,7 +37,8 @@ def test_column_names_and_template(tmp_path):
 
 def test_missing_column_names_column_file_and_available_columns(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", add_const_rows(4, "question", "answer"))
-    with pytest.raises(DataError, match=r"has no column 'prompt'.*it has: \['question', 'answer'\]"):
+    with pytest.raises(DataError, match=r"has no column 'prompt' \(it has: \['question', 'answer'\]\); the source's prompt_column names the column "
+                                      r"to read \(e.g. \{path: ..., prompt_column: question\}\)"):
         _dm(DataSource(path=str(path))).setup("fit")
 
 

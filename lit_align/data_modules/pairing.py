@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # imported where used: `import lit_align` stays light
 
 from lit_align.data_modules.chat import Prompt, completion_value, is_messages, prompt_value, split_pair
 from lit_align.data_modules.code_contests import CodeContestsProblem, Language, parse_language, problem_prompt
+from lit_align.data_modules.sources import missing_column
 from lit_align.models import datasets_cache_only_without_hub, hub_retries_hint
 
 __all__ = [
@@ -491,10 +492,12 @@ def triplets_from_file(
     # conversational pairs without a prompt column: the prompt is the messages both conversations share
     implicit = (prompt_column not in columns and {chosen_column, rejected_column} <= set(columns) and len(table) > 0
                 and is_messages(table[0][chosen_column]))
-    needed = [prompt_column, chosen_column, rejected_column] + ([id_column] if id_column else [])
-    for column in needed:
+    needed = {"prompt_column": prompt_column, "chosen_column": chosen_column, "rejected_column": rejected_column}
+    if id_column:
+        needed["id_column"] = id_column
+    for option, column in needed.items():
         if column not in columns and not (implicit and column == prompt_column):
-            raise ValueError(f"{where}: column {column!r} is missing; it has columns {columns}")
+            raise ValueError(missing_column(where, column, option, columns, list(needed.values())))
     stem = Path(path_or_id).stem or path_or_id
     collector = _Collector()
     for row_index, row in enumerate(table):

@@ -67,6 +67,14 @@ def missing_local_path(path: str) -> bool:
     return _looks_like_path(path) and not Path(path).expanduser().exists()
 
 
+def missing_column(where: str, column: str, option: str, columns: list[str], read: list[str]) -> str:
+    """The error for a data file without ``column``, naming the source's ``option`` that chooses the column read, with
+    one of the file's ``columns`` that no other option reads (``read``) as the example."""
+    example = next((c for c in columns if c not in read), "COLUMN")
+    return (f"{where} has no column {column!r} (it has: {columns}); the source's {option} names the column to read "
+            f"(e.g. {{path: ..., {option}: {example}}})")
+
+
 def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
     """Rows of ``source`` as dicts holding at least ``columns``; clear errors for missing files and columns."""
     import datasets
@@ -93,7 +101,9 @@ def load_rows(source: DataSource, columns: tuple[str, ...]) -> list[dict]:
                         f"{err}{hint}") from err
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise DataError(f"dataset {source.path!r} has no column {missing[0]!r} (needed: {list(columns)}; it has: {ds.column_names})")
+        option = next(name for name in ("prompt_column", "completion_column", "messages_column")
+                      if getattr(source, name) == missing[0])
+        raise DataError(missing_column(f"dataset {source.path!r}", missing[0], option, ds.column_names, list(columns)))
     rows = ds.select_columns(list(columns)).to_list()
     if source.limit is not None and len(rows) > source.limit:
         random.Random(source.seed).shuffle(rows)

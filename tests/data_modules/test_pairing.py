@@ -390,7 +390,8 @@ def test_triplets_from_file_errors(tmp_path):
     with pytest.raises(ValueError) as info:
         triplets_from_file(str(path))
     message = str(info.value)
-    assert "column 'prompt' is missing" in message and str(path) in message and "['q', 'good', 'bad', 'id']" in message
+    assert f"{path} has no column 'prompt' (it has: ['q', 'good', 'bad', 'id']); the source's prompt_column names the " \
+        "column to read (e.g. {path: ..., prompt_column: q})" == message
     missing = tmp_path / "absent.jsonl"
     with pytest.raises(FileNotFoundError, match=f"{missing}"):
         triplets_from_file(str(missing))
