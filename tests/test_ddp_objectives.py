@@ -212,8 +212,9 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
     L.seed_everything(0, verbose=False)
     optimizer = OptimizerConfig(lr=1e-2, schedule="constant")
     lora = LoRAConfig(r=4, dropout=0.0)
-    if objective in ("dpo", "dpo-compiled", "dpo-full", "dpo-full-replicated", "dpo-full-chunked", "dpo-qlora", "orpo",
-                     "reward"):
+    chunk = 8 if objective.endswith("chunked") else None  # logits_chunk_size: the LM head 8 tokens at a time
+    if objective in ("dpo", "dpo-chunked", "dpo-compiled", "dpo-full", "dpo-full-replicated", "dpo-full-chunked",
+                     "dpo-qlora", "orpo", "orpo-chunked", "reward"):
         from lit_align.data_modules.preference import PreferenceDataModule, PreferenceSource
         from lit_align.modules.dpo import DPO
         from lit_align.modules.orpo import ORPO
@@ -221,15 +222,16 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
 
         if objective == "reward":  # LoRA + the new score head (trained fully: peft's modules_to_save)
             module = RewardModel(lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
-        elif objective == "orpo":  # lr 1e-2 diverges
-            module = ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"))
+        elif objective.startswith("orpo"):  # lr 1e-2 diverges
+            module = ORPO(orpo_lambda=0.5, lora=lora, optimizer=OptimizerConfig(lr=3e-3, schedule="constant"),
+                          logits_chunk_size=chunk)
         elif objective.startswith("dpo-full"):  # full fine-tuning: the reference is a frozen copy of the initial policy
             module = DPO(beta=0.1, optimizer=OptimizerConfig(lr=1e-3, schedule="constant"),
                          reference_placement="replicate" if objective.endswith("replicated") else "shard",
-                         logits_chunk_size=8 if objective.endswith("chunked") else None)
-        else:
+                         logits_chunk_size=chunk)
+        else:  # LoRA: the reference is the policy with its adapter off
             module = DPO(beta=0.1, lora=lora, optimizer=optimizer, quantize_4bit=objective == "dpo-qlora",
-                         torch_compile=objective == "dpo-compiled")
+                         torch_compile=objective == "dpo-compiled", logits_chunk_size=chunk)
         data = PreferenceDataModule(train_sources=[PreferenceSource(limit=40)], val_sources=[], val_fraction=0.0,
                                     max_pairs_per_problem=1, tokenizer="preset:tiny", batch_size=batch_size)
     else:
@@ -240,7 +242,7 @@ def run(objective: str, out: Path, batch_size: int, devices: int, strategy: str 
                                max_new_tokens=16, lora=None if full else lora, max_grad_norm=clip or 1.0,
                                optimizer=OptimizerConfig(lr=1e-3, schedule="constant") if full else optimizer,
                                reference_placement="replicate" if objective.endswith("replicated") else "shard",
-                               logits_chunk_size=8 if objective.endswith("chunked") else None)
+                               logits_chunk_size=chunk)
         module.recorded, module.grad_norms = [], []
         data = PromptsDataModule(train_sources=[PromptSource(split="train", limit=40)], val_sources=[],
                                  tokenizer="preset:tiny", batch_size=batch_size)

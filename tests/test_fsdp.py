@@ -93,6 +93,17 @@ def test_dpo_full_finetuning_with_the_head_in_chunks_under_fsdp(fsdp_runs, tmp_p
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0] - 0.01
 
 
+@pytest.mark.parametrize("objective", ["dpo-chunked", "orpo-chunked"])
+def test_lora_dpo_and_orpo_with_the_head_in_chunks_under_fsdp(fsdp_runs, tmp_path, objective):
+    """logits_chunk_size 8 with a LoRA adapter: the head is frozen and sharded in the root unit, the chunks run inside
+    the forward (for DPO also the reference's, the policy with its adapter off), and ORPO's NLL term is the chunked
+    log-probabilities' token mean over both processes; the curve is one process's."""
+    ranks, single = _compare(objective, fsdp_runs(objective), tmp_path, strategy="fsdp", clip=CLIP)
+    assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is single["chunked_logps"] is True
+    losses = [s["loss"] for s in single["steps"]]
+    assert losses[-1] < losses[0] - 0.01
+
+
 def test_orpo_under_fsdp_matches_one_process(fsdp_runs, tmp_path):
     """ORPO's NLL term is a token mean over both processes' chosen tokens (the halves hold different counts)."""
     ranks, single = _compare("orpo", fsdp_runs("orpo"), tmp_path, strategy="fsdp", clip=CLIP)

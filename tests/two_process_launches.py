@@ -60,9 +60,9 @@ def _online(objective: str, strategy: str) -> Launch:
 GROUPS: dict[str, list[Launch]] = {
     "ddp": [Launch(o, o, "ddp") for o in ("dpo", "orpo", "reward", "grpo")]
     + [_sft("ddp"), _sft("ddp-accum"), _sft("ddp-chunked"), _online("ppo", "ddp"), _online("raft", "ddp")],
-    "fsdp": [Launch(o, o, "fsdp", FSDP_CLIP) for o in ("dpo", "dpo-full", "dpo-full-replicated", "dpo-full-chunked",
-                                                       "orpo", "grpo", "grpo-full", "grpo-full-replicated",
-                                                       "grpo-full-chunked")] + [
+    "fsdp": [Launch(o, o, "fsdp", FSDP_CLIP) for o in ("dpo", "dpo-chunked", "dpo-full", "dpo-full-replicated",
+                                                       "dpo-full-chunked", "orpo", "orpo-chunked", "grpo", "grpo-full",
+                                                       "grpo-full-replicated", "grpo-full-chunked")] + [
         Launch("dpo-first", "dpo", "fsdp-sharded", FSDP_CLIP, steps=2),  # sharded checkpoint, then a resume from it
         Launch("dpo-resumed", "dpo", "fsdp-sharded", FSDP_CLIP, resume="dpo-first"),
         Launch("grpo-first", "grpo", "fsdp", FSDP_CLIP, steps=2),  # an online objective's full checkpoint, then a resume
