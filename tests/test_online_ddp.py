@@ -70,9 +70,12 @@ def run_objective(out: Path, objective: str, strategy: str, reward_model: str | 
 
     early_ends = {"eos_token_ids": list(range(0, 256, 2))}  # completions end at different points on each process
     if objective == "raft":
+        # where weights are sharded: the LM head in chunks on the process that trains, a whole-logits zero pass on
+        # the one that keeps nothing, both gathering the head's weight in lockstep
         module = OneRankRAFT(max_new_tokens=8, samples_per_prompt=2, keep_fraction=1.0, min_reward=0.5, deduplicate=False,
                              num_minibatches=2, micro_batch_size=1, optimizer=OptimizerConfig(lr=1e-3),
-                             generation_kwargs=early_ends)
+                             generation_kwargs=early_ends,
+                             logits_chunk_size=4 if strategy in ("fsdp", "deepspeed3") else None)
     else:
         # scoring passes of 3 pairs: 4 rollouts per batch take two; in validation the process whose batch is empty
         # makes a filler pass where the reward model is sharded
@@ -218,7 +221,12 @@ def test_two_processes_generate_for_different_prompts_and_log_global_statistics(
 
 @pytest.mark.parametrize("strategy", on_two_processes("ddp", "fsdp", "deepspeed2", "deepspeed3"))
 def test_raft_process_that_keeps_nothing_still_steps_with_the_other(two_process_runs, strategy):
+    """Under FSDP and ZeRO-3 with the LM head in chunks: the run's one check of the chunked head runs on both processes
+    before the update (its passes gather the sharded weights; the process keeping nothing would never make them, and
+    the other waited for it forever), then one trains through the chunked head while the other makes zero passes."""
     ranks, _ = _ranks(two_process_runs, strategy, "raft")
     assert [r["global_step"] for r in ranks] == [BATCHES * STEPS_PER_BATCH] * 2
     assert [s["kept"] for s in ranks[0]["seen"]] == [4, 4] and [s["kept"] for s in ranks[1]["seen"]] == [0, 0]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
+    if strategy in ("fsdp", "deepspeed3"):
+        assert ranks[0]["chunked_logps"] is ranks[1]["chunked_logps"] is True

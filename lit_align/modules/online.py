@@ -1060,6 +1060,7 @@ class OnlineModule(AlignmentModule):
         self.generated_tokens += self.step_tokens.generated
         self.score_rollouts(rollouts)
         t2 = time.perf_counter()
+        self.check_chunked_head_together(rollouts)
         figures = self.update(rollouts)
         t3 = time.perf_counter()
         self.generator.sync_weights(self.model)
@@ -1067,6 +1068,17 @@ class OnlineModule(AlignmentModule):
         metrics.update(self.global_mean_figures(figures))
         metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
         self.log_metrics("train", metrics, batch_size=len(batch), prog_bar=("reward_mean", "loss"))
+
+    def check_chunked_head_together(self, rollouts: Rollouts) -> None:
+        """Make the run's one check of the chunked LM head (:meth:`uses_chunked_logps`, two passes of the policy) on
+        every process at once where the weights are sharded (FSDP, ZeRO-3), before the update: each of its passes
+        gathers weights from all processes, and a process that trains on none of its rollouts (RAFT keeping nothing)
+        would otherwise never make them, leaving the others waiting in theirs."""
+        if (self.hparams.get("logits_chunk_size") and self.chunked_logps.ok is None and self._world_size() > 1
+                and gathers_weights_per_forward(self.model)):
+            probe = rollouts.input_ids if len(rollouts) else torch.full(
+                (1, 2), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
+            self.uses_chunked_logps(self.model, probe)
 
     def evaluate_step(self, batch: PromptBatch, stage: str) -> None:
         """Sample on held-out prompts; accumulate pass@1 (per problem, from the executed samples), reward, compile rate.
