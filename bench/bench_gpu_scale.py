@@ -59,7 +59,9 @@ What is measured, per run:
   its DPO MFU then overstates what the device executed.
 - peak memory: ``torch.cuda.max_memory_allocated`` over the whole worker (model load to last step) on a GPU; on
   CPU the peak resident set size minus the RSS after imports (VmHWM, as bench/bench_pairwise.py measures it).
-- the device name and the library versions, in the table header and the ``--json`` file.
+- the device name and the library versions, in the table header and the ``--json`` file;
+- for lit_align's runs, ``lit_align plan-memory``'s per-device peak for the same settings ("planned"), beside the
+  measured one: the planner's check on the device (on CPU the measured peak is RSS-based, not comparable).
 
 Targets (the issue): lit_align SFT at 45% MFU or more; lit_align DPO at least 1.3x TRL DPO's tokens/s.
 """
@@ -401,7 +403,25 @@ def run_lit_align(objective: str, spec: Spec) -> dict[str, Any]:
         settings.update(reference=module.reference_mode, share_prompt=module.hparams.share_prompt,
                         prompt_sharing_used=module._use_prompt_sharing({"prompt_input_ids": None}),
                         packed_pairs=module.hparams.packed_pairs, packed_pairs_checked=module.packing.ok)
-    return summarize(spec, objective, module.model, log, clock, memory, settings)
+    return {**summarize(spec, objective, module.model, log, clock, memory, settings),
+            **planned_peak(objective, spec, precision)}
+
+
+def planned_peak(objective: str, spec: Spec, precision: Precision) -> dict[str, Any]:
+    """What ``lit_align plan-memory`` plans per device for this run's settings (the same config a user would write),
+    to set beside the measured peak: the planner's validation on this device."""
+    from lit_align.memory.config import inputs_from_config
+    from lit_align.memory.estimate import estimate
+
+    model_args = {"model_name_or_path": spec.model_dir, "dtype": precision.load_dtype, "attn_implementation": spec.attn,
+                  "gradient_checkpointing": spec.gradient_checkpointing, "logits_chunk_size": spec.logits_chunk_size,
+                  "lora": dict(LORA) if spec.lora else None}
+    config = {"model": {"class_path": f"lit_align.modules.{objective}.{objective.upper()}", "init_args": model_args},
+              "data": {"init_args": {"batch_size": spec.batch_size, "max_length": spec.seq_len}},
+              "trainer": {"accelerator": "gpu" if spec.device == "cuda" else "cpu", "devices": 1,
+                          "precision": precision.lightning, "strategy": "auto"}}
+    plan = estimate(inputs_from_config(config))
+    return {"planned_peak_gib": plan.peak_bytes / 2**30, "planned_peak_phase": plan.peak_phase}
 
 
 def run_trl(objective: str, spec: Spec) -> dict[str, Any]:
@@ -573,7 +593,7 @@ def percent(fraction: float | None) -> str:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (f"{'run':14s} {'tokens/s':>10s} {'ms/step':>9s} {'tok/step':>9s} {'seq':>6s} {'TFLOP/s':>8s} "
-              f"{'MFU':>6s} {'peak mem':>10s} {'trainable':>11s}")
+              f"{'MFU':>6s} {'peak mem':>10s} {'planned':>10s} {'trainable':>11s}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -583,7 +603,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"{r['run']:14s} {r['tokens_per_s']:10.1f} {r['s_per_step'] * 1000:9.1f} {r['tokens_per_step']:9.0f} "
               f"{r['longest_sequence']:6d} {r['model_flops_per_s'] / 1e12:8.3f} "
               f"{percent(r['mfu']):>6s} "
-              f"{r['peak_mem_gib']:6.2f} GiB {r['trainable_params'] / 1e6:10.2f}M")
+              f"{r['peak_mem_gib']:6.2f} GiB "
+              + (f"{r['planned_peak_gib']:6.2f} GiB" if "planned_peak_gib" in r else f"{'-':>10s}")
+              + f" {r['trainable_params'] / 1e6:10.2f}M")
 
 
 def targets(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -616,6 +638,16 @@ def print_targets(t: dict[str, Any], peak_source: str) -> None:
     print(f"lit_align DPO / TRL DPO tokens/s: {times(t['dpo_speedup_vs_trl'])} "
           f"(target >= {DPO_SPEEDUP_TARGET}x): {verdict(t['dpo_speedup_met'])}")
     print(f"lit_align SFT / TRL SFT tokens/s: {times(t['sft_speedup_vs_trl'])} (no target)")
+
+
+def print_plans(results: list[dict[str, Any]]) -> None:
+    """lit_align's runs: the memory planner's per-device peak against the measured one (issue 8: the planner is
+    validated on a GPU when one is lent; DPO is planned over full rows, so packed pairs or a shared prompt hold less)."""
+    for r in results:
+        if "planned_peak_gib" in r and "error" not in r:
+            off = r["planned_peak_gib"] / r["peak_mem_gib"] - 1 if r["peak_mem_gib"] > 0 else float("nan")
+            print(f"plan-memory for {r['run']}: {r['planned_peak_gib']:.2f} GiB planned ({r['planned_peak_phase']}), "
+                  f"{r['peak_mem_gib']:.2f} GiB measured ({r['peak_mem_kind']}): {100 * off:+.1f}%")
 
 
 def prepare_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
@@ -747,6 +779,7 @@ def report(args: argparse.Namespace, spec: Spec, results: list[dict[str, Any]]) 
     print()
     t = targets(results)
     print_targets(t, peak_source)
+    print_plans(results)
     for r in results:
         if "error" in r:
             print(f"\n{r['run']} failed: {r['error']}")
