@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -338,7 +339,7 @@ def test_lora_and_optimizer_settings_are_checked_before_a_run_directory_is_made(
     assert not any(tmp_path.iterdir())
 
 
-def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file, capsys):
+def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_path, pairs_file, capsys, caplog):
     main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4"))
     run0 = tmp_path / "runs" / "quickstart-sft" / "version_0"
     saved = yaml.safe_load((run0 / "config.yaml").read_text())
@@ -352,11 +353,18 @@ def test_fit_writes_versioned_runs_with_config_and_resumes_and_validates(tmp_pat
     assert (tmp_path / "runs" / "quickstart-sft" / "version_1" / "checkpoints" / "last.ckpt").exists()
     assert torch.load(last, weights_only=True)["global_step"] == 3
 
-    # resume the first run to 5 steps: it continues in a new version directory, the old one stays as it was
-    main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4", "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    # resume the first run to 5 steps: it continues in a new version directory, the old one stays as it was, and the
+    # run says so (instead of Lightning's warning that the checkpoint's directory "has changed")
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(_fit_args(tmp_path, pairs_file, "--model.init_args.lora.r", "4", "--trainer.max_steps", "5", "--ckpt_path",
+                       str(last)))
     resumed = tmp_path / "runs" / "quickstart-sft" / "version_2" / "checkpoints" / "last.ckpt"
     assert torch.load(resumed, weights_only=True)["global_step"] == 5
     assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert (f"lit_align: this run writes its checkpoints to {resumed.parent}; those of the run it resumes stay in "
+            f"{last.parent}") in caplog.text
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
 
     # LightningCLI resumes with the checkpoint's module options: one given otherwise is refused, not dropped silently
     with pytest.raises(ResumeOptionError, match=(

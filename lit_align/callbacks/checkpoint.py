@@ -2,10 +2,14 @@
 
 Every ``--checkpoint.*`` option is ``ModelCheckpoint``'s own. When a fit stops part way (Ctrl-C, an error, a
 process that went away), the run's last lines name the checkpoint to resume from and its step, or say that none was
-written yet and which option writes them more often.
+written yet and which option writes them more often. A resumed fit writes its checkpoints into its own version
+directory, and says so once, in place of Lightning's warning that the checkpoint's directory "has changed".
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -18,11 +22,28 @@ class Checkpoint(ModelCheckpoint):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.saved_step: int | None = None  # global step of the newest checkpoint this run wrote
+        self.resumed_from_dir: str | None = None  # where the checkpoint this run resumed from keeps its siblings
 
     @property
     def state_key(self) -> str:
         """``ModelCheckpoint``'s key, so that checkpoints written with either class resume with the other."""
         return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, without its warning when the checkpoint came from another directory: every resumed lit_align
+        run does (a new version directory), and :meth:`on_train_start` says what that means instead."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            super().load_state_dict(state_dict)
+        earlier = state_dict.get("dirpath")
+        self.resumed_from_dir = earlier if earlier and earlier != self.dirpath else None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.resumed_from_dir is not None and self.dirpath is not None:
+            ranked = "; save_top_k ranks this run's checkpoints only" if self.monitor and self.save_top_k > 0 else ""
+            rank_zero_info(f"lit_align: this run writes its checkpoints to {self.dirpath}; those of the run it resumes "
+                           f"stay in {self.resumed_from_dir}{ranked}")
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)  # only this callback's saves: not a user's trainer.save_checkpoint
