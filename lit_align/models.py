@@ -414,6 +414,7 @@ def load_causal_lm(
 
         # checkpointing enabled below: peft would call transformers' deprecated gradient_checkpointing_enable
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layers_differentiable(model)
     if gradient_checkpointing:
         # non-reentrant (torch warns that reentrant must be chosen explicitly), which needs no input that requires
         # grad; full-precision models have always been given one, a 4-bit base is prepared as peft does it
@@ -425,6 +426,20 @@ def load_causal_lm(
             model.enable_input_require_grads()
     model.config.use_cache = not gradient_checkpointing
     return model
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel. On a CPU with AVX-512 BF16, a
+    ``Linear4bit``'s first pass in eval mode without gradient (a validation or reference pass, generation) repacks its
+    weight for good, and every later pass, training ones included, runs that kernel, which has no backward: the
+    gradient through the layer to its input is dropped with only a warning ("bitsandbytes::gemv_4bit: an autograd
+    kernel was not registered"), so the LoRA adapters below it train on wrong gradients (bitsandbytes 0.50; a GPU
+    never takes that path). Passes then dequantize the weight as training passes do."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 class _HeldLoadWarnings(logging.Filter):
