@@ -265,7 +265,8 @@ def class_import_error(message: str) -> tuple[str, str | None] | None:
     when the module is missing."""
     key = re.match(r'\s*Parser key "([\w.]+)":', message)
     bare = re.search(r"Expected a dot import path string: (\S+)", message)
-    if key is not None and bare is not None and message.count('Parser key "') == 1:  # a name that is no class's
+    if (key is not None and key.group(1) in ("model", "data") and bare is not None
+            and message.count('Parser key "') == 1):  # a name that is no class's
         return (f"{key.group(1)}.class_path: {bare.group(1)} is neither a class lit_align knows by name nor an import "
                 f"path (module.Class)", unknown_class_hint(message))
     found = re.search(r"Problem with given class_path '([^']+)':\s*(No module named '[^']+'|module '[\w.]+' has no "
@@ -306,10 +307,10 @@ class LitAlignParser(LightningArgumentParser):
                 command += " fit"
             message = f"{key}.init_args.{option}: {name} has no such option ('{command} --{key}.help {name}' lists them)"
             hint = did_you_mean([f"{key}.init_args.{o}" for o in matches]) if matches else None
-        elif value_error := class_value_error(message) or top_level_value_error(message):
-            message, hint = value_error, None
         elif import_error := class_import_error(message):
             message, hint = import_error
+        elif value_error := class_value_error(message) or top_level_value_error(message):
+            message, hint = value_error, None
         else:
             hint = unknown_class_hint(message) or unknown_argument_hint(message, long_options(parser))
         super().error(f"{message}\n  hint: {hint}" if hint else message, ex)

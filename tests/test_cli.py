@@ -173,6 +173,9 @@ def test_an_unknown_class_or_nested_config_key_gets_a_hint(tmp_path, capsys, arg
      "({cwd}) or from a folder on PYTHONPATH"),
     (["--data", "json.Decoder"], "data.class_path: cannot import json.Decoder (module 'json' has no attribute "
      "'Decoder')", None),
+    (["--trainer.logger", "my_loggers.Board"], "trainer.logger.class_path: cannot import my_loggers.Board (No module "
+     "named 'my_loggers')", "a class of your own is imported from its module's file in the directory lit_align runs "
+     "from ({cwd}) or from a folder on PYTHONPATH"),
 ])
 def test_a_class_that_cannot_be_imported_is_one_line(capsys, args, line, hint):
     """jsonargparse's report (a dozen lines about union subtypes) becomes the key, the path and why it failed."""
