@@ -420,7 +420,11 @@ def planned_peak(objective: str, spec: Spec, precision: Precision) -> dict[str, 
               "data": {"init_args": {"batch_size": spec.batch_size, "max_length": spec.seq_len}},
               "trainer": {"accelerator": "gpu" if spec.device == "cuda" else "cpu", "devices": 1,
                           "precision": precision.lightning, "strategy": "auto"}}
-    plan = estimate(inputs_from_config(config))
+    try:  # a planner failure must not cost the run's measurement (one GPU session, no second try)
+        plan = estimate(inputs_from_config(config))
+    except Exception as err:  # noqa: BLE001
+        print(f"plan-memory failed for lit_align:{objective}: {type(err).__name__}: {err}", flush=True)
+        return {}
     return {"planned_peak_gib": plan.peak_bytes / 2**30, "planned_peak_phase": plan.peak_phase}
 
 
