@@ -260,9 +260,8 @@ def unknown_class_hint(message: str) -> str | None:
 def class_import_error(message: str) -> tuple[str, str | None] | None:
     """For a ``class_path`` that cannot be imported (``--model.class_path my_objectives.IPO`` run from a directory
     without ``my_objectives.py``, a class its module lacks, a short name no class has): one line naming the key and
-    the path, and a hint: the
-    nearest of lit_align's classes for a mistyped lit_align path, where lit_align looks for a module of the user's own
-    when the module is missing."""
+    the path, and a hint: the nearest of lit_align's classes for a mistyped lit_align path, where lit_align looks for
+    a module of the user's own when the module is missing."""
     key = re.match(r'\s*Parser key "([\w.]+)":', message)
     bare = re.search(r"Expected a dot import path string: (\S+)", message)
     if (key is not None and key.group(1) in ("model", "data") and bare is not None
