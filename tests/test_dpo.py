@@ -395,3 +395,43 @@ def test_dpo_raises_heldout_accuracy_well_above_chance(tmp_path):
     assert len(data.val_items) == 324  # every pair of the held-out tasks
     assert result["val/rewards/accuracies"] > 0.65
     assert result["val/rewards/margins"] > 0
+
+
+def test_a_data_module_that_does_not_say_what_it_holds_is_judged_by_its_first_batch():
+    """A user's DataModule with no ``batch_kind``: DPO trained on an SFT DataModule's batches without an error (their
+    rows read as pairs); now its first batch's layout is refused, before any update (also for SFT on pairs). One that
+    says ``batch_kind = "preference"`` is taken at its word."""
+    from lit_align.data_modules.sft import SFTDataModule
+    from lit_align.data_modules.sources import DataError, DataSource
+    from lit_align.modules.sft import SFT
+
+    class MyRows(SFTDataModule):
+        batch_kind = None
+
+    class MyPairs(PreferenceDataModule):
+        batch_kind = None
+
+    def fit(module, data, sanity_steps=0):
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=sanity_steps)
+        trainer.fit(module, datamodule=data)
+        return trainer
+
+    rows = dict(train_sources=[DataSource(limit=8)], val_fraction=0.25, tokenizer="preset:tiny", batch_size=2)
+    dpo = DPO(lora=LoRAConfig(r=4))
+    with pytest.raises(DataError, match=r"DPO trains on preference batches, but the first batch of MyRows is laid out "
+                                        r"as sft batches \(it holds attention_mask, input_ids, labels\), which it "
+                                        r"would misread; use --data PreferenceDataModule, or"):
+        fit(dpo, MyRows(**rows), sanity_steps=1)  # refused at the sanity check's first batch
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(DataError, match="SFT trains on sft batches, but the first batch of MyPairs is laid out as "
+                                        "preference batches"):
+        trainer.fit(SFT(), datamodule=MyPairs(train_sources=[PreferenceSource(limit=8)], val_sources=[],
+                                              val_fraction=0.0, tokenizer="preset:tiny", batch_size=2))
+    assert trainer.global_step == 0  # refused before any update
+
+    class SaysPairs(SFTDataModule):  # its own word is taken: rows read as pairs, as it says they are
+        batch_kind = "preference"
+
+    assert fit(DPO(lora=LoRAConfig(r=4)), SaysPairs(**rows)).global_step == 2

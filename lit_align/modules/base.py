@@ -120,6 +120,22 @@ def clean_parameter_name(name: str) -> str:
     return name
 
 
+def batch_kind_of(batch: Any) -> str | None:
+    """What a batch holds, judged by its layout, for a DataModule that does not say (``batch_kind`` None): "prompts" (a
+    :class:`~lit_align.data_modules.prompts.PromptBatch`), "preference" (pairs split at the prompt, or keyed, as
+    :class:`~lit_align.data_modules.preference.PreferenceDataModule` gives them), "sft" (``input_ids`` and ``labels``
+    only), None for anything else."""
+    from lit_align.data_modules.prompts import PromptBatch
+
+    if isinstance(batch, PromptBatch):
+        return "prompts"
+    if not isinstance(batch, dict):
+        return None
+    if "completion_input_ids" in batch or "prompt_input_ids" in batch or "key" in batch:
+        return "preference"
+    return "sft" if "input_ids" in batch and "labels" in batch else None
+
+
 class AlignmentModule(L.LightningModule):
     """Base of every lit_align objective: builds the policy, computes completion log-probs, wires the optimizer.
 
@@ -203,14 +219,46 @@ class AlignmentModule(L.LightningModule):
         """A DataModule whose batches are of another kind than this objective's (:attr:`data_kind`) is refused: they
         would be misread, not fail (DPO takes the first half of an SFT batch's rows as chosen completions and the
         second as rejected; SFT would fit the rejected completions of preference pairs). A DataModule that does not
-        say what it holds (``batch_kind`` None, a user's own) is not checked."""
+        say what it holds (``batch_kind`` None, a user's own) is checked at its first batch instead
+        (:meth:`refuse_misread_batch`)."""
         kind = getattr(datamodule, "batch_kind", None)
         if self.data_kind is None or kind is None or kind == self.data_kind:
             return
-        fitting = {"sft": "SFTDataModule", "preference": "PreferenceDataModule", "prompts": "PromptsDataModule"}
         raise ValueError(f"{type(self).__name__} trains on {self.data_kind} batches, but {type(datamodule).__name__} "
-                         f"gives {kind} batches, which it would misread; use --data "
-                         f"{fitting.get(self.data_kind, 'a DataModule of ' + self.data_kind + ' batches')}")
+                         f"gives {kind} batches, which it would misread; use --data {self._fitting_data()}")
+
+    def _fitting_data(self) -> str:
+        fitting = {"sft": "SFTDataModule", "preference": "PreferenceDataModule", "prompts": "PromptsDataModule"}
+        return fitting.get(self.data_kind, f"a DataModule of {self.data_kind} batches")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.refuse_misread_batch(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.refuse_misread_batch(batch)
+
+    def refuse_misread_batch(self, batch: Any) -> None:
+        """The first batch (training, or validation: the sanity check comes first) of a DataModule that does not say
+        what its batches hold (``batch_kind`` None) is judged by its layout (:func:`batch_kind_of`) and refused,
+        before any update, when it is of another kind than this objective's: DPO would read an SFT batch's rows as
+        pairs and train on it without an error."""
+        if getattr(self, "_first_batch_checked", False):
+            return
+        self._first_batch_checked = True
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.data_kind is None or getattr(datamodule, "batch_kind", None) is not None:
+            return
+        kind = batch_kind_of(batch)
+        if kind is None or kind == self.data_kind:
+            return
+        from lit_align.data_modules.sources import DataError
+
+        name = type(datamodule).__name__ if datamodule is not None else "the training data"
+        held = f" (it holds {', '.join(sorted(batch))})" if isinstance(batch, dict) else ""
+        raise DataError(f"{type(self).__name__} trains on {self.data_kind} batches, but the first batch of {name} is "
+                        f"laid out as {kind} batches{held}, which it would misread; use --data "
+                        f"{self._fitting_data()}, or, if its batches are {self.data_kind} batches in lit_align's layout "
+                        f"(docs/objectives.md), say so with batch_kind = {self.data_kind!r} on {name}")
 
     def refuse_unsupported_compile(self, strategy) -> None:
         """``torch_compile`` runs on one device, under DDP and under DeepSpeed ZeRO-1/2 (which leave the blocks'
