@@ -237,11 +237,14 @@ class AlignmentModule(L.LightningModule):
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.refuse_misread_batch(batch)
 
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.refuse_misread_batch(batch)
+
     def refuse_misread_batch(self, batch: Any) -> None:
-        """The first batch (training, or validation: the sanity check comes first) of a DataModule that does not say
-        what its batches hold (``batch_kind`` None) is judged by its layout (:func:`batch_kind_of`) and refused,
-        before any update, when it is of another kind than this objective's: DPO would read an SFT batch's rows as
-        pairs and train on it without an error."""
+        """The first batch (training, validation, whose sanity check comes first, or test) of a DataModule that does
+        not say what its batches hold (``batch_kind`` None) is judged by its layout (:func:`batch_kind_of`) and
+        refused, before any update, when it is of another kind than this objective's: DPO would read an SFT batch's
+        rows as pairs and train on it without an error."""
         if getattr(self, "_first_batch_checked", False):
             return
         self._first_batch_checked = True
