@@ -152,10 +152,16 @@ def _literal_choices(text: str) -> str:
     found = re.fullmatch(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)", text)
     if found is None:
         return text
-    values = [v.strip("'\"") for v in _top_level_items(found.group(1))]
-    nearest = nearest_options(found.group(2), values)
-    return (f"Expected one of {', '.join(values)}. Got value: {found.group(2)}"
-            + (f"; did you mean {' or '.join(nearest)}?" if nearest else ""))
+    return " ".join(_one_of([v.strip("'\"") for v in _top_level_items(found.group(1))], [], found.group(2)))
+
+
+def _one_of(values: list[str], others: list[str], given: str) -> list[str]:
+    """``["Expected one of a, b, or null.", "Got value: c; did you mean a?"]``: an option's fixed choices as a user
+    types them, then its other accepted types (``others``, as :func:`_type_name` prints them), and the nearest choice."""
+    nearest = nearest_options(given, values)
+    expected = f"one of {', '.join(values)}" + "".join(f", or {'' if t == 'null' else 'a '}{t}" for t in others)
+    return [f"Expected {expected}.", f"Got value: {given}" + (f"; did you mean {' or '.join(nearest)}?" if nearest
+                                                              else "")]
 
 
 def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
@@ -179,10 +185,7 @@ def _union_value_error(block: list[str], indent: int, option: str) -> list[str]:
     if not values:
         return [f"Expected a {' or '.join(shown)}.", f"Got value: {given[0]}"]
     # Literal groups (trainer.precision has three: ints, names, and strings of the ints) as one list of plain values
-    nearest = nearest_options(given[0], values)
-    expected = f"one of {', '.join(values)}" + "".join(f", or {'' if t == 'null' else 'a '}{t}" for t in shown)
-    return [f"Expected {expected}.", f"Got value: {given[0]}" + (f"; did you mean {' or '.join(nearest)}?" if nearest
-                                                                  else "")]
+    return _one_of(values, shown, given[0])
 
 
 def _top_level_items(text: str) -> list[str]:
